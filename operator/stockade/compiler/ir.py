@@ -1,0 +1,269 @@
+"""The datapath IR: what the compiled tc programs see, as plain data, and its byte layout.
+
+The lowering (`stockade.compiler.lower`) turns policies and cluster state into a `NodeTables`
+value per node; the agent writes it into the pinned BPF maps through `stockade.datapath`; the C in
+`bpf/` reads the same layout. `lookup()` below is the executable specification of what the
+programs do with a new flow: the differential tests compare the reference evaluator with it, and
+it with the kernel.
+
+Per-packet work is independent of the number of rules (DESIGN.md §3 "render per shape"):
+
+1. `endpoints` (hash): the pod address on the pod's side of the hook → endpoint id.
+2. `peer_classes` (LPM trie over IPv6 / IPv4-mapped addresses): the remote address → the
+   equivalence class of its peer-set membership, plus flags (the local node).
+3. `policy` (LPM trie): (endpoint, direction, class, protocol, port prefix) → the final verdict
+   after tier evaluation, with the deciding rule id and what Audit-mode policies would decide.
+   Port ranges become port prefixes; ICMP type and code are the "port" (type << 8 | code).
+   No entry for (endpoint, direction) at all means no policy applies: allowed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Direction(IntEnum):
+    """Direction from the pod's point of view (the low bit of the policy key's endpoint word)."""
+
+    INGRESS = 0  # to the pod: tc egress of the host-side veth
+    EGRESS = 1  # from the pod: tc ingress of the host-side veth
+
+
+class Action(IntEnum):
+    """Final verdict in a policy entry; NONE means "no Audit-mode opinion" in `audit_action`."""
+
+    NONE = 0
+    ALLOW = 1
+    DENY = 2
+
+
+class ClassFlag(IntEnum):
+    LOCAL_NODE = 1  # the address is one of this node's own: traffic from it is always allowed
+
+
+# IANA protocol numbers; the datapath matches on the number.
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+PROTO_SCTP = 132
+
+# Rule id 0 means "no rule decided" (the default allow).
+RULE_NONE = 0
+
+# Byte layouts, shared with bpf/maps.h. All multi-byte key fields are big-endian so that LPM
+# prefixes run from the most significant bit of the first field.
+#   endpoint key:   u8 addr[16]                                      -> value: u32 id, u32 flags
+#   class key:      u32 prefixlen (host order), u8 addr[16]          -> value: u32 class, u32 flags
+#   policy key:     u32 prefixlen (host order), be32 endpoint<<1|dir, be32 class, be16 proto,
+#                   be16 port                                        -> value: see POLICY_VALUE
+POLICY_KEY_BITS = 96
+PREFIX_ENDPOINT = 32  # endpoint and direction only: the isolation default of an endpoint
+PREFIX_CLASS = 64  # + peer class: every protocol and port
+PREFIX_PROTO = 80  # + protocol: every port of that protocol
+ENDPOINT_VALUE = struct.Struct("=II")
+CLASS_KEY = struct.Struct("=I16s")
+CLASS_VALUE = struct.Struct("=II")
+POLICY_KEY = struct.Struct("=I4s4s2s2s")
+POLICY_VALUE = struct.Struct("=IIBBH")  # rule_id, audit_rule_id, action, audit_action, flags
+
+
+def to_v6(address: IPAddress) -> ipaddress.IPv6Address:
+    """IPv4 addresses live in the tries as IPv4-mapped IPv6 (::ffff:a.b.c.d)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed)
+    return address
+
+
+def net_to_v6(network: IPNetwork) -> ipaddress.IPv6Network:
+    if isinstance(network, ipaddress.IPv4Network):
+        base = to_v6(network.network_address)
+        return ipaddress.IPv6Network((base, network.prefixlen + 96))
+    return network
+
+
+@dataclass(frozen=True, order=True)
+class EndpointEntry:
+    address: IPAddress
+    endpoint_id: int
+
+    def key(self) -> bytes:
+        return to_v6(self.address).packed
+
+    def value(self) -> bytes:
+        return ENDPOINT_VALUE.pack(self.endpoint_id, 0)
+
+
+@dataclass(frozen=True, order=True)
+class ClassEntry:
+    network: IPNetwork
+    class_id: int
+    flags: int = 0
+
+    def key(self) -> bytes:
+        net = net_to_v6(self.network)
+        return CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
+
+    def value(self) -> bytes:
+        return CLASS_VALUE.pack(self.class_id, self.flags)
+
+
+@dataclass(frozen=True, order=True)
+class PolicyEntry:
+    """One LPM entry. `prefixlen` counts bits of (endpoint<<1|dir, class, proto, port)."""
+
+    endpoint_id: int
+    direction: Direction
+    prefixlen: int
+    class_id: int = 0
+    protocol: int = 0
+    port: int = 0
+    action: Action = Action.ALLOW
+    rule_id: int = RULE_NONE
+    audit_action: Action = Action.NONE
+    audit_rule_id: int = RULE_NONE
+
+    def __post_init__(self) -> None:
+        if not PREFIX_ENDPOINT <= self.prefixlen <= POLICY_KEY_BITS:
+            raise ValueError(f"policy entry prefixlen {self.prefixlen} out of range")
+        if self.endpoint_id >= 1 << 31:
+            raise ValueError(f"endpoint id {self.endpoint_id} does not fit 31 bits")
+
+    def key(self) -> bytes:
+        return policy_key(
+            self.endpoint_id,
+            self.direction,
+            self.class_id,
+            self.protocol,
+            self.port,
+            self.prefixlen,
+        )
+
+    def value(self) -> bytes:
+        return POLICY_VALUE.pack(
+            self.rule_id, self.audit_rule_id, int(self.action), int(self.audit_action), 0
+        )
+
+    def covers(self, key_bits: int) -> bool:
+        """True when this entry's prefix matches a full 96-bit key."""
+        shift = POLICY_KEY_BITS - self.prefixlen
+        return key_bits >> shift == _key_bits(self) >> shift
+
+
+def policy_key(
+    endpoint_id: int,
+    direction: Direction,
+    class_id: int,
+    protocol: int,
+    port: int,
+    prefixlen: int = POLICY_KEY_BITS,
+) -> bytes:
+    """Encode a policy key; bits past `prefixlen` are zeroed as the LPM trie expects."""
+    bits = ((endpoint_id << 1 | int(direction)) << 64) | (class_id << 32) | (protocol << 16) | port
+    bits &= ((1 << prefixlen) - 1) << (POLICY_KEY_BITS - prefixlen)
+    raw = bits.to_bytes(12, "big")
+    return POLICY_KEY.pack(prefixlen, raw[0:4], raw[4:8], raw[8:10], raw[10:12])
+
+
+def _key_bits(entry: PolicyEntry) -> int:
+    return int.from_bytes(entry.key()[4:], "big")
+
+
+def icmp_port(icmp_type: int, icmp_code: int) -> int:
+    """ICMP and ICMPv6 type and code take the place of the destination port."""
+    return (icmp_type & 0xFF) << 8 | (icmp_code & 0xFF)
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """What a rule id stands for: enough for counters, drop events and `explain`."""
+
+    kind: str
+    namespace: str
+    name: str
+    direction: Direction
+    index: int  # -1 for the isolation default of a policy
+
+
+@dataclass(frozen=True)
+class NodeTables:
+    """Everything one node's programs need, as map contents."""
+
+    endpoints: tuple[EndpointEntry, ...] = ()
+    classes: tuple[ClassEntry, ...] = ()
+    policy: tuple[PolicyEntry, ...] = ()
+    rules: Mapping[int, RuleInfo] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Packet:
+    """The fields of a connection's first packet that policy looks at."""
+
+    src: IPAddress
+    dst: IPAddress
+    protocol: int
+    port: int  # destination port, or icmp_port(type, code)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    rule_id: int
+    audit_action: Action = Action.NONE
+    audit_rule_id: int = RULE_NONE
+
+
+ALLOW_BY_DEFAULT = Verdict(Action.ALLOW, RULE_NONE)
+
+
+def _lpm(entries: Iterable[PolicyEntry], key_bits: int) -> PolicyEntry | None:
+    best: PolicyEntry | None = None
+    for entry in entries:
+        if entry.covers(key_bits) and (best is None or entry.prefixlen > best.prefixlen):
+            best = entry
+    return best
+
+
+def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
+    """The longest class prefix that contains `address` (the `peer_classes` trie lookup)."""
+    addr = to_v6(address)
+    best: ClassEntry | None = None
+    for entry in tables.classes:
+        if addr in net_to_v6(entry.network) and (
+            best is None or entry.network.prefixlen > best.network.prefixlen
+        ):
+            best = entry
+    return best
+
+
+def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
+    """What one hook decides for a connection's first packet (the spec of `bpf/policy.h`).
+
+    `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
+    the source pod. An address that is not an endpoint of this node passes unjudged.
+    """
+    local, remote = (
+        (packet.dst, packet.src) if direction is Direction.INGRESS else (packet.src, packet.dst)
+    )
+    endpoint = next((e for e in tables.endpoints if to_v6(e.address) == to_v6(local)), None)
+    if endpoint is None:
+        return ALLOW_BY_DEFAULT
+    cls = classify(tables, remote)
+    class_id, flags = (cls.class_id, cls.flags) if cls else (0, 0)
+    if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE:
+        return ALLOW_BY_DEFAULT
+    key = int.from_bytes(
+        policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[4:],
+        "big",
+    )
+    entry = _lpm(tables.policy, key)
+    if entry is None:
+        return ALLOW_BY_DEFAULT
+    return Verdict(entry.action, entry.rule_id, entry.audit_action, entry.audit_rule_id)

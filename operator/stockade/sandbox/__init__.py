@@ -1,0 +1,5 @@
+"""The sandbox: a real kube-apiserver and etcd plus network-namespace nodes and pods.
+
+Used by the test suite (pytest fixtures), by `stockade sandbox` and by `stockade demo`. It is test
+infrastructure that ships with the product so that a laptop can run the whole stack without Docker.
+"""
