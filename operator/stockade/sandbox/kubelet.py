@@ -1,0 +1,199 @@
+"""The sandbox's stand-in for kubelet: it registers sandbox nodes and pods in the API server.
+
+There is no kubelet, scheduler or controller manager in the sandbox, so this module writes what
+they would: a Node with its pod CIDRs, InternalIPs and a Ready condition, and Pods bound to a node
+(spec.nodeName) whose status (phase Running, Ready, podIP/podIPs, hostIP) is written through the
+status subresource. Pods are deleted with grace period 0, since nothing would confirm a graceful
+stop. Called by the apiserver/e2e test fixtures, the e2e conformance engine and `stockade sandbox`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from kubernetes.client import ApiClient, CoreV1Api, V1Node, V1Pod, V1ServiceAccount
+from kubernetes.client.exceptions import ApiException
+
+from stockade.sandbox.topology import NodeNet, PodNet
+
+POD_IMAGE = "stockade.invalid/sandbox-pod:none"  # never pulled: nothing runs images here
+CONDITION_TYPES = ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+HTTP_NOT_FOUND = 404
+# Lists (conditions, addresses) are replaced whole, so registering again never duplicates entries.
+MERGE_PATCH = "application/merge-patch+json"
+HTTP_CONFLICT = 409
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def register_node(api: ApiClient, node: NodeNet) -> None:
+    """Create (or update) the Node object for `node`, then mark it Ready with its addresses."""
+    core = CoreV1Api(api)
+    labels = {
+        "kubernetes.io/hostname": node.name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "stockade.io/sandbox-netns": node.netns,
+    }
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": labels},
+        "spec": {"podCIDR": node.pod_cidr_v4, "podCIDRs": [node.pod_cidr_v4, node.pod_cidr_v6]},
+    }
+    try:
+        core.create_node(V1Node.model_validate(body))
+    except ApiException as exc:
+        if exc.status != HTTP_CONFLICT:
+            raise
+        core.patch_node(node.name, {"metadata": {"labels": labels}, "spec": body["spec"]})
+    now = _now()
+    status = {
+        "status": {
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "stockade sandbox node",
+                    "lastHeartbeatTime": now,
+                    "lastTransitionTime": now,
+                }
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": node.ip_v4},
+                {"type": "InternalIP", "address": node.ip_v6},
+                {"type": "Hostname", "address": node.name},
+            ],
+        }
+    }
+    core.patch_node_status(node.name, status, _content_type=MERGE_PATCH)
+
+
+def node_internal_ips(api: ApiClient, node_name: str) -> list[str]:
+    """The InternalIP addresses of Node `node_name`, in the order the node lists them."""
+    try:
+        node = CoreV1Api(api).read_node_status(node_name)
+    except ApiException as exc:
+        if exc.status == HTTP_NOT_FOUND:
+            raise ValueError(
+                f"pod node {node_name!r} is not registered (register_node first)"
+            ) from exc
+        raise
+    addresses = (node.status.addresses if node.status else None) or []
+    return [a.address for a in addresses if a.type == "InternalIP"]
+
+
+def ensure_default_service_account(api: ApiClient, namespace: str) -> None:
+    """Create ServiceAccount "default" in `namespace` if missing: the ServiceAccount admission
+    plugin rejects pods without it, and no controller manager creates it in the sandbox."""
+    core = CoreV1Api(api)
+    try:
+        core.read_namespaced_service_account("default", namespace)
+    except ApiException as exc:
+        if exc.status != HTTP_NOT_FOUND:
+            raise
+        try:
+            core.create_namespaced_service_account(
+                namespace,
+                V1ServiceAccount.model_validate(
+                    {"metadata": {"name": "default", "namespace": namespace}}
+                ),
+            )
+        except ApiException as exc2:
+            if exc2.status != HTTP_CONFLICT:
+                raise
+
+
+def _container_port(name: str | None, port: int, protocol: str) -> dict[str, Any]:
+    proto = protocol.upper()
+    if proto not in ("TCP", "UDP", "SCTP"):
+        raise ValueError(f"container port {port}: protocol {protocol!r} must be TCP, UDP or SCTP")
+    entry: dict[str, Any] = {"containerPort": int(port), "protocol": proto}
+    if name:
+        entry["name"] = name
+    return entry
+
+
+def register_pod(
+    api: ApiClient,
+    namespace: str,
+    name: str,
+    pod: PodNet,
+    labels: dict[str, str],
+    ports: list[tuple[str | None, int, str]],
+) -> None:
+    """Create Pod `namespace/name` bound to `pod.node` and set its status to Running and Ready.
+
+    `ports` are (name or None, number, protocol) container ports. hostIP/hostIPs are the
+    InternalIPs of the pod's Node object, which `register_node` must have created."""
+    core = CoreV1Api(api)
+    host_ips = node_internal_ips(api, pod.node)
+    ensure_default_service_account(api, namespace)
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "spec": {
+            "nodeName": pod.node,
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": POD_IMAGE,
+                    "ports": [_container_port(n, p, proto) for n, p, proto in ports],
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod(namespace, V1Pod.model_validate(body))
+    now = _now()
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [
+            {"type": t, "status": "True", "lastTransitionTime": now} for t in CONDITION_TYPES
+        ],
+        "podIP": pod.ip_v4,
+        "podIPs": [{"ip": pod.ip_v4}, {"ip": pod.ip_v6}],
+        "startTime": now,
+        "containerStatuses": [
+            {
+                "name": "main",
+                "image": POD_IMAGE,
+                "imageID": "",
+                "ready": True,
+                "started": True,
+                "restartCount": 0,
+                "state": {"running": {"startedAt": now}},
+            }
+        ],
+    }
+    if host_ips:
+        status["hostIP"] = host_ips[0]
+        status["hostIPs"] = [{"ip": ip} for ip in host_ips]
+    core.patch_namespaced_pod_status(name, namespace, {"status": status}, _content_type=MERGE_PATCH)
+
+
+def set_pod_labels(api: ApiClient, namespace: str, name: str, labels: dict[str, str]) -> None:
+    """Replace the pod's labels with `labels` (labels absent from `labels` are removed)."""
+    core = CoreV1Api(api)
+    current = core.read_namespaced_pod(name, namespace)
+    old = dict((current.metadata.labels if current.metadata else None) or {})
+    patch: dict[str, Any] = {k: None for k in old if k not in labels}
+    patch.update(labels)
+    core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": patch}})
+
+
+def delete_pod(api: ApiClient, namespace: str, name: str) -> None:
+    """Delete the pod at once (grace period 0); a pod already gone is fine."""
+    core = CoreV1Api(api)
+    try:
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    except ApiException as exc:
+        if exc.status != HTTP_NOT_FOUND:
+            raise

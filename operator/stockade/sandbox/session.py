@@ -1,0 +1,321 @@
+"""`stockade sandbox up | status | down`: a long-lived sandbox that outlives the command.
+
+`up` starts the control plane detached, builds the node namespaces, registers the Nodes and
+records everything (pids with start times, ports, paths, run id) in a state directory, by default
+/run/stockade/sandbox; `status` reports on it; `down` removes it all and is idempotent. `up`
+first cleans what a crashed run left behind. The CLI (`stockade.cli`) wires `add_parser()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+
+from stockade.sandbox import netns
+from stockade.sandbox.controlplane import (
+    ControlPlane,
+    ControlPlaneRecord,
+    Progress,
+)
+from stockade.sandbox.kubelet import register_node
+from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
+from stockade.sandbox.toolchain import ETCD, KUBERNETES
+from stockade.sandbox.topology import Mode, Topology, cleanup_leftovers
+
+STATE_FILE = "state.json"
+TOPOLOGY_FILE = "topology.json"
+CONTROL_PLANE_DIR = "controlplane"
+# What `down` removes from the state directory, which it may share with other sandbox records.
+OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR)
+NODES_READY_TIMEOUT = 60.0
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("STOCKADE_SANDBOX_DIR", "/run/stockade/sandbox"))
+
+
+class SandboxError(RuntimeError):
+    """`stockade sandbox` could not do what it was asked; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class SandboxState:
+    """What `up` leaves on disk (state.json) so that `status` and `down` can find everything."""
+
+    run_id: str
+    created: str
+    nodes: int
+    topology: str
+    control_plane: ControlPlaneRecord | None = None
+    node_names: tuple[str, ...] = ()
+
+    def save(self, state_dir: Path) -> None:
+        data: dict[str, Any] = {
+            "run_id": self.run_id,
+            "created": self.created,
+            "nodes": self.nodes,
+            "topology": self.topology,
+            "control_plane": self.control_plane.to_json() if self.control_plane else None,
+            "node_names": list(self.node_names),
+        }
+        tmp = state_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.rename(state_dir / STATE_FILE)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> SandboxState | None:
+        path = state_dir / STATE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SandboxError(f"{path}: unreadable sandbox state ({exc}); remove it") from exc
+        cp = data.get("control_plane")
+        return cls(
+            run_id=str(data["run_id"]),
+            created=str(data["created"]),
+            nodes=int(data["nodes"]),
+            topology=str(data["topology"]),
+            control_plane=ControlPlaneRecord.from_json(cp) if cp else None,
+            node_names=tuple(data.get("node_names", ())),
+        )
+
+
+def kubeconfig_path(state_dir: Path) -> Path:
+    return state_dir / CONTROL_PLANE_DIR / "kubeconfig"
+
+
+# -- up ---------------------------------------------------------------------------------------
+
+
+def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
+    """Start a sandbox (or find the one already running) and return its kubeconfig path."""
+    if nodes < 1:
+        raise SandboxError(f"--nodes must be at least 1, got {nodes}")
+    previous = SandboxState.load(state_dir)
+    if previous is not None:
+        if previous.nodes == nodes and previous.topology == mode and _healthy(state_dir, previous):
+            progress(f"sandbox {previous.run_id} is already running")
+            return kubeconfig_path(state_dir)
+        if _healthy(state_dir, previous):
+            raise SandboxError(
+                f"a sandbox with {previous.nodes} {previous.topology} nodes is running; "
+                "run `stockade sandbox down` first"
+            )
+    if previous is not None or any((state_dir / name).exists() for name in OWNED):
+        progress("cleaning up what an earlier run left behind")
+        down(state_dir, progress)
+    cleanup_leftovers()
+
+    state = SandboxState(
+        run_id=secrets.token_hex(4),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        nodes=nodes,
+        topology=mode,
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state.save(state_dir)
+    try:
+        plane = ControlPlane(state_dir / CONTROL_PLANE_DIR, detach=True, progress=progress)
+        plane.start()
+        state = dataclasses.replace(state, control_plane=plane.record)
+        state.save(state_dir)
+
+        progress(f"creating {nodes} {mode} node(s)")
+        topo = Topology.create(nodes=nodes, mode=mode)
+        topo.save(state_dir / TOPOLOGY_FILE)
+        topo.detach()  # kept after this process exits, until `stockade sandbox down`
+        topo.save(state_dir / TOPOLOGY_FILE)
+        with plane.api_client() as client:
+            for node in topo.nodes:
+                register_node(client, node)
+            names = _wait_nodes_ready(client, len(topo.nodes))
+        state = dataclasses.replace(state, node_names=names)
+        state.save(state_dir)
+        progress(f"nodes ready: {', '.join(names)}")
+    except BaseException:
+        progress("start-up failed: removing what was started")
+        down(state_dir, progress)
+        raise
+    return kubeconfig_path(state_dir)
+
+
+def _name(obj: Any) -> str:
+    return str(obj.metadata.name)
+
+
+def _node_ready(node: Any) -> bool:
+    conditions = (node.status.conditions if node.status else None) or []
+    return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+
+def _wait_nodes_ready(client: Any, expected: int) -> tuple[str, ...]:
+    core = kubernetes.client.CoreV1Api(client)
+    deadline = time.monotonic() + NODES_READY_TIMEOUT
+    while True:
+        ready = sorted(_name(n) for n in core.list_node().items if _node_ready(n))
+        if len(ready) >= expected:
+            return tuple(ready)
+        if time.monotonic() > deadline:
+            raise SandboxError(
+                f"only {len(ready)} of {expected} Nodes became Ready within "
+                f"{NODES_READY_TIMEOUT:.0f}s: {', '.join(ready) or 'none'}"
+            )
+        time.sleep(0.2)
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def _healthy(state_dir: Path, state: SandboxState) -> bool:
+    return all(ok for _, ok, _ in _checks(state_dir, state))
+
+
+def _checks(state_dir: Path, state: SandboxState) -> list[tuple[str, bool, str]]:
+    """(what, ok, detail) for every part of the sandbox."""
+    if state.control_plane is None:
+        return [("control plane", False, "never finished starting")]
+    plane = ControlPlane.adopt(state.control_plane)
+    checks = [
+        (p.name, is_alive(p), f"pid {p.pid}, log {p.log}") for p in state.control_plane.processes
+    ]
+    health = plane.health()
+    checks.append(("etcd /health", health["etcd /health"], state.control_plane.etcd_url))
+    api_ok = health["kube-apiserver /readyz"]
+    checks.append(("kube-apiserver /readyz", api_ok, plane.server))
+    if api_ok:
+        with plane.api_client() as client:
+            nodes = {_name(n): n for n in kubernetes.client.CoreV1Api(client).list_node().items}
+        for name in state.node_names:
+            node = nodes.get(name)
+            ready = node is not None and _node_ready(node)
+            checks.append((f"node {name}", ready, "Ready" if ready else "not Ready or missing"))
+    if len(state.node_names) < state.nodes:
+        checks.append(("nodes", False, f"{len(state.node_names)} of {state.nodes} registered"))
+    topology_file = state_dir / TOPOLOGY_FILE
+    if topology_file.exists():
+        for name in Topology.load(topology_file).namespaces():
+            checks.append((f"netns {name}", netns.exists(name), f"/var/run/netns/{name}"))
+    return checks
+
+
+def status(state_dir: Path) -> int:
+    """Print what runs and whether it is healthy. Exit status: 0 healthy, 1 unhealthy, 3 none."""
+    state = SandboxState.load(state_dir)
+    if state is None:
+        print(f"no sandbox is running (no {STATE_FILE} in {state_dir})")
+        return 3
+    print(
+        f"sandbox {state.run_id}: {state.nodes} {state.topology} node(s), started {state.created}"
+    )
+    print(f"kubeconfig: {kubeconfig_path(state_dir)}")
+    checks = _checks(state_dir, state)
+    for what, ok, detail in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'}  {what:<28} {detail}")
+    healthy = all(ok for _, ok, _ in checks)
+    print("healthy" if healthy else "unhealthy: `stockade sandbox up` replaces it")
+    return 0 if healthy else 1
+
+
+# -- down -------------------------------------------------------------------------------------
+
+
+def _stray_processes(state_dir: Path) -> list[ProcessRecord]:
+    """Our etcd / kube-apiserver processes working in `state_dir`, also those of a run that
+    crashed before it could record them."""
+    binaries = {ETCD.path("etcd"), KUBERNETES.path("kube-apiserver")}
+    return find_processes(binaries, state_dir)
+
+
+def down(state_dir: Path, progress: Progress) -> None:
+    """Stop every process, remove every namespace and file of the sandbox. Idempotent."""
+    try:
+        state = SandboxState.load(state_dir)
+    except SandboxError as exc:
+        progress(f"ignoring unreadable state: {exc}")
+        state = None
+    if state is not None and state.control_plane is not None:
+        for record in reversed(state.control_plane.processes):
+            if is_alive(record):
+                progress(f"stopping {record.name} (pid {record.pid})")
+            stop_record(record)
+    for record in _stray_processes(state_dir):
+        progress(f"stopping leftover {record.name} (pid {record.pid})")
+        stop_record(record)
+    topology_file = state_dir / TOPOLOGY_FILE
+    if topology_file.exists():
+        progress("removing the node namespaces")
+        Topology.load(topology_file).destroy()
+    removed = [name for name in OWNED if (state_dir / name).exists()]
+    for name in removed:
+        path = state_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()  # only if nothing else lives there
+    progress(f"removed the sandbox in {state_dir}" if removed else f"no sandbox in {state_dir}")
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
+    started = time.monotonic()
+    path = up(args.state_dir, args.nodes, args.topology, progress)
+    progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
+    print(path)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, progress: Progress) -> int:
+    return status(args.state_dir)
+
+
+def _cmd_down(args: argparse.Namespace, progress: Progress) -> int:
+    down(args.state_dir, progress)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add `sandbox up|status|down` to the `stockade` command line."""
+    sandbox = subparsers.add_parser(
+        "sandbox",
+        help="a local control plane and network-namespace nodes",
+        description="A real kube-apiserver and etcd plus network-namespace nodes, left running.",
+    )
+    sandbox.add_argument(
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
+        help="where the sandbox keeps its state, certificates and logs "
+        "(default: $STOCKADE_SANDBOX_DIR or /run/stockade/sandbox)",
+    )
+    commands = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="COMMAND")
+    cmd_up = commands.add_parser("up", help="start the sandbox and print its kubeconfig path")
+    cmd_up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    cmd_up.add_argument(
+        "--topology",
+        choices=("routed", "bridge"),
+        default="routed",
+        help="how pods attach to their node (default routed)",
+    )
+    cmd_up.set_defaults(run=_cmd_up)
+    commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(
+        run=_cmd_status
+    )
+    commands.add_parser("down", help="remove the sandbox (idempotent)").set_defaults(run=_cmd_down)
