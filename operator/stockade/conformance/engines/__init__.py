@@ -1,0 +1,35 @@
+"""The engines the conformance runner can drive, by name.
+
+Each entry maps an engine name to a factory that takes the runner's engine options. Factories
+import their engine lazily, so that naming the reference engine never loads the kernel- or
+cluster-facing code of the others. Engines written later register here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from stockade.conformance.engine import Engine
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    ip_family: int = 4
+
+
+def _reference(options: EngineOptions) -> Engine:
+    from stockade.conformance.engines.reference import ReferenceEngine
+
+    return ReferenceEngine(ip_family=options.ip_family)
+
+
+ENGINES: Mapping[str, Callable[[EngineOptions], Engine]] = {
+    "reference": _reference,
+}
+
+
+def create_engine(name: str, options: EngineOptions | None = None) -> Engine:
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}; known: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](options or EngineOptions())

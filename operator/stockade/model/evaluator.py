@@ -1,0 +1,275 @@
+"""The reference evaluator: what stockade decides for a new connection, in plain Python.
+
+It is the oracle for the compiled datapath (differential tests compare them) and the `reference`
+engine of the conformance runner. It favours being obviously right over being fast: each step of
+DESIGN.md §2's order is one stage of a pipeline, a stage returns ALLOW, DENY or NEXT ("no
+decision, ask the next stage"), and the first stage that decides wins.
+
+    evaluate(state, policies, flow) -> Decision
+
+For a flow from A to B, the egress of A (when A is a pod) and the ingress of B (when B is a pod)
+are judged separately; the connection is allowed only when both allow it. Host-network pods are
+not pods for this purpose: they are judged by address only.
+
+Audit mode: an Audit-mode policy never changes what happens. The decision is computed from the
+Enforce-mode policies alone; when enforcing the Audit-mode policies as well would change the
+verdict, `Decision.audit` says what it would have been and which rule would have decided.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from stockade.model.cluster import ClusterState, Pod
+from stockade.model.flow import Flow
+from stockade.model.matching import rule_matches, selects
+from stockade.model.policy import (
+    Direction,
+    IPAddress,
+    Mode,
+    Policy,
+    RuleAction,
+    RuleRef,
+    Tier,
+)
+
+
+class Verdict(Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+    NEXT = "next"  # no decision: the next stage of the pipeline decides
+
+
+@dataclass(frozen=True)
+class StageResult:
+    verdict: Verdict
+    reason: str
+    tier: Tier | None = None
+    rule: RuleRef | None = None
+
+
+@dataclass(frozen=True)
+class DirectionDecision:
+    """The verdict for one direction: egress of the source pod or ingress of the destination."""
+
+    direction: Direction
+    pod: str  # "namespace/name" of the pod whose policies were judged
+    verdict: Verdict  # ALLOW or DENY
+    tier: Tier | None  # None: no tier decided (node traffic, or nothing matched)
+    rule: RuleRef | None  # None: allowed by default or as node traffic
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuditFinding:
+    """What would happen if the Audit-mode policies were enforced too."""
+
+    verdict: Verdict
+    tier: Tier | None
+    rule: RuleRef | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict  # ALLOW or DENY
+    tier: Tier | None
+    rule: RuleRef | None
+    reason: str
+    directions: tuple[DirectionDecision, ...] = ()
+    audit: AuditFinding | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOW
+
+    @property
+    def would_deny_in_audit(self) -> bool:
+        """Allowed now, but an Audit-mode policy would drop it if it were enforced."""
+        return self.audit is not None and self.audit.verdict is Verdict.DENY
+
+
+@dataclass(frozen=True)
+class _Context:
+    state: ClusterState
+    policies: tuple[Policy, ...]  # the policies that take part (sorted by precedence)
+    flow: Flow
+    direction: Direction
+    pod: Pod  # the pod whose policies are judged
+    remote: IPAddress  # the other end of the connection
+    dst_pod: Pod | None  # where named ports resolve
+
+    def selecting(self, tier: Tier) -> list[Policy]:
+        """Policies of `tier` that select the pod and affect this direction, by precedence."""
+        return [
+            p
+            for p in self.policies
+            if p.tier is tier
+            and self.direction in p.directions
+            and selects(p, self.pod, self.state)
+        ]
+
+
+Stage = Callable[[_Context], StageResult]
+
+
+def _node_traffic(ctx: _Context) -> StageResult:
+    """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)"."""
+    if ctx.direction is Direction.INGRESS and ctx.remote in ctx.state.node_ips(ctx.pod.node):
+        return StageResult(Verdict.ALLOW, f"from {ctx.pod.key}'s own node {ctx.pod.node}")
+    return StageResult(Verdict.NEXT, "")
+
+
+def _cluster_tier(tier: Tier) -> Stage:
+    """Admin (step 1) and Baseline (step 3): "by ascending priority, rules in order. The first
+    matching rule decides: Accept allows, Deny drops, Pass skips to" the next tier."""
+
+    def stage(ctx: _Context) -> StageResult:
+        for policy in ctx.selecting(tier):
+            for rule in policy.rules(ctx.direction):
+                if not rule_matches(rule, ctx.remote, ctx.flow, ctx.dst_pod, ctx.state):
+                    continue
+                label = f"{tier.value} {rule.ref}" + (f" '{rule.name}'" if rule.name else "")
+                if rule.action is RuleAction.PASS:
+                    return StageResult(Verdict.NEXT, f"{label} -> Pass", tier, rule.ref)
+                verdict = Verdict.ALLOW if rule.action is RuleAction.ALLOW else Verdict.DENY
+                word = "Accept" if verdict is Verdict.ALLOW else "Deny"
+                return StageResult(verdict, f"{label} -> {word}", tier, rule.ref)
+        return StageResult(Verdict.NEXT, "")
+
+    stage.__name__ = f"_{tier.value.lower()}_tier"
+    return stage
+
+
+def _namespace_tier(ctx: _Context) -> StageResult:
+    """Step 2: "A matching Deny rule drops; otherwise a matching Allow rule allows; otherwise, if
+    any of them selects the pod for that direction, the packet is dropped (the pod is isolated)."
+    """
+    selecting = ctx.selecting(Tier.NAMESPACE)
+    if not selecting:
+        return StageResult(Verdict.NEXT, "")
+    for action, verdict in ((RuleAction.DENY, Verdict.DENY), (RuleAction.ALLOW, Verdict.ALLOW)):
+        for policy in selecting:
+            for rule in policy.rules(ctx.direction):
+                if rule.action is action and rule_matches(
+                    rule, ctx.remote, ctx.flow, ctx.dst_pod, ctx.state
+                ):
+                    return StageResult(
+                        verdict, f"{rule.ref} -> {action.value}", Tier.NAMESPACE, rule.ref
+                    )
+    first = selecting[0]
+    ref = first.isolation_ref(ctx.direction)
+    names = ", ".join(f"{p.namespace}/{p.name}" for p in selecting)
+    reason = (
+        f"{ctx.pod.key} is isolated for {ctx.direction.value.lower()} by {names}; no rule allows"
+    )
+    return StageResult(Verdict.DENY, reason, Tier.NAMESPACE, ref)
+
+
+def _default_allow(ctx: _Context) -> StageResult:
+    """Step 4: "Nothing matched: allowed."."""
+    return StageResult(Verdict.ALLOW, "no policy decided: allowed by default")
+
+
+PIPELINE: tuple[Stage, ...] = (
+    _node_traffic,
+    _cluster_tier(Tier.ADMIN),
+    _namespace_tier,
+    _cluster_tier(Tier.BASELINE),
+    _default_allow,
+)
+
+
+def _judge(ctx: _Context) -> DirectionDecision:
+    trail: list[str] = []
+    for stage in PIPELINE:
+        result = stage(ctx)
+        if result.reason:
+            trail.append(result.reason)
+        if result.verdict is not Verdict.NEXT:
+            reason = f"{ctx.direction.value.lower()} of {ctx.pod.key}: " + "; ".join(trail)
+            return DirectionDecision(
+                ctx.direction, ctx.pod.key, result.verdict, result.tier, result.rule, reason
+            )
+    raise AssertionError("the pipeline ends with a stage that always decides")
+
+
+def _precedence(policies: Iterable[Policy]) -> tuple[Policy, ...]:
+    return tuple(sorted(policies, key=lambda p: p.sort_key))
+
+
+def _decide(state: ClusterState, policies: Sequence[Policy], flow: Flow) -> Decision:
+    ordered = _precedence(policies)
+    src_pod, dst_pod = state.pod_at(flow.src_ip), state.pod_at(flow.dst_ip)
+    judged: list[DirectionDecision] = []
+    if src_pod is not None:
+        judged.append(
+            _judge(_Context(state, ordered, flow, Direction.EGRESS, src_pod, flow.dst_ip, dst_pod))
+        )
+    if dst_pod is not None:
+        judged.append(
+            _judge(_Context(state, ordered, flow, Direction.INGRESS, dst_pod, flow.src_ip, dst_pod))
+        )
+    if not judged:
+        return Decision(Verdict.ALLOW, None, None, "neither end is a pod: no policy applies")
+    # Allowed only when every judged direction allows; the first denial (egress is met first)
+    # is the deciding one, otherwise the last allowing direction speaks for the decision.
+    deciding = next((d for d in judged if d.verdict is Verdict.DENY), judged[-1])
+    reason = " | ".join(d.reason for d in judged)
+    return Decision(deciding.verdict, deciding.tier, deciding.rule, reason, tuple(judged))
+
+
+def evaluate(state: ClusterState, policies: Iterable[Policy], flow: Flow) -> Decision:
+    """Decide a new connection `flow` under `policies` in `state` (see the module docstring)."""
+    every = tuple(policies)
+    enforced = [p for p in every if p.mode is Mode.ENFORCE]
+    decision = _decide(state, enforced, flow)
+    if len(enforced) == len(every):
+        return decision
+    would = _decide(state, every, flow)
+    if would.verdict is decision.verdict:
+        return decision
+    audit = AuditFinding(would.verdict, would.tier, would.rule, would.reason)
+    return Decision(
+        decision.verdict,
+        decision.tier,
+        decision.rule,
+        decision.reason,
+        decision.directions,
+        audit,
+    )
+
+
+@dataclass(frozen=True)
+class DirectionJudgement:
+    """One direction's verdict with what enforcing the Audit-mode policies would change."""
+
+    allowed: bool
+    rule: RuleRef | None
+    audit_allowed: bool | None  # None: no Audit-mode policy takes part
+    audit_rule: RuleRef | None
+
+
+def judge(
+    state: ClusterState, policies: Iterable[Policy], flow: Flow, direction: Direction
+) -> DirectionJudgement:
+    """The verdict of one direction alone: the egress hook of the flow's source pod, or the
+    ingress hook of its destination pod. The compiler lowers policies by calling this at one
+    point of every region that policy cannot tell apart, so the datapath agrees by construction.
+    """
+    pod = state.pod_at(flow.dst_ip if direction is Direction.INGRESS else flow.src_ip)
+    if pod is None:
+        raise ValueError(f"no pod at the {direction.value.lower()} end of {flow}")
+    remote = flow.src_ip if direction is Direction.INGRESS else flow.dst_ip
+    dst_pod = state.pod_at(flow.dst_ip)
+    every = _precedence(policies)
+    enforced = tuple(p for p in every if p.mode is Mode.ENFORCE)
+    now = _judge(_Context(state, enforced, flow, direction, pod, remote, dst_pod))
+    if len(enforced) == len(every):
+        return DirectionJudgement(now.verdict is Verdict.ALLOW, now.rule, None, None)
+    would = _judge(_Context(state, every, flow, direction, pod, remote, dst_pod))
+    return DirectionJudgement(
+        now.verdict is Verdict.ALLOW, now.rule, would.verdict is Verdict.ALLOW, would.rule
+    )

@@ -1,0 +1,74 @@
+"""The entry point from a raw policy object (any of the four kinds) to a `Policy`.
+
+The operator calls `parse_policy` on every watched object and reports a `PolicyParseError` as a
+condition; the conformance engines call it on case-file objects. It never raises anything but
+`PolicyParseError`, whatever dict it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from stockade.model import fields
+from stockade.model.errors import FieldProblem, PolicyParseError
+from stockade.model.fields import Problems
+from stockade.model.parse_cnp import parse_cluster_network_policy
+from stockade.model.parse_common import parse_name
+from stockade.model.parse_netpol import parse_network_policy
+from stockade.model.policy import Policy, PolicyKind
+
+KINDS: Mapping[tuple[str, str], PolicyKind] = {
+    ("networking.k8s.io/v1", "NetworkPolicy"): PolicyKind.NETWORK_POLICY,
+    ("stockade.io/v1alpha1", "NetworkPolicy"): PolicyKind.STOCKADE_NETWORK_POLICY,
+    ("stockade.io/v1alpha1", "ClusterNetworkPolicy"): PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY,
+    ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"): (
+        PolicyKind.CLUSTER_NETWORK_POLICY
+    ),
+}
+
+
+def policy_kind(api_version: object, kind: object) -> PolicyKind | None:
+    """The kind for an (apiVersion, kind) pair, or None when stockade does not enforce it."""
+    if not isinstance(api_version, str) or not isinstance(kind, str):
+        return None
+    return KINDS.get((api_version, kind))
+
+
+def parse_policy(obj: object) -> Policy:
+    """Parse a full Kubernetes object (apiVersion, kind, metadata, spec).
+
+    Raises `PolicyParseError` carrying every problem found, each with its field path.
+    """
+    problems = Problems()
+    try:
+        policy = _parse(obj, problems)
+    except RecursionError:  # a pathologically deep object; everything else is checked
+        raise PolicyParseError([FieldProblem("", "object nested too deeply")]) from None
+    problems.raise_if_any()
+    if policy is None:  # defensive: a parser declined without saying why
+        raise PolicyParseError([FieldProblem("spec", "invalid")])
+    return policy
+
+
+def _parse(obj: object, problems: Problems) -> Policy | None:
+    top = fields.mapping(obj, "", problems)
+    if top is None:
+        return None
+    kind = policy_kind(top.get("apiVersion"), top.get("kind"))
+    if kind is None:
+        problems.add(
+            "kind",
+            f"unsupported apiVersion/kind {top.get('apiVersion')!r}/{top.get('kind')!r}; "
+            f"expected one of {', '.join(f'{a}/{k}' for a, k in KINDS)}",
+        )
+        return None
+    metadata = fields.mapping(top.get("metadata"), "metadata", problems)
+    spec = fields.mapping(top.get("spec", {}), "spec", problems)
+    if metadata is None or spec is None:
+        return None
+    # Missing names are recorded; the spec is still parsed so that every problem is reported.
+    name = parse_name(metadata, "metadata", problems, "name") or ""
+    if kind.cluster_scoped:
+        return parse_cluster_network_policy(kind, name, spec, problems)
+    namespace = parse_name(metadata, "metadata", problems, "namespace") or ""
+    return parse_network_policy(kind, namespace, name, spec, problems)

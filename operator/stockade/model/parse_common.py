@@ -1,0 +1,108 @@
+"""Field parsers shared by the NetworkPolicy and ClusterNetworkPolicy parsers.
+
+Called only by `stockade.model.parse_netpol` and `stockade.model.parse_cnp`: CIDRs, ICMP matches,
+port numbers, named ports and `spec.mode`, each checked the way the API server's validation does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+
+from stockade.model import fields
+from stockade.model.fields import Problems
+from stockade.model.policy import IcmpMatch, IPNetwork, Mode, Protocol
+
+_IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+def parse_cidr(value: object, path: str, problems: Problems) -> IPNetwork | None:
+    """A CIDR; host bits may be set (`10.0.0.1/8` means `10.0.0.0/8`), as the API accepts."""
+    text = fields.string(value, path, problems)
+    if text is None:
+        return None
+    if "/" not in text:
+        problems.add(path, f"{text!r} is not a CIDR (address/prefix length)")
+        return None
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        problems.add(path, f"{text!r} is not a valid CIDR")
+        return None
+
+
+def parse_excepts(
+    cidr: IPNetwork, value: object, path: str, problems: Problems
+) -> tuple[IPNetwork, ...]:
+    """`ipBlock.except`: each entry a CIDR strictly inside `cidr` (networking validation)."""
+    found: list[IPNetwork] = []
+    for i, raw in enumerate(fields.sequence(value, path, problems) or []):
+        item_path = f"{path}[{i}]"
+        net = parse_cidr(raw, item_path, problems)
+        if net is None:
+            continue
+        if net.version != cidr.version or not net.subnet_of(cidr) or net == cidr:  # type: ignore[arg-type]
+            problems.add(item_path, f"{net} must be strictly within cidr {cidr}")
+            continue
+        found.append(net)
+    return tuple(sorted(set(found), key=lambda n: (n.version, n.network_address, n.prefixlen)))
+
+
+def parse_icmp(
+    value: object, path: str, problems: Problems, protocol: Protocol
+) -> IcmpMatch | None:
+    """A stockade extension: `icmp`/`icmpv6: {type: 0-255, code?: 0-255}`."""
+    obj = fields.mapping(value, path, problems)
+    if obj is None:
+        return None
+    fields.known_keys(obj, path, problems, ("type", "code"))
+    icmp_type = fields.integer(obj.get("type"), f"{path}.type", problems, 0, 255)
+    code: int | None = None
+    if obj.get("code") is not None:
+        code = fields.integer(obj.get("code"), f"{path}.code", problems, 0, 255)
+        if code is None:
+            return None
+    if icmp_type is None:
+        return None
+    return IcmpMatch(protocol, icmp_type, code)
+
+
+def parse_port_number(value: object, path: str, problems: Problems) -> int | None:
+    return fields.integer(value, path, problems, 1, 65535)
+
+
+def port_name_problem(name: str) -> str | None:
+    """Why `name` is not a valid container port name (IANA_SVC_NAME), or None."""
+    if (
+        not name
+        or len(name) > 15
+        or not _IANA_SVC_NAME.match(name)
+        or "--" in name
+        or not any(c.isalpha() for c in name)
+    ):
+        return f"{name!r} is not a valid port name (IANA_SVC_NAME: 1-15 lowercase a-z0-9 and -)"
+    return None
+
+
+def parse_mode(spec: Mapping[str, object], path: str, problems: Problems) -> Mode:
+    """`spec.mode: Enforce | Audit`, default Enforce (stockade kinds only)."""
+    raw = spec.get("mode")
+    if raw is None:
+        return Mode.ENFORCE
+    text = fields.choice(raw, path, problems, [m.value for m in Mode])
+    return Mode(text) if text is not None else Mode.ENFORCE
+
+
+def parse_name(
+    metadata: Mapping[str, object], path: str, problems: Problems, key: str
+) -> str | None:
+    raw = metadata.get(key)
+    if raw is None:
+        problems.add(f"{path}.{key}", "required")
+        return None
+    text = fields.string(raw, f"{path}.{key}", problems)
+    if text is not None and not text:
+        problems.add(f"{path}.{key}", "must not be empty")
+        return None
+    return text
