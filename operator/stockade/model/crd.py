@@ -1,0 +1,166 @@
+"""The stockade policy API (`stockade.io/v1alpha1`) in one place: the two kinds, their CRDs, and
+parsing of raw objects with every error reported by field path.
+
+The operator calls `parse_policy()` on each object it is handed (after the API server has
+validated it against the same rules, generated from these models); `hack/gen-crds.py` and the
+drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in `crd_common`,
+`crd_snp` and `crd_scnp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
+from stockade.model.crd_schema import (
+    GROUP,
+    VERSION,
+    CrdKind,
+    PrinterColumn,
+    condition_column,
+    crd_manifest,
+    render_crd_yaml,
+)
+from stockade.model.crd_scnp import (
+    ClusterNetworkPolicySpec,
+    StockadeClusterNetworkPolicy,
+)
+from stockade.model.crd_snp import NetworkPolicySpec, StockadeNetworkPolicy
+
+__all__ = [
+    "API_VERSION",
+    "CLUSTER_NETWORK_POLICY",
+    "CRD_KINDS",
+    "NETWORK_POLICY",
+    "ClusterNetworkPolicySpec",
+    "FieldError",
+    "IcmpMatch",
+    "InvalidPolicyError",
+    "LabelSelector",
+    "NetworkPolicySpec",
+    "PolicyStatus",
+    "StockadeClusterNetworkPolicy",
+    "StockadeNetworkPolicy",
+    "crd_manifest",
+    "field_errors",
+    "parse_policy",
+    "render_crd_yaml",
+]
+
+API_VERSION = f"{GROUP}/{VERSION}"
+
+_AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
+_MODE = PrinterColumn("Mode", "string", ".spec.mode", "Enforce, or Audit (report only)")
+
+NETWORK_POLICY = CrdKind(
+    kind="NetworkPolicy",
+    plural="networkpolicies",
+    singular="networkpolicy",
+    short_name="snp",
+    scope="Namespaced",
+    spec_model=NetworkPolicySpec,
+    description=(
+        "A stockade NetworkPolicy: the standard NetworkPolicy plus per-rule Allow/Deny actions, "
+        "ICMP matches and an Audit mode."
+    ),
+    columns=(_MODE, condition_column("Accepted"), condition_column("Programmed"), _AGE),
+)
+
+CLUSTER_NETWORK_POLICY = CrdKind(
+    kind="ClusterNetworkPolicy",
+    plural="clusternetworkpolicies",
+    singular="clusternetworkpolicy",
+    short_name="scnp",
+    scope="Cluster",
+    spec_model=ClusterNetworkPolicySpec,
+    description=(
+        "A stockade ClusterNetworkPolicy: a cluster-wide policy in the Admin or Baseline tier, "
+        "modelled on policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy."
+    ),
+    columns=(
+        PrinterColumn("Tier", "string", ".spec.tier"),
+        PrinterColumn("Priority", "integer", ".spec.priority"),
+        _MODE,
+        condition_column("Accepted"),
+        condition_column("Programmed"),
+        _AGE,
+    ),
+)
+
+CRD_KINDS: tuple[CrdKind, ...] = (NETWORK_POLICY, CLUSTER_NETWORK_POLICY)
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "NetworkPolicy": StockadeNetworkPolicy,
+    "ClusterNetworkPolicy": StockadeClusterNetworkPolicy,
+}
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with an object, at a path written the way the API server writes it
+    (`spec.ingress[0].from[1].ipBlock.cidr`)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidPolicyError(ValueError):
+    """An object that does not satisfy the policy API; `errors` lists every problem."""
+
+    def __init__(self, kind: str, name: str, errors: tuple[FieldError, ...]) -> None:
+        self.kind = kind
+        self.name = name
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{kind} {name!r} is invalid ({len(errors)} problem(s)):\n{lines}")
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def field_errors(
+    exc: ValidationError, prefix: tuple[int | str, ...] = ()
+) -> tuple[FieldError, ...]:
+    """Every error of a pydantic ValidationError, with its field path."""
+    out = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        if err["type"] == FIELD_ERROR:
+            ctx = err.get("ctx") or {}
+            loc = (*loc, str(ctx["field"]))
+        message = err["msg"].removeprefix("Value error, ")
+        out.append(FieldError(_path(loc), message))
+    return tuple(out)
+
+
+def parse_policy(obj: Mapping[str, Any]) -> StockadeNetworkPolicy | StockadeClusterNetworkPolicy:
+    """Parse a raw `stockade.io/v1alpha1` policy object; raise InvalidPolicyError listing every
+    problem."""
+    kind = str(obj.get("kind", ""))
+    name = str((obj.get("metadata") or {}).get("name", "?"))
+    model = _MODELS.get(kind)
+    if model is None or obj.get("apiVersion") != API_VERSION:
+        found = f"{obj.get('apiVersion')}/{kind}"
+        raise InvalidPolicyError(
+            kind, name, (FieldError("kind", f"not a stockade policy: {found}"),)
+        )
+    try:
+        parsed = model.model_validate(obj)
+    except ValidationError as exc:
+        raise InvalidPolicyError(kind, name, field_errors(exc)) from None
+    assert isinstance(parsed, StockadeNetworkPolicy | StockadeClusterNetworkPolicy)
+    return parsed

@@ -1,0 +1,242 @@
+"""The stockade NetworkPolicy kind (`stockade.io/v1alpha1`, short name `snp`): the standard
+`networking.k8s.io/v1` NetworkPolicy spec plus a per-rule `action` (Allow or Deny), ICMP and
+ICMPv6 matches in `ports`, and a per-policy `mode` (Enforce or Audit).
+
+The models are the single source of truth for the CRD schema (`crd_schema` generates
+`crds/stockade.io_networkpolicies.yaml` from them) and validate the same rules in Python for the
+operator. The standard NetworkPolicy is parsed with these models too (`action` and `mode` keep
+their defaults), so the operator and the reference evaluator read both kinds one way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from stockade.model.crd_common import (
+    Cidr,
+    IcmpMatch,
+    IntOrPort,
+    IPNetwork,
+    LabelSelector,
+    ObjectMeta,
+    PolicyStatus,
+    WireModel,
+    cel,
+    parse_cidr,
+    validations,
+)
+
+MAX_RULES = 64
+MAX_PEERS = 64
+MAX_PORTS = 64
+MAX_EXCEPT = 32
+
+Protocol = Literal["TCP", "UDP", "SCTP"]
+Action = Literal["Allow", "Deny"]
+Mode = Literal["Enforce", "Audit"]
+PolicyType = Literal["Ingress", "Egress"]
+
+EXCEPT_OUTSIDE = "every except entry must lie inside cidr (and be of the same address family)"
+PEER_KINDS = "a peer sets either ipBlock, or podSelector and/or namespaceSelector"
+END_PORT_NAMED = "endPort requires a numeric port"
+END_PORT_BELOW = "endPort must not be below port"
+ICMP_EXCLUSIVE = "icmp and icmpv6 cannot be combined with protocol, port or endPort"
+ICMP_BOTH = "set icmp or icmpv6, not both: use two ports entries"
+
+
+class IPBlock(WireModel):
+    """A CIDR, minus the CIDRs listed in `except`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!isCIDR(self.cidr) || !has(self.except)"
+                " || self.except.all(e, !isCIDR(e) || cidr(self.cidr).containsCIDR(e))",
+                EXCEPT_OUTSIDE,
+                field_path=".except",
+            )
+        )
+    )
+
+    cidr: Cidr
+    except_: list[Cidr] | None = Field(default=None, alias="except", max_length=MAX_EXCEPT)
+
+    @field_validator("except_")
+    @classmethod
+    def _inside_cidr(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        outer = info.data.get("cidr")
+        if value is None or outer is None:
+            return value
+        net = parse_cidr(outer)
+        for i, text in enumerate(value):
+            inner = parse_cidr(text)
+            if inner.version != net.version or not inner.subnet_of(net):  # type: ignore[arg-type]
+                raise ValueError(f"{EXCEPT_OUTSIDE}: except[{i}] {text} is not inside {outer}")
+        return value
+
+    @property
+    def network(self) -> IPNetwork:
+        return ipaddress.ip_network(self.cidr)
+
+    @property
+    def excepted(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(e) for e in self.except_ or ())
+
+
+class NetworkPolicyPeer(WireModel):
+    """A peer: pods selected by podSelector within namespaces selected by namespaceSelector
+    (either may be omitted), or an ipBlock."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.ipBlock) ? !(has(self.podSelector) || has(self.namespaceSelector))"
+                " : (has(self.podSelector) || has(self.namespaceSelector))",
+                PEER_KINDS,
+            )
+        )
+    )
+
+    pod_selector: LabelSelector | None = None
+    namespace_selector: LabelSelector | None = None
+    ip_block: IPBlock | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> NetworkPolicyPeer:
+        selectors = self.pod_selector is not None or self.namespace_selector is not None
+        if selectors == (self.ip_block is not None):
+            raise ValueError(PEER_KINDS)
+        return self
+
+
+class NetworkPolicyPort(WireModel):
+    """A protocol and port (or port range), or an ICMP / ICMPv6 type and code. An entry without
+    protocol, port and ICMP match means TCP on every port, as in the standard."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.endPort) || (has(self.port) && type(self.port) == int)",
+                END_PORT_NAMED,
+                field_path=".endPort",
+            ),
+            cel(
+                "!has(self.endPort) || !has(self.port) || type(self.port) != int"
+                " || self.endPort >= int(self.port)",
+                END_PORT_BELOW,
+                field_path=".endPort",
+            ),
+            cel(
+                "!has(self.icmp) || !(has(self.protocol) || has(self.port) || has(self.endPort))",
+                ICMP_EXCLUSIVE,
+                field_path=".icmp",
+            ),
+            cel(
+                "!has(self.icmpv6) || !(has(self.protocol) || has(self.port) || has(self.endPort))",
+                ICMP_EXCLUSIVE,
+                field_path=".icmpv6",
+            ),
+            cel("!(has(self.icmp) && has(self.icmpv6))", ICMP_BOTH, field_path=".icmpv6"),
+        )
+    )
+
+    protocol: Protocol | None = None
+    port: IntOrPort | None = None
+    end_port: int | None = Field(default=None, ge=1, le=65535)
+    icmp: IcmpMatch | None = None
+    icmpv6: IcmpMatch | None = None
+
+    @field_validator("end_port")
+    @classmethod
+    def _end_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        port = info.data.get("port")
+        if value is None:
+            return value
+        if not isinstance(port, int):
+            raise ValueError(END_PORT_NAMED)
+        if value < port:
+            raise ValueError(f"{END_PORT_BELOW} ({port})")
+        return value
+
+    @field_validator("icmp", "icmpv6")
+    @classmethod
+    def _icmp_alone(cls, value: IcmpMatch | None, info: ValidationInfo) -> IcmpMatch | None:
+        if value is None:
+            return value
+        if any(info.data.get(f) is not None for f in ("protocol", "port", "end_port")):
+            raise ValueError(ICMP_EXCLUSIVE)
+        if info.field_name == "icmpv6" and info.data.get("icmp") is not None:
+            raise ValueError(ICMP_BOTH)
+        return value
+
+    @property
+    def effective_protocol(self) -> Literal["TCP", "UDP", "SCTP", "ICMP", "ICMPv6"]:
+        if self.icmp is not None:
+            return "ICMP"
+        if self.icmpv6 is not None:
+            return "ICMPv6"
+        return self.protocol or "TCP"
+
+
+class NetworkPolicyIngressRule(WireModel):
+    """Traffic from any of `from` (every source if omitted) to any of `ports` (every port if
+    omitted); `action` says whether it is allowed or denied."""
+
+    action: Action = "Allow"
+    from_: list[NetworkPolicyPeer] | None = Field(default=None, alias="from", max_length=MAX_PEERS)
+    ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
+
+
+class NetworkPolicyEgressRule(WireModel):
+    """Traffic to any of `to` (every destination if omitted) on any of `ports` (every port if
+    omitted); `action` says whether it is allowed or denied."""
+
+    action: Action = "Allow"
+    to: list[NetworkPolicyPeer] | None = Field(default=None, max_length=MAX_PEERS)
+    ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
+
+
+class NetworkPolicySpec(WireModel):
+    """The standard NetworkPolicy spec, plus per-rule actions, ICMP matches and an audit mode.
+
+    In Audit mode the policy reports what it would drop and drops nothing."""
+
+    pod_selector: LabelSelector
+    policy_types: list[PolicyType] | None = Field(
+        default=None, max_length=2, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    ingress: list[NetworkPolicyIngressRule] | None = Field(default=None, max_length=MAX_RULES)
+    egress: list[NetworkPolicyEgressRule] | None = Field(default=None, max_length=MAX_RULES)
+    mode: Mode = "Enforce"
+
+    @field_validator("policy_types")
+    @classmethod
+    def _no_duplicate_types(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("duplicate entries")
+        return value
+
+    def effective_policy_types(self) -> frozenset[PolicyType]:
+        """The directions this policy isolates, with the standard's defaulting: Ingress always,
+        Egress when there are egress rules, unless policyTypes says otherwise."""
+        if self.policy_types is not None:
+            return frozenset(self.policy_types)
+        types: set[PolicyType] = {"Ingress"}
+        if self.egress:
+            types.add("Egress")
+        return frozenset(types)
+
+
+class StockadeNetworkPolicy(WireModel):
+    """A whole `stockade.io/v1alpha1` NetworkPolicy object as the API server returns it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["stockade.io/v1alpha1"] = "stockade.io/v1alpha1"
+    kind: Literal["NetworkPolicy"] = "NetworkPolicy"
+    metadata: ObjectMeta
+    spec: NetworkPolicySpec
+    status: PolicyStatus | None = None
