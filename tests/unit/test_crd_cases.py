@@ -102,6 +102,7 @@ BAD: list[Bad] = [
     Bad("snp-cidr-without-length", snp_block("10.0.0.0"), f"{B0}.cidr"),
     Bad("snp-cidr-prefix-too-long", snp_block("10.0.0.0/33"), f"{B0}.cidr"),
     Bad("snp-cidr-host-bits", snp_block("10.0.0.1/8"), f"{B0}.cidr"),
+    Bad("snp-except-equals-cidr", snp_block("10.0.0.0/8", "10.0.0.0/8"), f"{B0}.except"),
     Bad("snp-cidr-leading-zero", snp_block("010.0.0.0/8"), f"{B0}.cidr"),
     Bad("snp-cidr-ipv4-mapped-ipv6", snp_block("::ffff:10.0.0.0/104"), f"{B0}.cidr"),
     Bad("snp-cidr-ipv6-zone", snp_block("fe80::%eth0/64"), f"{B0}.cidr"),
@@ -294,7 +295,6 @@ GOOD: list[tuple[str, Obj]] = [
     ("snp-icmp-without-code", snp_port({"icmp": {"type": 8}})),
     ("snp-icmpv6-with-code", snp_port({"icmpv6": {"type": 1, "code": 4}})),
     ("snp-ipv6-block", snp_block("fd00::/8", "fd00:1::/32")),
-    ("snp-except-equals-cidr", snp_block("10.0.0.0/8", "10.0.0.0/8")),
     ("snp-all-addresses", snp_block("0.0.0.0/0", "10.0.0.0/8", "192.168.0.0/16")),
     ("snp-host-route", snp_block("10.1.2.3/32")),
     (

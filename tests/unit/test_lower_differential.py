@@ -216,7 +216,10 @@ def flow(draw: Any, state: ClusterState) -> Flow:
     proto = draw(st.sampled_from(("TCP", "UDP", "SCTP", "ICMP")))
     if proto == "ICMP":
         return Flow.icmp(
-            str(src), str(dst), draw(st.sampled_from((8, 3, 0))), draw(st.sampled_from((0, 1)))
+            str(src),
+            str(dst),
+            draw(st.sampled_from((8, 3, 0, 128, 135))),
+            draw(st.sampled_from((0, 1))),
         )
     port = draw(st.one_of(st.sampled_from(PORTS), st.integers(1, 65535)))
     return Flow(src, dst, Protocol(proto), port)

@@ -507,7 +507,7 @@ INVALID = [
         "spec.ingress[0].from[0].networks: unknown field",
     ),
     (
-        "range start not below end",
+        "range end below start",
         obj(
             CNP,
             {
@@ -519,14 +519,14 @@ INVALID = [
                         "action": "Deny",
                         "to": [{"namespaces": {}}],
                         "protocols": [
-                            {"tcp": {"destinationPort": {"range": {"start": 80, "end": 80}}}}
+                            {"tcp": {"destinationPort": {"range": {"start": 80, "end": 79}}}}
                         ],
                     }
                 ],
             },
         ),
-        "spec.egress[0].protocols[0].tcp.destinationPort.range.end: must be greater than start "
-        "(80), got 80",
+        "spec.egress[0].protocols[0].tcp.destinationPort.range.end: must be at least start "
+        "(80), got 79",
     ),
     (
         "named port with a networks peer",

@@ -39,7 +39,9 @@ Action = Literal["Allow", "Deny"]
 Mode = Literal["Enforce", "Audit"]
 PolicyType = Literal["Ingress", "Egress"]
 
-EXCEPT_OUTSIDE = "every except entry must lie inside cidr (and be of the same address family)"
+EXCEPT_OUTSIDE = (
+    "every except entry must lie strictly inside cidr (and be of the same address family)"
+)
 PEER_KINDS = "a peer sets either ipBlock, or podSelector and/or namespaceSelector"
 END_PORT_NAMED = "endPort requires a numeric port"
 END_PORT_BELOW = "endPort must not be below port"
@@ -54,7 +56,8 @@ class IPBlock(WireModel):
         json_schema_extra=validations(
             cel(
                 "!isCIDR(self.cidr) || !has(self.except)"
-                " || self.except.all(e, !isCIDR(e) || cidr(self.cidr).containsCIDR(e))",
+                " || self.except.all(e, !isCIDR(e) || (cidr(self.cidr).containsCIDR(e)"
+                " && cidr(e).prefixLength() > cidr(self.cidr).prefixLength()))",
                 EXCEPT_OUTSIDE,
                 field_path=".except",
             )
@@ -73,7 +76,11 @@ class IPBlock(WireModel):
         net = parse_cidr(outer)
         for i, text in enumerate(value):
             inner = parse_cidr(text)
-            if inner.version != net.version or not inner.subnet_of(net):  # type: ignore[arg-type]
+            if (
+                inner.version != net.version
+                or not inner.subnet_of(net)  # type: ignore[arg-type]
+                or inner.prefixlen <= net.prefixlen
+            ):
                 raise ValueError(f"{EXCEPT_OUTSIDE}: except[{i}] {text} is not inside {outer}")
         return value
 

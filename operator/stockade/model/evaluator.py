@@ -30,6 +30,7 @@ from stockade.model.policy import (
     IPAddress,
     Mode,
     Policy,
+    Protocol,
     RuleAction,
     RuleRef,
     Tier,
@@ -115,6 +116,19 @@ class _Context:
 Stage = Callable[[_Context], StageResult]
 
 
+# ICMPv6 control that stays allowed whatever the policies: multicast listener discovery (130-132,
+# 143), router and neighbour discovery and redirect (133-137). The datapath passes the same types.
+ICMPV6_CONTROL_TYPES = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
+
+
+def _link_control(ctx: _Context) -> StageResult:
+    """DESIGN.md §2: "Always allowed, whatever the policies: ... ARP and IPv6 neighbour
+    discovery"."""
+    if ctx.flow.protocol is Protocol.ICMPV6 and ctx.flow.icmp_type in ICMPV6_CONTROL_TYPES:
+        return StageResult(Verdict.ALLOW, f"ICMPv6 type {ctx.flow.icmp_type} is link control")
+    return StageResult(Verdict.NEXT, "")
+
+
 def _node_traffic(ctx: _Context) -> StageResult:
     """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)"."""
     if ctx.direction is Direction.INGRESS and ctx.remote in ctx.state.node_ips(ctx.pod.node):
@@ -174,6 +188,7 @@ def _default_allow(ctx: _Context) -> StageResult:
 
 
 PIPELINE: tuple[Stage, ...] = (
+    _link_control,
     _node_traffic,
     _cluster_tier(Tier.ADMIN),
     _namespace_tier,

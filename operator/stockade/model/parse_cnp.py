@@ -266,8 +266,9 @@ def _parse_protocol(
         end = parse_port_number(rng.get("end"), f"{rng_path}.end", problems)
         if start is None or end is None:
             return None
-        if not start < end:
-            problems.add(f"{rng_path}.end", f"must be greater than start ({start}), got {end}")
+        # The upstream CRD also insists on start < end; a range of one port is harmless here.
+        if start > end:
+            problems.add(f"{rng_path}.end", f"must be at least start ({start}), got {end}")
             return None
         return PortRange(protocol, start, end)
     return None
