@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 
 toolchain: venv
 	$(PY) -m stockade.sandbox.toolchain
+	$(PY) -m stockade.sandbox.upstream
 
 ## lint: ruff (check + format), mypy strict, import-linter
 lint: venv

@@ -192,7 +192,7 @@ def test_kubectl_apply_of_a_bad_policy_fails_with_the_field_and_the_reason(
     )
     assert result.returncode != 0
     assert "spec.ingress[0].from[0].ipBlock.except" in result.stderr, result.stderr
-    assert "every except entry must lie inside cidr" in result.stderr, result.stderr
+    assert "every except entry must lie strictly inside cidr" in result.stderr, result.stderr
 
 
 @pytest.mark.usefixtures("crds")

@@ -48,7 +48,8 @@ class Ids:
 
     endpoints: IdTable[str] = field(default_factory=IdTable)
     classes: IdTable[Signature] = field(default_factory=IdTable)
-    rules: IdTable[RuleRef] = field(default_factory=IdTable)
+    # Rule ids index the per-CPU counters (Shape.rules_max slots): leave room to probe.
+    rules: IdTable[RuleRef] = field(default_factory=lambda: IdTable(space=60_000))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from stockade.model.crd_common import (
 MAX_RULES = 64
 MAX_PEERS = 64
 MAX_PORTS = 64
-MAX_EXCEPT = 32
+MAX_EXCEPT = 16  # bounds the CEL cost of the strict-subset rule across rules x peers
 
 Protocol = Literal["TCP", "UDP", "SCTP"]
 Action = Literal["Allow", "Deny"]

@@ -29,6 +29,7 @@ from stockade.sandbox.controlplane import (
     ControlPlaneRecord,
     Progress,
 )
+from stockade.sandbox.crds import install_crds
 from stockade.sandbox.kubelet import register_node
 from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
 from stockade.sandbox.toolchain import ETCD, KUBERNETES
@@ -143,6 +144,8 @@ def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
             for node in topo.nodes:
                 register_node(client, node)
             names = _wait_nodes_ready(client, len(topo.nodes))
+            progress("installing the CRDs (stockade's and the upstream ClusterNetworkPolicy)")
+            install_crds(client)
         state = dataclasses.replace(state, node_names=names)
         state.save(state_dir)
         progress(f"nodes ready: {', '.join(names)}")

@@ -23,8 +23,6 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
-# sigs.k8s.io/network-policy-api: ships the upstream ClusterNetworkPolicy CRD manifests.
-NETWORK_POLICY_API_VERSION = "v0.1.7"
 
 
 class ToolchainError(RuntimeError):
