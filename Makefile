@@ -1,4 +1,4 @@
-# stockade: the two commands a newcomer needs are `make demo` (set up, then run the sandbox demo)
+# stockade: the two commands a newcomer needs are `make sandbox` (set up, then start the sandbox)
 # and `make check` (set up, then lint and run every test tier). Everything else is a step of those.
 
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup system-deps venv toolchain lint test check demo sandbox-up sandbox-down bench clean
+.PHONY: setup system-deps venv toolchain lint test check demo sandbox sandbox-down bench clean
 
 ## setup: Debian packages, the Python environment and the Go-built toolchain (idempotent)
 setup: system-deps venv toolchain
@@ -43,7 +43,8 @@ check: setup lint test
 demo: setup
 	$(VENV)/bin/stockade demo
 
-sandbox-up: setup
+## sandbox: set up, then start a 2-node sandbox cluster and print its kubeconfig path
+sandbox: setup
 	$(VENV)/bin/stockade sandbox up --nodes 2
 
 sandbox-down:
