@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from stockade.model import evaluator
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -54,6 +56,9 @@ PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
 PROTO_SCTP = 132
+
+# ICMPv6 control that stays allowed whatever the policies: the evaluator's own list.
+ICMPV6_CONTROL_TYPES = evaluator.ICMPV6_CONTROL_TYPES
 
 # Rule id 0 means "no rule decided" (the default allow).
 RULE_NONE = 0
@@ -235,11 +240,11 @@ def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
     """The longest class prefix that contains `address` (the `peer_classes` trie lookup)."""
     addr = to_v6(address)
     best: ClassEntry | None = None
+    best_len = -1
     for entry in tables.classes:
-        if addr in net_to_v6(entry.network) and (
-            best is None or entry.network.prefixlen > best.network.prefixlen
-        ):
-            best = entry
+        net = net_to_v6(entry.network)  # lengths compare in the trie's IPv6 space: 0.0.0.0/0
+        if addr in net and net.prefixlen > best_len:  # is ::ffff:0:0/96, longer than ::/0
+            best, best_len = entry, net.prefixlen
     return best
 
 
@@ -247,8 +252,11 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     """What one hook decides for a connection's first packet (the spec of `bpf/policy.h`).
 
     `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
-    the source pod. An address that is not an endpoint of this node passes unjudged.
+    the source pod. An address that is not an endpoint of this node passes unjudged, and so
+    does ICMPv6 neighbour discovery and other link-local control (ICMPV6_CONTROL_TYPES).
     """
+    if packet.protocol == PROTO_ICMPV6 and packet.port >> 8 in ICMPV6_CONTROL_TYPES:
+        return ALLOW_BY_DEFAULT
     local, remote = (
         (packet.dst, packet.src) if direction is Direction.INGRESS else (packet.src, packet.dst)
     )

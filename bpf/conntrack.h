@@ -1,0 +1,181 @@
+/* Connection tracking: replies and related ICMP errors of allowed flows pass without a policy
+ * lookup; established flows skip it too.
+ *
+ * - An allowed new flow is recorded under its original tuple and the direction of the hook
+ *   that judged it. A packet whose tuple is recorded for this direction is established; a
+ *   packet whose reverse tuple is recorded for the opposite direction is a reply. A new
+ *   connection in the reverse direction is therefore still judged.
+ * - ICMP echo is tracked by identifier: an echo reply matches the request it answers.
+ * - An ICMP error is related when the packet it quotes belongs to a recorded flow.
+ * - Entries expire after the timeout of their protocol (config map, 0 = built-in default);
+ *   a TCP FIN or RST switches the flow to the short closing timeout. The LRU evicts the
+ *   least recently used entries when the table is full.
+ *
+ * Policy changes (config.ct_mode):
+ * - CT_MODE_REVALIDATE (0, the default): every entry carries the policy epoch it was judged in.
+ *   The agent bumps config.epoch after each policy or peer-class write; the next packet of an
+ *   entry with an older epoch re-runs the policy lookup for the flow's original tuple and
+ *   direction. Still allowed: the entry is renewed. Now denied: the entry is deleted and the
+ *   packet is judged as a new flow. A new deny therefore also cuts established connections,
+ *   which is what an operator applying a deny expects; the cost is one lookup per flow per
+ *   epoch.
+ * - CT_MODE_KEEP (1): established flows stay allowed until they expire.
+ */
+#pragma once
+
+#include "maps.h"
+#include "policy.h"
+
+#if STOCKADE_CONNTRACK
+
+enum ct_mode {
+	CT_MODE_REVALIDATE = 0,
+	CT_MODE_KEEP = 1,
+};
+
+enum ct_state {
+	CT_NEW = 0,
+	CT_ESTABLISHED = 1,
+	CT_REPLY = 2,
+	CT_RELATED = 3,
+};
+
+#define CT_DEFAULT_TCP_NS (21600ULL * 1000000000ULL)
+#define CT_DEFAULT_TCP_CLOSING_NS (10ULL * 1000000000ULL)
+#define CT_DEFAULT_UDP_NS (60ULL * 1000000000ULL)
+#define CT_DEFAULT_ICMP_NS (30ULL * 1000000000ULL)
+#define CT_DEFAULT_OTHER_NS (60ULL * 1000000000ULL)
+
+static __always_inline __u64 ct_timeout(const struct config *cfg, __u8 proto, __u8 closing)
+{
+	__u64 t;
+
+	if (proto == IPPROTO_TCP) {
+		if (closing) {
+			t = cfg->tcp_closing_timeout_ns;
+			return t ? t : CT_DEFAULT_TCP_CLOSING_NS;
+		}
+		t = cfg->tcp_timeout_ns;
+		return t ? t : CT_DEFAULT_TCP_NS;
+	}
+	if (proto == IPPROTO_UDP) {
+		t = cfg->udp_timeout_ns;
+		return t ? t : CT_DEFAULT_UDP_NS;
+	}
+	if (proto == IPPROTO_ICMP || proto == PROTO_ICMPV6) {
+		t = cfg->icmp_timeout_ns;
+		return t ? t : CT_DEFAULT_ICMP_NS;
+	}
+	t = cfg->other_timeout_ns;
+	return t ? t : CT_DEFAULT_OTHER_NS;
+}
+
+static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, const __u32 *daddr,
+				       __be16 sport, __be16 dport, __u8 proto, __u32 dir)
+{
+	__builtin_memcpy(k->saddr, saddr, 16);
+	__builtin_memcpy(k->daddr, daddr, 16);
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
+/* A live entry for `k`, or NULL. Dead entries are deleted; in revalidate mode an entry of an
+ * older epoch is judged again (and deleted when the policy now denies it). */
+static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct config *cfg,
+						__u64 now)
+{
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, k);
+	struct decision d;
+
+	if (!e)
+		return NULL;
+	if (e->expires_ns < now) {
+		bpf_map_delete_elem(&conntrack, k);
+		return NULL;
+	}
+	if (cfg->ct_mode != CT_MODE_KEEP && e->epoch != cfg->epoch) {
+		policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
+		if (d.action == ACTION_DENY) {
+			bpf_map_delete_elem(&conntrack, k);
+			return NULL;
+		}
+		e->epoch = cfg->epoch;
+		e->rule_id = d.rule_id;
+	}
+	return e;
+}
+
+static __always_inline void ct_refresh(struct ct_entry *e, const struct flow *f,
+				       const struct config *cfg, __u64 now)
+{
+	if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
+		e->closing = 1;
+	e->expires_ns = now + ct_timeout(cfg, f->t.proto, e->closing);
+}
+
+static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
+					       const struct config *cfg, __u64 now)
+{
+	const struct tuple *t = &f->t;
+	struct ct_key k;
+	struct ct_entry *e;
+
+	if (t->icmp_kind == ICMP_KIND_ERROR) {
+		const struct tuple *in = &f->inner;
+
+		/* the quoted packet was sent by the flow's originator, or is one of its replies */
+		ct_key_set(&k, in->saddr, in->daddr, in->sport, in->dport, in->proto, dir ^ 1);
+		if (ct_find(&k, cfg, now))
+			return CT_RELATED;
+		ct_key_set(&k, in->daddr, in->saddr, in->dport, in->sport, in->proto, dir);
+		if (ct_find(&k, cfg, now))
+			return CT_RELATED;
+		return CT_NEW;
+	}
+	if (t->icmp_kind == ICMP_KIND_ECHO_REPLY) {
+		ct_key_set(&k, t->daddr, t->saddr, t->sport, 0, t->proto, dir ^ 1);
+		e = ct_find(&k, cfg, now);
+		if (!e)
+			return CT_NEW;
+		ct_refresh(e, f, cfg, now);
+		return CT_REPLY;
+	}
+	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
+	e = ct_find(&k, cfg, now);
+	if (e) {
+		ct_refresh(e, f, cfg, now);
+		return CT_ESTABLISHED;
+	}
+	if (t->icmp_kind == ICMP_KIND_ECHO_REQUEST)
+		return CT_NEW;
+	ct_key_set(&k, t->daddr, t->saddr, t->dport, t->sport, t->proto, dir ^ 1);
+	e = ct_find(&k, cfg, now);
+	if (!e)
+		return CT_NEW;
+	ct_refresh(e, f, cfg, now);
+	return CT_REPLY;
+}
+
+/* Record an allowed new flow. Echo replies and ICMP errors start no flow. */
+static __always_inline void ct_create(const struct flow *f, __u32 dir, const struct decision *d,
+				      const struct config *cfg, __u64 now)
+{
+	const struct tuple *t = &f->t;
+	struct ct_key k;
+	struct ct_entry e = {};
+
+	if (t->icmp_kind == ICMP_KIND_ECHO_REPLY || t->icmp_kind == ICMP_KIND_ERROR)
+		return;
+	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
+	e.closing = (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) != 0;
+	e.expires_ns = now + ct_timeout(cfg, t->proto, e.closing);
+	e.epoch = cfg->epoch;
+	e.rule_id = d->rule_id;
+	e.port = f->port;
+	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
+}
+
+#endif /* STOCKADE_CONNTRACK */

@@ -1,0 +1,77 @@
+/* The per-packet pipeline shared by both entry programs: parse, pass what is always allowed,
+ * conntrack, policy, attribution, verdict.
+ *
+ * Verdicts: allow returns -1 (TC_ACT_UNSPEC for a legacy tc filter, TCX_NEXT for a tcx link), so
+ * that programs after stockade's (the CNI's) still run; TC_ACT_OK would skip them. Deny returns
+ * TC_ACT_SHOT.
+ *
+ * Always allowed: non-IP frames (ARP included), ICMPv6 neighbour discovery and link-local
+ * control, packets whose local address is no endpoint of this node, traffic from the node
+ * itself on INGRESS (policy.h), replies and related ICMP errors of allowed flows (conntrack.h).
+ * Dropped whatever the policy, when the local address is an endpoint: packets whose headers
+ * cannot be parsed (a transport header split across fragments included), and non-first
+ * fragments unless STOCKADE_FRAGMENTS_PASS (their first fragment carries the ports and is
+ * judged; without it the destination cannot reassemble the datagram).
+ */
+#pragma once
+
+#include "parse.h"
+#include "maps.h"
+#include "policy.h"
+#include "events.h"
+#include "conntrack.h"
+
+#define VERDICT_PASS (-1)
+#define VERDICT_DROP 2
+
+#ifndef STOCKADE_FRAGMENTS_PASS
+#error "STOCKADE_FRAGMENTS_PASS must be defined by the rendered program"
+#endif
+
+static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
+{
+	struct flow f = {};
+	struct decision d;
+	struct endpoint_value *ep;
+	enum parse_result r = parse_packet(skb, &f);
+
+	if (r == PARSE_PASS || r == PARSE_CONTROL)
+		return VERDICT_PASS;
+	if (r == PARSE_MALFORMED) {
+		emit_drop(skb, &f, dir, REASON_MALFORMED, 0, 0);
+		return VERDICT_DROP;
+	}
+	ep = endpoint_lookup(dir == DIR_EGRESS ? f.t.saddr : f.t.daddr);
+	if (!ep)
+		return VERDICT_PASS;
+	if (r == PARSE_FRAGMENT) {
+		if (STOCKADE_FRAGMENTS_PASS)
+			return VERDICT_PASS;
+		emit_drop(skb, &f, dir, REASON_FRAGMENT, 0, ep->id);
+		return VERDICT_DROP;
+	}
+	if (r == PARSE_L4_MALFORMED) {
+		emit_drop(skb, &f, dir, REASON_MALFORMED, 0, ep->id);
+		return VERDICT_DROP;
+	}
+#if STOCKADE_CONNTRACK
+	struct config *cfg = config_get();
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!cfg)
+		return VERDICT_DROP;
+	if (ct_lookup(&f, dir, cfg, now) != CT_NEW)
+		return VERDICT_PASS;
+#endif
+	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr, f.t.proto, f.port,
+			       dir, &d);
+	account_decision(skb, &f, dir, &d);
+	if (d.action == ACTION_DENY) {
+		emit_drop(skb, &f, dir, REASON_POLICY, d.rule_id, d.endpoint_id);
+		return VERDICT_DROP;
+	}
+#if STOCKADE_CONNTRACK
+	ct_create(&f, dir, &d, cfg, now);
+#endif
+	return VERDICT_PASS;
+}

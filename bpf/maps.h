@@ -1,0 +1,164 @@
+/* The maps every stockade program on a node shares, pinned by name under the loader's pin root
+ * (/sys/fs/bpf/stockade/ in production) so that a reload or an agent restart re-adopts them.
+ * Layouts match operator/stockade/compiler/ir.py; sizes come from the rendered Shape.
+ */
+#pragma once
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "parse.h"
+
+#ifndef STOCKADE_ENDPOINTS_MAX
+#error "map sizes must be defined by the rendered program"
+#endif
+
+/* endpoints: the address of a pod on this node -> its endpoint id. */
+struct endpoint_key {
+	__u8 addr[16];
+};
+
+struct endpoint_value {
+	__u32 id;
+	__u32 flags;
+};
+
+/* peer_classes: remote address (LPM, IPv4-mapped IPv6) -> equivalence class of peer sets. */
+struct class_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct class_value {
+	__u32 class_id;
+	__u32 flags;
+};
+
+#define CLASS_FLAG_LOCAL_NODE 1
+
+/* policy: (endpoint << 1 | direction, class, protocol, port) -> verdict, all big-endian. */
+struct policy_key {
+	__u32 prefixlen;
+	__be32 endpoint_dir;
+	__be32 class_id;
+	__be16 proto;
+	__be16 port;
+};
+
+struct policy_value {
+	__u32 rule_id;
+	__u32 audit_rule_id;
+	__u8 action;
+	__u8 audit_action;
+	__u16 flags;
+};
+
+#define ACTION_NONE 0
+#define ACTION_ALLOW 1
+#define ACTION_DENY 2
+
+#define DIR_INGRESS 0 /* to the pod: tc egress of its host-side veth */
+#define DIR_EGRESS 1  /* from the pod: tc ingress of its host-side veth */
+
+/* counters: per rule id, the packets and bytes of the decisions it made. */
+struct rule_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* config: one entry written by the agent. A zero timeout means the built-in default. */
+struct config {
+	__u32 epoch;		/* bumped by the agent on every policy or peer-class change */
+	__u32 ct_mode;		/* enum ct_mode in conntrack.h */
+	__u64 tcp_timeout_ns;
+	__u64 tcp_closing_timeout_ns;
+	__u64 udp_timeout_ns;
+	__u64 icmp_timeout_ns;
+	__u64 other_timeout_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_ENDPOINTS_MAX);
+	__type(key, struct endpoint_key);
+	__type(value, struct endpoint_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, STOCKADE_CLASSES_MAX);
+	__type(key, struct class_key);
+	__type(value, struct class_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_classes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, STOCKADE_POLICY_MAX);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STOCKADE_RULES_MAX);
+	__type(key, __u32);
+	__type(value, struct rule_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, STOCKADE_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+#if STOCKADE_CONNTRACK
+/* conntrack: the original tuple of an allowed flow plus the direction of the hook that judged
+ * it, so that the destination's INGRESS hook still judges a flow the source's EGRESS allowed. */
+struct ct_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+struct ct_entry {
+	__u64 expires_ns;	/* bpf_ktime_get_ns() after which the entry is dead */
+	__u32 epoch;		/* config.epoch when the entry was last judged */
+	__u32 rule_id;		/* the rule that allowed it */
+	__u16 port;		/* the policy port of the flow, to judge it again */
+	__u8 closing;		/* TCP FIN or RST seen: the short timeout applies */
+	__u8 pad[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STOCKADE_CONNTRACK_MAX);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+#endif
+
+static __always_inline struct config *config_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}

@@ -1,0 +1,95 @@
+/* The policy decision for the first packet of a flow, as specified by `lookup()` in
+ * operator/stockade/compiler/ir.py.
+ *
+ * Precedence (highest first):
+ *   1. The local address (source on the EGRESS hook, destination on the INGRESS hook) is not an
+ *      endpoint of this node: allowed, unjudged (rule 0).
+ *   2. INGRESS and the remote address's class carries CLASS_FLAG_LOCAL_NODE (kubelet probes,
+ *      the node's own traffic): allowed (rule 0).
+ *   3. The longest-prefix policy entry for (endpoint, direction, class, protocol, port) decides:
+ *      its action and rule id, plus the Audit-mode opinion (audit action and rule id). Tier
+ *      order (Admin, namespace, Baseline) is already folded into the entries by the lowering.
+ *   4. No entry at all for the endpoint and direction: no policy selects it, allowed (rule 0).
+ * An address in no peer class has class 0.
+ */
+#pragma once
+
+#include "maps.h"
+
+struct decision {
+	__u32 endpoint_id;
+	__u32 rule_id;
+	__u32 audit_rule_id;
+	__u8 action;
+	__u8 audit_action;
+	__u8 judged;	/* 0 when the local address is no endpoint of this node */
+	__u8 pad;
+};
+
+static __always_inline struct endpoint_value *endpoint_lookup(const __u32 *addr)
+{
+	struct endpoint_key ek;
+
+	__builtin_memcpy(ek.addr, addr, 16);
+	return bpf_map_lookup_elem(&endpoints, &ek);
+}
+
+/* Steps 2-4 for a known endpoint. */
+static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u32 *remote,
+						   __u8 proto, __u16 port, __u32 dir,
+						   struct decision *d)
+{
+	struct class_key ck;
+	struct class_value *cls;
+	struct policy_key pk;
+	struct policy_value *pv;
+	__u32 class_id = 0, class_flags = 0;
+
+	d->action = ACTION_ALLOW;
+	d->audit_action = ACTION_NONE;
+	d->rule_id = 0;
+	d->audit_rule_id = 0;
+	d->judged = 1;
+	d->endpoint_id = endpoint_id;
+
+	ck.prefixlen = 128;
+	__builtin_memcpy(ck.addr, remote, 16);
+	cls = bpf_map_lookup_elem(&peer_classes, &ck);
+	if (cls) {
+		class_id = cls->class_id;
+		class_flags = cls->flags;
+	}
+	if (dir == DIR_INGRESS && (class_flags & CLASS_FLAG_LOCAL_NODE))
+		return;
+
+	pk.prefixlen = 96;
+	pk.endpoint_dir = bpf_htonl(endpoint_id << 1 | dir);
+	pk.class_id = bpf_htonl(class_id);
+	pk.proto = bpf_htons(proto);
+	pk.port = bpf_htons(port);
+	pv = bpf_map_lookup_elem(&policy, &pk);
+	if (!pv)
+		return;
+	d->action = pv->action;
+	d->rule_id = pv->rule_id;
+	d->audit_action = pv->audit_action;
+	d->audit_rule_id = pv->audit_rule_id;
+}
+
+/* The whole decision for a tuple, steps 1-4. */
+static __always_inline void policy_decide(const __u32 *saddr, const __u32 *daddr, __u8 proto,
+					  __u16 port, __u32 dir, struct decision *d)
+{
+	struct endpoint_value *ep = endpoint_lookup(dir == DIR_EGRESS ? saddr : daddr);
+
+	if (!ep) {
+		d->action = ACTION_ALLOW;
+		d->audit_action = ACTION_NONE;
+		d->rule_id = 0;
+		d->audit_rule_id = 0;
+		d->judged = 0;
+		d->endpoint_id = 0;
+		return;
+	}
+	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? daddr : saddr, proto, port, dir, d);
+}

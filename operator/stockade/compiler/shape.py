@@ -1,0 +1,102 @@
+"""The Shape: the only input of the C templates in `bpf/`.
+
+A Shape names the structure of a node's tc programs (feature switches and map sizes), never
+policy content: peer sets, rules and ports are map data (`ir.NodeTables`). The same Shape renders
+byte-identical C, so the agent's compile cache hits and pod churn never recompiles. The lowering
+picks a Shape per node; `stockade.compiler.render` turns it into C.
+
+Only integers, booleans and IntEnums live here; `defines()` is exactly what reaches the C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+
+# What DESIGN.md §7 asks the maps to hold at least.
+MIN_POLICY_ENTRIES = 10_000 * 2  # 10k rules per endpoint and direction
+MIN_CLASS_ENTRIES = 1_000_000  # 1M peer-set entries
+PAGE_SIZE = 4096
+
+
+class FragmentPolicy(IntEnum):
+    """What happens to non-first IP fragments (they carry no ports to judge)."""
+
+    PASS = 1  # the first fragment is judged; without it nothing reassembles
+    DROP = 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Feature switches and map sizes of one node's programs."""
+
+    ipv6: bool = True
+    vlan: bool = False
+    conntrack: bool = True
+    drop_events: bool = True
+    audit_events: bool = True
+    fragments: FragmentPolicy = FragmentPolicy.PASS
+    ipv6_ext_headers: int = 4  # extension headers walked before the transport header
+    endpoints_max: int = 65_536
+    classes_max: int = 1 << 21  # LPM trie without preallocation: a large bound costs nothing
+    policy_max: int = 1 << 24  # likewise
+    conntrack_max: int = 1 << 17  # LRU hash: preallocated, sized for the node's flows
+    rules_max: int = 1 << 16  # per-CPU counters indexed by rule id
+    events_bytes: int = 1 << 20  # ring buffer of drop and audit events
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    errors.append(f"shape.{f.name}: expected a bool, got {type(value).__name__}")
+            elif f.name == "fragments":
+                if not isinstance(value, FragmentPolicy):
+                    errors.append(f"shape.fragments: expected a FragmentPolicy, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool):
+                errors.append(f"shape.{f.name}: expected an int, got {type(value).__name__}")
+            elif f.name != "ipv6_ext_headers" and not 1 <= value < 1 << 32:
+                errors.append(f"shape.{f.name}: {value} is outside 1..2^32-1")
+        if errors:
+            raise ValueError("; ".join(errors))
+        if not 0 <= self.ipv6_ext_headers <= 8:
+            errors.append(f"shape.ipv6_ext_headers: {self.ipv6_ext_headers} is outside 0..8")
+        if self.policy_max < MIN_POLICY_ENTRIES:
+            errors.append(f"shape.policy_max: {self.policy_max} < {MIN_POLICY_ENTRIES}")
+        if self.classes_max < MIN_CLASS_ENTRIES:
+            errors.append(f"shape.classes_max: {self.classes_max} < {MIN_CLASS_ENTRIES}")
+        eb = self.events_bytes
+        if eb < PAGE_SIZE or eb & (eb - 1):
+            errors.append(f"shape.events_bytes: {eb} is not a power of two >= {PAGE_SIZE}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    def defines(self) -> tuple[tuple[str, int], ...]:
+        """The C preprocessor definitions the templates receive, sorted, ints only."""
+        values = {
+            "STOCKADE_IPV6": int(self.ipv6),
+            "STOCKADE_VLAN": int(self.vlan),
+            "STOCKADE_CONNTRACK": int(self.conntrack),
+            "STOCKADE_DROP_EVENTS": int(self.drop_events),
+            "STOCKADE_AUDIT_EVENTS": int(self.audit_events),
+            "STOCKADE_FRAGMENTS_PASS": int(self.fragments is FragmentPolicy.PASS),
+            "STOCKADE_IPV6_EXT_MAX": int(self.ipv6_ext_headers),
+            "STOCKADE_ENDPOINTS_MAX": int(self.endpoints_max),
+            "STOCKADE_CLASSES_MAX": int(self.classes_max),
+            "STOCKADE_POLICY_MAX": int(self.policy_max),
+            "STOCKADE_CONNTRACK_MAX": int(self.conntrack_max),
+            "STOCKADE_RULES_MAX": int(self.rules_max),
+            "STOCKADE_EVENTS_BYTES": int(self.events_bytes),
+        }
+        return tuple(sorted(values.items()))
+
+    def canonical(self) -> str:
+        """A stable text form (sorted JSON of the definitions), the digest's Shape input."""
+        return json.dumps(dict(self.defines()), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()

@@ -1,0 +1,115 @@
+"""Attribution read back from the datapath: drop and audit events, per-rule counters.
+
+The agent's metrics and flow log call `EventReader.poll()` and `read_counters()`; rule ids are
+mapped to policies with the RuleInfo table the lowering produced (that mapping is not here: the
+kernel only knows numbers). The event layout mirrors `struct event` in bpf/events.h.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from stockade.datapath import libbpf
+
+EVENT = struct.Struct("=QIIIBBBB2s2sHH16s16s")
+COUNTER = struct.Struct("=QQ")
+
+
+class EventKind(IntEnum):
+    DROP = 1  # the packet was dropped
+    AUDIT = 2  # an Audit-mode policy would have dropped it; it passed
+
+
+class DropReason(IntEnum):
+    POLICY = 0  # rule_id names the deciding rule
+    MALFORMED = 1
+    FRAGMENT = 2
+
+
+def _address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.IPv6Address(raw)
+    return addr.ipv4_mapped or addr
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    reason: DropReason
+    rule_id: int
+    endpoint_id: int
+    ifindex: int
+    direction: int  # ir.Direction of the hook
+    protocol: int
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    sport: int
+    dport: int
+    port: int  # the policy port (destination port, or ICMP type << 8 | code)
+    timestamp_ns: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Event:
+        if len(raw) < EVENT.size:
+            raise ValueError(f"event record of {len(raw)} bytes, expected {EVENT.size}")
+        ts, rule, ep, ifindex, kind, direction, proto, reason, sp, dp, port, _, sa, da = (
+            EVENT.unpack_from(raw)
+        )
+        return cls(
+            kind=EventKind(kind),
+            reason=DropReason(reason),
+            rule_id=rule,
+            endpoint_id=ep,
+            ifindex=ifindex,
+            direction=direction,
+            protocol=proto,
+            src=_address(sa),
+            dst=_address(da),
+            sport=int.from_bytes(sp, "big"),
+            dport=int.from_bytes(dp, "big"),
+            port=port,
+            timestamp_ns=ts,
+        )
+
+
+class EventReader:
+    """Reads the `events` ring buffer."""
+
+    def __init__(self, events_map_fd: int) -> None:
+        self._rb = libbpf.RingBuffer(events_map_fd)
+
+    def poll(self, timeout_ms: int = 0) -> list[Event]:
+        return [Event.parse(raw) for raw in self._rb.poll(timeout_ms)]
+
+    def close(self) -> None:
+        self._rb.close()
+
+    def __enter__(self) -> EventReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class RuleCounter:
+    packets: int
+    bytes: int
+
+
+def read_counters(counters_map_fd: int, rule_ids: list[int]) -> dict[int, RuleCounter]:
+    """Decisions per rule id, summed over CPUs."""
+    ncpus = libbpf.num_possible_cpus()
+    out: dict[int, RuleCounter] = {}
+    for rule_id in rule_ids:
+        raw = libbpf.map_lookup(counters_map_fd, struct.pack("=I", rule_id), COUNTER.size * ncpus)
+        packets = nbytes = 0
+        if raw:
+            for cpu in range(ncpus):
+                p, b = COUNTER.unpack_from(raw, cpu * COUNTER.size)
+                packets += p
+                nbytes += b
+        out[rule_id] = RuleCounter(packets, nbytes)
+    return out

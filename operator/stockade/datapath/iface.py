@@ -1,0 +1,64 @@
+"""Find the host-side interface of a pod from its IP address, in the calling thread's netns.
+
+The agent calls `host_interface()` for each local pod before attaching. Routed CNIs (Calico,
+kindnet, the AWS VPC CNI) install a route to each pod IP through its veth: the route's output
+interface is the answer. Bridge CNIs (flannel, the bridge plugin) route the pod subnet to a
+bridge: then the pod's MAC comes from the bridge's neighbour table and its port from the bridge's
+forwarding database.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+
+AF_BRIDGE = 7
+
+
+class InterfaceNotFoundError(LookupError):
+    """The pod's interface could not be determined; the message says which step failed."""
+
+
+@dataclass(frozen=True)
+class HostInterface:
+    ifindex: int
+    name: str
+    bridge: str | None = None  # the bridge the interface is a port of, when found through one
+
+
+def _link(ipr: IPRoute, index: int) -> tuple[str, str | None]:
+    (link,) = ipr.link("get", index=index)
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    return link.get_attr("IFLA_IFNAME"), kind
+
+
+def host_interface(pod_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> HostInterface:
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=str(pod_ip))
+        except Exception as exc:  # pyroute2 raises NetlinkError for unreachable addresses
+            raise InterfaceNotFoundError(f"no route to pod {pod_ip}: {exc}") from exc
+        if not routes:
+            raise InterfaceNotFoundError(f"no route to pod {pod_ip}")
+        oif = routes[0].get_attr("RTA_OIF")
+        name, kind = _link(ipr, oif)
+        if kind != "bridge":
+            return HostInterface(oif, name)
+        family = socket.AF_INET if pod_ip.version == 4 else socket.AF_INET6
+        mac = None
+        for neigh in ipr.get_neighbours(family=family, ifindex=oif):
+            if neigh.get_attr("NDA_DST") == str(pod_ip) and neigh.get_attr("NDA_LLADDR"):
+                mac = neigh.get_attr("NDA_LLADDR")
+        if mac is None:
+            raise InterfaceNotFoundError(
+                f"pod {pod_ip} is behind bridge {name} but not in its neighbours"
+            )
+        for entry in ipr.get_neighbours(family=AF_BRIDGE):
+            if entry.get_attr("NDA_LLADDR") == mac and entry.get_attr("NDA_MASTER") == oif:
+                port = entry["ifindex"]
+                return HostInterface(port, _link(ipr, port)[0], bridge=name)
+        raise InterfaceNotFoundError(f"MAC {mac} of pod {pod_ip} is not in bridge {name}'s FDB")

@@ -1,0 +1,286 @@
+"""The node's pinned maps and the writer that keeps them equal to the wanted tables.
+
+The agent opens the maps pinned under its pin root (`PinnedMaps.open`), adopts what it finds
+there after a restart (`TableWriter.adopt`) and on every sync writes a `NodeTables` value as a
+diff: only added, changed and deleted entries reach the kernel. Entries are written as opaque
+key/value bytes (the layout lives in `stockade.compiler.ir`, whose entries have `key()` and
+`value()`), so this module does not depend on the compiler.
+
+Write order keeps every intermediate state at least as strict as either end state for a new
+endpoint: rule and class additions land before an endpoint appears, and an endpoint disappears
+before its rules and classes do. The policy epoch in the config map is bumped after every write
+that changed something, so that conntrack (in revalidate mode) judges established flows again.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Protocol
+
+from stockade.datapath import libbpf
+
+MAP_NAMES = ("endpoints", "peer_classes", "policy", "conntrack", "counters", "events", "config")
+TABLE_MAPS = ("endpoints", "peer_classes", "policy")
+DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/stockade")
+
+CONFIG = struct.Struct("=IIQQQQQ")  # struct config in bpf/maps.h
+CT_KEY = struct.Struct("=16s16s2s2sBBH")  # struct ct_key
+CT_ENTRY = struct.Struct("=QIIHB5x")  # struct ct_entry
+
+
+class MapEntry(Protocol):
+    def key(self) -> bytes: ...
+
+    def value(self) -> bytes: ...
+
+
+class Tables(Protocol):
+    """What the writer needs of `ir.NodeTables`."""
+
+    @property
+    def endpoints(self) -> Sequence[MapEntry]: ...
+
+    @property
+    def classes(self) -> Sequence[MapEntry]: ...
+
+    @property
+    def policy(self) -> Sequence[MapEntry]: ...
+
+
+class ConntrackMode(IntEnum):
+    """What happens to established flows when policy changes (bpf/conntrack.h)."""
+
+    REVALIDATE = 0  # the default: the next packet of each flow is judged again
+    KEEP = 1  # established flows stay allowed until they expire
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """The runtime settings in the config map. Timeouts of 0 mean the programs' defaults."""
+
+    conntrack_mode: ConntrackMode = ConntrackMode.REVALIDATE
+    tcp_timeout_ns: int = 0
+    tcp_closing_timeout_ns: int = 0
+    udp_timeout_ns: int = 0
+    icmp_timeout_ns: int = 0
+    other_timeout_ns: int = 0
+
+
+@dataclass
+class PinnedMaps:
+    """File descriptors of the node's pinned maps, by name; owns them."""
+
+    pin_root: Path
+    fds: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, pin_root: Path = DEFAULT_PIN_ROOT) -> PinnedMaps:
+        maps = cls(pin_root)
+        try:
+            for name in MAP_NAMES:
+                path = pin_root / name
+                if path.exists():
+                    maps.fds[name] = libbpf.obj_get(path)
+        except BaseException:
+            maps.close()
+            raise
+        for name in (*TABLE_MAPS, "config"):
+            if name not in maps.fds:
+                maps.close()
+                raise FileNotFoundError(f"pinned map {pin_root / name} is missing")
+        return maps
+
+    def fd(self, name: str) -> int:
+        try:
+            return self.fds[name]
+        except KeyError:
+            raise KeyError(f"map {name!r} is not pinned under {self.pin_root}") from None
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> PinnedMaps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+    epoch: int = 0  # the config epoch after the write
+
+    @property
+    def total(self) -> int:
+        return self.added + self.changed + self.deleted
+
+
+def _wanted(entries: Sequence[MapEntry], name: str) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for entry in entries:
+        key, value = entry.key(), entry.value()
+        if key in out and out[key] != value:
+            raise ValueError(f"{name}: two entries with the same key and different values")
+        out[key] = value
+    return out
+
+
+class TableWriter:
+    """Keeps the table maps equal to the last written `Tables`; one writer per node."""
+
+    def __init__(self, maps: PinnedMaps) -> None:
+        self.maps = maps
+        self._state: dict[str, dict[bytes, bytes]] = {}
+        self.adopt()
+
+    def adopt(self) -> None:
+        """Read what the maps hold now (after a restart, whatever the previous agent wrote)."""
+        for name in TABLE_MAPS:
+            fd = self.maps.fd(name)
+            info = libbpf.map_info(fd)
+            self._state[name] = dict(libbpf.map_dump(fd, info.key_size, info.value_size))
+
+    def current(self, name: str) -> Mapping[bytes, bytes]:
+        return self._state[name]
+
+    def write(self, tables: Tables) -> WriteStats:
+        wanted = {
+            "endpoints": _wanted(tables.endpoints, "endpoints"),
+            "peer_classes": _wanted(tables.classes, "peer_classes"),
+            "policy": _wanted(tables.policy, "policy"),
+        }
+        upserts: dict[str, dict[bytes, bytes]] = {}
+        deletes: dict[str, list[bytes]] = {}
+        added = changed = 0
+        for name, want in wanted.items():
+            have = self._state[name]
+            upserts[name] = {k: v for k, v in want.items() if have.get(k) != v}
+            added += sum(1 for k in upserts[name] if k not in have)
+            changed += sum(1 for k in upserts[name] if k in have)
+            deletes[name] = [k for k in have if k not in want]
+        for name in ("policy", "peer_classes", "endpoints"):
+            self._upsert(name, upserts[name])
+        for name in ("endpoints", "policy", "peer_classes"):
+            self._delete(name, deletes[name])
+        deleted = sum(len(keys) for keys in deletes.values())
+        epoch = read_epoch(self.maps)
+        if added or changed or deleted:
+            epoch = bump_epoch(self.maps)
+        return WriteStats(added, changed, deleted, epoch)
+
+    def _upsert(self, name: str, items: dict[bytes, bytes]) -> None:
+        if not items:
+            return
+        fd = self.maps.fd(name)
+        keys, values = list(items), list(items.values())
+        for start in range(0, len(keys), 65536):
+            libbpf.map_update_batch(fd, keys[start : start + 65536], values[start : start + 65536])
+        self._state[name].update(items)
+
+    def _delete(self, name: str, keys: list[bytes]) -> None:
+        if not keys:
+            return
+        fd = self.maps.fd(name)
+        for start in range(0, len(keys), 65536):
+            libbpf.map_delete_batch(fd, keys[start : start + 65536])
+        for key in keys:
+            del self._state[name][key]
+
+
+# --- the config map -----------------------------------------------------------------------------
+
+
+def _read_config_raw(maps: PinnedMaps) -> tuple[int, ...]:
+    raw = libbpf.map_lookup(maps.fd("config"), b"\0\0\0\0", CONFIG.size)
+    return CONFIG.unpack(raw) if raw else (0,) * 7
+
+
+def read_epoch(maps: PinnedMaps) -> int:
+    return _read_config_raw(maps)[0]
+
+
+def read_config(maps: PinnedMaps) -> DatapathConfig:
+    _, mode, *timeouts = _read_config_raw(maps)
+    return DatapathConfig(ConntrackMode(mode), *timeouts)
+
+
+def write_config(maps: PinnedMaps, config: DatapathConfig, epoch: int | None = None) -> None:
+    """Write the settings; the epoch is kept unless given."""
+    current = read_epoch(maps) if epoch is None else epoch
+    raw = CONFIG.pack(
+        current & 0xFFFFFFFF,
+        int(config.conntrack_mode),
+        config.tcp_timeout_ns,
+        config.tcp_closing_timeout_ns,
+        config.udp_timeout_ns,
+        config.icmp_timeout_ns,
+        config.other_timeout_ns,
+    )
+    libbpf.map_update(maps.fd("config"), b"\0\0\0\0", raw)
+
+
+def bump_epoch(maps: PinnedMaps) -> int:
+    values = list(_read_config_raw(maps))
+    values[0] = (values[0] + 1) & 0xFFFFFFFF
+    libbpf.map_update(maps.fd("config"), b"\0\0\0\0", CONFIG.pack(*values))
+    return values[0]
+
+
+# --- conntrack ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConntrackEntry:
+    saddr: bytes  # 16 bytes, IPv4-mapped for IPv4
+    daddr: bytes
+    sport: int
+    dport: int
+    protocol: int
+    direction: int  # of the hook that judged the flow (ir.Direction)
+    expires_ns: int
+    epoch: int
+    rule_id: int
+    port: int
+    closing: bool
+
+
+def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
+    out = []
+    for key, value in libbpf.map_dump(maps.fd("conntrack"), CT_KEY.size, CT_ENTRY.size):
+        saddr, daddr, sport, dport, proto, direction, _ = CT_KEY.unpack(key)
+        expires, epoch, rule_id, port, closing = CT_ENTRY.unpack(value)
+        out.append(
+            ConntrackEntry(
+                saddr,
+                daddr,
+                int.from_bytes(sport, "big"),
+                int.from_bytes(dport, "big"),
+                proto,
+                direction,
+                expires,
+                epoch,
+                rule_id,
+                port,
+                bool(closing),
+            )
+        )
+    return out
+
+
+def flush_conntrack(maps: PinnedMaps) -> int:
+    """Forget every tracked flow; returns how many there were."""
+    fd = maps.fd("conntrack")
+    keys = list(libbpf.map_keys(fd, CT_KEY.size))
+    for key in keys:
+        libbpf.map_delete(fd, key)
+    return len(keys)

@@ -1,0 +1,42 @@
+"""BPF_PROG_TEST_RUN helpers: run a loaded tc program on a frame and read its verdict.
+
+The datapath tests, the `datapath` conformance engine, `explain` and the benchmarks call these
+to ask the real compiled program what it does with a packet built in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from stockade.datapath import libbpf
+
+TC_ACT_UNSPEC = -1  # also TCX_NEXT: the next program (the CNI's) decides
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+
+
+class TcVerdict(Enum):
+    ALLOW = "allow"  # TC_ACT_UNSPEC / TCX_NEXT
+    DENY = "deny"  # TC_ACT_SHOT
+
+
+@dataclass(frozen=True)
+class RunResult:
+    verdict: TcVerdict
+    retval: int
+    duration_ns: int  # average per repetition, measured by the kernel
+
+
+def verdict_of(retval: int) -> TcVerdict:
+    if retval == TC_ACT_UNSPEC:
+        return TcVerdict.ALLOW
+    if retval == TC_ACT_SHOT:
+        return TcVerdict.DENY
+    raise ValueError(f"tc program returned {retval}; stockade only returns -1 or 2")
+
+
+def run(prog_fd: int, frame: bytes, repeat: int = 1) -> RunResult:
+    """Run the program `repeat` times on `frame` (an Ethernet frame)."""
+    result = libbpf.prog_test_run(prog_fd, frame, repeat)
+    return RunResult(verdict_of(result.retval), result.retval, result.duration_ns)

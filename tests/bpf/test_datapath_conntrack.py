@@ -1,0 +1,182 @@
+"""Conntrack in the compiled programs: replies and related ICMP of allowed flows pass, a new
+connection in the reverse direction is still judged, entries expire (short timeouts from the
+config map), and policy changes either re-judge established flows or keep them, as configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from stockade.compiler import ir
+from stockade.compiler.ir import Action, Direction
+from stockade.datapath import maps
+from stockade.datapath.maps import ConntrackMode, DatapathConfig
+from stockade.datapath.testrun import TcVerdict
+from tests.bpf import packets as pk
+from tests.bpf.datapath_harness import Datapath, datapath
+
+A4, A6, B4 = pk.addr("10.0.0.1"), pk.addr("fd00::1"), pk.addr("10.0.0.2")
+CLIENT4, CLIENT6 = pk.addr("10.0.1.7"), pk.addr("2001:db8::7")
+IN, OUT = Direction.INGRESS, Direction.EGRESS
+ALLOW, DENY = TcVerdict.ALLOW, TcVerdict.DENY
+TCP, UDP = ir.PROTO_TCP, ir.PROTO_UDP
+MS = 1_000_000
+
+
+def _tables(deny_egress_to_clients: bool = False) -> ir.NodeTables:
+    policy = [
+        ir.PolicyEntry(1, IN, 32, action=Action.DENY, rule_id=100),  # A isolated for ingress
+        ir.PolicyEntry(2, IN, 32, action=Action.DENY, rule_id=300),  # B isolated for ingress
+    ]
+    if deny_egress_to_clients:
+        policy.append(ir.PolicyEntry(1, OUT, 64, 5, action=Action.DENY, rule_id=200))
+    return ir.NodeTables(
+        endpoints=(
+            ir.EndpointEntry(A4, 1),
+            ir.EndpointEntry(A6, 1),
+            ir.EndpointEntry(B4, 2),
+        ),
+        classes=(
+            ir.ClassEntry(ipaddress.ip_network("10.0.1.0/24"), 5),
+            ir.ClassEntry(ipaddress.ip_network("2001:db8::/32"), 5),
+            ir.ClassEntry(ipaddress.ip_network(f"{B4}/32"), 2),
+        ),
+        policy=tuple(policy),
+    )
+
+
+@pytest.fixture(scope="module")
+def module_dp() -> Iterator[Datapath]:
+    with datapath() as d:
+        yield d
+
+
+@pytest.fixture
+def dp(module_dp: Datapath) -> Datapath:
+    assert module_dp.maps is not None
+    module_dp.write(_tables())
+    maps.write_config(module_dp.maps, DatapathConfig())
+    maps.flush_conntrack(module_dp.maps)
+    module_dp.events()
+    return module_dp
+
+
+def tcp(src: ir.IPAddress, dst: ir.IPAddress, sport: int, dport: int, flags: int) -> bytes:
+    return pk.ip_frame(pk.ip(src, dst, TCP, pk.tcp_segment(src, dst, sport, dport, flags)))
+
+
+def udp(src: ir.IPAddress, dst: ir.IPAddress, sport: int, dport: int) -> bytes:
+    return pk.ip_frame(pk.ip(src, dst, UDP, pk.udp_datagram(src, dst, sport, dport, b"x")))
+
+
+SYN, SYNACK, ACK, FIN = pk.TCP_SYN, pk.TCP_SYN | pk.TCP_ACK, pk.TCP_ACK, pk.TCP_FIN | pk.TCP_ACK
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, CLIENT4), (A6, CLIENT6)], ids=["ipv4", "ipv6"])
+def test_replies_of_an_allowed_connection_pass_an_isolated_pod(
+    dp: Datapath, local: ir.IPAddress, remote: ir.IPAddress
+) -> None:
+    reply = tcp(remote, local, 443, 40001, SYNACK)
+    assert dp.run(reply, IN) is DENY  # nothing recorded yet: judged, and A is isolated
+    assert dp.run(tcp(local, remote, 40001, 443, SYN), OUT) is ALLOW
+    assert dp.run(reply, IN) is ALLOW
+    assert dp.run(tcp(local, remote, 40001, 443, ACK), OUT) is ALLOW
+    assert dp.run(tcp(remote, local, 443, 40002, SYNACK), IN) is DENY  # another port: no reply
+
+
+def test_a_new_connection_in_the_reverse_direction_is_still_judged(dp: Datapath) -> None:
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 40001, 443, SYN), IN) is DENY  # same ports, other way round
+
+
+def test_the_destination_still_judges_a_flow_the_source_allowed(dp: Datapath) -> None:
+    assert dp.run(tcp(A4, B4, 40001, 80, SYN), OUT) is ALLOW  # A's egress: no policy
+    assert dp.run(tcp(A4, B4, 40001, 80, SYN), IN) is DENY  # B's ingress: isolated
+    entries = maps.conntrack_entries(dp.maps)  # type: ignore[arg-type]
+    assert [(e.direction, e.sport, e.dport) for e in entries] == [(OUT, 40001, 80)]
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, CLIENT4), (A6, CLIENT6)], ids=["ipv4", "ipv6"])
+def test_echo_replies_match_their_request_by_identifier(
+    dp: Datapath, local: ir.IPAddress, remote: ir.IPAddress
+) -> None:
+    proto = ir.PROTO_ICMP if local.version == 4 else ir.PROTO_ICMPV6
+    request = pk.ip_frame(pk.ip(local, remote, proto, pk.echo(local, remote, 77)))
+    assert dp.run(request, OUT) is ALLOW
+    reply = pk.ip_frame(pk.ip(remote, local, proto, pk.echo(remote, local, 77, reply=True)))
+    assert dp.run(reply, IN) is ALLOW
+    other = pk.ip_frame(pk.ip(remote, local, proto, pk.echo(remote, local, 78, reply=True)))
+    assert dp.run(other, IN) is DENY
+
+
+@pytest.mark.parametrize(("local", "remote"), [(A4, CLIENT4), (A6, CLIENT6)], ids=["ipv4", "ipv6"])
+def test_icmp_errors_about_an_allowed_flow_are_related(
+    dp: Datapath, local: ir.IPAddress, remote: ir.IPAddress
+) -> None:
+    sent = pk.ip(local, remote, UDP, pk.udp_datagram(local, remote, 5353, 53, b"q"))
+    unreachable = (3, 3) if local.version == 4 else (1, 4)
+    error = pk.ip_frame(pk.icmp_error(remote, local, *unreachable, sent))
+    assert dp.run(error, IN) is DENY  # no flow yet
+    assert dp.run(pk.ip_frame(sent), OUT) is ALLOW
+    assert dp.run(error, IN) is ALLOW
+    unrelated = pk.ip(local, remote, UDP, pk.udp_datagram(local, remote, 5354, 53, b"q"))
+    assert dp.run(pk.ip_frame(pk.icmp_error(remote, local, *unreachable, unrelated)), IN) is DENY
+
+
+def test_entries_expire_after_the_configured_timeout(dp: Datapath) -> None:
+    assert dp.maps is not None
+    maps.write_config(dp.maps, DatapathConfig(udp_timeout_ns=5 * MS))
+    assert dp.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW
+    assert dp.run(udp(CLIENT4, A4, 53, 5000), IN) is ALLOW
+    time.sleep(0.05)
+    assert dp.run(udp(CLIENT4, A4, 53, 5000), IN) is DENY
+    assert maps.conntrack_entries(dp.maps) == []  # the dead entry was removed
+
+
+def test_fin_and_rst_switch_a_tcp_flow_to_the_closing_timeout(dp: Datapath) -> None:
+    assert dp.maps is not None
+    maps.write_config(dp.maps, DatapathConfig(tcp_closing_timeout_ns=5 * MS))
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40002, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, FIN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40002, pk.TCP_RST), IN) is ALLOW
+    time.sleep(0.05)
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, ACK), IN) is DENY
+    assert dp.run(tcp(CLIENT4, A4, 443, 40002, ACK), IN) is DENY
+    assert dp.run(tcp(A4, CLIENT4, 40003, 443, SYN), OUT) is ALLOW
+    time.sleep(0.05)
+    assert dp.run(tcp(CLIENT4, A4, 443, 40003, SYNACK), IN) is ALLOW  # established: long timeout
+
+
+def test_revalidate_mode_cuts_established_flows_that_policy_now_denies(dp: Datapath) -> None:
+    assert dp.maps is not None
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    stats = dp.write(_tables(deny_egress_to_clients=True))
+    assert stats.added == 1
+    assert maps.read_epoch(dp.maps) == stats.epoch
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is DENY  # the reply is cut too
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, ACK), OUT) is DENY
+    assert [e.rule_id for e in dp.events()] == [100, 200]
+
+
+def test_revalidate_mode_keeps_flows_that_policy_still_allows(dp: Datapath) -> None:
+    assert dp.maps is not None
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    maps.bump_epoch(dp.maps)
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is ALLOW
+    (entry,) = maps.conntrack_entries(dp.maps)
+    assert entry.epoch == maps.read_epoch(dp.maps)
+
+
+def test_keep_mode_lets_established_flows_outlive_a_new_deny(dp: Datapath) -> None:
+    assert dp.maps is not None
+    maps.write_config(dp.maps, DatapathConfig(conntrack_mode=ConntrackMode.KEEP))
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    dp.write(_tables(deny_egress_to_clients=True))
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, ACK), OUT) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40002, 443, SYN), OUT) is DENY  # new flows see the deny
