@@ -13,6 +13,7 @@ import time
 
 from stockade import __version__
 from stockade.conformance import command as conformance
+from stockade.control import command as operator
 from stockade.sandbox import session
 
 _STARTED = time.monotonic()
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     session.add_parser(subparsers)
     conformance.add_parser(subparsers)
+    operator.add_parser(subparsers)
     return parser
 
 

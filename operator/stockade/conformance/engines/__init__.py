@@ -24,8 +24,22 @@ def _reference(options: EngineOptions) -> Engine:
     return ReferenceEngine(ip_family=options.ip_family)
 
 
+def _datapath(options: EngineOptions) -> Engine:
+    from stockade.conformance.engines.datapath import DatapathEngine
+
+    return DatapathEngine(ip_family=options.ip_family)
+
+
+def _cluster(options: EngineOptions) -> Engine:
+    from stockade.conformance.engines.cluster import from_options
+
+    return from_options(options.ip_family)
+
+
 ENGINES: Mapping[str, Callable[[EngineOptions], Engine]] = {
     "reference": _reference,
+    "cluster": _cluster,
+    "datapath": _datapath,
 }
 
 
