@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
+from stockade.model.crd_datapath import DatapathTableSpec, DatapathTableStatus
 from stockade.model.crd_schema import (
     GROUP,
     VERSION,
@@ -35,6 +36,7 @@ __all__ = [
     "API_VERSION",
     "CLUSTER_NETWORK_POLICY",
     "CRD_KINDS",
+    "DATAPATH_TABLE",
     "NETWORK_POLICY",
     "ClusterNetworkPolicySpec",
     "FieldError",
@@ -91,7 +93,30 @@ CLUSTER_NETWORK_POLICY = CrdKind(
     ),
 )
 
-CRD_KINDS: tuple[CrdKind, ...] = (NETWORK_POLICY, CLUSTER_NETWORK_POLICY)
+DATAPATH_TABLE = CrdKind(
+    kind="DatapathTable",
+    plural="datapathtables",
+    singular="datapathtable",
+    short_name="sdt",
+    scope="Cluster",
+    spec_model=DatapathTableSpec,
+    status_model=DatapathTableStatus,
+    description=(
+        "One shard of a node's datapath tables, published by the stockade operator for the "
+        "node's agent (stockade.compiler.handoff describes the entries)."
+    ),
+    columns=(
+        PrinterColumn("Node", "string", ".spec.node"),
+        PrinterColumn("Part", "string", ".spec.part"),
+        PrinterColumn("Shard", "integer", ".spec.shard"),
+        PrinterColumn("Generation", "integer", ".spec.generation"),
+        PrinterColumn("Applied", "integer", ".status.appliedGeneration"),
+        _AGE,
+    ),
+)
+
+POLICY_KINDS: tuple[CrdKind, ...] = (NETWORK_POLICY, CLUSTER_NETWORK_POLICY)
+CRD_KINDS: tuple[CrdKind, ...] = (*POLICY_KINDS, DATAPATH_TABLE)
 
 _MODELS: dict[str, type[BaseModel]] = {
     "NetworkPolicy": StockadeNetworkPolicy,

@@ -159,6 +159,7 @@ class CrdKind:
     spec_model: type[BaseModel]
     description: str
     columns: tuple[PrinterColumn, ...]
+    status_model: type[BaseModel] = PolicyStatus
 
     @property
     def name(self) -> str:
@@ -179,7 +180,7 @@ def crd_manifest(kind: CrdKind) -> JsonDict:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": structural_schema(kind.spec_model),
-            "status": structural_schema(PolicyStatus),
+            "status": structural_schema(kind.status_model),
         },
         "required": ["spec"],
     }

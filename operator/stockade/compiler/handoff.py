@@ -1,0 +1,296 @@
+"""The hand-off codec: one node's `ir.NodeTables` and `Shape` as compact text entries in shards.
+
+The operator (`stockade.control.publish`) publishes the output of `encode()` as `DatapathTable`
+objects, one per (node, part, shard); the agent reads them back with `decode_tables()` and
+`decode_program()`. Pure functions, no I/O: both sides share this module so that the format has
+one definition.
+
+Parts and entry formats (one string per map entry, fields separated by one space):
+
+- `endpoints`: `<address> <endpoint id>`
+- `classes`:   `<network> <class id> <flags>`
+- `policy`:    `<endpoint id> <direction> <prefixlen> <class id> <protocol> <port> <action>
+  <rule id> <audit action> <audit rule id>` (integers: `ir.Direction`, `ir.Action` values)
+- `rules`:     `<rule id> <kind> <namespace or -> <name> <Ingress|Egress> <index>` (names live only
+  here, in Python; they never reach C)
+- `program`:   `shape <field> <integer>` for every Shape field, then `shard <part> <shard>
+  <digest>` for every shard of the table parts: the manifest. The agent applies a set only when
+  every shard the manifest lists is present with that digest, so a half-published change is
+  never written into the maps.
+
+A table part splits into `shard_count(n)` shards (a power of two, about `SHARD_ENTRIES` entries
+each) and an entry goes to the shard its key hashes to: endpoints and policy by endpoint id (a
+change on one pod rewrites only the shard that holds it), classes by network, rules by id. The
+shard count changes only when a part doubles or halves, so write volume follows the change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from stockade.compiler import ir
+from stockade.compiler.shape import FragmentPolicy, Shape
+
+PROGRAM = "program"
+ENDPOINTS = "endpoints"
+CLASSES = "classes"
+POLICY = "policy"
+RULES = "rules"
+TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES)
+PARTS = (PROGRAM, *TABLE_PARTS)
+
+SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
+NODE_LABEL = "stockade.io/node"
+PART_LABEL = "stockade.io/part"
+NO_NAMESPACE = "-"  # cluster-scoped rules: "-" is never a namespace name
+
+Shards = dict[int, tuple[str, ...]]  # shard number -> entries (sorted)
+
+
+class HandoffError(ValueError):
+    """An entry or object that is not in the hand-off format; the message names it."""
+
+
+def object_name(node: str, part: str, shard: int) -> str:
+    """The DatapathTable name of one shard: `<node>.<part>.<shard>`."""
+    return f"{node}.{part}.{shard}"
+
+
+def shard_count(entries: int) -> int:
+    """The number of shards for a part of `entries` entries: 0 when empty, else a power of two."""
+    if entries == 0:
+        return 0
+    count = 1
+    while count * SHARD_ENTRIES < entries:
+        count *= 2
+    return count
+
+
+def digest(entries: Sequence[str]) -> str:
+    """The content digest of one shard (what the manifest lists)."""
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32]
+
+
+def _bucket(key: str, count: int) -> int:
+    raw = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "big") % count
+
+
+# --- entries ---------------------------------------------------------------------------------
+
+
+def encode_endpoint(e: ir.EndpointEntry) -> str:
+    return f"{e.address} {e.endpoint_id}"
+
+
+def encode_class(c: ir.ClassEntry) -> str:
+    return f"{c.network} {c.class_id} {c.flags}"
+
+
+def encode_policy(p: ir.PolicyEntry) -> str:
+    return (
+        f"{p.endpoint_id} {int(p.direction)} {p.prefixlen} {p.class_id} {p.protocol} {p.port} "
+        f"{int(p.action)} {p.rule_id} {int(p.audit_action)} {p.audit_rule_id}"
+    )
+
+
+_DIRECTION_NAMES = {ir.Direction.INGRESS: "Ingress", ir.Direction.EGRESS: "Egress"}
+_DIRECTIONS = {v: k for k, v in _DIRECTION_NAMES.items()}
+
+
+def encode_rule(rule_id: int, info: ir.RuleInfo) -> str:
+    namespace = info.namespace or NO_NAMESPACE
+    return (
+        f"{rule_id} {info.kind} {namespace} {info.name} "
+        f"{_DIRECTION_NAMES[info.direction]} {info.index}"
+    )
+
+
+def _fields(entry: str, count: int, part: str) -> list[str]:
+    fields = entry.split(" ")
+    if len(fields) != count:
+        raise HandoffError(f"{part} entry {entry!r}: expected {count} fields, got {len(fields)}")
+    return fields
+
+
+def _int(text: str, part: str, entry: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise HandoffError(f"{part} entry {entry!r}: {text!r} is not an integer") from None
+
+
+def decode_endpoint(entry: str) -> ir.EndpointEntry:
+    address, ep = _fields(entry, 2, ENDPOINTS)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise HandoffError(f"endpoints entry {entry!r}: bad address") from None
+    return ir.EndpointEntry(ip, _int(ep, ENDPOINTS, entry))
+
+
+def decode_class(entry: str) -> ir.ClassEntry:
+    network, cid, flags = _fields(entry, 3, CLASSES)
+    try:
+        net = ipaddress.ip_network(network)
+    except ValueError:
+        raise HandoffError(f"classes entry {entry!r}: bad network") from None
+    return ir.ClassEntry(net, _int(cid, CLASSES, entry), _int(flags, CLASSES, entry))
+
+
+def decode_policy(entry: str) -> ir.PolicyEntry:
+    values = [_int(f, POLICY, entry) for f in _fields(entry, 10, POLICY)]
+    ep, direction, prefixlen, cid, proto, port, action, rule, audit_action, audit_rule = values
+    try:
+        return ir.PolicyEntry(
+            ep,
+            ir.Direction(direction),
+            prefixlen,
+            cid,
+            proto,
+            port,
+            ir.Action(action),
+            rule,
+            ir.Action(audit_action),
+            audit_rule,
+        )
+    except ValueError as exc:
+        raise HandoffError(f"policy entry {entry!r}: {exc}") from None
+
+
+def decode_rule(entry: str) -> tuple[int, ir.RuleInfo]:
+    rule_id, kind, namespace, name, direction, index = _fields(entry, 6, RULES)
+    if direction not in _DIRECTIONS:
+        raise HandoffError(f"rules entry {entry!r}: direction must be Ingress or Egress")
+    info = ir.RuleInfo(
+        kind,
+        "" if namespace == NO_NAMESPACE else namespace,
+        name,
+        _DIRECTIONS[direction],
+        _int(index, RULES, entry),
+    )
+    return _int(rule_id, RULES, entry), info
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def _shard(keyed: Iterable[tuple[str, str]]) -> Shards:
+    items = list(keyed)
+    count = shard_count(len(items))
+    buckets: dict[int, list[str]] = {i: [] for i in range(count)}
+    for key, entry in items:
+        buckets[_bucket(key, count)].append(entry)
+    return {i: tuple(sorted(entries)) for i, entries in buckets.items()}
+
+
+def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
+    """The table parts of `tables`, sharded: part -> shard number -> sorted entries."""
+    return {
+        ENDPOINTS: _shard((str(e.endpoint_id), encode_endpoint(e)) for e in tables.endpoints),
+        CLASSES: _shard((str(c.network), encode_class(c)) for c in tables.classes),
+        POLICY: _shard((str(p.endpoint_id), encode_policy(p)) for p in tables.policy),
+        RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
+    }
+
+
+PartShards = Mapping[int, Sequence[str]] | Iterable[Sequence[str]]
+
+
+def _entries(parts: Mapping[str, PartShards], part: str) -> list[str]:
+    shards = parts.get(part, ())
+    if isinstance(shards, Mapping):
+        shards = shards.values()
+    return [e for shard in shards for e in shard]
+
+
+def decode_tables(parts: Mapping[str, PartShards]) -> ir.NodeTables:
+    """NodeTables from every shard of each table part: part -> {shard: entries} (or a list of
+    entry lists); shard order does not matter."""
+
+    def entries(part: str) -> list[str]:
+        return _entries(parts, part)
+
+    policy = sorted(
+        (decode_policy(e) for e in entries(POLICY)),
+        key=lambda p: (p.endpoint_id, int(p.direction), p.class_id, p.prefixlen, p.protocol),
+    )
+    return ir.NodeTables(
+        endpoints=tuple(
+            sorted((decode_endpoint(e) for e in entries(ENDPOINTS)), key=lambda e: e.key())
+        ),
+        classes=tuple(sorted((decode_class(e) for e in entries(CLASSES)), key=lambda c: c.key())),
+        policy=tuple(policy),
+        rules=dict(sorted(decode_rule(e) for e in entries(RULES))),
+    )
+
+
+# --- program ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """The `program` part: the Shape to render, and the manifest of the table shards."""
+
+    shape: Shape
+    manifest: Mapping[str, Mapping[int, str]]  # part -> shard -> digest
+
+
+def encode_shape(shape: Shape) -> tuple[str, ...]:
+    out = []
+    for f in dataclasses.fields(shape):
+        value = getattr(shape, f.name)
+        out.append(f"shape {f.name} {int(value)}")
+    return tuple(out)
+
+
+def encode_program(shape: Shape, tables: Mapping[str, Shards]) -> tuple[str, ...]:
+    manifest = tuple(
+        f"shard {part} {shard} {digest(entries)}"
+        for part in TABLE_PARTS
+        for shard, entries in sorted(tables.get(part, {}).items())
+    )
+    return encode_shape(shape) + manifest
+
+
+def decode_program(entries: Iterable[str]) -> Program:
+    """The Shape and manifest of a `program` shard; unknown Shape fields are an error."""
+    types = {f.name: f.type for f in dataclasses.fields(Shape)}
+    values: dict[str, object] = {}
+    manifest: dict[str, dict[int, str]] = {part: {} for part in TABLE_PARTS}
+    for entry in entries:
+        fields = entry.split(" ")
+        if fields[0] == "shape" and len(fields) == 3:
+            name, number = fields[1], _int(fields[2], PROGRAM, entry)
+            if name not in types:
+                raise HandoffError(f"program entry {entry!r}: unknown shape field {name!r}")
+            if types[name] in ("bool", bool):
+                values[name] = bool(number)
+            elif name == "fragments":
+                values[name] = FragmentPolicy(number)
+            else:
+                values[name] = number
+        elif fields[0] == "shard" and len(fields) == 4 and fields[1] in manifest:
+            manifest[fields[1]][_int(fields[2], PROGRAM, entry)] = fields[3]
+        else:
+            raise HandoffError(f"program entry {entry!r}: expected 'shape ...' or 'shard ...'")
+    try:
+        shape = Shape(**values)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise HandoffError(f"program: {exc}") from None
+    return Program(shape, manifest)
+
+
+def encode(tables: ir.NodeTables, shape: Shape | None = None) -> dict[str, Shards]:
+    """Every part of one node's hand-off: the table parts and the `program` part (shard 0)."""
+    parts = encode_tables(tables)
+    return {PROGRAM: {0: encode_program(shape or Shape(), parts)}, **parts}
+
+
+def decode(parts: Mapping[str, PartShards]) -> tuple[ir.NodeTables, Program]:
+    """The inverse of `encode` (the program part's single shard gives the Shape and manifest)."""
+    return decode_tables(parts), decode_program(_entries(parts, PROGRAM))

@@ -1,0 +1,151 @@
+"""The operator process: Store ← kopf handlers; Runner → Reconciler → DatapathTables and status;
+a Lease that gates all writing. `stockade operator` (`stockade.control.command`) and the tests
+build an `Operator` and call `run()`, which blocks until the stop flag is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import kopf
+import kubernetes.client
+import kubernetes.config
+
+from stockade.control.config import OperatorConfig
+from stockade.control.handlers import build_registry
+from stockade.control.lease import LeaseElector
+from stockade.control.metrics import serve_metrics
+from stockade.control.reconciler import Reconciler
+from stockade.control.runner import Runner
+from stockade.control.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig is not None:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return cfg
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    return cfg
+
+
+def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the client configuration (certificates or a bearer token)."""
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+class Operator:
+    """One operator replica. Attributes are public for metrics and tests."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self.client_configuration = load_client_configuration(config.kubeconfig)
+        self.api = kubernetes.client.ApiClient(self.client_configuration)
+        self.runner = Runner(
+            self._reconcile, debounce=config.debounce, min_interval=config.min_interval
+        )
+        self.store = Store(on_change=self.runner.request)
+        self.elector: LeaseElector | None = None
+        if config.leader_election:
+            self.elector = LeaseElector(
+                self.api,
+                namespace=config.lease_namespace,
+                name=config.lease_name,
+                identity=config.identity,
+                duration=config.lease_duration,
+                renew_period=config.renew_period,
+                on_started=self._became_leader,
+            )
+        self.reconciler = Reconciler(self.store, self.api, is_leader=self.is_leader)
+        self.registry = build_registry(self.store, self._table_deleted)
+        self.ready = threading.Event()
+
+        @kopf.on.login(registry=self.registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return connection_info(self.client_configuration)
+
+    def is_leader(self) -> bool:
+        return self.elector is None or self.elector.is_leader
+
+    def _became_leader(self) -> None:
+        self.reconciler.became_leader()
+        self.runner.request(True)
+
+    def _reconcile(self, tables: bool) -> None:
+        self.reconciler.run(tables)
+
+    def _table_deleted(self, name: str) -> None:
+        if self.reconciler.forget(name):
+            self.runner.request(True)
+
+    def gauges(self) -> dict[str, float]:
+        stats = self.reconciler.stats
+        return {
+            "stockade_operator_leader": float(self.is_leader()),
+            "stockade_operator_reconcile_passes_total": stats.passes,
+            "stockade_operator_reconcile_failures_total": self.runner.failures,
+            "stockade_operator_reconcile_seconds": stats.last_seconds,
+            "stockade_operator_generation": self.reconciler.generation,
+            "stockade_operator_tables_written_total": self.reconciler.publisher.writes,
+            "stockade_operator_tables_deleted_total": self.reconciler.publisher.deletes,
+            "stockade_operator_status_writes_total": stats.status_writes,
+            "stockade_operator_events_total": stats.events,
+        }
+
+    def settings(self) -> kopf.OperatorSettings:
+        settings = kopf.OperatorSettings()
+        settings.posting.enabled = False  # stockade posts its own Events, on policies only
+        settings.watching.server_timeout = 300
+        settings.networking.request_timeout = 60
+        return settings
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
+        server = None
+        if self.config.metrics_port is not None:
+            server = serve_metrics(self.config.metrics_port, self.gauges)
+        self.runner.start()
+        if self.elector is not None:
+            self.elector.start()
+        else:
+            self.runner.request(True)
+        try:
+            asyncio.run(
+                kopf.operator(
+                    registry=self.registry,
+                    settings=self.settings(),
+                    clusterwide=self.config.namespace is None,
+                    namespaces=[self.config.namespace] if self.config.namespace else (),
+                    standalone=True,
+                    stop_flag=stop,
+                    ready_flag=self.ready,
+                )
+            )
+        finally:
+            if self.elector is not None:
+                self.elector.stop()
+            self.runner.stop()
+            if server is not None:
+                server.shutdown()
+            self.api.close()  # type: ignore[no-untyped-call]

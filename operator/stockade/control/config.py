@@ -1,0 +1,39 @@
+"""The operator's settings, validated at once (every error reported, not the first)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config
+    namespace: str | None = None  # watch scope for namespaced objects; None: cluster-wide
+    leader_election: bool = True
+    identity: str = ""  # lease holder identity; "" means <hostname>-<pid>
+    metrics_port: int | None = None
+    lease_namespace: str = "kube-system"
+    lease_name: str = "stockade-operator"
+    lease_duration: float = 15.0
+    renew_period: float = 2.0
+    debounce: float = 0.02
+    min_interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.kubeconfig is not None and not os.path.exists(self.kubeconfig):
+            errors.append(f"--kubeconfig: {self.kubeconfig} does not exist")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            errors.append(f"--metrics-port: {self.metrics_port} is not a port number")
+        if self.lease_duration <= 0 or self.renew_period <= 0:
+            errors.append("--lease-duration and --renew-period must be positive")
+        elif self.renew_period * 2 > self.lease_duration:
+            errors.append("--renew-period must be at most half of --lease-duration")
+        if self.debounce < 0 or self.min_interval < 0:
+            errors.append("--debounce and --min-interval must not be negative")
+        if errors:
+            raise ValueError("; ".join(errors))
+        if not self.identity:
+            object.__setattr__(self, "identity", f"{socket.gethostname()}-{os.getpid()}")

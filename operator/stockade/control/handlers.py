@@ -1,0 +1,92 @@
+"""The kopf handlers: every watched event goes into the Store, which asks for a reconcile.
+
+Handlers are thin and never fail on an object: convert (`objects`, `policies`), store, done. Only
+`@kopf.on.event` is used, so kopf writes nothing onto the watched objects (no finalizers, no
+progress annotations). The upstream policy.networking.k8s.io ClusterNetworkPolicy is watched
+when its CRD exists: kopf watches CustomResourceDefinitions and starts the watch when it appears.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+
+from stockade.compiler import handoff
+from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
+from stockade.control.policies import parse_record
+from stockade.control.store import Store
+from stockade.model.parse import KINDS
+
+log = logging.getLogger(__name__)
+
+DELETED = "DELETED"
+
+# (group, version, plural) of every policy kind stockade enforces.
+POLICY_RESOURCES = (
+    ("stockade.io", "v1alpha1", "networkpolicies"),
+    ("stockade.io", "v1alpha1", "clusternetworkpolicies"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+    ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"),
+)
+assert len(POLICY_RESOURCES) == len(KINDS)
+
+
+def _object(event: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any]]:
+    obj = event.get("object")
+    return event.get("type") == DELETED, obj if isinstance(obj, Mapping) else {}
+
+
+def build_registry(store: Store, on_table_deleted: Callable[[str], None]) -> kopf.OperatorRegistry:
+    """A kopf registry whose handlers feed `store`; `on_table_deleted(name)` is told when a
+    DatapathTable disappears (the reconciler republishes it if it was still wanted)."""
+    registry = kopf.OperatorRegistry()
+
+    def policy_event(event: Mapping[str, Any], **_: Any) -> None:
+        deleted, obj = _object(event)
+        record = parse_record(obj)
+        if record is None:
+            return
+        store.put_policy(record.key, None if deleted else record)
+
+    for group, version, plural in POLICY_RESOURCES:
+        kopf.on.event(
+            group=group,
+            version=version,
+            plural=plural,
+            registry=registry,
+            id=f"{plural}.{group}",
+        )(policy_event)
+
+    @kopf.on.event("", "v1", "pods", registry=registry)
+    def pod_event(event: Mapping[str, Any], **_: Any) -> None:
+        deleted, obj = _object(event)
+        store.put_pod(object_key(obj), None if deleted else pod_from_api(obj))
+
+    @kopf.on.event("", "v1", "namespaces", registry=registry)
+    def namespace_event(event: Mapping[str, Any], **_: Any) -> None:
+        deleted, obj = _object(event)
+        namespace = namespace_from_api(obj)
+        store.put_namespace(namespace.name, None if deleted else namespace)
+
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    def node_event(event: Mapping[str, Any], **_: Any) -> None:
+        deleted, obj = _object(event)
+        node = node_from_api(obj)
+        store.put_node(node.name, None if deleted else node)
+
+    @kopf.on.event("stockade.io", "v1alpha1", "datapathtables", registry=registry)
+    def table_event(event: Mapping[str, Any], **_: Any) -> None:
+        deleted, obj = _object(event)
+        spec = obj.get("spec") or {}
+        name = object_key(obj)
+        if deleted:
+            on_table_deleted(name)
+        if spec.get("part") == handoff.PROGRAM and spec.get("shard") == 0:
+            status = obj.get("status")
+            report = None if deleted or not isinstance(status, Mapping) else status
+            store.put_report(str(spec.get("node", "")), report)
+
+    return registry

@@ -1,0 +1,99 @@
+"""A watched policy object, parsed: the `Policy` value, or every problem with its field path.
+
+The kopf handlers call `parse_record()` on each policy event. Stockade kinds are validated with
+the CRD's pydantic models first (`stockade.model.crd.parse_policy`, the same rules the API server
+checks) and then parsed into the internal representation (`stockade.model.parse.parse_policy`);
+the standard and upstream kinds go to the second step directly. Never raises on an object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockade.model import crd
+from stockade.model.errors import PolicyParseError
+from stockade.model.parse import parse_policy, policy_kind
+from stockade.model.policy import Policy, PolicyKind
+
+STOCKADE_KINDS = (PolicyKind.STOCKADE_NETWORK_POLICY, PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY)
+
+PolicyKey = tuple[str, str, str]  # (PolicyKind value, namespace or "", name)
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    """What the operator knows about one policy object."""
+
+    kind: PolicyKind
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    policy: Policy | None  # None when the object is not accepted
+    problems: tuple[str, ...] = ()  # "<field path>: <message>", in field order
+    status: Mapping[str, Any] = field(default_factory=dict)  # as last seen on the object
+
+    @property
+    def key(self) -> PolicyKey:
+        return (self.kind.value, self.namespace, self.name)
+
+    @property
+    def accepted(self) -> bool:
+        return self.policy is not None
+
+    @property
+    def has_status(self) -> bool:
+        """The standard NetworkPolicy reports through Events only."""
+        return self.kind is not PolicyKind.NETWORK_POLICY
+
+    def same_content(self, other: PolicyRecord) -> bool:
+        """Equal but for the status (a status write must not trigger a new lowering)."""
+        return (self.uid, self.generation, self.policy, self.problems) == (
+            other.uid,
+            other.generation,
+            other.policy,
+            other.problems,
+        )
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _problems(obj: Mapping[str, Any], kind: PolicyKind) -> tuple[Policy | None, tuple[str, ...]]:
+    if kind in STOCKADE_KINDS:
+        try:
+            crd.parse_policy(obj)
+        except crd.InvalidPolicyError as exc:
+            return None, tuple(str(e) for e in exc.errors)
+    try:
+        return parse_policy(obj), ()
+    except PolicyParseError as exc:
+        return None, tuple(str(p) for p in exc.problems)
+
+
+def parse_record(obj: Mapping[str, Any]) -> PolicyRecord | None:
+    """The record for a raw policy object; None when stockade does not enforce its kind."""
+    kind = policy_kind(obj.get("apiVersion"), obj.get("kind"))
+    if kind is None:
+        return None
+    meta = _meta(obj)
+    generation = meta.get("generation")
+    try:
+        policy, problems = _problems(obj, kind)
+    except Exception as exc:  # the operator never crashes on an object
+        policy, problems = None, (f"spec: could not be parsed ({type(exc).__name__}: {exc})",)
+    status = obj.get("status")
+    return PolicyRecord(
+        kind=kind,
+        namespace=str(meta.get("namespace") or "") if not kind.cluster_scoped else "",
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        generation=generation if isinstance(generation, int) else 0,
+        policy=policy,
+        problems=problems,
+        status=dict(status) if isinstance(status, Mapping) else {},
+    )

@@ -1,0 +1,166 @@
+"""The operator's in-memory picture of the cluster, with the indexes that selector lookups use.
+
+The kopf handlers write into one `Store` (from kopf's event loop); the reconciler
+(`stockade.control.reconciler`) takes a `Snapshot` from another thread. Every write says whether
+the model value changed, so that a status-only update (for example the operator's own status
+write coming back through the watch) never triggers a new lowering.
+
+Indexes (kept on every write, never rebuilt by a scan): pods by node, pods by namespace, pods by
+(namespace, label key, label value), namespaces by (label key, label value).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from stockade.control.policies import PolicyKey, PolicyRecord
+from stockade.model.cluster import ClusterState, Namespace, Node, Pod
+from stockade.model.policy import IPAddress
+
+LabelKey = tuple[str, str]  # (label key, value)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A consistent view for one reconcile; the index maps are frozen copies."""
+
+    state: ClusterState
+    policies: Mapping[PolicyKey, PolicyRecord]
+    pods_by_node: Mapping[str, frozenset[str]]
+    pods_by_namespace: Mapping[str, frozenset[str]]
+    pods_by_label: Mapping[tuple[str, str, str], frozenset[str]]
+    namespaces_by_label: Mapping[LabelKey, frozenset[str]]
+    pods: Mapping[str, Pod]
+    reports: Mapping[str, Mapping[str, Any]]  # node -> status of its program.0 DatapathTable
+
+
+def _freeze(index: Mapping[Any, set[str]]) -> Mapping[Any, frozenset[str]]:
+    return MappingProxyType({k: frozenset(v) for k, v in index.items() if v})
+
+
+class Store:
+    """Thread-safe; `on_change(tables: bool)` is called after every write that changed
+    something (tables=True when the lowering's inputs changed, False for status only)."""
+
+    def __init__(self, on_change: Callable[[bool], None] = lambda tables: None) -> None:
+        self._lock = threading.Lock()
+        self._on_change = on_change
+        self._pods: dict[str, Pod] = {}
+        self._namespaces: dict[str, Namespace] = {}
+        self._nodes: dict[str, Node] = {}
+        self._policies: dict[PolicyKey, PolicyRecord] = {}
+        self._reports: dict[str, Mapping[str, Any]] = {}
+        self._by_node: dict[str, set[str]] = defaultdict(set)
+        self._by_namespace: dict[str, set[str]] = defaultdict(set)
+        self._by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+        self._ns_by_label: dict[LabelKey, set[str]] = defaultdict(set)
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def _index_pod(self, pod: Pod, add: bool) -> None:
+        op = set.add if add else set.discard
+        if pod.node:
+            op(self._by_node[pod.node], pod.key)
+        op(self._by_namespace[pod.namespace], pod.key)
+        for k, v in pod.labels.items():
+            op(self._by_label[(pod.namespace, k, v)], pod.key)
+
+    def put_pod(self, key: str, pod: Pod | None) -> None:
+        """Set (or with None, remove) the pod stored under `namespace/name`."""
+        with self._lock:
+            old = self._pods.get(key)
+            if old == pod:
+                return
+            if old is not None:
+                self._index_pod(old, add=False)
+                del self._pods[key]
+            if pod is not None:
+                self._pods[key] = pod
+                self._index_pod(pod, add=True)
+        self._on_change(True)
+
+    def put_namespace(self, name: str, namespace: Namespace | None) -> None:
+        with self._lock:
+            old = self._namespaces.get(name)
+            if old == namespace:
+                return
+            if old is not None:
+                for label in old.labels.items():
+                    self._ns_by_label[label].discard(name)
+                del self._namespaces[name]
+            if namespace is not None:
+                self._namespaces[name] = namespace
+                for label in namespace.labels.items():
+                    self._ns_by_label[label].add(name)
+        self._on_change(True)
+
+    def put_node(self, name: str, node: Node | None) -> None:
+        with self._lock:
+            if self._nodes.get(name) == node:
+                return
+            if node is None:
+                del self._nodes[name]
+            else:
+                self._nodes[name] = node
+        self._on_change(True)
+
+    def put_policy(self, key: PolicyKey, record: PolicyRecord | None) -> None:
+        with self._lock:
+            old = self._policies.get(key)
+            if old == record:
+                return
+            if record is None:
+                del self._policies[key]
+            else:
+                self._policies[key] = record
+        content = old is None or record is None or not old.same_content(record)
+        self._on_change(content)
+
+    def put_report(self, node: str, status: Mapping[str, Any] | None) -> None:
+        """The agent report of `node` (the status of its program.0 DatapathTable)."""
+        with self._lock:
+            if self._reports.get(node) == status:
+                return
+            if status is None:
+                self._reports.pop(node, None)
+            else:
+                self._reports[node] = dict(status)
+        self._on_change(False)
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                state=ClusterState(
+                    self._namespaces.values(),
+                    _unique_addresses(self._pods.values()),
+                    self._nodes.values(),
+                ),
+                policies=MappingProxyType(dict(self._policies)),
+                pods_by_node=_freeze(self._by_node),
+                pods_by_namespace=_freeze(self._by_namespace),
+                pods_by_label=_freeze(self._by_label),
+                namespaces_by_label=_freeze(self._ns_by_label),
+                pods=MappingProxyType(dict(self._pods)),
+                reports=MappingProxyType(dict(self._reports)),
+            )
+
+
+def _unique_addresses(pods: Iterable[Pod]) -> list[Pod]:
+    """Pods sorted by key; a pod whose address another pod still holds (a reused address whose
+    old pod's deletion has not arrived yet) is left out until the conflict resolves."""
+    seen: set[IPAddress] = set()
+    out = []
+    for pod in sorted(pods, key=lambda p: p.key):
+        if not pod.host_network:
+            if seen.intersection(pod.ips):
+                continue
+            seen.update(pod.ips)
+        out.append(pod)
+    return out

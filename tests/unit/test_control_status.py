@@ -1,0 +1,63 @@
+"""Policy conditions: Accepted names the field, Programmed counts endpoints whose agent applied
+the generation that carries the policy, and an unchanged status is not rewritten."""
+
+from __future__ import annotations
+
+from stockade.control.policies import parse_record
+from stockade.control.status import Progress, desired_status, progress, status_differs
+
+GOOD = {
+    "apiVersion": "stockade.io/v1alpha1",
+    "kind": "NetworkPolicy",
+    "metadata": {"name": "p", "namespace": "x", "generation": 3, "uid": "u"},
+    "spec": {"podSelector": {}},
+}
+BAD = {**GOOD, "spec": {"podSelector": {"matchLabels": {"k" * 70: "v"}}}}
+NOW = "2026-01-01T00:00:00Z"
+
+
+def test_a_valid_policy_is_accepted_at_its_generation() -> None:
+    record = parse_record(GOOD)
+    assert record is not None and record.accepted
+    status = desired_status(record, Progress(1, 2), NOW)
+    accepted, programmed = status["conditions"]
+    assert (accepted["status"], status["observedGeneration"]) == ("True", 3)
+    assert (programmed["status"], programmed["message"]) == ("False", "1/2 endpoints")
+
+
+def test_an_invalid_policy_says_which_field_is_wrong() -> None:
+    record = parse_record(BAD)
+    assert record is not None and not record.accepted
+    accepted, programmed = desired_status(record, None, NOW)["conditions"]
+    assert accepted["status"] == "False" and accepted["reason"] == "Invalid"
+    assert accepted["message"].startswith("spec.podSelector.matchLabels")
+    assert programmed["reason"] == "NotAccepted"
+
+
+def test_a_policy_parser_never_raises_on_garbage() -> None:
+    record = parse_record(
+        {
+            "apiVersion": "stockade.io/v1alpha1",
+            "kind": "NetworkPolicy",
+            "metadata": "nope",
+            "spec": [1, 2],
+        }
+    )
+    assert record is not None and not record.accepted and record.problems
+
+
+def test_endpoints_count_once_their_agent_reports_the_required_generation() -> None:
+    selected = {"a": {"x/1", "x/2"}, "b": {"x/3"}}
+    reports = {"a": {"appliedGeneration": 7}, "b": {"appliedGeneration": 4}}
+    assert progress(selected, {"a": 7, "b": 5}, reports) == Progress(2, 3)
+    assert progress(selected, {"a": 7, "b": 4}, reports) == Progress(3, 3)
+    assert progress(selected, {"a": 8, "b": 5}, {}) == Progress(0, 3)
+
+
+def test_a_status_that_only_differs_in_transition_times_is_not_rewritten() -> None:
+    record = parse_record(GOOD)
+    assert record is not None
+    first = desired_status(record, Progress(2, 2), NOW)
+    again = desired_status(record, Progress(2, 2), "2030-01-01T00:00:00Z")
+    assert not status_differs(first, again)
+    assert status_differs(first, desired_status(record, Progress(1, 2), NOW))

@@ -1,0 +1,127 @@
+"""The hand-off codec round-trips one node's tables and Shape, shards stay bounded and stable,
+and malformed entries are refused with a message naming the entry."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from stockade.compiler import handoff, ir
+from stockade.compiler.lower import lower_node
+from stockade.compiler.shape import FragmentPolicy, Shape
+from stockade.model.cluster import ClusterState, Namespace, Node, Pod
+from stockade.model.parse import parse_policy
+
+
+def _state(pods: int = 6) -> ClusterState:
+    return ClusterState(
+        [Namespace("x", {"ns": "x"})],
+        [
+            Pod(
+                "x",
+                f"p{i}",
+                {"pod": f"p{i % 3}"},
+                (ipaddress.ip_address(f"10.0.{i % 2}.{i}"),),
+                f"n{i % 2}",
+            )
+            for i in range(pods)
+        ],
+        [Node("n0", (ipaddress.ip_address("172.18.0.10"),)), Node("n1")],
+    )
+
+
+POLICY = parse_policy(
+    {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "allow", "namespace": "x"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "p0"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
+                    "ports": [{"port": 80}, {"port": 1000, "endPort": 2000}],
+                }
+            ],
+        },
+    }
+)
+
+
+def test_the_lowering_of_a_node_round_trips_through_the_codec() -> None:
+    tables = lower_node(_state(), [POLICY], "n0").tables
+    shape = Shape(vlan=True, fragments=FragmentPolicy.DROP)
+    decoded, program = handoff.decode(handoff.encode(tables, shape))
+    assert set(decoded.endpoints) == set(tables.endpoints)
+    assert set(decoded.classes) == set(tables.classes)
+    assert set(decoded.policy) == set(tables.policy) and len(decoded.policy) == len(tables.policy)
+    assert dict(decoded.rules) == dict(tables.rules)
+    assert program.shape == shape
+
+
+def test_the_manifest_lists_every_shard_with_its_digest() -> None:
+    parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables)
+    program = handoff.decode_program(parts[handoff.PROGRAM][0])
+    for part in handoff.TABLE_PARTS:
+        assert program.manifest[part] == {
+            i: handoff.digest(entries) for i, entries in parts[part].items()
+        }
+
+
+def test_a_cluster_scoped_rule_keeps_its_empty_namespace() -> None:
+    info = ir.RuleInfo("ClusterNetworkPolicy.stockade.io", "", "deny", ir.Direction.EGRESS, 3)
+    assert handoff.decode_rule(handoff.encode_rule(9, info)) == (9, info)
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [(0, 0), (1, 1), (handoff.SHARD_ENTRIES, 1), (handoff.SHARD_ENTRIES + 1, 2), (9000, 8)],
+    ids=["empty", "one", "full", "one-over", "many"],
+)
+def test_a_part_splits_into_a_power_of_two_of_bounded_shards(entries: int, expected: int) -> None:
+    assert handoff.shard_count(entries) == expected
+
+
+def test_big_parts_stay_well_under_the_object_size_limit() -> None:
+    classes = tuple(
+        ir.ClassEntry(ipaddress.ip_network(f"10.{i >> 8 & 255}.{i & 255}.0/24"), i % 50 + 1)
+        for i in range(20_000)
+    )
+    shards = handoff.encode_tables(ir.NodeTables(classes=classes))[handoff.CLASSES]
+    assert len(shards) == 16
+    assert max(len(s) for s in shards.values()) < 2 * handoff.SHARD_ENTRIES
+    assert max(sum(len(e) + 4 for e in s) for s in shards.values()) < 256 * 1024
+
+
+def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() -> None:
+    def policy(ep: int, port: int) -> ir.PolicyEntry:
+        return ir.PolicyEntry(ep, ir.Direction.INGRESS, 96, 1, 6, port, ir.Action.DENY)
+
+    before = tuple(policy(ep, p) for ep in range(1, 400) for p in range(1, 20))
+    after = (*tuple(e for e in before if e.endpoint_id != 7), policy(7, 999))
+    old = handoff.encode_tables(ir.NodeTables(policy=before))[handoff.POLICY]
+    new = handoff.encode_tables(ir.NodeTables(policy=after))[handoff.POLICY]
+    assert len(old) == len(new) == 4
+    assert sum(old[i] != new[i] for i in old) == 1
+
+
+@pytest.mark.parametrize(
+    ("decoder", "entry", "message"),
+    [
+        (handoff.decode_endpoint, "10.0.0.1", "expected 2 fields"),
+        (handoff.decode_endpoint, "nonsense 1", "bad address"),
+        (handoff.decode_class, "10.0.0.0/8 x 0", "not an integer"),
+        (handoff.decode_policy, "1 5 96 1 6 80 1 0 0 0", "policy entry"),
+        (handoff.decode_rule, "1 K ns n Sideways 0", "Ingress or Egress"),
+    ],
+    ids=["endpoint-fields", "endpoint-address", "class-int", "policy-direction", "rule-direction"],
+)
+def test_a_malformed_entry_is_refused_naming_it(decoder, entry: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(handoff.HandoffError, match=message):
+        decoder(entry)
+
+
+def test_an_unknown_shape_field_is_refused() -> None:
+    with pytest.raises(handoff.HandoffError, match="unknown shape field 'turbo'"):
+        handoff.decode_program(["shape turbo 1"])
