@@ -24,6 +24,7 @@ from stockade.compiler.shape import Shape
 from stockade.control.events import post_event
 from stockade.control.plan import plan
 from stockade.control.policies import PolicyKey, PolicyRecord
+from stockade.control.prime import prime
 from stockade.control.publish import MERGE_PATCH, NOT_FOUND, Publisher
 from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
@@ -104,6 +105,7 @@ class Reconciler:
             return
         started = time.monotonic()
         if not self._synced:
+            prime(self._store, self._api)  # never publish from a partial picture
             self.generation = max(self.generation, self.publisher.resync())
             self.generations = {
                 p.node: p.generation

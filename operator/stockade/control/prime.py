@@ -1,0 +1,72 @@
+"""Fill the Store from one LIST of everything before a replica first publishes.
+
+kopf delivers each resource's initial listing as events, in no particular order across
+resources, so a new leader that published straight away could publish from a partial picture:
+pods without the policies that select them, which would open traffic for a moment. The
+Reconciler therefore calls `prime()` before its first pass as leader; kopf's events keep the
+Store current from then on (an event never removes what it did not see deleted).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubernetes.client import (
+    ApiClient,
+    CoreV1Api,
+    CustomObjectsApi,
+    NetworkingV1Api,
+)
+from kubernetes.client.exceptions import ApiException
+
+from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
+from stockade.control.policies import parse_record
+from stockade.control.store import Store
+
+log = logging.getLogger(__name__)
+
+CUSTOM_POLICIES = (
+    ("stockade.io", "v1alpha1", "networkpolicies"),
+    ("stockade.io", "v1alpha1", "clusternetworkpolicies"),
+    ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"),
+)
+
+
+def _dicts(api: ApiClient, items: Iterable[Any]) -> list[Mapping[str, Any]]:
+    return [api.sanitize_for_serialization(i) for i in items]  # type: ignore[no-untyped-call]
+
+
+def prime(store: Store, api: ApiClient) -> None:
+    """LIST pods, namespaces, nodes and every policy kind whose API exists into `store`."""
+    core = CoreV1Api(api)
+    for obj in _dicts(api, core.list_namespace().items):
+        namespace = namespace_from_api(obj)
+        store.put_namespace(namespace.name, namespace)
+    for obj in _dicts(api, core.list_node().items):
+        node = node_from_api(obj)
+        store.put_node(node.name, node)
+    for obj in _dicts(api, core.list_pod_for_all_namespaces().items):
+        store.put_pod(object_key(obj), pod_from_api(obj))
+    policies: list[Mapping[str, Any]] = []
+    standard = NetworkingV1Api(api).list_network_policy_for_all_namespaces().items
+    # Items of a typed list carry no apiVersion/kind; the parser needs them.
+    policies += [
+        {**obj, "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy"}
+        for obj in _dicts(api, standard)
+    ]
+    custom = CustomObjectsApi(api)
+    for group, version, plural in CUSTOM_POLICIES:
+        try:
+            listing: Mapping[str, Any] = custom.list_cluster_custom_object(group, version, plural)
+        except ApiException as exc:
+            if exc.status == 404:  # the CRD is not installed: nothing of that kind exists
+                continue
+            raise
+        policies += listing.get("items", [])
+    for obj in policies:
+        record = parse_record(obj)
+        if record is not None:
+            store.put_policy(record.key, record)
+    log.info("primed the store with %d policies", len(policies))
