@@ -59,7 +59,7 @@ def prime(store: Store, api: ApiClient) -> None:
     custom = CustomObjectsApi(api)
     for group, version, plural in CUSTOM_POLICIES:
         try:
-            listing: Mapping[str, Any] = custom.list_cluster_custom_object(group, version, plural)
+            listing: Any = custom.list_cluster_custom_object(group, version, plural)
         except ApiException as exc:
             if exc.status == 404:  # the CRD is not installed: nothing of that kind exists
                 continue
