@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup system-deps venv toolchain lint test check demo sandbox sandbox-down bench clean
+.PHONY: setup system-deps venv toolchain lint test check demo sandbox sandbox-down bench clean chart-crds
 
 ## setup: Debian packages, the Python environment and the Go-built toolchain (idempotent)
 setup: system-deps venv toolchain
@@ -31,6 +31,8 @@ lint: venv
 	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	bash hack/chart-crds.sh --check
+	$(PY) hack/values-table.py --check
 
 ## test: every tier (unit, compile, bpf, apiserver, e2e, conformance, chart); needs root
 test: venv
@@ -49,6 +51,10 @@ sandbox: setup
 
 sandbox-down:
 	$(VENV)/bin/stockade sandbox down
+
+## chart-crds: copy crds/ (the single source of truth) into the Helm chart
+chart-crds:
+	bash hack/chart-crds.sh
 
 bench: setup
 	$(PY) bench/datapath.py

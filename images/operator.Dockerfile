@@ -1,0 +1,30 @@
+# stockade operator: Python (Debian bookworm's 3.11) and the stockade package; no compiler, no
+# kernel access. Runs as uid 65532 on a read-only root filesystem (the chart mounts /tmp).
+# Build from the repository root: docker build -f images/operator.Dockerfile -t stockade-operator .
+ARG DEBIAN_IMAGE=debian:bookworm-slim
+
+FROM ${DEBIAN_IMAGE} AS build
+ARG PYTHON_VERSION=3.11.2-1+b1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      python3=${PYTHON_VERSION} python3-venv python3-pip \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/stockade
+COPY pyproject.toml README.md ./
+COPY operator/ operator/
+COPY bpf/ bpf/
+COPY crds/ crds/
+# Editable install: the package finds bpf/ beside its source tree.
+RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir -e .
+
+FROM ${DEBIAN_IMAGE}
+ARG PYTHON_VERSION=3.11.2-1+b1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3=${PYTHON_VERSION} \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/stockade /opt/stockade
+ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 65532:65532
+ENTRYPOINT ["stockade"]
+CMD ["operator", "--leader-election"]

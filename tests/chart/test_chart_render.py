@@ -1,0 +1,227 @@
+"""The chart as rendered by `helm lint` and `helm template`, under several values scenarios.
+
+Assertions are on the rendered objects: a schema alone does not catch a template that refers to
+a value that does not exist, or RBAC that drifts from what the code needs (tests/chart/access.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.chart.access import required
+from tests.chart.chart import (
+    CHART,
+    NAMESPACE,
+    default_values,
+    expand,
+    find,
+    helm,
+    kinds,
+    merge,
+    render,
+    roles_of,
+    template,
+    without_feature,
+)
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "single operator without leader election": {
+        "operator": {"replicas": 1, "leaderElection": {"enabled": False}}
+    },
+    "no upstream ClusterNetworkPolicy": {"operator": {"upstreamClusterNetworkPolicy": False}},
+    "agent only": {"operator": {"enabled": False}},
+    "operator only": {"agent": {"enabled": False}},
+    "metrics off": {
+        "operator": {"metrics": {"enabled": False}},
+        "agent": {"metrics": {"enabled": False}},
+    },
+    "existing service accounts and digests": {
+        "operator": {
+            "serviceAccount": {"create": False, "name": "ops"},
+            "image": {"digest": "sha256:" + "a" * 64},
+        },
+        "agent": {"serviceAccount": {"create": False, "name": "nodes"}},
+    },
+    "bpffs mounted by the chart, custom lease": {
+        "agent": {"bpffs": {"mountIfMissing": True}},
+        "operator": {"leaderElection": {"leaseName": "elect-me"}},
+    },
+}
+
+
+def service_account(objects: list[dict[str, Any]], component: str) -> str | None:
+    kind = "Deployment" if component == "operator" else "DaemonSet"
+    for obj in objects:
+        if obj["kind"] == kind:
+            name: str = obj["spec"]["template"]["spec"]["serviceAccountName"]
+            return name
+    return None
+
+
+def test_helm_lint_passes_with_no_warnings() -> None:
+    out = helm("lint", str(CHART), "--strict", "--kube-version", "1.36.3").stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize("overrides", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_rbac_grants_exactly_what_the_enabled_features_need(overrides: dict[str, Any]) -> None:
+    values = merge(default_values(), overrides)
+    objects = render(overrides)
+    for component in ("operator", "agent"):
+        needed = without_feature(required(component, values))
+        sa = service_account(objects, component)
+        granted = set().union(*(expand(r) for r in roles_of(objects, sa))) if sa else set()
+        assert granted == needed, (
+            f"{component}: granted but not needed: {sorted(map(str, granted - needed))}; "
+            f"needed but not granted: {sorted(map(str, needed - granted))}"
+        )
+
+
+@pytest.mark.parametrize("overrides", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_every_object_is_labelled_and_namespaced_in_the_release(overrides: dict[str, Any]) -> None:
+    for obj in render(overrides):
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "stockade", kinds([obj])
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] == NAMESPACE, kinds([obj])
+
+
+def test_disabled_components_render_nothing_of_theirs() -> None:
+    agent_only = kinds(render(SCENARIOS["agent only"]))
+    assert not [k for k in agent_only if "operator" in k]
+    operator_only = kinds(render(SCENARIOS["operator only"]))
+    assert not [k for k in operator_only if "agent" in k]
+
+
+def test_operator_runs_two_leader_elected_replicas_locked_down() -> None:
+    deploy = find(render(), "Deployment", "stockade-operator")
+    spec = deploy["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert spec["replicas"] == 2
+    assert container["command"] == ["stockade"]
+    assert container["args"] == ["operator", "--leader-election"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == "health"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["STOCKADE_LEASE_NAME"]["value"] == "stockade-operator"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_operator_without_leader_election_runs_one_replica_without_the_flag() -> None:
+    deploy = find(
+        render(SCENARIOS["single operator without leader election"]),
+        "Deployment",
+        "stockade-operator",
+    )
+    assert deploy["spec"]["replicas"] == 1
+    assert "--leader-election" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_agent_runs_on_every_node_with_only_bpf_net_admin_and_perfmon() -> None:
+    ds = find(render(), "DaemonSet", "stockade-agent")
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert "initContainers" not in pod
+    assert container["args"] == ["agent", "--node", "$(NODE_NAME)"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    sc = container["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON"]}
+    assert sc["privileged"] is False
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["appArmorProfile"] == {"type": "Unconfined"}
+    rolling = ds["spec"]["updateStrategy"]
+    assert rolling == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+    }
+
+
+def test_agent_mounts_the_node_bpffs_with_host_to_container_propagation() -> None:
+    pod = find(render(), "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts["bpffs"] == {
+        "name": "bpffs",
+        "mountPath": "/sys/fs/bpf",
+        "mountPropagation": "HostToContainer",
+    }
+    assert volumes["bpffs"]["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
+    # everything else the read-only root needs to write is scratch space
+    assert {n for n, v in volumes.items() if "hostPath" in v} == {"bpffs"}
+    assert {mounts["tmp"]["mountPath"], mounts["compile-cache"]["mountPath"]} == {
+        "/tmp",
+        "/var/cache/stockade",
+    }
+
+
+def test_only_the_optional_bpffs_init_container_is_privileged() -> None:
+    objects = render(SCENARIOS["bpffs mounted by the chart, custom lease"])
+    pod = find(objects, "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["privileged"] is True
+    assert init["volumeMounts"][0]["mountPropagation"] == "Bidirectional"
+    assert pod["volumes"][0]["hostPath"]["type"] == "DirectoryOrCreate"
+    assert pod["containers"][0]["securityContext"]["privileged"] is False
+    role = find(objects, "Role", "stockade-operator-leader-election")
+    assert role["rules"][1]["resourceNames"] == ["elect-me"]
+
+
+def test_metrics_services_select_their_component_and_name_its_port() -> None:
+    objects = render()
+    for component, port in (("operator", 9090), ("agent", 9471)):
+        svc = find(objects, "Service", f"stockade-{component}-metrics")
+        assert svc["spec"]["selector"]["app.kubernetes.io/component"] == component
+        assert svc["spec"]["ports"] == [
+            {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP"}
+        ]
+    assert find(objects, "Service", "stockade-agent-metrics")["spec"]["clusterIP"] == "None"
+    assert not [k for k in kinds(render(SCENARIOS["metrics off"])) if k.startswith("Service/")]
+
+
+def test_images_default_to_the_app_version_and_prefer_a_digest() -> None:
+    objects = render(SCENARIOS["existing service accounts and digests"])
+    op = find(objects, "Deployment", "stockade-operator")["spec"]["template"]["spec"]
+    ag = find(objects, "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    assert op["containers"][0]["image"] == "ghcr.io/stockade/operator@sha256:" + "a" * 64
+    assert ag["containers"][0]["image"] == "ghcr.io/stockade/agent:0.1.0"
+    assert (op["serviceAccountName"], ag["serviceAccountName"]) == ("ops", "nodes")
+    assert not [o for o in objects if o["kind"] == "ServiceAccount"]
+
+
+def test_the_helm_test_probes_the_operator_metrics_service() -> None:
+    pod = find(render(), "Pod", "stockade-test-operator-metrics")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert "http://stockade-operator-metrics:9090/metrics" in script
+
+
+def test_a_missing_service_account_name_is_reported_by_name() -> None:
+    proc = template({"agent": {"serviceAccount": {"create": False, "name": ""}}}, check=False)
+    assert proc.returncode != 0
+    assert "agent.serviceAccount.name is required" in proc.stderr
+
+
+def test_crds_are_installed_from_the_chart_crds_directory() -> None:
+    objects = render(extra=["--include-crds"])
+    crds = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "CustomResourceDefinition")
+    assert "datapathtables.stockade.io" in crds
+    assert "networkpolicies.stockade.io" in crds
+    assert "clusternetworkpolicies.stockade.io" in crds
