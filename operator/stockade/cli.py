@@ -12,6 +12,7 @@ import sys
 import time
 
 from stockade import __version__
+from stockade.agent import command as agent
 from stockade.conformance import command as conformance
 from stockade.control import command as operator
 from stockade.sandbox import session
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     session.add_parser(subparsers)
     conformance.add_parser(subparsers)
     operator.add_parser(subparsers)
+    agent.add_parser(subparsers)
     return parser
 
 

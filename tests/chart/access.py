@@ -114,7 +114,8 @@ OPERATOR: tuple[Access, ...] = tuple(
 AGENT: tuple[Access, ...] = (
     *_many(["get", "list", "watch"], "stockade.io", ["datapathtables"]),
     Access("patch", "stockade.io", "datapathtables", "status"),
-    Access("get", "", "nodes"),
+    # The pods of its node (field selector spec.nodeName), to name them in Events.
+    Access("list", "", "pods", scope=NS),
     Access("create", "", "events", scope=NS),
 )
 

@@ -77,8 +77,12 @@ class Operator:
                 renew_period=config.renew_period,
                 on_started=self._became_leader,
             )
-        self.reconciler = Reconciler(self.store, self.api, is_leader=self.is_leader)
-        self.registry = build_registry(self.store, self._table_deleted)
+        self.reconciler = Reconciler(
+            self.store, self.api, is_leader=self.is_leader, upstream_cnp=config.upstream_cnp
+        )
+        self.registry = build_registry(
+            self.store, self._table_deleted, upstream_cnp=config.upstream_cnp
+        )
         self.ready = threading.Event()
 
         @kopf.on.login(registry=self.registry)
@@ -122,9 +126,11 @@ class Operator:
 
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
-        server = None
-        if self.config.metrics_port is not None:
-            server = serve_metrics(self.config.metrics_port, self.gauges)
+        servers = [
+            serve_metrics(port, self.gauges, ready=self.ready.is_set)
+            for port in {self.config.metrics_port, self.config.health_port}
+            if port is not None
+        ]
         self.runner.start()
         if self.elector is not None:
             self.elector.start()
@@ -146,6 +152,6 @@ class Operator:
             if self.elector is not None:
                 self.elector.stop()
             self.runner.stop()
-            if server is not None:
+            for server in servers:
                 server.shutdown()
             self.api.close()  # type: ignore[no-untyped-call]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,9 +19,19 @@ from stockade.control.config import OperatorConfig
 
 
 def _on_off(text: str) -> bool:
-    if text not in ("on", "off"):
+    if text not in ("on", "off", "true", "false"):
         raise argparse.ArgumentTypeError("expected on or off")
-    return text == "on"
+    return text in ("on", "true")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    """Defaults come from the environment the Helm chart sets (STOCKADE_*, POD_*)."""
+    return os.environ.get(name) or default
+
+
+def _env_port(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
 
 
 def add_parser(subparsers: Any) -> None:
@@ -38,19 +49,53 @@ def add_parser(subparsers: Any) -> None:
     op.add_argument(
         "--leader-election",
         type=_on_off,
+        nargs="?",
+        const=True,
         default=True,
         metavar="on|off",
         help="hold a coordination.k8s.io Lease before publishing (default: on)",
     )
-    op.add_argument("--identity", default="", help="lease holder identity (default: host-pid)")
-    op.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     op.add_argument(
-        "--lease-namespace", default="kube-system", help="namespace of the Lease (kube-system)"
+        "--identity", default=_env("POD_NAME", ""), help="lease holder identity ($POD_NAME)"
     )
-    op.add_argument("--lease-name", default="stockade-operator", help="name of the Lease")
+    op.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_port("STOCKADE_METRICS_PORT"),
+        help="serve Prometheus metrics on this port ($STOCKADE_METRICS_PORT)",
+    )
+    op.add_argument(
+        "--health-port",
+        type=int,
+        default=_env_port("STOCKADE_HEALTH_PORT"),
+        help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
+    )
+    op.add_argument(
+        "--upstream-cnp",
+        type=_on_off,
+        default=_on_off(_env("STOCKADE_UPSTREAM_CNP", "on") or "on"),
+        metavar="on|off",
+        help="enforce policy.networking.k8s.io ClusterNetworkPolicy ($STOCKADE_UPSTREAM_CNP, on)",
+    )
+    op.add_argument(
+        "--lease-namespace",
+        default=_env("POD_NAMESPACE", "kube-system"),
+        help="namespace of the Lease ($POD_NAMESPACE, else kube-system)",
+    )
+    op.add_argument(
+        "--lease-name",
+        default=_env("STOCKADE_LEASE_NAME", "stockade-operator"),
+        help="name of the Lease ($STOCKADE_LEASE_NAME, else stockade-operator)",
+    )
     op.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
     op.add_argument("--renew-period", type=float, default=2.0, help="seconds (default 2)")
-    op.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    op.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=(_env("STOCKADE_LOG_LEVEL", "") or "").lower() == "debug",
+        help="log at debug level ($STOCKADE_LOG_LEVEL=debug)",
+    )
     op.set_defaults(run=run_command)
 
 
@@ -61,6 +106,8 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         leader_election=args.leader_election,
         identity=args.identity,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        upstream_cnp=args.upstream_cnp,
         lease_namespace=args.lease_namespace,
         lease_name=args.lease_name,
         lease_duration=args.lease_duration,

@@ -14,6 +14,8 @@ class OperatorConfig:
     leader_election: bool = True
     identity: str = ""  # lease holder identity; "" means <hostname>-<pid>
     metrics_port: int | None = None
+    health_port: int | None = None  # /healthz and /readyz
+    upstream_cnp: bool = True  # watch policy.networking.k8s.io ClusterNetworkPolicy
     lease_namespace: str = "kube-system"
     lease_name: str = "stockade-operator"
     lease_duration: float = 15.0
@@ -25,8 +27,12 @@ class OperatorConfig:
         errors = []
         if self.kubeconfig is not None and not os.path.exists(self.kubeconfig):
             errors.append(f"--kubeconfig: {self.kubeconfig} does not exist")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            errors.append(f"--metrics-port: {self.metrics_port} is not a port number")
+        for flag, port in (
+            ("--metrics-port", self.metrics_port),
+            ("--health-port", self.health_port),
+        ):
+            if port is not None and not 0 <= port < 65536:
+                errors.append(f"{flag}: {port} is not a port number")
         if self.lease_duration <= 0 or self.renew_period <= 0:
             errors.append("--lease-duration and --renew-period must be positive")
         elif self.renew_period * 2 > self.lease_duration:

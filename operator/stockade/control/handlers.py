@@ -32,6 +32,7 @@ POLICY_RESOURCES = (
     ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"),
 )
 assert len(POLICY_RESOURCES) == len(KINDS)
+UPSTREAM_GROUP = "policy.networking.k8s.io"
 
 
 def _object(event: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any]]:
@@ -39,7 +40,9 @@ def _object(event: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any]]:
     return event.get("type") == DELETED, obj if isinstance(obj, Mapping) else {}
 
 
-def build_registry(store: Store, on_table_deleted: Callable[[str], None]) -> kopf.OperatorRegistry:
+def build_registry(
+    store: Store, on_table_deleted: Callable[[str], None], *, upstream_cnp: bool = True
+) -> kopf.OperatorRegistry:
     """A kopf registry whose handlers feed `store`; `on_table_deleted(name)` is told when a
     DatapathTable disappears (the reconciler republishes it if it was still wanted)."""
     registry = kopf.OperatorRegistry()
@@ -52,6 +55,8 @@ def build_registry(store: Store, on_table_deleted: Callable[[str], None]) -> kop
         store.put_policy(record.key, None if deleted else record)
 
     for group, version, plural in POLICY_RESOURCES:
+        if group == UPSTREAM_GROUP and not upstream_cnp:
+            continue  # not enforced: the chart then grants no access to it either
         kopf.on.event(
             group=group,
             version=version,

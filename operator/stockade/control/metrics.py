@@ -1,5 +1,6 @@
 """A Prometheus text endpoint for the operator (`--metrics-port`): reconcile passes, objects
-written, statuses written, leadership. Started by `stockade.control.app`."""
+written, statuses written, leadership; and the probes the chart uses (`--health-port`):
+`/healthz` (the process serves) and `/readyz` (kopf is up). Started by `stockade.control.app`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 Gauges = Callable[[], dict[str, float]]
 
 
-def serve_metrics(port: int, gauges: Gauges) -> ThreadingHTTPServer:
-    """Serve `gauges()` at http://0.0.0.0:<port>/metrics in a daemon thread."""
+def serve_metrics(
+    port: int, gauges: Gauges, ready: Callable[[], bool] = lambda: True
+) -> ThreadingHTTPServer:
+    """Serve `gauges()` at http://0.0.0.0:<port>/metrics (and the probes) in a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path not in ("/metrics", "/healthz"):
+            if self.path not in ("/metrics", "/healthz", "/readyz"):
                 self.send_error(404)
+                return
+            if self.path == "/readyz" and not ready():
+                self.send_error(503, "not ready")
                 return
             text = "ok\n"
             if self.path == "/metrics":

@@ -38,7 +38,7 @@ def _dicts(api: ApiClient, items: Iterable[Any]) -> list[Mapping[str, Any]]:
     return [api.sanitize_for_serialization(i) for i in items]  # type: ignore[no-untyped-call]
 
 
-def prime(store: Store, api: ApiClient) -> None:
+def prime(store: Store, api: ApiClient, *, upstream_cnp: bool = True) -> None:
     """LIST pods, namespaces, nodes and every policy kind whose API exists into `store`."""
     core = CoreV1Api(api)
     for obj in _dicts(api, core.list_namespace().items):
@@ -58,6 +58,8 @@ def prime(store: Store, api: ApiClient) -> None:
     ]
     custom = CustomObjectsApi(api)
     for group, version, plural in CUSTOM_POLICIES:
+        if group == "policy.networking.k8s.io" and not upstream_cnp:
+            continue
         try:
             listing: Any = custom.list_cluster_custom_object(group, version, plural)
         except ApiException as exc:

@@ -73,7 +73,9 @@ class Reconciler:
         *,
         is_leader: Callable[[], bool] = lambda: True,
         shape: Shape | None = None,
+        upstream_cnp: bool = True,
     ) -> None:
+        self._upstream_cnp = upstream_cnp
         self._store = store
         self._api = api
         self._objects = CustomObjectsApi(api)
@@ -105,7 +107,8 @@ class Reconciler:
             return
         started = time.monotonic()
         if not self._synced:
-            prime(self._store, self._api)  # never publish from a partial picture
+            # Never publish from a partial picture.
+            prime(self._store, self._api, upstream_cnp=self._upstream_cnp)
             self.generation = max(self.generation, self.publisher.resync())
             self.generations = {
                 p.node: p.generation

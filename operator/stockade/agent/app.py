@@ -1,0 +1,141 @@
+"""The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
+metrics endpoint and the flow log. `stockade agent` (`stockade.agent.command`) and the tests
+build an `Agent` and call `run(stop)`, which blocks until the stop flag is set.
+
+Nothing here removes pinned state on exit: programs, maps and links stay in force while no agent
+runs, and the next agent adopts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import kubernetes.client
+import kubernetes.config
+
+from stockade.agent.attachments import Attachments
+from stockade.agent.config import AgentConfig
+from stockade.agent.metrics import FlowLog, gauge_metrics, rule_metrics, serve_metrics
+from stockade.agent.programs import Programs
+from stockade.agent.report import Reporter
+from stockade.agent.runner import Runner
+from stockade.agent.sync import Syncer
+from stockade.agent.tableset import TableObject
+from stockade.agent.watch import TableWatch
+from stockade.datapath.clang import Compiler
+from stockade.datapath.events import read_counters
+from stockade.datapath.netns import NetnsExecutor
+
+log = logging.getLogger(__name__)
+
+
+def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig is not None:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return cfg
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+    return cfg
+
+
+class Agent:
+    """One node agent. Attributes are public for metrics and tests."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.api = kubernetes.client.ApiClient(load_client_configuration(config.kubeconfig))
+        self.executor = NetnsExecutor.named(config.netns) if config.netns else None
+        config.pin_root.mkdir(parents=True, exist_ok=True)
+        self.programs = Programs(Compiler(Path(config.cache_dir)), config.pin_root)
+        self.syncer = Syncer(
+            config.node,
+            self._objects,
+            self.programs,
+            Attachments(config.pin_root, self.executor),
+            Reporter(self.api, config.node),
+            config.pin_root,
+        )
+        self.runner = Runner(
+            self._sync,
+            min_interval=config.min_interval,
+            resync=config.resync_seconds,
+            max_backoff=config.max_backoff,
+        )
+        self.watch = TableWatch(
+            self.api, config.node, self.runner.request, timeout_seconds=config.watch_timeout
+        )
+        self.flowlog: FlowLog | None = None
+        self._lock = threading.Lock()
+
+    def _objects(self) -> Mapping[str, TableObject]:
+        return self.watch.snapshot()
+
+    def _sync(self) -> bool:
+        with self._lock:
+            applied = self.syncer.sync()
+            maps = self.syncer.maps
+            if self.flowlog is None and maps is not None and "events" in maps.fds:
+                self.flowlog = FlowLog(maps.fd("events"), lambda: self.syncer.rules)
+                self.flowlog.start()
+        return applied
+
+    def gauges(self) -> dict[str, float]:
+        stats, pstats = self.syncer.stats, self.programs.stats
+        attach = stats.last_attach
+        return {
+            "stockade_agent_syncs_total": stats.syncs,
+            "stockade_agent_sync_failures_total": self.runner.failures,
+            "stockade_agent_applied_generation": stats.applied_generation,
+            "stockade_agent_endpoints_attached": len(attach.attached),
+            "stockade_agent_attach_failures": len(attach.failures),
+            "stockade_agent_detached_total": stats.detached,
+            "stockade_agent_map_write_syncs_total": stats.map_writes,
+            "stockade_agent_last_write_seconds": stats.last_write_seconds,
+            "stockade_agent_last_sync_seconds": stats.last_sync_seconds,
+            "stockade_agent_compile_cache_misses_total": pstats.compile_misses,
+            "stockade_agent_compile_cache_hits_total": pstats.compile_hits,
+            "stockade_agent_program_loads_total": pstats.loads,
+            "stockade_agent_watch_connected": float(self.watch.connected),
+            "stockade_agent_watch_errors_total": self.watch.errors,
+            "stockade_agent_watch_lists_total": self.watch.lists,
+        }
+
+    def metrics_text(self) -> str:
+        text = gauge_metrics(self.gauges())
+        maps = self.syncer.maps
+        rules = dict(self.syncer.rules)
+        if maps is not None and "counters" in maps.fds and rules:
+            text += rule_metrics(rules, read_counters(maps.fd("counters"), sorted(rules)))
+        if self.flowlog is not None:
+            text += self.flowlog.metrics()
+        return text
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until `stop` is set."""
+        servers = [
+            serve_metrics(port, self.metrics_text)
+            for port in {self.config.metrics_port, self.config.health_port}
+            if port is not None
+        ]
+        self.runner.start()
+        self.watch.start()
+        try:
+            stop.wait()
+        finally:
+            self.watch.stop()
+            self.runner.stop()
+            if self.flowlog is not None:
+                self.flowlog.stop()
+            for server in servers:
+                server.shutdown()
+            with self._lock:
+                self.syncer.close()
+            if self.executor is not None:
+                self.executor.close()
+            self.api.close()  # type: ignore[no-untyped-call]

@@ -1,0 +1,242 @@
+"""Attach the node's programs to every local endpoint's host-side interface, and detach from
+interfaces whose endpoint is gone.
+
+`stockade.agent.sync` calls `Attachments.reconcile(endpoints, programs)` on every sync. For each
+endpoint it finds the host-side interface (`stockade.datapath.iface`: the route to the pod, or a
+bridge's neighbour table and FDB; on a bridge whose neighbour entry is missing it first makes the
+node resolve the pod's address) and attaches both hooks: tc ingress of the host veth runs the
+pod's egress program (`Hook.FROM_POD`), tc egress runs `Hook.TO_POD`. Links are pinned at
+`<pin root>/links/<interface>/<program>` so that a restarted agent re-adopts them: a link that
+already runs the wanted program is left alone, one that runs another program is updated in place
+(BPF_LINK_UPDATE, atomic); nothing is ever detached to be attached again.
+
+Only links pinned under the agent's own pin root are ever detached: never another tc filter.
+Interface lookups and attach run on the node namespace's thread (`NetnsExecutor`) when the agent
+lives outside that namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from stockade.compiler.ir import IPAddress
+from stockade.compiler.render import Hook
+from stockade.datapath import attach, libbpf
+from stockade.datapath.iface import HostInterface, InterfaceNotFoundError, host_interface
+from stockade.datapath.netns import NetnsExecutor
+
+log = logging.getLogger(__name__)
+
+LINKS_DIR = "links"
+POINTS = {Hook.FROM_POD: attach.AttachPoint.INGRESS, Hook.TO_POD: attach.AttachPoint.EGRESS}
+RESOLVE_ATTEMPTS = 20
+RESOLVE_PAUSE = 0.05
+DISCARD_PORT = 9
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A local pod as the tables name it: its endpoint id and addresses."""
+
+    endpoint_id: int
+    addresses: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True)
+class Failure:
+    endpoint: Endpoint
+    reason: str  # a short CamelCase reason for Events
+    message: str
+
+
+@dataclass
+class AttachResult:
+    attached: dict[int, str] = field(default_factory=dict)  # endpoint id -> interface
+    failures: list[Failure] = field(default_factory=list)
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    detached: list[str] = field(default_factory=list)  # interfaces
+    seconds_per_new_interface: list[float] = field(default_factory=list)
+
+
+def _resolve_neighbour(address: IPAddress) -> None:
+    """Make this namespace resolve `address` (a datagram to its discard port triggers ARP/NDP,
+    which also teaches the bridge the pod's port)."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"", (str(address), DISCARD_PORT))
+
+
+def find_interface(endpoint: Endpoint) -> HostInterface:
+    """The endpoint's host-side interface from the first address that resolves."""
+    problems = []
+    for address in sorted(endpoint.addresses, key=lambda a: a.version):
+        for attempt in range(RESOLVE_ATTEMPTS):
+            try:
+                return host_interface(address)
+            except InterfaceNotFoundError as exc:
+                if "neighbours" not in str(exc) and "FDB" not in str(exc):
+                    problems.append(str(exc))
+                    break
+                if attempt == RESOLVE_ATTEMPTS - 1:
+                    problems.append(str(exc))
+                    break
+                _resolve_neighbour(address)
+                time.sleep(RESOLVE_PAUSE)
+    raise InterfaceNotFoundError("; ".join(problems) or "endpoint has no address")
+
+
+def pin_folder(ifname: str) -> str:
+    """The pin folder of an interface (bpffs reserves dots in names, interface names may hold
+    them; '%' never appears in an interface name)."""
+    return ifname.replace("%", "%25").replace(".", "%2e")
+
+
+def ifname_of(folder: str) -> str:
+    return folder.replace("%2e", ".").replace("%25", "%")
+
+
+@dataclass(frozen=True)
+class PinnedLink:
+    ifindex: int  # 0 when the interface is gone (the kernel detached the link)
+    prog_id: int
+    attach_type: int
+
+
+def read_link(pin: Path) -> PinnedLink | None:
+    try:
+        fd = libbpf.obj_get(pin)
+    except OSError:
+        return None
+    try:
+        info = libbpf.link_info(fd)
+        return PinnedLink(info.ifindex, info.prog_id, info.attach_type)
+    finally:
+        os.close(fd)
+
+
+class Attachments:
+    """The links of one agent, under `<pin_root>/links`."""
+
+    def __init__(self, pin_root: Path, executor: NetnsExecutor | None = None) -> None:
+        self.root = pin_root / LINKS_DIR
+        self._executor = executor
+        # Interfaces found in earlier syncs: trusted while their links are alive on that
+        # ifindex (a deleted veth leaves its link with ifindex 0), so a sync does not look up
+        # every pod's route again.
+        self._found: dict[tuple[IPAddress, ...], HostInterface] = {}
+        self.lookups = 0
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        return self._executor.run(fn) if self._executor is not None else fn()
+
+    def pinned_interfaces(self) -> list[str]:
+        """Interfaces with links pinned under this agent's root."""
+        if not self.root.is_dir():
+            return []
+        return sorted(ifname_of(p.name) for p in self.root.iterdir())
+
+    def reconcile(
+        self, endpoints: Sequence[Endpoint], programs: Mapping[Hook, tuple[int, int]]
+    ) -> AttachResult:
+        """Attach `programs` (hook -> (fd, id)) to every endpoint, detach the rest."""
+        return self._run(lambda: self._reconcile(endpoints, programs))
+
+    def _reconcile(
+        self, endpoints: Sequence[Endpoint], programs: Mapping[Hook, tuple[int, int]]
+    ) -> AttachResult:
+        result = AttachResult()
+        wanted: set[str] = set()
+        found_now: dict[tuple[IPAddress, ...], HostInterface] = {}
+        for endpoint in endpoints:
+            known = self._found.get(endpoint.addresses)
+            if known is not None and self._alive(known):
+                found = known
+            else:
+                try:
+                    self.lookups += 1
+                    found = find_interface(endpoint)
+                except InterfaceNotFoundError as exc:
+                    result.failures.append(Failure(endpoint, "InterfaceNotFound", str(exc)))
+                    continue
+            found_now[endpoint.addresses] = found
+            wanted.add(found.name)
+            began = time.monotonic()
+            try:
+                fresh = self._attach(found, programs, result)
+            except OSError as exc:
+                result.failures.append(
+                    Failure(endpoint, "AttachFailed", f"attach to {found.name}: {exc}")
+                )
+                continue
+            if fresh:
+                result.seconds_per_new_interface.append(time.monotonic() - began)
+            result.attached[endpoint.endpoint_id] = found.name
+        self._found = found_now
+        for name in self.pinned_interfaces():
+            if name in wanted:
+                continue
+            # A failed lookup may hide an endpoint's interface: then only links whose interface
+            # is gone are dropped, live ones stay until the endpoint is known to be gone.
+            if result.failures and not self._defunct(name):
+                continue
+            self._detach(name)
+            result.detached.append(name)
+        return result
+
+    def _attach(
+        self, found: HostInterface, programs: Mapping[Hook, tuple[int, int]], result: AttachResult
+    ) -> bool:
+        """Both hooks of one interface; True when a link had to be created."""
+        created = False
+        for hook, point in POINTS.items():
+            fd, prog_id = programs[hook]
+            pin = self.root / pin_folder(found.name) / hook.program
+            link = read_link(pin)
+            if link is not None and (link.ifindex, link.attach_type) == (
+                found.ifindex,
+                point.tcx_attach_type,
+            ):
+                if link.prog_id == prog_id:
+                    result.unchanged += 1
+                    continue
+                result.updated += 1
+            else:
+                result.created += 1
+                created = True
+            attach.attach(found.ifindex, point, fd, pin, hook.program)
+        return created
+
+    def _alive(self, found: HostInterface) -> bool:
+        """Both links of a previously found interface still sit on its ifindex."""
+        for hook in POINTS:
+            link = read_link(self.root / pin_folder(found.name) / hook.program)
+            if link is None or link.ifindex != found.ifindex:
+                return False
+        return True
+
+    def _defunct(self, name: str) -> bool:
+        links = [read_link(p) for p in (self.root / pin_folder(name)).iterdir()]
+        return all(link is None or link.ifindex == 0 for link in links)
+
+    def _detach(self, name: str) -> None:
+        folder = self.root / pin_folder(name)
+        for pin in folder.iterdir():
+            try:
+                attach.detach_tcx(pin)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        folder.rmdir()
+        log.info("detached from %s", name)

@@ -1,0 +1,59 @@
+"""The agent's settings, validated at once (every error reported, not the first).
+
+Built by `stockade.agent.command` from the command line and by tests; read by `stockade.agent.app`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockade.datapath.clang import DEFAULT_CACHE_DIR
+from stockade.datapath.maps import DEFAULT_PIN_ROOT
+
+BPFFS = Path("/sys/fs/bpf")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    netns: str | None = None  # a named network namespace (/run/netns/<name>) to attach in
+    kubeconfig: str | None = None  # None: in-cluster service account, else ~/.kube/config
+    pin_root: Path = DEFAULT_PIN_ROOT
+    cache_dir: Path = DEFAULT_CACHE_DIR
+    resync_seconds: float = 300.0
+    metrics_port: int | None = None
+    health_port: int | None = None
+    min_interval: float = 0.05  # between two syncs
+    max_backoff: float = 30.0  # retry delay ceiling after failing syncs
+    watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not _DNS_SUBDOMAIN.match(self.node):
+            errors.append(f"--node: {self.node!r} is not a node name")
+        if self.netns is not None and not Path("/run/netns", self.netns).exists():
+            errors.append(f"--netns: /run/netns/{self.netns} does not exist")
+        if self.kubeconfig is not None and not os.path.exists(self.kubeconfig):
+            errors.append(f"--kubeconfig: {self.kubeconfig} does not exist")
+        if not self.pin_root.is_absolute() or BPFFS not in (self.pin_root, *self.pin_root.parents):
+            errors.append(f"--pin-root: {self.pin_root} is not below {BPFFS}")
+        elif self.pin_root == BPFFS:
+            errors.append(f"--pin-root: must be a directory below {BPFFS}, not {BPFFS} itself")
+        if not self.cache_dir.is_absolute():
+            errors.append(f"--cache-dir: {self.cache_dir} must be an absolute path")
+        if self.resync_seconds <= 0:
+            errors.append(f"--resync-seconds: {self.resync_seconds} must be positive")
+        for flag, port in (
+            ("--metrics-port", self.metrics_port),
+            ("--health-port", self.health_port),
+        ):
+            if port is not None and not 0 <= port < 65536:
+                errors.append(f"{flag}: {port} is not a port number")
+        if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
+            errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")
+        if errors:
+            raise ValueError("; ".join(errors))

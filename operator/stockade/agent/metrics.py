@@ -1,0 +1,161 @@
+"""The agent's Prometheus endpoint (`--metrics-port`) and its flow log.
+
+- `/metrics`: the agent's own gauges, and per-rule packet and byte counters read from the
+  `counters` map, labelled with the rule's identity from the `rules` part of the hand-off
+  (kind, namespace, name, direction, index): names live only in Python, the kernel counts by id.
+- `FlowLog`: a thread that reads drop and audit events from the `events` ring buffer and logs one
+  structured (JSON) line per event on the `stockade.agent.flow` logger, naming the deciding rule;
+  it counts them by kind and reason for `/metrics`.
+
+`stockade.agent.app` starts both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from stockade.compiler import handoff, ir
+from stockade.datapath.events import Event, EventKind, EventReader, RuleCounter
+
+flow_log = logging.getLogger("stockade.agent.flow")
+log = logging.getLogger(__name__)
+
+Rules = Callable[[], Mapping[int, ir.RuleInfo]]
+
+
+def _label(value: object) -> str:
+    text = str(value)
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def rule_labels(info: ir.RuleInfo | None, rule_id: int) -> str:
+    if info is None:
+        return f'rule_id="{rule_id}"'
+    direction = "Ingress" if info.direction is ir.Direction.INGRESS else "Egress"
+    pairs = (
+        ("kind", info.kind),
+        ("namespace", info.namespace or handoff.NO_NAMESPACE),
+        ("name", info.name),
+        ("direction", direction),
+        ("index", info.index),
+    )
+    return ",".join(f'{k}="{_label(v)}"' for k, v in pairs)
+
+
+def rule_metrics(rules: Mapping[int, ir.RuleInfo], counters: Mapping[int, RuleCounter]) -> str:
+    lines = [
+        "# TYPE stockade_rule_packets_total counter",
+        "# TYPE stockade_rule_bytes_total counter",
+    ]
+    for rule_id, counter in sorted(counters.items()):
+        labels = rule_labels(rules.get(rule_id), rule_id)
+        lines.append(f"stockade_rule_packets_total{{{labels}}} {counter.packets}")
+        lines.append(f"stockade_rule_bytes_total{{{labels}}} {counter.bytes}")
+    return "\n".join(lines) + "\n"
+
+
+def gauge_metrics(gauges: Mapping[str, float]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(gauges.items()))
+
+
+def event_record(event: Event, rules: Mapping[int, ir.RuleInfo]) -> dict[str, object]:
+    """The flow-log line of one event (JSON-serialisable)."""
+    info = rules.get(event.rule_id)
+    record: dict[str, object] = {
+        "event": event.kind.name.lower(),
+        "reason": event.reason.name.lower(),
+        "direction": "ingress" if event.direction == ir.Direction.INGRESS else "egress",
+        "protocol": event.protocol,
+        "src": str(event.src),
+        "dst": str(event.dst),
+        "sport": event.sport,
+        "dport": event.dport,
+        "endpoint": event.endpoint_id,
+        "ifindex": event.ifindex,
+        "rule_id": event.rule_id,
+    }
+    if info is not None:
+        record["policy"] = {
+            "kind": info.kind,
+            "namespace": info.namespace,
+            "name": info.name,
+            "direction": "Ingress" if info.direction is ir.Direction.INGRESS else "Egress",
+            "index": info.index,
+        }
+    return record
+
+
+class FlowLog:
+    """Reads the events ring buffer in a thread until `stop()`."""
+
+    def __init__(self, events_fd: int, rules: Rules) -> None:
+        self._reader = EventReader(events_fd)
+        self._rules = rules
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stockade-flowlog", daemon=True)
+        self.counts: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> events
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._reader.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._reader.poll(200)
+            except OSError as exc:
+                log.warning("events ring buffer: %s", exc)
+                self._stop.wait(1.0)
+                continue
+            if not events:
+                continue
+            rules = self._rules()
+            for event in events:
+                self.counts[(event.kind.name.lower(), event.reason.name.lower())] += 1
+                level = logging.INFO if event.kind is EventKind.DROP else logging.DEBUG
+                flow_log.log(level, json.dumps(event_record(event, rules), sort_keys=True))
+
+    def metrics(self) -> str:
+        lines = ["# TYPE stockade_datapath_events_total counter"]
+        for (kind, reason), count in sorted(self.counts.items()):
+            lines.append(
+                f'stockade_datapath_events_total{{event="{kind}",reason="{reason}"}} {count}'
+            )
+        return "\n".join(lines) + "\n"
+
+
+def serve_metrics(port: int, text: Callable[[], str]) -> ThreadingHTTPServer:
+    """Serve `text()` at http://0.0.0.0:<port>/metrics (and the probes /healthz, /readyz) in a
+    daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path not in ("/metrics", "/healthz", "/readyz"):
+                self.send_error(404)
+                return
+            try:
+                body = (text() if self.path == "/metrics" else "ok\n").encode()
+            except Exception as exc:
+                self.send_error(500, str(exc))
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, name="stockade-metrics", daemon=True).start()
+    return server

@@ -1,0 +1,164 @@
+"""The agent's one idempotent `sync()`: bring the node's datapath to the published hand-off set.
+
+The `Runner` calls `Syncer.sync()` whenever the watch saw a change, after a failure and every
+resync period; it is safe to call at any time and does only what differs:
+
+1. assemble the complete set from the watched DatapathTables (an incomplete set changes nothing);
+2. make the Shape's programs current (render and compile through the cache, load or adopt the
+   pinned ones: only a new Shape does any of this);
+3. write the tables into the pinned maps as a diff (`TableWriter`);
+4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones;
+5. report status on `<node>.program.0` and Events on Pods whose attach failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stockade.agent.attachments import Attachments, AttachResult, Endpoint
+from stockade.agent.programs import Programs
+from stockade.agent.report import Report, Reporter
+from stockade.agent.tableset import Assembler, HandoffSet, IncompleteError, TableObject
+from stockade.compiler import ir
+from stockade.compiler.handoff import HandoffError
+from stockade.datapath.maps import PinnedMaps, TableWriter, WriteStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncStats:
+    syncs: int = 0
+    applied_generation: int = -1
+    waiting: str = ""  # why the published set is not applied yet
+    last_write: WriteStats = field(default_factory=WriteStats)
+    map_writes: int = 0  # syncs that changed map entries
+    last_sync_seconds: float = 0.0
+    last_write_seconds: float = 0.0
+    attach_seconds: list[float] = field(default_factory=list)  # per newly attached interface
+    last_attach: AttachResult = field(default_factory=AttachResult)
+    detached: int = 0
+
+
+def endpoints_of(tables: ir.NodeTables) -> list[Endpoint]:
+    addresses: dict[int, list[ir.IPAddress]] = defaultdict(list)
+    for entry in tables.endpoints:
+        addresses[entry.endpoint_id].append(entry.address)
+    return [Endpoint(eid, tuple(addrs)) for eid, addrs in sorted(addresses.items())]
+
+
+class Syncer:
+    def __init__(
+        self,
+        node: str,
+        objects: Callable[[], Mapping[str, TableObject]],
+        programs: Programs,
+        attachments: Attachments,
+        reporter: Reporter | None,
+        pin_root: Path,
+    ) -> None:
+        self.node = node
+        self._objects = objects
+        self.programs = programs
+        self.attachments = attachments
+        self.reporter = reporter
+        self.pin_root = pin_root
+        self.assembler = Assembler(node)
+        self.maps: PinnedMaps | None = None
+        self.writer: TableWriter | None = None
+        self.current: HandoffSet | None = None
+        self.stats = SyncStats()
+
+    @property
+    def rules(self) -> Mapping[int, ir.RuleInfo]:
+        return self.current.tables.rules if self.current is not None else {}
+
+    def sync(self) -> bool:
+        """Apply the published set; False when there was no complete set to apply."""
+        began = time.monotonic()
+        self.stats.syncs += 1
+        try:
+            wanted = self.assembler.assemble(self._objects())
+        except IncompleteError as exc:
+            if self.stats.waiting != str(exc):
+                log.info("waiting for a complete set: %s", exc)
+            self.stats.waiting = str(exc)
+            return False
+        except HandoffError as exc:
+            self._report_problem(f"hand-off: {exc}")
+            raise
+        self.stats.waiting = ""
+        try:
+            result = self._apply(wanted)
+        except Exception as exc:
+            self._report_problem(f"datapath: {exc}")
+            raise
+        self.stats.last_sync_seconds = time.monotonic() - began
+        if self.reporter is not None:
+            errors = tuple(f"{f.reason}: {f.message}" for f in result.failures)
+            self.reporter.report(
+                Report(wanted.generation, len(result.attached), errors, self.programs.digest)
+            )
+            self.reporter.pod_failures(result.failures)
+        return True
+
+    def _apply(self, wanted: HandoffSet) -> AttachResult:
+        changed = self.programs.ensure(wanted.program.shape)
+        if self.maps is None:
+            self.maps = PinnedMaps.open(self.pin_root)
+            self.writer = TableWriter(self.maps)  # adopts what the maps hold
+        assert self.writer is not None
+        began = time.monotonic()
+        written = self.writer.write(wanted.tables)
+        self.stats.last_write_seconds = time.monotonic() - began
+        self.stats.last_write = written
+        if written.total:
+            self.stats.map_writes += 1
+            log.info(
+                "generation %d: %d added, %d changed, %d deleted map entries in %.1f ms",
+                wanted.generation,
+                written.added,
+                written.changed,
+                written.deleted,
+                self.stats.last_write_seconds * 1000,
+            )
+        self.current = wanted
+        programs = {hook: (p.fd, p.id) for hook, p in self.programs.programs.items()}
+        result = self.attachments.reconcile(endpoints_of(wanted.tables), programs)
+        self.stats.last_attach = result
+        self.stats.attach_seconds.extend(result.seconds_per_new_interface)
+        del self.stats.attach_seconds[:-1000]
+        self.stats.detached += len(result.detached)
+        self.stats.applied_generation = wanted.generation
+        for failure in result.failures:
+            log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
+        if changed:
+            self.programs.retire()
+        return result
+
+    def _report_problem(self, message: str) -> None:
+        if self.reporter is None:
+            return
+        attached = len(self.stats.last_attach.attached)
+        try:
+            self.reporter.report(
+                Report(
+                    max(self.stats.applied_generation, 0),
+                    attached,
+                    (message,),
+                    self.programs.digest,
+                )
+            )
+        except Exception as exc:
+            log.warning("could not report %r: %s", message, exc)
+
+    def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()
+            self.maps = None
+        self.programs.close()

@@ -1,0 +1,180 @@
+"""The agent's sync against the kernel, without an API server: published tables (from the
+operator's lowering and codec) are enforced on real traffic in both topologies; a label change
+is a map write with no recompile; an endpoint that goes away is detached; a second agent on the
+same pin root adopts programs, maps and links and changes nothing; a new Shape replaces the
+programs in the links in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stockade.compiler.render import Hook
+from stockade.compiler.shape import Shape
+from stockade.datapath import libbpf
+from stockade.sandbox.workload import Outcome
+from tests.bpf.agent_harness import (
+    Cluster,
+    make_syncer,
+    pin_root,
+    probe_web,
+    serve_web,
+    tcx_programs,
+)
+from tests.fixtures.netns import MakeProcesses, MakeTopology
+
+ALLOWED_CLIENT = {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}
+
+
+@pytest.mark.parametrize("mode", ["routed", "bridge"])
+def test_published_tables_are_enforced_on_real_traffic(
+    topology: MakeTopology, pod_processes: MakeProcesses, mode: str
+) -> None:
+    topo = topology(nodes=2, mode=mode)
+    cluster = Cluster.create(topo)
+    procs = pod_processes(topo)
+    serve_web(procs)
+    assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.CONNECTED}
+    with pin_root() as root:
+        syncer, executor = make_syncer(root, topo, cluster.table_objects())
+        try:
+            syncer.sync()
+            web_if = topo.pods["demo/web"].host_ifname
+            assert syncer.stats.last_attach.attached == {
+                e.endpoint_id: web_if
+                for e in syncer.current.tables.endpoints  # type: ignore[union-attr]
+            }
+            programs = syncer.programs.programs
+            assert tcx_programs(executor, web_if) == {
+                "ingress": [programs[Hook.FROM_POD].id],
+                "egress": [programs[Hook.TO_POD].id],
+            }
+            assert probe_web(procs, cluster) == ALLOWED_CLIENT
+        finally:
+            syncer.close()
+            executor.close()
+
+
+def test_a_label_change_is_written_to_the_maps_without_a_recompile(
+    topology: MakeTopology, pod_processes: MakeProcesses
+) -> None:
+    topo = topology(nodes=2, mode="routed")
+    cluster = Cluster.create(topo)
+    procs = pod_processes(topo)
+    serve_web(procs)
+    objects = cluster.table_objects()
+    with pin_root() as root:
+        syncer, executor = make_syncer(root, topo, objects)
+        try:
+            syncer.sync()
+            assert probe_web(procs, cluster) == ALLOWED_CLIENT
+            compiled = (syncer.programs.stats.compile_hits, syncer.programs.stats.compile_misses)
+            program_ids = {h: p.id for h, p in syncer.programs.programs.items()}
+            cluster.labels["demo/other"] = "client"
+            objects.clear()
+            objects.update(cluster.table_objects())
+            syncer.sync()
+            assert syncer.stats.last_write.total > 0
+            assert (
+                syncer.programs.stats.compile_hits,
+                syncer.programs.stats.compile_misses,
+            ) == compiled
+            assert syncer.programs.stats.renders == 1
+            assert {h: p.id for h, p in syncer.programs.programs.items()} == program_ids
+            assert probe_web(procs, cluster) == {
+                "client": Outcome.CONNECTED,
+                "other": Outcome.CONNECTED,
+            }
+        finally:
+            syncer.close()
+            executor.close()
+
+
+def test_an_endpoint_that_is_gone_has_its_links_detached_and_others_untouched(
+    topology: MakeTopology, pod_processes: MakeProcesses
+) -> None:
+    topo = topology(nodes=2, mode="routed")
+    cluster = Cluster.create(topo)
+    topo.add_pod("demo/web2", "node-1")
+    cluster.labels["demo/web2"] = "web"
+    objects = cluster.table_objects()
+    web_if = topo.pods["demo/web"].host_ifname
+    web2_if = topo.pods["demo/web2"].host_ifname
+    with pin_root() as root:
+        syncer, executor = make_syncer(root, topo, objects)
+        try:
+            syncer.sync()
+            assert sorted(syncer.stats.last_attach.attached.values()) == sorted([web_if, web2_if])
+            before = tcx_programs(executor, web_if)
+            # The pod is deleted in the API: its endpoint leaves the tables, its veth lingers.
+            cluster.deleted.add("demo/web2")
+            objects.clear()
+            objects.update(cluster.table_objects())
+            syncer.sync()
+            assert syncer.stats.last_attach.detached == [web2_if]
+            assert tcx_programs(executor, web2_if) == {"ingress": [], "egress": []}
+            assert not (root / "links" / web2_if).exists()
+            assert tcx_programs(executor, web_if) == before
+            # Then the veth goes too: nothing left to do, nothing fails.
+            topo.remove_pod("demo/web2")
+            syncer.sync()
+            assert syncer.stats.last_attach.failures == []
+        finally:
+            syncer.close()
+            executor.close()
+
+
+def test_a_second_agent_adopts_programs_maps_and_links_and_changes_nothing(
+    topology: MakeTopology, pod_processes: MakeProcesses
+) -> None:
+    topo = topology(nodes=2, mode="routed")
+    cluster = Cluster.create(topo)
+    procs = pod_processes(topo)
+    serve_web(procs)
+    objects = cluster.table_objects()
+    web_if = topo.pods["demo/web"].host_ifname
+    with pin_root() as root:
+        first, ex1 = make_syncer(root, topo, objects)
+        try:
+            first.sync()
+            chain = tcx_programs(ex1, web_if)
+            links = {p.name: _link_id(p) for p in (root / "links" / web_if).iterdir()}
+        finally:
+            first.close()
+            ex1.close()
+        second, ex2 = make_syncer(root, topo, objects)
+        try:
+            second.sync()
+            stats = second.programs.stats
+            assert (stats.loads, stats.adoptions) == (0, 2)
+            assert second.stats.last_write.total == 0
+            attach = second.stats.last_attach
+            assert (attach.created, attach.updated, attach.unchanged) == (0, 0, 2)
+            assert tcx_programs(ex2, web_if) == chain
+            assert {p.name: _link_id(p) for p in (root / "links" / web_if).iterdir()} == links
+            assert probe_web(procs, cluster) == ALLOWED_CLIENT
+            # A new Shape: new programs, swapped into the same links.
+            objects.clear()
+            objects.update(cluster.table_objects(Shape(audit_events=False)))
+            second.sync()
+            attach = second.stats.last_attach
+            assert (attach.created, attach.updated) == (0, 2)
+            assert {p.name: _link_id(p) for p in (root / "links" / web_if).iterdir()} == links
+            new_chain = tcx_programs(ex2, web_if)
+            assert new_chain != chain
+            assert new_chain["ingress"] == [second.programs.programs[Hook.FROM_POD].id]
+            assert [p.name for p in (root / "programs").iterdir()] == [second.programs.digest]
+            assert probe_web(procs, cluster) == ALLOWED_CLIENT
+        finally:
+            second.close()
+            ex2.close()
+
+
+def _link_id(pin: Path) -> int:
+    fd = libbpf.obj_get(pin)
+    try:
+        return libbpf.link_info(fd).id
+    finally:
+        os.close(fd)
