@@ -13,7 +13,7 @@
 #error "map sizes must be defined by the rendered program"
 #endif
 
-/* endpoints: the address of a pod on this node -> its endpoint id. */
+/* endpoints: the address of a pod on this node -> its endpoint id. The key of peer_hosts too. */
 struct endpoint_key {
 	__u8 addr[16];
 };
@@ -23,7 +23,10 @@ struct endpoint_value {
 	__u32 flags;
 };
 
-/* peer_classes: remote address (LPM, IPv4-mapped IPv6) -> equivalence class of peer sets. */
+/* peer_classes: remote address (LPM, IPv4-mapped IPv6) -> equivalence class of peer sets.
+ * Host prefixes (/128, IPv4 /32) live in the peer_hosts hash instead: a host prefix is the
+ * longest there is, so a hit there is what the trie would answer, and the trie keeps only the
+ * shorter prefixes (CIDRs), whose count is what a trie lookup's depth grows with. */
 struct class_key {
 	__u32 prefixlen;
 	__u8 addr[16];
@@ -36,7 +39,10 @@ struct class_value {
 
 #define CLASS_FLAG_LOCAL_NODE 1
 
-/* policy: (endpoint << 1 | direction, class, protocol, port) -> verdict, all big-endian. */
+/* policy: (endpoint << 1 | direction, class, protocol, port) -> verdict, all big-endian.
+ * Entries of the exact levels (/96: one port; /64: a whole class) live in the policy_exact hash
+ * under the same key bytes. A level entry with POLICY_FLAG_LONGER has longer entries beneath it
+ * that only the trie holds, so it stays in the trie too. policy.h has the lookup order. */
 struct policy_key {
 	__u32 prefixlen;
 	__be32 endpoint_dir;
@@ -52,6 +58,10 @@ struct policy_value {
 	__u8 audit_action;
 	__u16 flags;
 };
+
+#define POLICY_FLAG_LONGER 1 /* policy_exact: the trie holds longer entries beneath this one */
+#define POLICY_EXACT_PORT 96  /* the exact levels, longest first */
+#define POLICY_EXACT_CLASS 64
 
 #define ACTION_NONE 0
 #define ACTION_ALLOW 1
@@ -93,6 +103,25 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } peer_classes SEC(".maps");
+
+/* Hashes without preallocation: memory follows the entries written, lookups cost the same. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_HOSTS_MAX);
+	__type(key, struct endpoint_key);
+	__type(value, struct class_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} peer_hosts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_POLICY_EXACT_MAX);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_exact SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -139,7 +168,7 @@ struct ct_key {
 };
 
 struct ct_entry {
-	__u64 expires_ns;	/* bpf_ktime_get_ns() after which the entry is dead */
+	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which the entry is dead */
 	__u32 epoch;		/* config.epoch when the entry was last judged */
 	__u32 rule_id;		/* the rule that allowed it */
 	__u16 port;		/* the policy port of the flow, to judge it again */

@@ -11,6 +11,16 @@
  *      order (Admin, namespace, Baseline) is already folded into the entries by the lowering.
  *   4. No entry at all for the endpoint and direction: no policy selects it, allowed (rule 0).
  * An address in no peer class has class 0.
+ *
+ * Lookups (each a kernel hash or trie walk; a trie walk grows with the trie's entries, a hash
+ * lookup does not, so the common cases are answered by hashes):
+ *   class:  peer_hosts (the remote address exactly), else the longest CIDR in peer_classes.
+ *   policy: policy_exact at /96 (this port), else policy_exact at /64 (the whole class) unless
+ *           it is flagged POLICY_FLAG_LONGER, else the longest prefix in the policy trie.
+ * Both equal the longest-prefix match over all entries: a host entry is the longest class
+ * prefix; a /96 entry is the longest policy prefix; a /64 entry without the flag has no longer
+ * entry beneath it other than /96 ones, which missed; and the trie holds every entry that is
+ * not answered by a hash, plus the flagged /64 entries themselves.
  */
 #pragma once
 
@@ -26,12 +36,44 @@ struct decision {
 	__u8 pad;
 };
 
+/* `addr` points at 16 bytes on the stack: the address, IPv4-mapped for IPv4. */
 static __always_inline struct endpoint_value *endpoint_lookup(const __u32 *addr)
 {
-	struct endpoint_key ek;
+	return bpf_map_lookup_elem(&endpoints, addr);
+}
 
-	__builtin_memcpy(ek.addr, addr, 16);
-	return bpf_map_lookup_elem(&endpoints, &ek);
+static __always_inline struct class_value *class_lookup(const __u32 *remote)
+{
+	struct class_value *cls = bpf_map_lookup_elem(&peer_hosts, remote);
+	struct class_key ck;
+
+	if (cls)
+		return cls;
+	ck.prefixlen = 128;
+	__builtin_memcpy(ck.addr, remote, 16);
+	return bpf_map_lookup_elem(&peer_classes, &ck);
+}
+
+/* `pk` holds a full key; its prefixlen and low fields are scratch. */
+static __always_inline struct policy_value *policy_lookup(struct policy_key *pk)
+{
+	struct policy_value *pv;
+	__be16 proto = pk->proto, port = pk->port;
+
+	pk->prefixlen = POLICY_EXACT_PORT;
+	pv = bpf_map_lookup_elem(&policy_exact, pk);
+	if (pv)
+		return pv;
+	pk->prefixlen = POLICY_EXACT_CLASS;
+	pk->proto = 0;
+	pk->port = 0;
+	pv = bpf_map_lookup_elem(&policy_exact, pk);
+	if (pv && !(pv->flags & POLICY_FLAG_LONGER))
+		return pv;
+	pk->prefixlen = 96;
+	pk->proto = proto;
+	pk->port = port;
+	return bpf_map_lookup_elem(&policy, pk);
 }
 
 /* Steps 2-4 for a known endpoint. */
@@ -39,7 +81,6 @@ static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u3
 						   __u8 proto, __u16 port, __u32 dir,
 						   struct decision *d)
 {
-	struct class_key ck;
 	struct class_value *cls;
 	struct policy_key pk;
 	struct policy_value *pv;
@@ -52,9 +93,7 @@ static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u3
 	d->judged = 1;
 	d->endpoint_id = endpoint_id;
 
-	ck.prefixlen = 128;
-	__builtin_memcpy(ck.addr, remote, 16);
-	cls = bpf_map_lookup_elem(&peer_classes, &ck);
+	cls = class_lookup(remote);
 	if (cls) {
 		class_id = cls->class_id;
 		class_flags = cls->flags;
@@ -62,12 +101,11 @@ static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u3
 	if (dir == DIR_INGRESS && (class_flags & CLASS_FLAG_LOCAL_NODE))
 		return;
 
-	pk.prefixlen = 96;
 	pk.endpoint_dir = bpf_htonl(endpoint_id << 1 | dir);
 	pk.class_id = bpf_htonl(class_id);
 	pk.proto = bpf_htons(proto);
 	pk.port = bpf_htons(port);
-	pv = bpf_map_lookup_elem(&policy, &pk);
+	pv = policy_lookup(&pk);
 	if (!pv)
 		return;
 	d->action = pv->action;

@@ -15,13 +15,19 @@ Per-packet work is independent of the number of rules (DESIGN.md §3 "render per
    after tier evaluation, with the deciding rule id and what Audit-mode policies would decide.
    Port ranges become port prefixes; ICMP type and code are the "port" (type << 8 | code).
    No entry for (endpoint, direction) at all means no policy applies: allowed.
+
+A trie lookup's cost grows with the trie's entries, a hash lookup's does not, so the agent's
+writer (`stockade.datapath.layout`) puts the entries most packets need into hashes in front of
+the tries: host classes (/128) into `peer_hosts`, and the exact policy levels (/96: one port;
+/64: a whole class) into `policy_exact`. The answers stay those of the longest-prefix match over
+each table, and `lookup()` below follows the programs' order of lookups.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -70,6 +76,8 @@ RULE_NONE = 0
 #   policy key:     u32 prefixlen (host order), be32 endpoint<<1|dir, be32 class, be16 proto,
 #                   be16 port                                        -> value: see POLICY_VALUE
 POLICY_KEY_BITS = 96
+POLICY_EXACT_LEVELS = (96, 64)  # policy_exact: one port, a whole class; longest first
+CLASS_HOST_PREFIX = 128  # peer_hosts: host classes (IPv4 /32 is IPv4-mapped /128)
 PREFIX_ENDPOINT = 32  # endpoint and direction only: the isolation default of an endpoint
 PREFIX_CLASS = 64  # + peer class: every protocol and port
 PREFIX_PROTO = 80  # + protocol: every port of that protocol
@@ -236,13 +244,38 @@ def _lpm(entries: Iterable[PolicyEntry], key_bits: int) -> PolicyEntry | None:
     return best
 
 
+def policy_lookup(entries: Sequence[PolicyEntry], key_bits: int) -> PolicyEntry | None:
+    """The policy entry for a full key, in the programs' order (bpf/policy.h):
+
+    1. the /96 entry of the key (policy_exact);
+    2. the /64 entry of its endpoint, direction and class (policy_exact), unless an entry
+       longer than /64 and shorter than /96 lies beneath it (then it is flagged: the trie
+       decides);
+    3. the longest prefix among the other entries (the policy trie).
+    This is the longest-prefix match over all entries, in three steps.
+    """
+    for level in POLICY_EXACT_LEVELS:
+        hit = next((e for e in entries if e.prefixlen == level and e.covers(key_bits)), None)
+        if hit is None:
+            continue
+        if level == POLICY_KEY_BITS or not any(
+            level < e.prefixlen < POLICY_KEY_BITS and hit.covers(_key_bits(e)) for e in entries
+        ):
+            return hit
+        break
+    return _lpm((e for e in entries if e.prefixlen != POLICY_KEY_BITS), key_bits)
+
+
 def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
-    """The longest class prefix that contains `address` (the `peer_classes` trie lookup)."""
+    """The class of `address`: its host entry (`peer_hosts`), else the longest class prefix
+    that contains it (the `peer_classes` trie)."""
     addr = to_v6(address)
     best: ClassEntry | None = None
     best_len = -1
     for entry in tables.classes:
         net = net_to_v6(entry.network)  # lengths compare in the trie's IPv6 space: 0.0.0.0/0
+        if net.prefixlen == CLASS_HOST_PREFIX and net.network_address == addr:
+            return entry
         if addr in net and net.prefixlen > best_len:  # is ::ffff:0:0/96, longer than ::/0
             best, best_len = entry, net.prefixlen
     return best
@@ -271,7 +304,7 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
         policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[4:],
         "big",
     )
-    entry = _lpm(tables.policy, key)
+    entry = policy_lookup(tables.policy, key)
     if entry is None:
         return ALLOW_BY_DEFAULT
     return Verdict(entry.action, entry.rule_id, entry.audit_action, entry.audit_rule_id)

@@ -43,6 +43,10 @@ class Shape:
     endpoints_max: int = 65_536
     classes_max: int = 1 << 21  # LPM trie without preallocation: a large bound costs nothing
     policy_max: int = 1 << 24  # likewise
+    # Hashes in front of the tries (host classes; /96 and /64 policy entries). Their bucket
+    # arrays are allocated up front (16 bytes a slot); entries past the bound stay in the trie.
+    hosts_max: int = 1 << 21
+    policy_exact_max: int = 1 << 20
     conntrack_max: int = 1 << 17  # LRU hash: preallocated, sized for the node's flows
     rules_max: int = 1 << 16  # per-CPU counters indexed by rule id
     events_bytes: int = 1 << 20  # ring buffer of drop and audit events
@@ -88,6 +92,8 @@ class Shape:
             "STOCKADE_ENDPOINTS_MAX": int(self.endpoints_max),
             "STOCKADE_CLASSES_MAX": int(self.classes_max),
             "STOCKADE_POLICY_MAX": int(self.policy_max),
+            "STOCKADE_HOSTS_MAX": int(self.hosts_max),
+            "STOCKADE_POLICY_EXACT_MAX": int(self.policy_exact_max),
             "STOCKADE_CONNTRACK_MAX": int(self.conntrack_max),
             "STOCKADE_RULES_MAX": int(self.rules_max),
             "STOCKADE_EVENTS_BYTES": int(self.events_bytes),

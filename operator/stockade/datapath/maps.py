@@ -22,10 +22,20 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Protocol
 
-from stockade.datapath import libbpf
+from stockade.datapath import layout, libbpf
 
-MAP_NAMES = ("endpoints", "peer_classes", "policy", "conntrack", "counters", "events", "config")
-TABLE_MAPS = ("endpoints", "peer_classes", "policy")
+MAP_NAMES = (
+    "endpoints",
+    "peer_classes",
+    "peer_hosts",
+    "policy",
+    "policy_exact",
+    "conntrack",
+    "counters",
+    "events",
+    "config",
+)
+TABLE_MAPS = ("endpoints", "peer_classes", "policy")  # the logical tables (ir.NodeTables)
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/stockade")
 
 CONFIG = struct.Struct("=IIQQQQQ")  # struct config in bpf/maps.h
@@ -89,7 +99,7 @@ class PinnedMaps:
         except BaseException:
             maps.close()
             raise
-        for name in (*TABLE_MAPS, "config"):
+        for name in (*layout.PHYSICAL_MAPS, "config"):
             if name not in maps.fds:
                 maps.close()
                 raise FileNotFoundError(f"pinned map {pin_root / name} is missing")
@@ -136,19 +146,29 @@ def _wanted(entries: Sequence[MapEntry], name: str) -> dict[bytes, bytes]:
 
 
 class TableWriter:
-    """Keeps the table maps equal to the last written `Tables`; one writer per node."""
+    """Keeps the table maps equal to the last written `Tables`; one writer per node.
+
+    The logical tables are split over tries and the hashes in front of them
+    (`stockade.datapath.layout`); `current()` answers with the logical contents.
+    """
 
     def __init__(self, maps: PinnedMaps) -> None:
         self.maps = maps
         self._state: dict[str, dict[bytes, bytes]] = {}
+        self._physical: dict[str, dict[bytes, bytes]] = {}
+        self._capacity = {
+            name: libbpf.map_info(maps.fd(name)).max_entries
+            for name in ("peer_hosts", "policy_exact")
+        }
         self.adopt()
 
     def adopt(self) -> None:
         """Read what the maps hold now (after a restart, whatever the previous agent wrote)."""
-        for name in TABLE_MAPS:
+        for name in layout.PHYSICAL_MAPS:
             fd = self.maps.fd(name)
             info = libbpf.map_info(fd)
-            self._state[name] = dict(libbpf.map_dump(fd, info.key_size, info.value_size))
+            self._physical[name] = dict(libbpf.map_dump(fd, info.key_size, info.value_size))
+        self._state = layout.join(self._physical)
 
     def current(self, name: str) -> Mapping[bytes, bytes]:
         return self._state[name]
@@ -159,20 +179,28 @@ class TableWriter:
             "peer_classes": _wanted(tables.classes, "peer_classes"),
             "policy": _wanted(tables.policy, "policy"),
         }
-        upserts: dict[str, dict[bytes, bytes]] = {}
-        deletes: dict[str, list[bytes]] = {}
-        added = changed = 0
+        added = changed = deleted = 0
         for name, want in wanted.items():
             have = self._state[name]
-            upserts[name] = {k: v for k, v in want.items() if have.get(k) != v}
-            added += sum(1 for k in upserts[name] if k not in have)
-            changed += sum(1 for k in upserts[name] if k in have)
-            deletes[name] = [k for k in have if k not in want]
-        for name in ("policy", "peer_classes", "endpoints"):
+            added += sum(1 for k in want if k not in have)
+            changed += sum(1 for k, v in want.items() if k in have and have[k] != v)
+            deleted += sum(1 for k in have if k not in want)
+        physical = layout.split(wanted, self._capacity)
+        upserts = {
+            name: {k: v for k, v in want.items() if self._physical[name].get(k) != v}
+            for name, want in physical.items()
+        }
+        deletes = {
+            name: [k for k in have if k not in physical[name]]
+            for name, have in self._physical.items()
+        }
+        # Tries before the hashes in front of them, tables before the endpoints that use them;
+        # deletes in the reverse order. Every state in between answers as the old or new tables.
+        for name in ("policy", "policy_exact", "peer_classes", "peer_hosts", "endpoints"):
             self._upsert(name, upserts[name])
-        for name in ("endpoints", "policy", "peer_classes"):
+        for name in ("endpoints", "policy_exact", "policy", "peer_hosts", "peer_classes"):
             self._delete(name, deletes[name])
-        deleted = sum(len(keys) for keys in deletes.values())
+        self._state = wanted
         epoch = read_epoch(self.maps)
         if added or changed or deleted:
             epoch = bump_epoch(self.maps)
@@ -182,10 +210,11 @@ class TableWriter:
         if not items:
             return
         fd = self.maps.fd(name)
-        keys, values = list(items), list(items.values())
+        keys = layout.longest_first(list(items)) if name == "policy_exact" else list(items)
+        values = [items[k] for k in keys]
         for start in range(0, len(keys), 65536):
             libbpf.map_update_batch(fd, keys[start : start + 65536], values[start : start + 65536])
-        self._state[name].update(items)
+        self._physical[name].update(items)
 
     def _delete(self, name: str, keys: list[bytes]) -> None:
         if not keys:
@@ -194,7 +223,7 @@ class TableWriter:
         for start in range(0, len(keys), 65536):
             libbpf.map_delete_batch(fd, keys[start : start + 65536])
         for key in keys:
-            del self._state[name][key]
+            del self._physical[name][key]
 
 
 # --- the config map -----------------------------------------------------------------------------
