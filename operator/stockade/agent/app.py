@@ -27,6 +27,7 @@ from stockade.agent.tableset import TableObject
 from stockade.agent.watch import TableWatch
 from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters
+from stockade.datapath.maps import ConntrackMode, DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Agent:
             Attachments(config.pin_root, self.executor),
             Reporter(self.api, config.node),
             config.pin_root,
+            DatapathConfig(ConntrackMode[config.conntrack_on_policy_change.upper()]),
         )
         self.runner = Runner(
             self._sync,

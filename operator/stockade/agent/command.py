@@ -68,6 +68,14 @@ def add_parser(subparsers: Any) -> None:
         help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
     )
     ag.add_argument(
+        "--conntrack-on-policy-change",
+        choices=("revalidate", "keep"),
+        default=os.environ.get("STOCKADE_CONNTRACK_ON_POLICY_CHANGE") or "revalidate",
+        help="established connections when policy changes: judged again at their next packet "
+        "(revalidate, the default) or kept until they expire (keep) "
+        "($STOCKADE_CONNTRACK_ON_POLICY_CHANGE)",
+    )
+    ag.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -87,6 +95,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         resync_seconds=args.resync_seconds,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        conntrack_on_policy_change=args.conntrack_on_policy_change,
     )
 
 

@@ -27,6 +27,9 @@ class AgentConfig:
     resync_seconds: float = 300.0
     metrics_port: int | None = None
     health_port: int | None = None
+    # What established connections do when policy changes (bpf/conntrack.h): "revalidate" judges
+    # each flow's next packet again, "keep" lets established flows run until they expire.
+    conntrack_on_policy_change: str = "revalidate"
     min_interval: float = 0.05  # between two syncs
     max_backoff: float = 30.0  # retry delay ceiling after failing syncs
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
@@ -53,6 +56,11 @@ class AgentConfig:
         ):
             if port is not None and not 0 <= port < 65536:
                 errors.append(f"{flag}: {port} is not a port number")
+        if self.conntrack_on_policy_change not in ("revalidate", "keep"):
+            errors.append(
+                "--conntrack-on-policy-change: expected revalidate or keep, got "
+                f"{self.conntrack_on_policy_change!r}"
+            )
         if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
             errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")
         if errors:

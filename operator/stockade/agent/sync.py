@@ -26,7 +26,14 @@ from stockade.agent.report import Report, Reporter
 from stockade.agent.tableset import Assembler, HandoffSet, IncompleteError, TableObject
 from stockade.compiler import ir
 from stockade.compiler.handoff import HandoffError
-from stockade.datapath.maps import PinnedMaps, TableWriter, WriteStats
+from stockade.datapath.maps import (
+    DatapathConfig,
+    PinnedMaps,
+    TableWriter,
+    WriteStats,
+    read_config,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,9 @@ class Syncer:
         attachments: Attachments,
         reporter: Reporter | None,
         pin_root: Path,
+        datapath_config: DatapathConfig | None = None,
     ) -> None:
+        self.datapath_config = datapath_config or DatapathConfig()
         self.node = node
         self._objects = objects
         self.programs = programs
@@ -112,6 +121,8 @@ class Syncer:
         if self.maps is None:
             self.maps = PinnedMaps.open(self.pin_root)
             self.writer = TableWriter(self.maps)  # adopts what the maps hold
+            if read_config(self.maps) != self.datapath_config:
+                write_config(self.maps, self.datapath_config)
         assert self.writer is not None
         began = time.monotonic()
         written = self.writer.write(wanted.tables)
