@@ -169,19 +169,29 @@ def lower_node(
             representatives.setdefault(region.signature, region.representative)
 
     entries: list[_Entry] = []
+    # Pods with the same policies, named ports and address families get the same entries but
+    # for the endpoint id (the replicas of a workload): lower each such profile once.
+    profiles: dict[tuple[object, ...], list[_Entry]] = {}
     for pod in pods:
         for direction in Direction:
             chosen = affecting[(pod.key, direction)]
-            if chosen:
-                entries += _endpoint_entries(
-                    state,
-                    pod,
-                    endpoint_ids[pod.key],
-                    direction,
-                    chosen,
-                    class_ids,
-                    representatives,
+            if not chosen:
+                continue
+            profile = (
+                direction,
+                tuple(id(p) for p in chosen),
+                tuple(sorted(pod.named_ports.items())),
+                tuple(sorted(ip.version for ip in pod.ips)),
+            )
+            if profile not in profiles:
+                profiles[profile] = _endpoint_entries(
+                    state, pod, 0, direction, chosen, class_ids, representatives
                 )
+            endpoint_id = endpoint_ids[pod.key]
+            entries += [
+                replace(e, entry=replace(e.entry, endpoint_id=endpoint_id))
+                for e in profiles[profile]
+            ]
     rule_refs = sorted({ref for e in entries for ref in _refs(e)}, key=_ref_key)
     rule_ids = ids.rules.assign(rule_refs)
     policy = tuple(_resolve_rule_ids(e, rule_ids) for e in entries)
