@@ -118,6 +118,8 @@ def build_regions(
     ordered = sorted(prefixes, key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
 
     regions: list[Region] = []
+    kept: dict[IPNetwork, int] = {}  # network -> index in regions
+    lengths: dict[int, set[int]] = {4: set(), 6: set()}  # prefix lengths kept, per family
     for net in ordered:
         address = net.network_address
         if net.prefixlen == net.max_prefixlen and address in hosts:
@@ -131,29 +133,26 @@ def build_regions(
         else:
             signature = (net.version, _region_signature(net, peers), (), False)
             region = Region(net, signature, _representative(net, ordered))
-        enclosing = _enclosing(regions, net)
-        if enclosing is not None and enclosing.signature == signature:
+        around = _enclosing(kept, lengths[net.version], net)
+        if around is not None and regions[around].signature == signature:
             # The prefix around it already says the same; its addresses fall to that prefix.
-            if enclosing.representative is None and region.representative is not None:
-                regions[regions.index(enclosing)] = replace(
-                    enclosing, representative=region.representative
-                )
+            if regions[around].representative is None and region.representative is not None:
+                regions[around] = replace(regions[around], representative=region.representative)
             continue
+        kept[net] = len(regions)
+        lengths[net.version].add(net.prefixlen)
         regions.append(region)
     return regions
 
 
-def _enclosing(regions: Sequence[Region], net: IPNetwork) -> Region | None:
-    """The longest region strictly containing `net` (regions come shortest first)."""
-    best: Region | None = None
-    for region in regions:
-        if (
-            region.network != net
-            and _contains_net(region.network, net)
-            and (best is None or region.network.prefixlen > best.network.prefixlen)
-        ):
-            best = region
-    return best
+def _enclosing(kept: dict[IPNetwork, int], lengths: set[int], net: IPNetwork) -> int | None:
+    """The index of the longest kept region strictly containing `net`: one dict look-up per
+    prefix length in use, so a node with many pod addresses stays linear."""
+    for length in sorted((n for n in lengths if n < net.prefixlen), reverse=True):
+        found = kept.get(net.supernet(new_prefix=length))
+        if found is not None:
+            return found
+    return None
 
 
 def protocols_for(version: int) -> tuple[Protocol, ...]:
