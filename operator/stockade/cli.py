@@ -15,7 +15,7 @@ from stockade import __version__
 from stockade.agent import command as agent
 from stockade.conformance import command as conformance
 from stockade.control import command as operator
-from stockade.sandbox import session
+from stockade.sandbox import demo, session
 
 _STARTED = time.monotonic()
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_parser(subparsers)
     operator.add_parser(subparsers)
     agent.add_parser(subparsers)
+    demo.add_parser(subparsers)
     return parser
 
 

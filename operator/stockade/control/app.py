@@ -124,6 +124,22 @@ class Operator:
         settings.networking.request_timeout = 60
         return settings
 
+    async def _kopf(self, stop: threading.Event) -> None:
+        try:
+            await kopf.operator(
+                registry=self.registry,
+                settings=self.settings(),
+                clusterwide=self.config.namespace is None,
+                namespaces=[self.config.namespace] if self.config.namespace else (),
+                standalone=True,
+                stop_flag=stop,
+                ready_flag=self.ready,
+            )
+        finally:
+            # kopf waits for `stop` in an executor thread; when a signal (kopf's own handler)
+            # stopped it instead, that thread must be released or asyncio.run() never returns.
+            stop.set()
+
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
         servers = [
@@ -137,17 +153,7 @@ class Operator:
         else:
             self.runner.request(True)
         try:
-            asyncio.run(
-                kopf.operator(
-                    registry=self.registry,
-                    settings=self.settings(),
-                    clusterwide=self.config.namespace is None,
-                    namespaces=[self.config.namespace] if self.config.namespace else (),
-                    standalone=True,
-                    stop_flag=stop,
-                    ready_flag=self.ready,
-                )
-            )
+            asyncio.run(self._kopf(stop))
         finally:
             if self.elector is not None:
                 self.elector.stop()

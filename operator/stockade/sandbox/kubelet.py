@@ -125,11 +125,13 @@ def register_pod(
     pod: PodNet,
     labels: dict[str, str],
     ports: list[tuple[str | None, int, str]],
+    host_network: bool = False,
 ) -> None:
     """Create Pod `namespace/name` bound to `pod.node` and set its status to Running and Ready.
 
     `ports` are (name or None, number, protocol) container ports. hostIP/hostIPs are the
-    InternalIPs of the pod's Node object, which `register_node` must have created."""
+    InternalIPs of the pod's Node object, which `register_node` must have created. A
+    host-network pod (`host_network`) is given its node's addresses in `pod`."""
     core = CoreV1Api(api)
     host_ips = node_internal_ips(api, pod.node)
     ensure_default_service_account(api, namespace)
@@ -142,6 +144,7 @@ def register_pod(
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 0,
+            "hostNetwork": host_network,
             "containers": [
                 {
                     "name": "main",

@@ -5,9 +5,15 @@ and talks to it over stdin/stdout, one JSON object per line. The agent serves TC
 ports and runs probes (TCP connect + echo, UDP echo, ICMP echo) concurrently with asyncio, so a
 batch of probes costs about one probe timeout. It exits when its stdin closes.
 
-Requests:  {"id": N, "op": "serve", "proto": "tcp"|"udp", "port": P, "hosts": [ip, ...]}
-           {"id": N, "op": "probe", "proto": "tcp"|"udp", "dst": ip, "port": P, "timeout": s,
-            "src": ip|null}
+SCTP ("sctp"): the kernel here has no SCTP module, so the agent crafts the handshake's first two
+packets over raw IP sockets (protocol 132): a probe sends INIT (resent every 0.25 s) and waits for
+INIT-ACK (connected) or ABORT (refused); a served address answers INIT with INIT-ACK on a served
+port and ABORT on any other. Raw sockets take the packets, so the kernel sends no
+protocol-unreachable. That is the part of an association that policy enforcement judges.
+
+Requests:  {"id": N, "op": "serve", "proto": "tcp"|"udp"|"sctp", "port": P, "hosts": [ip, ...]}
+           {"id": N, "op": "probe", "proto": "tcp"|"udp"|"sctp", "dst": ip, "port": P,
+            "timeout": s, "src": ip|null}
            {"id": N, "op": "ping", "dst": ip, "timeout": s, "src": ip|null}
 Replies:   {"id": N, "ok": true, "outcome": "connected"|"timeout"|"refused"|"error",
             "detail": str, "elapsed": s}   or   {"id": N, "ok": false, "error": str}
@@ -23,6 +29,7 @@ import contextlib
 import errno
 import json
 import os
+import random
 import socket
 import struct
 import sys
@@ -34,6 +41,139 @@ UDP_RESEND_S = 0.25
 TCP_IDLE_S = 10.0
 
 _servers: dict[tuple[str, int], list[Any]] = {}
+
+IPPROTO_SCTP = 132
+SCTP_INIT, SCTP_INIT_ACK, SCTP_ABORT = 1, 2, 6
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        crc = n
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return ~crc & 0xFFFFFFFF
+
+
+def sctp_packet(sport: int, dport: int, vtag: int, chunk: bytes) -> bytes:
+    """Common header + one chunk, with the CRC32c checksum (little-endian on the wire)."""
+    pkt = struct.pack("!HHII", sport, dport, vtag, 0) + chunk
+    return pkt[:8] + struct.pack("<I", _crc32c(pkt)) + pkt[12:]
+
+
+def _init_chunk(chunk_type: int, tag: int, params: bytes = b"") -> bytes:
+    # type, flags, length, initiate tag, a_rwnd, outbound streams, inbound streams, initial TSN
+    body = struct.pack("!IIHHI", tag, 65535, 1, 1, tag) + params
+    return struct.pack("!BBH", chunk_type, 0, 4 + len(body)) + body
+
+
+def _parse_sctp(data: bytes, family: socket.AddressFamily) -> tuple[int, int, int, int, int]:
+    """(sport, dport, vtag, chunk type, initiate tag or 0) of a received packet; IPv4 raw
+    sockets deliver the IP header too."""
+    if family == socket.AF_INET:
+        data = data[(data[0] & 0x0F) * 4 :]
+    if len(data) < 16:
+        raise ValueError("short SCTP packet")
+    sport, dport, vtag = struct.unpack("!HHI", data[:8])
+    chunk_type = data[12]
+    tag = struct.unpack("!I", data[16:20])[0] if len(data) >= 20 else 0
+    return sport, dport, vtag, chunk_type, tag
+
+
+def _raw_sctp(family: socket.AddressFamily, bind: str | None) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_SCTP)
+    sock.setblocking(False)
+    if bind:
+        sock.bind((bind, 0))
+    return sock
+
+
+class _SctpResponder:
+    """Answers INIT on one address: INIT-ACK on served ports, ABORT on the others."""
+
+    def __init__(self, host: str) -> None:
+        self.family = _family(host)
+        self.ports: set[int] = set()
+        self.sock = _raw_sctp(self.family, host)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            try:
+                sport, dport, _, chunk_type, tag = _parse_sctp(data, self.family)
+            except (ValueError, IndexError, struct.error):
+                continue
+            if chunk_type != SCTP_INIT:
+                continue
+            if dport in self.ports:
+                cookie = struct.pack("!HH", 7, 8) + b"\0\0\0\1"  # a State Cookie parameter
+                chunk = _init_chunk(SCTP_INIT_ACK, random.getrandbits(32) or 1, cookie)
+            else:
+                chunk = struct.pack("!BBH", SCTP_ABORT, 0, 4)
+            with contextlib.suppress(OSError):
+                self.sock.sendto(sctp_packet(dport, sport, tag, chunk), (addr[0], 0))
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+_sctp_responders: dict[str, _SctpResponder] = {}
+
+
+async def probe_sctp(dst: str, port: int, timeout: float, src: str | None) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    family = _family(dst)
+    sport = random.randint(32768, 60999)
+    tag = random.getrandbits(32) or 1
+    init = sctp_packet(sport, port, 0, _init_chunk(SCTP_INIT, tag))
+    wanted = socket.inet_pton(family, dst)
+    with _raw_sctp(family, src) as sock:
+        deadline = started + timeout
+        next_send = started
+        while (left := deadline - time.monotonic()) > 0:
+            if time.monotonic() >= next_send:
+                try:
+                    sock.sendto(init, (dst, 0))
+                except OSError as exc:
+                    return _oserror(exc, started)
+                next_send = time.monotonic() + UDP_RESEND_S
+            wait = min(left, max(0.0, next_send - time.monotonic()))
+            try:
+                data, addr = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), wait)
+            except TimeoutError:
+                continue
+            if socket.inet_pton(family, addr[0].split("%")[0]) != wanted:
+                continue
+            try:
+                got_sport, got_dport, vtag, chunk_type, _ = _parse_sctp(data, family)
+            except (ValueError, IndexError, struct.error):
+                continue
+            if (got_sport, got_dport, vtag) != (port, sport, tag):
+                continue
+            if chunk_type == SCTP_INIT_ACK:
+                return _result("connected", "INIT-ACK received", started)
+            if chunk_type == SCTP_ABORT:
+                return _result("refused", "ABORT received", started)
+    return _result("timeout", "no answer to INIT", started)
 
 
 def _family(ip: str) -> socket.AddressFamily:
@@ -155,6 +295,13 @@ async def serve(proto: str, port: int, hosts: list[str]) -> str:
     loop = asyncio.get_running_loop()
     if (proto, port) in _servers:
         return "already serving"
+    if proto == "sctp":
+        for host in hosts:
+            if host not in _sctp_responders:
+                _sctp_responders[host] = _SctpResponder(host)
+            _sctp_responders[host].ports.add(port)
+        _servers[(proto, port)] = []
+        return f"answering SCTP INIT on {port} at {','.join(hosts)}"
     handles: list[Any] = []
     try:
         for host in hosts:
@@ -186,6 +333,8 @@ async def handle(req: dict[str, Any]) -> dict[str, Any]:
             return await probe_tcp(dst, port, float(timeout), src)
         if proto == "udp":
             return await probe_udp(dst, port, float(timeout), src)
+        if proto == "sctp":
+            return await probe_sctp(dst, port, float(timeout), src)
         return _result(
             "error", f"proto {proto!r} is not supported by the sandbox", time.monotonic()
         )

@@ -1,9 +1,12 @@
 """`stockade sandbox up | status | down`: a long-lived sandbox that outlives the command.
 
-`up` starts the control plane detached, builds the node namespaces, registers the Nodes and
-records everything (pids with start times, ports, paths, run id) in a state directory, by default
-/run/stockade/sandbox; `status` reports on it; `down` removes it all and is idempotent. `up`
-first cleans what a crashed run left behind. The CLI (`stockade.cli`) wires `add_parser()`.
+`up` starts the control plane detached, builds the node namespaces, registers the Nodes,
+installs the CRDs, starts stockade itself (the operator and one agent per node,
+`stockade.sandbox.stack`) and records everything (pids with start times, ports, paths, run id,
+pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down` stops
+stockade first, then removes it all, and is idempotent. `up` first cleans what a crashed run left
+behind. The CLI (`stockade.cli`) wires `add_parser()`; `stockade demo` and the e2e conformance
+engine call `up` and `down` directly.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import kubernetes.client
 
-from stockade.sandbox import netns
+from stockade.sandbox import netns, stack
 from stockade.sandbox.controlplane import (
     ControlPlane,
     ControlPlaneRecord,
@@ -32,6 +35,7 @@ from stockade.sandbox.controlplane import (
 from stockade.sandbox.crds import install_crds
 from stockade.sandbox.kubelet import register_node
 from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
+from stockade.sandbox.stack import StackRecord
 from stockade.sandbox.toolchain import ETCD, KUBERNETES
 from stockade.sandbox.topology import Mode, Topology, cleanup_leftovers
 
@@ -39,7 +43,7 @@ STATE_FILE = "state.json"
 TOPOLOGY_FILE = "topology.json"
 CONTROL_PLANE_DIR = "controlplane"
 # What `down` removes from the state directory, which it may share with other sandbox records.
-OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR)
+OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR, stack.STACK_DIR)
 NODES_READY_TIMEOUT = 60.0
 
 
@@ -61,6 +65,8 @@ class SandboxState:
     topology: str
     control_plane: ControlPlaneRecord | None = None
     node_names: tuple[str, ...] = ()
+    stack: StackRecord | None = None
+    topology_run_id: str = ""
 
     def save(self, state_dir: Path) -> None:
         data: dict[str, Any] = {
@@ -70,6 +76,8 @@ class SandboxState:
             "topology": self.topology,
             "control_plane": self.control_plane.to_json() if self.control_plane else None,
             "node_names": list(self.node_names),
+            "stack": self.stack.to_json() if self.stack else None,
+            "topology_run_id": self.topology_run_id,
         }
         tmp = state_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -85,6 +93,7 @@ class SandboxState:
         except (OSError, ValueError) as exc:
             raise SandboxError(f"{path}: unreadable sandbox state ({exc}); remove it") from exc
         cp = data.get("control_plane")
+        recorded_stack = data.get("stack")
         return cls(
             run_id=str(data["run_id"]),
             created=str(data["created"]),
@@ -92,6 +101,8 @@ class SandboxState:
             topology=str(data["topology"]),
             control_plane=ControlPlaneRecord.from_json(cp) if cp else None,
             node_names=tuple(data.get("node_names", ())),
+            stack=StackRecord.from_json(recorded_stack) if recorded_stack else None,
+            topology_run_id=str(data.get("topology_run_id", "")),
         )
 
 
@@ -102,24 +113,41 @@ def kubeconfig_path(state_dir: Path) -> Path:
 # -- up ---------------------------------------------------------------------------------------
 
 
-def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
-    """Start a sandbox (or find the one already running) and return its kubeconfig path."""
+def up(
+    state_dir: Path,
+    nodes: int,
+    mode: Mode,
+    progress: Progress,
+    *,
+    replicas: int = 1,
+    detach: bool = True,
+) -> Path:
+    """Start a sandbox with stockade running in it (or find the one already running) and return
+    its kubeconfig path.
+
+    detach=False ties every process to this one (they die with it) and leaves the namespaces to
+    this process's exit cleanup: what a test engine wants for a sandbox of its own."""
     if nodes < 1:
         raise SandboxError(f"--nodes must be at least 1, got {nodes}")
+    if replicas not in (1, 2):
+        raise SandboxError(f"--replicas must be 1 or 2, got {replicas}")
     previous = SandboxState.load(state_dir)
     if previous is not None:
-        if previous.nodes == nodes and previous.topology == mode and _healthy(state_dir, previous):
+        running = (previous.nodes, previous.topology, _replicas(previous))
+        if running == (nodes, mode, replicas) and _healthy(state_dir, previous):
             progress(f"sandbox {previous.run_id} is already running")
             return kubeconfig_path(state_dir)
         if _healthy(state_dir, previous):
             raise SandboxError(
-                f"a sandbox with {previous.nodes} {previous.topology} nodes is running; "
+                f"a sandbox with {previous.nodes} {previous.topology} nodes and "
+                f"{_replicas(previous)} operator replica(s) is running; "
                 "run `stockade sandbox down` first"
             )
     if previous is not None or any((state_dir / name).exists() for name in OWNED):
         progress("cleaning up what an earlier run left behind")
         down(state_dir, progress)
     cleanup_leftovers()
+    stack.remove_orphaned_pins(_run_exists, progress)
 
     state = SandboxState(
         run_id=secrets.token_hex(4),
@@ -130,7 +158,7 @@ def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     state.save(state_dir)
     try:
-        plane = ControlPlane(state_dir / CONTROL_PLANE_DIR, detach=True, progress=progress)
+        plane = ControlPlane(state_dir / CONTROL_PLANE_DIR, detach=detach, progress=progress)
         plane.start()
         state = dataclasses.replace(state, control_plane=plane.record)
         state.save(state_dir)
@@ -138,8 +166,11 @@ def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
         progress(f"creating {nodes} {mode} node(s)")
         topo = Topology.create(nodes=nodes, mode=mode)
         topo.save(state_dir / TOPOLOGY_FILE)
-        topo.detach()  # kept after this process exits, until `stockade sandbox down`
-        topo.save(state_dir / TOPOLOGY_FILE)
+        if detach:
+            topo.detach()  # kept after this process exits, until `stockade sandbox down`
+            topo.save(state_dir / TOPOLOGY_FILE)
+        state = dataclasses.replace(state, topology_run_id=topo.run_id)
+        state.save(state_dir)
         with plane.api_client() as client:
             for node in topo.nodes:
                 register_node(client, node)
@@ -149,11 +180,31 @@ def up(state_dir: Path, nodes: int, mode: Mode, progress: Progress) -> Path:
         state = dataclasses.replace(state, node_names=names)
         state.save(state_dir)
         progress(f"nodes ready: {', '.join(names)}")
+        record = stack.start_stack(
+            state_dir,
+            kubeconfig_path(state_dir),
+            topo.nodes,
+            topo.run_id,
+            replicas,
+            progress,
+            detach=detach,
+        )
+        state = dataclasses.replace(state, stack=record)
+        state.save(state_dir)
     except BaseException:
         progress("start-up failed: removing what was started")
         down(state_dir, progress)
         raise
     return kubeconfig_path(state_dir)
+
+
+def _replicas(state: SandboxState) -> int:
+    return state.stack.replicas if state.stack is not None else 0
+
+
+def _run_exists(run_id: str) -> bool:
+    """Whether topology run `run_id` still has namespaces (its pins are then still in use)."""
+    return bool(netns.list_names(f"stk-{run_id}-")) or netns.read_record(run_id) is not None
 
 
 def _name(obj: Any) -> str:
@@ -181,6 +232,12 @@ def _wait_nodes_ready(client: Any, expected: int) -> tuple[str, ...]:
 
 
 # -- status -----------------------------------------------------------------------------------
+
+
+def running(state_dir: Path) -> bool:
+    """Whether a healthy sandbox, stockade included, runs in `state_dir`."""
+    state = SandboxState.load(state_dir)
+    return state is not None and _healthy(state_dir, state)
 
 
 def _healthy(state_dir: Path, state: SandboxState) -> bool:
@@ -212,6 +269,11 @@ def _checks(state_dir: Path, state: SandboxState) -> list[tuple[str, bool, str]]
     if topology_file.exists():
         for name in Topology.load(topology_file).namespaces():
             checks.append((f"netns {name}", netns.exists(name), f"/var/run/netns/{name}"))
+    if state.stack is None:
+        checks.append(("operator and agents", False, "never started"))
+    else:
+        kubeconfig = kubeconfig_path(state_dir)
+        checks += stack.checks(kubeconfig, state.stack, state.node_names, api_ok)
     return checks
 
 
@@ -250,6 +312,8 @@ def down(state_dir: Path, progress: Progress) -> None:
     except SandboxError as exc:
         progress(f"ignoring unreadable state: {exc}")
         state = None
+    # stockade first, while the API server still answers its last requests.
+    stack.stop_stack(state.stack if state is not None else None, state_dir, progress)
     if state is not None and state.control_plane is not None:
         for record in reversed(state.control_plane.processes):
             if is_alive(record):
@@ -259,9 +323,17 @@ def down(state_dir: Path, progress: Progress) -> None:
         progress(f"stopping leftover {record.name} (pid {record.pid})")
         stop_record(record)
     topology_file = state_dir / TOPOLOGY_FILE
+    topology_run_id = state.topology_run_id if state is not None else ""
     if topology_file.exists():
-        progress("removing the node namespaces")
-        Topology.load(topology_file).destroy()
+        progress("removing the node and pod namespaces")
+        topology = Topology.load(topology_file)
+        topology_run_id = topology.run_id
+        topology.destroy()
+    # The links went with the namespaces' interfaces; now the pins.
+    if state is not None and state.stack is not None:
+        stack.remove_pins(state.stack.pin_root, progress)
+    if topology_run_id:
+        stack.remove_pins(stack.pin_root(topology_run_id), progress)
     removed = [name for name in OWNED if (state_dir / name).exists()]
     for name in removed:
         path = state_dir / name
@@ -279,7 +351,7 @@ def down(state_dir: Path, progress: Progress) -> None:
 
 def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
     started = time.monotonic()
-    path = up(args.state_dir, args.nodes, args.topology, progress)
+    path = up(args.state_dir, args.nodes, args.topology, progress, replicas=args.replicas)
     progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
     print(path)
     return 0
@@ -316,6 +388,13 @@ def add_parser(subparsers: Any) -> None:
         choices=("routed", "bridge"),
         default="routed",
         help="how pods attach to their node (default routed)",
+    )
+    cmd_up.add_argument(
+        "--replicas",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="operator replicas; 2 run with leader election (default 1)",
     )
     cmd_up.set_defaults(run=_cmd_up)
     commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(

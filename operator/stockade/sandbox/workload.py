@@ -30,6 +30,7 @@ AGENT_SCRIPT = Path(__file__).with_name("podagent.py")
 START_TIMEOUT_S = 10.0
 REPLY_GRACE_S = 5.0
 SUPPORTED = ("tcp", "udp")
+CRAFTED = ("sctp",)  # no kernel module: handshake packets crafted over raw sockets (podagent.py)
 
 
 class Outcome(enum.StrEnum):
@@ -172,8 +173,11 @@ def _reply(fut: Future[dict[str, Any]], timeout: float, what: str) -> dict[str, 
 class PodProcesses:
     """Helper processes for the pods (and node stand-ins) of one `Topology`."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, *, crafted_sctp: bool = False) -> None:
+        """crafted_sctp: serve and probe SCTP with crafted INIT / INIT-ACK packets (podagent.py)
+        instead of reporting it unavailable."""
         self.topology = topology
+        self.supported = SUPPORTED + CRAFTED if crafted_sctp else SUPPORTED
         self._agents: dict[str, Agent] = {}
         self._lock = threading.Lock()
 
@@ -234,11 +238,12 @@ class PodProcesses:
     def serve(self, who: str, ports: Iterable[tuple[int, str]]) -> list[tuple[int, str]]:
         """Serve echo on each (port, protocol) on the pod's (or node's) own addresses.
 
-        Returns the ports actually served: SCTP (no kernel module here) is skipped."""
+        Returns the ports actually served: SCTP (no kernel module here) is skipped unless
+        `crafted_sctp`."""
         _, hosts = self._target(who)
         agent = self.agent(who)
         wanted = [(int(port), proto.lower()) for port, proto in ports]
-        served = [(port, proto) for port, proto in wanted if proto in SUPPORTED]
+        served = [(port, proto) for port, proto in wanted if proto in self.supported]
         futs = [agent.request("serve", proto=p, port=n, hosts=hosts) for n, p in served]
         for (port, proto), fut in zip(served, futs, strict=True):
             _reply(fut, START_TIMEOUT_S, f"serve {proto}/{port} in {who}")
@@ -258,7 +263,7 @@ class PodProcesses:
         futs: list[Future[dict[str, Any]] | ProbeResult] = []
         for p in probes:
             proto = p.proto.lower()
-            if proto not in SUPPORTED:
+            if proto not in self.supported:
                 futs.append(ProbeResult(Outcome.ERROR, f"proto {p.proto} is not available", 0.0))
                 continue
             futs.append(

@@ -36,10 +36,17 @@ def _cluster(options: EngineOptions) -> Engine:
     return from_options(options.ip_family)
 
 
+def _e2e(options: EngineOptions) -> Engine:
+    from stockade.conformance.engines.e2e import from_options
+
+    return from_options(options.ip_family)
+
+
 ENGINES: Mapping[str, Callable[[EngineOptions], Engine]] = {
     "reference": _reference,
     "cluster": _cluster,
     "datapath": _datapath,
+    "e2e": _e2e,
 }
 
 

@@ -1,0 +1,97 @@
+"""The conformance case files on the e2e engine: the whole stack (API server, operator, agents,
+pods in network namespaces, real connections) gives every upstream case the expected result.
+
+The two upstream files run on one sandbox started for this module (`$STOCKADE_E2E_SANDBOX`), the
+ClusterNetworkPolicy file with its standard profile only (its experimental cases need named ports
+and node peers on host-network pods). A file with a wrong expectation runs on a sandbox the engine
+starts itself, and must fail and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stockade.sandbox import netns, stack
+from tests.paths import CONFORMANCE, ROOT
+
+DATA = Path(__file__).parent / "data"
+TIMEOUT = 900
+
+
+def run(*args: str, sandbox: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "STOCKADE_E2E_SANDBOX"}
+    if sandbox is not None:
+        env["STOCKADE_E2E_SANDBOX"] = str(sandbox)
+    return subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "conformance", "run", *args, "--engine", "e2e"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
+
+
+def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "sandbox", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT,
+    )
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    state_dir = tmp_path_factory.mktemp("e2e") / "sandbox"
+    started = sandbox_cli(state_dir, "up", "--nodes", "2")
+    assert started.returncode == 0, started.stderr
+    yield state_dir
+    sandbox_cli(state_dir, "down")
+
+
+@pytest.mark.parametrize(
+    ("case_file", "options", "closing"),
+    [
+        ("netpol-upstream.yaml", [], "24 passed, 0 failed"),
+        ("cnp-upstream.yaml", ["--profile", "standard"], "42 passed, 0 failed"),
+    ],
+    ids=["network-policy", "cluster-network-policy-standard"],
+)
+def test_every_upstream_case_passes_on_the_whole_stack(
+    sandbox: Path, case_file: str, options: list[str], closing: str
+) -> None:
+    result = run(str(CONFORMANCE / case_file), *options, sandbox=sandbox)
+    assert result.stdout.splitlines()[-1] == closing, result.stdout + result.stderr
+    assert result.returncode == 0
+
+
+def _engine_dirs() -> set[Path]:
+    return set(Path("/run").glob("stockade-e2e-*"))
+
+
+def test_a_wrong_expectation_fails_on_the_whole_stack_and_its_sandbox_is_removed() -> None:
+    dirs_before = _engine_dirs()
+    result = run(str(DATA / "wrong-expectation.yaml"))
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "PASS right"
+    assert lines[1].startswith("FAIL wrong")
+    assert "x/b -> x/a TCP/80 unexpectedly denied" in lines[1]
+    assert "x/a -> x/c TCP/80 unexpectedly allowed" in lines[1]
+    assert lines[-1] == "1 passed, 1 failed"
+    started = re.search(r"sandbox run ([a-z0-9]+) with operator and agents up", result.stderr)
+    assert started is not None, result.stderr
+    run_id = started.group(1)
+    assert netns.list_names(f"stk-{run_id}-") == []
+    assert not stack.pin_root(run_id).exists()
+    assert _engine_dirs() == dirs_before
