@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import kubernetes.client
-import kubernetes.config
 
 from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
-from stockade.agent.metrics import FlowLog, gauge_metrics, rule_metrics, serve_metrics
+from stockade.agent.metrics import FlowLog, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.agent.runner import Runner
@@ -29,20 +28,9 @@ from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters
 from stockade.datapath.maps import ConntrackMode, DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
+from stockade.runtime import load_client_configuration, serve_http
 
 log = logging.getLogger(__name__)
-
-
-def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
-    cfg = kubernetes.client.Configuration()
-    if kubeconfig is not None:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
-        return cfg
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    return cfg
 
 
 class Agent:
@@ -121,7 +109,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set."""
         servers = [
-            serve_metrics(port, self.metrics_text)
+            serve_http(port, self.metrics_text)
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
         ]

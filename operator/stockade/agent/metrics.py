@@ -17,7 +17,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from stockade.compiler import handoff, ir
 from stockade.datapath.events import Event, EventKind, EventReader, RuleCounter
@@ -131,31 +130,3 @@ class FlowLog:
                 f'stockade_datapath_events_total{{event="{kind}",reason="{reason}"}} {count}'
             )
         return "\n".join(lines) + "\n"
-
-
-def serve_metrics(port: int, text: Callable[[], str]) -> ThreadingHTTPServer:
-    """Serve `text()` at http://0.0.0.0:<port>/metrics (and the probes /healthz, /readyz) in a
-    daemon thread."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path not in ("/metrics", "/healthz", "/readyz"):
-                self.send_error(404)
-                return
-            try:
-                body = (text() if self.path == "/metrics" else "ok\n").encode()
-            except Exception as exc:
-                self.send_error(500, str(exc))
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=server.serve_forever, name="stockade-metrics", daemon=True).start()
-    return server

@@ -12,29 +12,17 @@ from typing import Any
 
 import kopf
 import kubernetes.client
-import kubernetes.config
 
 from stockade.control.config import OperatorConfig
 from stockade.control.handlers import build_registry
 from stockade.control.lease import LeaseElector
-from stockade.control.metrics import serve_metrics
+from stockade.control.metrics import prometheus_text
 from stockade.control.reconciler import Reconciler
 from stockade.control.runner import Runner
 from stockade.control.store import Store
+from stockade.runtime import load_client_configuration, serve_http
 
 log = logging.getLogger(__name__)
-
-
-def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
-    cfg = kubernetes.client.Configuration()
-    if kubeconfig is not None:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
-        return cfg
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-    return cfg
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -143,7 +131,7 @@ class Operator:
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
         servers = [
-            serve_metrics(port, self.gauges, ready=self.ready.is_set)
+            serve_http(port, lambda: prometheus_text(self.gauges()), ready=self.ready.is_set)
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
         ]
