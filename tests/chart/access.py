@@ -72,6 +72,13 @@ OPERATOR: tuple[Access, ...] = tuple(
         # conditions on stockade's policies
         Access("patch", "stockade.io", "networkpolicies", "status", NS),
         Access("patch", "stockade.io", "clusternetworkpolicies", "status"),
+        Access(
+            "patch",
+            "policy.networking.k8s.io",
+            "clusternetworkpolicies",
+            "status",
+            feature=UPSTREAM_CNP,
+        ),
         # notice the upstream ClusterNetworkPolicy CRD
         *_many(
             ["get", "list", "watch"],
