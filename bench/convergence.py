@@ -1,0 +1,559 @@
+"""Convergence benchmark (DESIGN.md §7): how fast the whole stack turns an API change into
+enforcement, and what the operator costs at scale.
+
+    .venv/bin/python bench/convergence.py [--quick] [--output bench/results/convergence.json]
+
+Runs a sandbox of its own (`stockade.sandbox.session.up`: API server, etcd, two routed nodes, the
+operator and one agent per node, restarted here with metrics ports) and measures:
+
+- `apply_to_enforced_ms`: from the API create of a policy (as `kubectl apply` sends it) to the
+  first probe of the final run of dropped probes, a TCP connection from the client pod every
+  5 ms (the send time of that probe; resolution 5 ms).
+- `label_change_ms`: from the API patch of a client pod's labels (into or out of the peer set a
+  policy admits) to the first probe of the final run that shows the new outcome.
+- `recompiles_on_label_change`: compile-cache lookups (hits + misses, i.e. program renders that
+  reached the compiler) and program loads counted by both agents across all label trials.
+- `policies_250_pods_100_s`: 250 policies created one after another over 100 pods (real pods on
+  the sandbox nodes, the rest API objects on nodes without an agent), until the last policy's
+  effect is seen on real pods and every agent reports the published generation. Policies are
+  created in order and the operator reconciles a level-triggered snapshot, so a snapshot that
+  holds the last policy holds all of them.
+- `operator_rss_mb_1000_policies_10000_pods`: the operator's resident memory once it has
+  published tables that carry the last of 1,000 policies over 10,000 pods (API objects only), and
+  how long its reconcile pass takes at that scale.
+
+`--quick` is a smoke run (few trials, small scale) for tests; its numbers mean nothing.
+Needs root (network namespaces, eBPF), clang and the sandbox toolchain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import kubernetes.client
+
+from stockade.sandbox import session, stack
+from stockade.sandbox.controlplane import free_port
+from stockade.sandbox.kubelet import (
+    ensure_default_service_account,
+    register_node,
+    set_pod_labels,
+)
+from stockade.sandbox.processes import Child, is_alive, stop_record
+from stockade.sandbox.running import RunningSandbox
+from stockade.sandbox.topology import NodeNet
+from stockade.sandbox.workload import PodProcesses
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 80
+PROBE_EVERY_S = 0.005
+PROBE_TIMEOUT_S = 0.1
+STABLE_RUN = 20  # consecutive probes with the new outcome that end a trial
+TRIAL_DEADLINE_S = 10.0
+NS = "bench"
+
+
+def say(message: str) -> None:
+    print(f"convergence: {message}", file=sys.stderr, flush=True)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered) + 0.5) - 1))]
+    return {
+        "p50": round(statistics.median(ordered), 1),
+        "p99": round(p99, 1),
+        "min": round(ordered[0], 1),
+        "max": round(ordered[-1], 1),
+        "trials": len(ordered),
+    }
+
+
+def metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def wait(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not true after {timeout:.0f}s (last: {value!r})")
+        time.sleep(every)
+
+
+class Bench:
+    """The sandbox, stockade restarted with metrics ports, and three real pods."""
+
+    def __init__(self, state_dir: Path, quick: bool) -> None:
+        self.state_dir = state_dir
+        self.quick = quick
+        self.children: list[Child] = []
+        self.ports: dict[str, int] = {}
+        self.pids: dict[str, int] = {}
+        self.sandbox: RunningSandbox
+        self.workload: PodProcesses
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            session.up(self.state_dir, 2, "routed", say, detach=False)
+        self.sandbox = RunningSandbox.open(self.state_dir)
+        state = session.SandboxState.load(self.state_dir)
+        assert state is not None and state.stack is not None
+        kubeconfig = self.sandbox.kubeconfig
+        pins = stack.pin_root(self.sandbox.topology.run_id)
+        for record in state.stack.processes:  # the same processes again, with metrics ports
+            stop_record(record)
+            if record.name.startswith("operator-"):
+                argv = stack.operator_argv(kubeconfig, 0, 1)
+            else:
+                node = self.sandbox.topology.node(record.name.removeprefix("agent-"))
+                argv = stack.agent_argv(kubeconfig, node, pins)
+            self.ports[record.name] = port = free_port()
+            log = self.state_dir / stack.STACK_DIR / f"{record.name}.log"
+            child = Child.spawn(record.name, [*argv, f"--metrics-port={port}"], log, detach=False)
+            self.children.append(child)
+            self.pids[record.name] = child.record.pid
+        for name, port in self.ports.items():
+            wait(f"{name} serves metrics", lambda p=port: metrics(p), 60)  # type: ignore[misc]
+        self.workload = PodProcesses(self.sandbox.topology)
+        self.sandbox.ensure_namespace(NS, {"ns": NS})
+        for key, on, labels in (
+            (f"{NS}/server", "node-1", {"pod": "server"}),
+            (f"{NS}/client", "node-2", {"pod": "client"}),
+            (f"{NS}/other", "node-1", {"pod": "other"}),
+        ):
+            self.sandbox.add_pod(key, on, labels, [("serve-80-tcp", PORT, "TCP")])
+            self.workload.serve(key, [(PORT, "tcp")])
+        self.wait_open()
+
+    def stop(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.workload.close()
+        with contextlib.suppress(AttributeError):
+            self.sandbox.close()
+        session.down(self.state_dir, say)
+        for child in self.children:
+            if child.popen is not None:
+                child.popen.wait(timeout=30)
+
+    @property
+    def api(self) -> Any:
+        return self.sandbox.api
+
+    # -- probes --------------------------------------------------------------------------------
+
+    def connects(self, src: str = f"{NS}/client", dst: str = f"{NS}/server") -> bool:
+        ip = self.sandbox.topology.pods[dst].ip_v4
+        return self.workload.probe(src, ip, PORT, "tcp", timeout=0.5).value == "connected"
+
+    def wait_open(self) -> None:
+        wait("client reaches server", self.connects, 30)
+
+    def wait_agents(self) -> None:
+        nodes = [n.name for n in self.sandbox.nodes]
+        wait(
+            "every agent applied what was published",
+            lambda: all(r.ready for r in stack.agent_reports(self.api, nodes)),
+            60,
+        )
+
+    def timed_change(self, change: Callable[[], None], want_connected: bool) -> float:
+        """Probe client -> server every PROBE_EVERY_S; run `change`; return ms from the start of
+        `change` to the first probe of the final run of STABLE_RUN probes with the new outcome."""
+        agent = self.workload.agent(f"{NS}/client")
+        ip = self.sandbox.topology.pods[f"{NS}/server"].ip_v4
+        sent: list[tuple[float, Future[dict[str, Any]]]] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            tick = time.monotonic()
+            while not stop.is_set():
+                fut = agent.request(
+                    "probe", proto="tcp", dst=ip, port=PORT, timeout=PROBE_TIMEOUT_S, src=None
+                )
+                sent.append((time.monotonic(), fut))
+                tick += PROBE_EVERY_S
+                stop.wait(max(0.0, tick - time.monotonic()))
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            wait("probes under way", lambda: len(sent) >= 5, 5, 0.005)
+            began = time.monotonic()
+            change()
+            deadline = began + TRIAL_DEADLINE_S
+            first = None
+            while time.monotonic() < deadline:
+                run = 0
+                first = None
+                for at, fut in list(sent):
+                    if at < began or not fut.done():
+                        continue
+                    ok = fut.result().get("outcome") == "connected"
+                    if ok == want_connected:
+                        first = at if run == 0 else first
+                        run += 1
+                    else:
+                        run, first = 0, None
+                if first is not None and run >= STABLE_RUN:
+                    return (first - began) * 1000.0
+                time.sleep(0.02)
+            raise TimeoutError(f"the change was not enforced within {TRIAL_DEADLINE_S}s")
+        finally:
+            stop.set()
+            thread.join()
+            for _, fut in sent:
+                with contextlib.suppress(Exception):
+                    fut.result(timeout=10)
+
+    # -- measures ------------------------------------------------------------------------------
+
+    def apply_to_enforced(self, trials: int) -> list[float]:
+        policy = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "isolate-server", "namespace": NS},
+            "spec": {"podSelector": {"matchLabels": {"pod": "server"}}, "policyTypes": ["Ingress"]},
+        }
+        out = []
+        for trial in range(trials):
+            out.append(self.timed_change(lambda: self.sandbox.create_policy(policy), False))
+            say(f"apply -> enforced, trial {trial + 1}/{trials}: {out[-1]:.1f} ms")
+            self.sandbox.delete_policy(policy)
+            self.wait_open()
+            self.wait_agents()
+        return out
+
+    def label_changes(self, trials: int) -> tuple[list[float], dict[str, float]]:
+        policy = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "clients-only", "namespace": NS},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "server"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}],
+            },
+        }
+        self.sandbox.create_policy(policy)
+        wait("client isolated", lambda: not self.connects(), 30)
+        self.wait_agents()
+        counters = (
+            "stockade_agent_compile_cache_hits_total",
+            "stockade_agent_compile_cache_misses_total",
+            "stockade_agent_program_loads_total",
+        )
+        agents = [n for n in self.ports if n.startswith("agent-")]
+        before = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
+        out = []
+        for trial in range(trials):
+            joined = trial % 2 == 0
+            labels = {"pod": "client", "role": "client"} if joined else {"pod": "client"}
+            out.append(
+                self.timed_change(
+                    lambda lb=labels: set_pod_labels(self.api, NS, "client", lb),  # type: ignore[misc]
+                    joined,
+                )
+            )
+            say(f"label change ({'in' if joined else 'out'}), trial {trial + 1}: {out[-1]:.1f} ms")
+            self.wait_agents()
+        after = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
+        self.sandbox.delete_policy(policy)
+        set_pod_labels(self.api, NS, "client", {"pod": "client"})
+        self.wait_open()
+        return out, {c: after[c] - before[c] for c in counters}
+
+    # -- scale ---------------------------------------------------------------------------------
+
+    def virtual_nodes(self, count: int) -> list[str]:
+        names = []
+        for index in range(count):
+            name = f"virtual-{index}"
+            register_node(
+                self.api,
+                NodeNet(
+                    name=name,
+                    netns="none",
+                    index=100 + index,
+                    pod_cidr_v4=f"10.{128 + index}.0.0/16",
+                    pod_cidr_v6=f"fd00:10:{128 + index}::/64",
+                    ip_v4=f"172.18.1.{index + 1}",
+                    ip_v6=f"fc00:f853:ccd:e794::{index + 1}",
+                ),
+            )
+            names.append(name)
+        return names
+
+    def api_pods(self, namespaces: list[str], total: int, nodes: list[str]) -> set[tuple[str, str]]:
+        """Pod objects (Running, with an address) with no network namespace behind them."""
+        core = kubernetes.client.CoreV1Api(self.api)
+        for ns in namespaces:
+            self.sandbox.ensure_namespace(ns, {"ns": ns, "tier": "t" + ns[-1]})
+            ensure_default_service_account(self.api, ns)
+        jobs = [(namespaces[j % len(namespaces)], j // len(namespaces)) for j in range(total)]
+        base = ipaddress.ip_address("10.128.0.10")
+
+        def create(job: tuple[int, tuple[str, int]]) -> None:
+            seq, (ns, i) = job
+            node = nodes[seq % len(nodes)]
+            ip = str(base + seq)
+            name = f"p{i}"
+            body: dict[str, Any] = {
+                "metadata": {"name": name, "labels": {"app": f"app{i % 10}", "pod": name}},
+                "spec": {
+                    "nodeName": node,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "containers": [{"name": "main", "image": "stockade.invalid/none"}],
+                },
+            }
+            core.create_namespaced_pod(ns, kubernetes.client.V1Pod.model_validate(body))
+            status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+            core.patch_namespaced_pod_status(
+                name, ns, status, _content_type="application/merge-patch+json"
+            )
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(create, enumerate(jobs)))
+        return {(ns, f"app{i % 10}") for ns, i in jobs}
+
+    @staticmethod
+    def policy(ns: str, index: int) -> dict[str, Any]:
+        """A typical namespace policy: app<n> admits app<n+1> of its namespace and any pod of
+        namespaces of one tier, on one port."""
+        app = index % 10
+        kind = "NetworkPolicy"
+        return {
+            "apiVersion": "networking.k8s.io/v1" if index % 2 else "stockade.io/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": f"pol{index}", "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": f"app{app}"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {"podSelector": {"matchLabels": {"app": f"app{(app + 1) % 10}"}}},
+                            {"namespaceSelector": {"matchLabels": {"tier": f"t{index % 10}"}}},
+                        ],
+                        "ports": [{"protocol": "TCP", "port": 8000 + index % 50}],
+                    }
+                ],
+            },
+        }
+
+    def many_policies(self, namespaces: list[str], count: int) -> list[dict[str, Any]]:
+        made = []
+        for index in range(count):
+            obj = self.policy(namespaces[index % len(namespaces)], index)
+            self.sandbox.create_policy(obj)
+            made.append(obj)
+        return made
+
+    def published_rule_names(self) -> set[str]:
+        custom = kubernetes.client.CustomObjectsApi(self.api)
+        listing: Any = custom.list_cluster_custom_object(
+            "stockade.io", "v1alpha1", "datapathtables", label_selector="stockade.io/part=rules"
+        )
+        items: list[dict[str, Any]] = listing["items"]
+        return {e.split()[3] for item in items for e in item["spec"].get("entries", [])}
+
+    def policies_over_pods(self, policies: int, pods: int) -> dict[str, float]:
+        """`policies` policies over `pods` pods (three real), until the last is enforced."""
+        nodes = self.virtual_nodes(2)
+        namespaces = [f"scale-{i}" for i in range(10)]
+        self.api_pods(namespaces, pods - 3, nodes)
+        last = {
+            "apiVersion": "stockade.io/v1alpha1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "deny-client", "namespace": NS},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "server"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "action": "Deny",
+                        "from": [{"podSelector": {"matchLabels": {"pod": "client"}}}],
+                    }
+                ],
+            },
+        }
+        self.wait_agents()
+        began = time.monotonic()
+        made = self.many_policies(namespaces, policies - 1)
+        self.sandbox.create_policy(last)
+        created = time.monotonic() - began
+        wait("the last policy is enforced", lambda: not self.connects(), 120, 0.0)
+        self.wait_agents()
+        enforced = time.monotonic() - began
+        for obj in [*made, last]:
+            self.sandbox.delete_policy(obj)
+        self.wait_open()
+        return {"seconds": round(enforced, 2), "create_seconds": round(created, 2)}
+
+    def operator_at_scale(self, policies: int, pods: int) -> dict[str, float]:
+        nodes = self.virtual_nodes(20)
+        namespaces = [f"big-{i}" for i in range(100)]
+        began = time.monotonic()
+        apps = self.api_pods(namespaces, pods, nodes)
+        say(f"{pods} pod objects in {time.monotonic() - began:.0f}s")
+        began = time.monotonic()
+        made = self.many_policies(namespaces, policies)
+        created = time.monotonic()
+        say(f"{len(made)} policies in {created - began:.0f}s")
+        # The last policy that selects pods (one that selects none publishes no rule).
+        last = [
+            p
+            for p in made
+            if (p["metadata"]["namespace"], p["spec"]["podSelector"]["matchLabels"]["app"]) in apps
+        ][-1]
+        name = last["metadata"]["name"]
+        wait(
+            "the operator publishes the last policy",
+            lambda: name in self.published_rule_names(),
+            1800,
+            1.0,
+        )
+        caught_up = time.monotonic() - created
+        op = self.ports["operator-0"]
+        first = metrics(op)
+        # One more pass for a steady figure: a label change on one pod object.
+        set_pod_labels(self.api, namespaces[0], "p0", {"app": "app9", "pod": "p0"})
+        wait(
+            "a reconcile pass after a label change",
+            lambda: (
+                metrics(op).get("stockade_operator_reconcile_passes_total", 0)
+                > first.get("stockade_operator_reconcile_passes_total", 0)
+            ),
+            600,
+            0.5,
+        )
+        m = metrics(op)
+        rss, hwm = memory(self.pids["operator-0"])
+        return {
+            "rss_mb": rss,
+            "peak_rss_mb": hwm,
+            "reconcile_pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
+            "caught_up_after_last_create_s": round(caught_up, 1),
+            "pods": pods,
+            "policies": len(made),
+            "last_policy_checked": name,
+        }
+
+
+def memory(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return (
+        round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+        round(int(fields["VmHWM"].split()[0]) / 1024, 1),
+    )
+
+
+@contextlib.contextmanager
+def bench(quick: bool) -> Iterator[Bench]:
+    with tempfile.TemporaryDirectory(prefix="stockade-convergence-") as tmp:
+        running = Bench(Path(tmp) / "sandbox", quick)
+        try:
+            running.start()
+            yield running
+        finally:
+            running.stop()
+
+
+def run(quick: bool, policies: int = 1000, pods: int = 10_000) -> dict[str, Any]:
+    trials = 3 if quick else 40
+    scale = (20, 10, 50, 200) if quick else (250, 100, policies, pods)
+    with bench(quick) as b:
+        applied = b.apply_to_enforced(trials)
+        labelled, compiles = b.label_changes(trials)
+        small = b.policies_over_pods(scale[0], scale[1])
+        say(f"{scale[0]} policies over {scale[1]} pods: {small}")
+        big = b.operator_at_scale(scale[2], scale[3])
+        say(f"operator at {scale[2]} policies, {scale[3]} pods: {big}")
+        alive = all(is_alive(c.record) for c in b.children)
+    return {
+        "quick": quick,
+        "apply_to_enforced_ms": percentiles(applied),
+        "label_change_ms": percentiles(labelled),
+        "recompiles_on_label_change": int(
+            compiles["stockade_agent_compile_cache_hits_total"]
+            + compiles["stockade_agent_compile_cache_misses_total"]
+        ),
+        "program_loads_on_label_change": int(compiles["stockade_agent_program_loads_total"]),
+        "policies_250_pods_100_s": small["seconds"],
+        "policies_250_pods_100": {**small, "policies": scale[0], "pods": scale[1]},
+        "operator_rss_mb_1000_policies_10000_pods": big["rss_mb"],
+        "operator_1000_policies_10000_pods": big,
+        "stack_alive_at_end": alive,
+        "probe": {"every_ms": PROBE_EVERY_S * 1000, "timeout_ms": PROBE_TIMEOUT_S * 1000},
+    }
+
+
+def on_sigterm(pid: int) -> Callable[[int, Any], None]:
+    """Leave through the `finally` blocks (which remove the sandbox) on SIGTERM; a forked copy of
+    this process (pyroute2 forks helpers) just dies, as it would without the handler."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    return handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run; numbers mean nothing")
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "bench" / "results" / "convergence.json"
+    )
+    parser.add_argument("--scale-policies", type=int, default=1000, help="(default 1000)")
+    parser.add_argument("--scale-pods", type=int, default=10_000, help="(default 10000)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))
+    result = run(args.quick, args.scale_policies, args.scale_pods)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    say(f"wrote {args.output}")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

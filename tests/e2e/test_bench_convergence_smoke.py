@@ -1,0 +1,42 @@
+"""The convergence benchmark runs end to end (`bench/convergence.py --quick`) on a sandbox of its
+own and writes every figure DESIGN.md §7 asks of it. Smoke only: the quick run's numbers are not
+judged, except that a label change must not reach the compiler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positive(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "convergence.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "convergence.py"), "--quick", "--output", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    values = [
+        figures["apply_to_enforced_ms"]["p50"],
+        figures["apply_to_enforced_ms"]["p99"],
+        figures["label_change_ms"]["p50"],
+        figures["label_change_ms"]["p99"],
+        figures["policies_250_pods_100_s"],
+        figures["operator_rss_mb_1000_policies_10000_pods"],
+        figures["operator_1000_policies_10000_pods"]["reconcile_pass_s"],
+    ]
+    assert all(isinstance(v, int | float) and v > 0 for v in values), values
+    assert figures["recompiles_on_label_change"] == 0
+    assert figures["program_loads_on_label_change"] == 0
+    assert figures["stack_alive_at_end"] is True
+    assert not list(Path(tempfile.gettempdir()).glob("stockade-convergence-*"))
