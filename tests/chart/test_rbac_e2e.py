@@ -155,9 +155,23 @@ def _remove_api_objects(stack: RbacStack, crds_found: bool) -> None:
 
 
 @pytest.fixture(scope="module")
+def private_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of this module's own. The scenario asserts that no component is refused
+    anything, so it must not see other tests' leftovers: without a controller manager their
+    namespaces stay Terminating, and the API server refuses new Events there with 403."""
+    plane = ControlPlane(tmp_path_factory.mktemp("rbac-plane"))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="module")
 def stack(
-    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+    private_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RbacStack]:
+    control_plane = private_plane
     suffix = secrets.token_hex(3)
     release = f"stockade-{suffix}"
     release_namespace = f"{release}-system"
