@@ -1,42 +1,17 @@
-"""Process plumbing the operator and the agent share: defaults from the environment the Helm
-chart sets, logging, stopping on SIGTERM, how they find the API server, and the small HTTP
-server for `/metrics` and the probes the chart uses (`/healthz`, `/readyz`).
+"""Process plumbing the operator and the agent share: how they find the API server, and the
+small HTTP server for `/metrics` and the probes the Helm chart uses (`/healthz`, `/readyz`).
 
-Called by `stockade.control` and `stockade.agent` (their `command` and `app` modules).
+Called by `stockade.control.app` and `stockade.agent.app`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import kubernetes.client
 import kubernetes.config
-
-
-def env_port(name: str) -> int | None:
-    """A port number from the environment (the chart's STOCKADE_*_PORT), or None."""
-    value = os.environ.get(name)
-    return int(value) if value else None
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def stop_on_signals() -> threading.Event:
-    """An event that SIGTERM and SIGINT set: the process's run loop returns when it is set."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
 
 
 def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:

@@ -7,8 +7,11 @@ the parser default, the CLI's convention); `python -m stockade.agent` serves it 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,12 @@ from typing import Any
 from stockade.agent.config import AgentConfig
 from stockade.datapath.clang import DEFAULT_CACHE_DIR
 from stockade.datapath.maps import DEFAULT_PIN_ROOT
-from stockade.runtime import env_port, setup_logging, stop_on_signals
+
+
+def _env_port(name: str) -> int | None:
+    """Defaults the Helm chart sets through the environment."""
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,13 +58,13 @@ def add_parser(subparsers: Any) -> None:
     ag.add_argument(
         "--metrics-port",
         type=int,
-        default=env_port("STOCKADE_METRICS_PORT"),
+        default=_env_port("STOCKADE_METRICS_PORT"),
         help="serve Prometheus metrics on this port ($STOCKADE_METRICS_PORT)",
     )
     ag.add_argument(
         "--health-port",
         type=int,
-        default=env_port("STOCKADE_HEALTH_PORT"),
+        default=_env_port("STOCKADE_HEALTH_PORT"),
         help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
     )
     ag.add_argument(
@@ -99,8 +107,13 @@ def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None
     except ValueError as exc:
         print(f"stockade agent: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.verbose)
-    stop = stop_on_signals()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     if progress is not None:
         progress(f"agent for node {config.node} starting")
     Agent(config).run(stop)

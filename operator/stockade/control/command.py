@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from stockade.control.config import OperatorConfig
-from stockade.runtime import env_port, setup_logging, stop_on_signals
 
 
 def _on_off(text: str) -> bool:
@@ -26,6 +27,11 @@ def _on_off(text: str) -> bool:
 def _env(name: str, default: str | None = None) -> str | None:
     """Defaults come from the environment the Helm chart sets (STOCKADE_*, POD_*)."""
     return os.environ.get(name) or default
+
+
+def _env_port(name: str) -> int | None:
+    value = _env(name)
+    return int(value) if value else None
 
 
 def add_parser(subparsers: Any) -> None:
@@ -55,13 +61,13 @@ def add_parser(subparsers: Any) -> None:
     op.add_argument(
         "--metrics-port",
         type=int,
-        default=env_port("STOCKADE_METRICS_PORT"),
+        default=_env_port("STOCKADE_METRICS_PORT"),
         help="serve Prometheus metrics on this port ($STOCKADE_METRICS_PORT)",
     )
     op.add_argument(
         "--health-port",
         type=int,
-        default=env_port("STOCKADE_HEALTH_PORT"),
+        default=_env_port("STOCKADE_HEALTH_PORT"),
         help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
     )
     op.add_argument(
@@ -117,9 +123,14 @@ def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None
     except ValueError as exc:
         print(f"stockade operator: {exc}", file=sys.stderr)
         return 2
-    setup_logging(args.verbose)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("kopf").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    stop = stop_on_signals()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     if progress is not None:
         progress(f"operator {config.identity} starting")
     Operator(config).run(stop)
