@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stockade.compiler import ir
-from stockade.compiler.lower import lower_node
+from stockade.compiler.lower import Lowering, Verdicts, lower_node
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.evaluator import judge
 from stockade.model.flow import Flow
@@ -174,7 +174,7 @@ def cnp(draw: Any, index: int) -> dict[str, Any]:
 
 
 @st.composite
-def scenario(draw: Any) -> tuple[ClusterState, list[Policy]]:
+def cluster(draw: Any) -> ClusterState:
     namespaces = [Namespace(n, {"kubernetes.io/metadata.name": n, **draw(labels)}) for n in "ab"]
     pods = []
     for i in range(draw(st.integers(2, 5))):
@@ -197,9 +197,15 @@ def scenario(draw: Any) -> tuple[ClusterState, list[Policy]]:
                 named,
             )
         )
+    return ClusterState(namespaces, pods, NODES)
+
+
+@st.composite
+def scenario(draw: Any) -> tuple[ClusterState, list[Policy]]:
+    state = draw(cluster())
     objects = [draw(netpol(i)) for i in range(draw(st.integers(0, 3)))]
     objects += [draw(cnp(i)) for i in range(draw(st.integers(0, 2)))]
-    return ClusterState(namespaces, pods, NODES), [parse_policy(o) for o in objects]
+    return state, [parse_policy(o) for o in objects]
 
 
 @st.composite
@@ -262,3 +268,20 @@ def test_lowered_tables_decide_every_flow_as_the_reference_evaluator(data: st.Da
     state, policies = data.draw(scenario())
     for _ in range(5):
         _check(state, policies, data.draw(flow(state)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_verdicts_kept_from_another_cluster_state_lower_exactly_as_a_cold_lowering(
+    data: st.DataObject,
+) -> None:
+    """The operator keeps verdicts across passes while pods and labels change; what it reuses
+    must never differ from what a lowering from nothing would decide."""
+    before, policies = data.draw(scenario())
+    after = data.draw(cluster())
+    verdicts = Verdicts()
+    for state in (before, after):
+        warm = Lowering(state, policies, verdicts)
+        for node in NODES:
+            cold = lower_node(state, policies, node.name)
+            assert warm.node(node.name).tables == cold.tables, node.name

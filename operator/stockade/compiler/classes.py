@@ -14,21 +14,42 @@ means "the addresses of this prefix outside every longer prefix in the trie", wh
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from stockade.model.cluster import ClusterState
-from stockade.model.matching import peer_matches
-from stockade.model.policy import AnyPeer, CidrPeer, IPAddress, IPNetwork, Peer, Protocol
+from stockade.model.policy import (
+    CidrPeer,
+    IPAddress,
+    IPNetwork,
+    NodePeer,
+    Peer,
+    PodPeer,
+    Protocol,
+)
 
-# (family, membership per peer, named ports of the remote pod, is the local node)
-Signature = tuple[int, tuple[bool, ...], tuple[tuple[str, int, str], ...], bool]
+# (family, indices of the peers that contain it, named ports of the remote pod, is the local node)
+Signature = tuple[int, tuple[int, ...], tuple[tuple[str, int, str], ...], bool]
 
 DEFAULT_ROUTES: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("0.0.0.0/0"),
     ipaddress.ip_network("::/0"),
 )
+
+_OrderKey = tuple[int, int, int]
+
+
+def _order(net: IPNetwork) -> _OrderKey:
+    """Trie order: family, then shorter prefixes first, then by address."""
+    return (net.version, net.prefixlen, int(net.network_address))
+
+
+def _host_network(address: IPAddress) -> IPNetwork:
+    if address.version == 4:
+        return ipaddress.IPv4Network((int(address), 32))
+    return ipaddress.IPv6Network((int(address), 128))
 
 
 @dataclass(frozen=True)
@@ -40,33 +61,82 @@ class Region:
     representative: IPAddress | None
 
 
+class Addresses:
+    """What every node's regions share in one state: the member addresses of each pod and node
+    peer (found through the state's label indexes, cached per peer) and the pods by named port."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self._members: dict[Peer, frozenset[IPAddress]] = {}
+        self._named: dict[str, set[IPAddress]] | None = None
+
+    def members(self, peer: PodPeer | NodePeer) -> frozenset[IPAddress]:
+        found = self._members.get(peer)
+        if found is None:
+            if isinstance(peer, PodPeer):
+                pods = self.state.index.pods_in(peer.pods)
+                found = frozenset(ip for pod in pods for ip in pod.ips)
+            else:
+                found = frozenset(
+                    ip
+                    for node in self.state.nodes.values()
+                    if peer.selector.matches(node.labels)
+                    for ip in node.ips
+                )
+            self._members[peer] = found
+        return found
+
+    def hits(self, peers: Sequence[Peer]) -> dict[IPAddress, list[int]]:
+        """Host address -> indices (ascending) of the `peers` that contain it, for every host in
+        a pod or node peer; CIDR peers are counted for those hosts only (any other host has the
+        signature of the CIDR region around it)."""
+        out: dict[IPAddress, list[int]] = {}
+        for i, peer in enumerate(peers):
+            if isinstance(peer, PodPeer | NodePeer):
+                for address in self.members(peer):
+                    out.setdefault(address, []).append(i)
+        cidrs = [(i, p) for i, p in enumerate(peers) if isinstance(p, CidrPeer)]
+        if cidrs:
+            for address, found in out.items():
+                found.extend(i for i, p in cidrs if p.contains(address))
+                found.sort()
+        return out
+
+    def named(self, names: frozenset[str]) -> set[IPAddress]:
+        """The addresses of the pods with a named port called one of `names`."""
+        if self._named is None:
+            self._named = {}
+            for pod in self.state.pods:
+                if not pod.host_network:
+                    for name in pod.named_ports:
+                        self._named.setdefault(name, set()).update(pod.ips)
+        return {ip for name in names for ip in self._named.get(name, ())}
+
+
 def _contains_net(outer: IPNetwork, inner: IPNetwork) -> bool:
     return outer.version == inner.version and inner.subnet_of(outer)  # type: ignore[arg-type]
 
 
-def _region_signature(network: IPNetwork, peers: Sequence[Peer]) -> tuple[bool, ...]:
+def _region_signature(network: IPNetwork, peers: Sequence[Peer]) -> tuple[int, ...]:
     """Membership of the generic point of a CIDR region: only address blocks can contain it.
 
     A CIDR peer contains the region when its block contains the whole prefix and no `except`
     does; a longer prefix inside the region is its own trie entry, so it does not count here.
     """
-    out: list[bool] = []
-    for peer in peers:
-        if isinstance(peer, CidrPeer):
-            out.append(
-                _contains_net(peer.cidr, network)
-                and not any(_contains_net(e, network) for e in peer.excepts)
-            )
-        else:
-            out.append(False)  # pod sets and node selectors hold single addresses only
-    return tuple(out)
+    return tuple(
+        i
+        for i, peer in enumerate(peers)
+        if isinstance(peer, CidrPeer)
+        and _contains_net(peer.cidr, network)
+        and not any(_contains_net(e, network) for e in peer.excepts)
+    )
 
 
 def _named_ports(
     state: ClusterState, address: IPAddress, names: frozenset[str]
 ) -> tuple[tuple[str, int, str], ...]:
-    pod = state.pod_at(address)
-    if pod is None or not names:
+    pod = state.pod_at(address) if names else None
+    if pod is None:
         return ()
     return tuple(
         (name, number, proto.value)
@@ -75,81 +145,98 @@ def _named_ports(
     )
 
 
-def _representative(network: IPNetwork, children: list[IPNetwork]) -> IPAddress | None:
-    """The first address of `network` outside every longer prefix in `children`, if any."""
-    candidate = int(network.network_address)
-    last = int(network.broadcast_address)
+def _representative(
+    key: _OrderKey, network: IPNetwork, ordered: list[tuple[_OrderKey, IPNetwork]]
+) -> IPAddress | None:
+    """The first address of `network` (at `key` in `ordered`) outside every longer prefix in
+    `ordered`, if any."""
+    version, prefixlen, first = key
+    bits = network.max_prefixlen
+    last = first + (1 << (bits - prefixlen)) - 1
+    # Longer prefixes inside the network, as [start, end] spans in address order; the walk stops
+    # at the first gap, which on a real network comes after a handful of spans.
     spans = sorted(
-        (int(c.network_address), int(c.broadcast_address))
-        for c in children
-        if c != network and _contains_net(network, c)
+        (start, start + (1 << (bits - length)) - 1)
+        for (v, length, start), _ in ordered
+        if v == version and length > prefixlen and first <= start <= last
     )
+    candidate = first
     for start, end in spans:
         if start > candidate:
             break
         candidate = max(candidate, end + 1)
     if candidate > last:
         return None
-    return (
-        ipaddress.ip_address(candidate)
-        if network.version == 4
-        else ipaddress.IPv6Address(candidate)
-    )
+    return ipaddress.IPv4Address(candidate) if version == 4 else ipaddress.IPv6Address(candidate)
 
 
 def build_regions(
-    state: ClusterState,
+    addresses: Addresses,
     node: str,
     peers: Sequence[Peer],
     egress_port_names: frozenset[str],
 ) -> list[Region]:
     """Every trie prefix for one node with its signature (see the module docstring)."""
-    peers = [p for p in peers if not isinstance(p, AnyPeer)]
+    state = addresses.state
     local_ips = set(state.node_ips(node))
-    hosts: set[IPAddress] = set(local_ips)
-    hosts.update(ip for pod in state.pods if not pod.host_network for ip in pod.ips)
-    hosts.update(ip for n in state.nodes.values() for ip in n.ips)
-    prefixes: set[IPNetwork] = set(DEFAULT_ROUTES)
+    hits = addresses.hits(peers)
+    # Only a host in a pod or node peer, with a named port that egress rules name, or of the
+    # local node can differ from the region around it; any other host falls to that region.
+    hosts = set(hits) | addresses.named(egress_port_names) | local_ips
+    extra: set[IPNetwork] = set(DEFAULT_ROUTES)
     for peer in peers:
         if isinstance(peer, CidrPeer):
-            prefixes.add(peer.cidr)
-            prefixes.update(peer.excepts)
-    prefixes.update(ipaddress.ip_network(h) for h in hosts)
-    ordered = sorted(prefixes, key=lambda n: (n.version, n.prefixlen, int(n.network_address)))
+            extra.add(peer.cidr)
+            extra.update(peer.excepts)
+    extra_ordered = sorted(
+        (_order(n), n)
+        for n in extra
+        if not (n.prefixlen == n.max_prefixlen and n.network_address in hosts)
+    )
+    ordered = list(
+        heapq.merge(
+            extra_ordered,
+            sorted(((h.version, h.max_prefixlen, int(h)), _host_network(h)) for h in hosts),
+        )
+    )
 
     regions: list[Region] = []
-    kept: dict[IPNetwork, int] = {}  # network -> index in regions
+    kept: dict[_OrderKey, int] = {}  # trie prefix -> index in regions
     lengths: dict[int, set[int]] = {4: set(), 6: set()}  # prefix lengths kept, per family
-    for net in ordered:
+    for key, net in ordered:
         address = net.network_address
         if net.prefixlen == net.max_prefixlen and address in hosts:
             signature: Signature = (
                 address.version,
-                tuple(peer_matches(p, address, state) for p in peers),
+                tuple(hits.get(address, ())),
                 _named_ports(state, address, egress_port_names),
                 address in local_ips,
             )
             region = Region(net, signature, address)
         else:
             signature = (net.version, _region_signature(net, peers), (), False)
-            region = Region(net, signature, _representative(net, ordered))
-        around = _enclosing(kept, lengths[net.version], net)
+            region = Region(net, signature, _representative(key, net, ordered))
+        around = _enclosing(kept, lengths[net.version], key, net.max_prefixlen)
         if around is not None and regions[around].signature == signature:
             # The prefix around it already says the same; its addresses fall to that prefix.
             if regions[around].representative is None and region.representative is not None:
                 regions[around] = replace(regions[around], representative=region.representative)
             continue
-        kept[net] = len(regions)
+        kept[key] = len(regions)
         lengths[net.version].add(net.prefixlen)
         regions.append(region)
     return regions
 
 
-def _enclosing(kept: dict[IPNetwork, int], lengths: set[int], net: IPNetwork) -> int | None:
-    """The index of the longest kept region strictly containing `net`: one dict look-up per
-    prefix length in use, so a node with many pod addresses stays linear."""
-    for length in sorted((n for n in lengths if n < net.prefixlen), reverse=True):
-        found = kept.get(net.supernet(new_prefix=length))
+def _enclosing(
+    kept: dict[_OrderKey, int], lengths: set[int], key: _OrderKey, bits: int
+) -> int | None:
+    """The index of the longest kept region strictly containing the prefix `key`: one dict
+    look-up per prefix length in use, so a node with many pod addresses stays linear."""
+    version, prefixlen, start = key
+    for length in sorted((n for n in lengths if n < prefixlen), reverse=True):
+        mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+        found = kept.get((version, length, start & mask))
         if found is not None:
             return found
     return None

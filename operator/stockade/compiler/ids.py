@@ -46,8 +46,8 @@ class IdTable(Generic[K], Mapping[K, int]):
         (callers pass a sorted order so that the result is deterministic). Keys absent from `keys`
         are dropped unless `keep_unused`.
         """
-        wanted = list(dict.fromkeys(keys))
-        kept = {k: v for k, v in self._ids.items() if keep_unused or k in set(wanted)}
+        wanted = dict.fromkeys(keys)
+        kept = {k: v for k, v in self._ids.items() if keep_unused or k in wanted}
         used = set(kept.values())
         for key in wanted:
             if key in kept:

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 from stockade.compiler import ir
-from stockade.compiler.classes import Signature, build_regions, protocols_for
+from stockade.compiler.classes import Addresses, Signature, build_regions, protocols_for
 from stockade.compiler.ids import IdTable
 from stockade.model.cluster import ClusterState, Pod
 from stockade.model.evaluator import DirectionJudgement, judge
 from stockade.model.flow import Flow
-from stockade.model.matching import selects
 from stockade.model.policy import (
     AnyPort,
     Direction,
@@ -143,161 +142,266 @@ def _egress_port_names(policies: Iterable[Policy]) -> frozenset[str]:
     )
 
 
+Template = tuple[int, int, int, Outcome]  # (prefix length, protocol, port, outcome)
+# (direction, ids of the chosen policies, the local pod's named ports)
+ProfileKey = tuple[Direction, tuple[int, ...], tuple[tuple[str, tuple[int, Protocol]], ...]]
+# (family, membership in each peer of the chosen policies, the remote pod's named ports where
+# they can resolve, the remote is the local node)
+RemoteKey = tuple[int, tuple[bool, ...], tuple[tuple[str, tuple[int, Protocol]], ...], bool]
+
+
+class Verdicts:
+    """The policy entries of one endpoint profile for one remote class, kept across nodes and
+    passes: a profile's verdict depends only on its chosen policies, the local pod's named ports
+    and what those policies can see of the remote (its membership in each of their peers, its
+    named ports, whether it is the local node), so the key is exact whatever else changed.
+
+    Keys hold policy ids; the policies are kept alive here so that no id is reused while a key
+    names it. `retain()` drops what names a policy that is gone.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]] = {}
+        self._alive: dict[int, Policy] = {}
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[ProfileKey, RemoteKey]) -> tuple[Template, ...] | None:
+        return self._entries.get(key)
+
+    def put(
+        self,
+        key: tuple[ProfileKey, RemoteKey],
+        chosen: Sequence[Policy],
+        value: tuple[Template, ...],
+    ) -> None:
+        for policy in chosen:
+            self._alive[id(policy)] = policy
+        self._entries[key] = value
+        self.misses += 1
+
+    def retain(self, policies: Iterable[Policy]) -> None:
+        """Forget every entry that names a policy not in `policies`."""
+        current = {id(p): p for p in policies}
+        self._alive = {i: p for i, p in self._alive.items() if current.get(i) is p}
+        self._entries = {
+            k: v for k, v in self._entries.items() if all(i in self._alive for i in k[0][1])
+        }
+
+
+class Lowering:
+    """One cluster state and policy set, lowered node by node; what the nodes share (host
+    addresses, peer members, which policies select which pod, verdicts) is computed once."""
+
+    def __init__(
+        self, state: ClusterState, policies: Sequence[Policy], verdicts: Verdicts | None = None
+    ) -> None:
+        self.state = state
+        self.policies = tuple(policies)
+        self.addresses = Addresses(state)
+        self.verdicts = verdicts if verdicts is not None else Verdicts()
+        self._selecting: dict[str, list[Policy]] | None = None
+        self._by_node: dict[str, list[Pod]] | None = None
+
+    def selecting(self, pod: Pod) -> list[Policy]:
+        """The policies whose subject holds `pod`, in the order given."""
+        if self._selecting is None:
+            self._selecting = {}
+            for policy in self.policies:
+                for member in self.state.index.pods_in(policy.subject):
+                    self._selecting.setdefault(member.key, []).append(policy)
+        return self._selecting.get(pod.key, [])
+
+    def _endpoints(self) -> dict[str, list[Pod]]:
+        """node -> its endpoints (scheduled, addressed, not host-network pods)."""
+        if self._by_node is None:
+            self._by_node = {}
+            for pod in self.state.pods:
+                if pod.node and not pod.host_network and pod.ips:
+                    self._by_node.setdefault(pod.node, []).append(pod)
+        return self._by_node
+
+    def node(self, node: str, ids: Ids | None = None) -> Lowered:
+        """The tables for the endpoints on `node`; `ids` from the previous lowering keeps ids
+        stable."""
+        ids = ids or Ids()
+        pods = sorted(self._endpoints().get(node, ()), key=lambda p: p.key)
+        affecting = {
+            (pod.key, d): [p for p in self.selecting(pod) if d in p.directions]
+            for pod in pods
+            for d in Direction
+        }
+        relevant = {id(p): p for ps in affecting.values() for p in ps}
+        peers = _peers(relevant.values())
+        regions = build_regions(self.addresses, node, peers, _egress_port_names(relevant.values()))
+        endpoint_ids = ids.endpoints.assign(p.key for p in pods)
+        class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
+        representatives: dict[Signature, IPAddress] = {}
+        for region in regions:
+            if region.representative is not None:
+                representatives.setdefault(region.signature, region.representative)
+        classes = sorted(representatives.items(), key=lambda kv: class_ids[kv[0]])
+        peer_index = {peer: i for i, peer in enumerate(peers)}
+
+        # (endpoint id, class id, template) per entry; rule ids are given in one pass below.
+        entries: list[tuple[int, ir.Direction, int, Template]] = []
+        # Pods with the same policies, named ports and address families get the same entries but
+        # for the endpoint id (the replicas of a workload): lower each such profile once.
+        profiles: dict[tuple[object, ...], list[tuple[int, Template]]] = {}
+        for pod in pods:
+            for direction in Direction:
+                chosen = affecting[(pod.key, direction)]
+                if not chosen:
+                    continue
+                profile = (
+                    direction,
+                    tuple(id(p) for p in chosen),
+                    tuple(sorted(pod.named_ports.items())),
+                    tuple(sorted(ip.version for ip in pod.ips)),
+                )
+                if profile not in profiles:
+                    profiles[profile] = self._profile_entries(
+                        pod, direction, chosen, classes, class_ids, peer_index
+                    )
+                endpoint_id, dir_ = endpoint_ids[pod.key], _DIRECTIONS[direction]
+                entries += [(endpoint_id, dir_, cid, t) for cid, t in profiles[profile]]
+        rule_refs = sorted(
+            {
+                ref
+                for found in profiles.values()
+                for _, (_, _, _, o) in found
+                for ref in (o[1], o[3])
+                if ref is not None
+            },
+            key=_ref_key,
+        )
+        rule_ids = ids.rules.assign(rule_refs)
+        policy = tuple(
+            ir.PolicyEntry(
+                endpoint_id,
+                dir_,
+                prefixlen,
+                cid,
+                proto,
+                port,
+                o[0],
+                rule_ids[o[1]] if o[1] is not None else ir.RULE_NONE,
+                o[2],
+                rule_ids[o[3]] if o[3] is not None else ir.RULE_NONE,
+            )
+            for endpoint_id, dir_, cid, (prefixlen, proto, port, o) in entries
+        )
+        tables = ir.NodeTables(
+            endpoints=tuple(
+                ir.EndpointEntry(ip, endpoint_ids[pod.key]) for pod in pods for ip in pod.ips
+            ),
+            classes=tuple(
+                ir.ClassEntry(
+                    r.network,
+                    class_ids[r.signature],
+                    ir.ClassFlag.LOCAL_NODE if r.signature[3] else 0,
+                )
+                for r in regions
+            ),
+            policy=policy,
+            rules={
+                rule_ids[ref]: ir.RuleInfo(
+                    ref.kind.value, ref.namespace, ref.name, _DIRECTIONS[ref.direction], ref.index
+                )
+                for ref in rule_refs
+            },
+        )
+        return Lowered(tables, Ids(endpoint_ids, class_ids, rule_ids))
+
+    def _profile_entries(
+        self,
+        pod: Pod,
+        direction: Direction,
+        chosen: list[Policy],
+        classes: list[tuple[Signature, IPAddress]],
+        class_ids: IdTable[Signature],
+        peer_index: dict[Peer, int],
+    ) -> list[tuple[int, Template]]:
+        """The (class id, entry template) pairs of `pod`'s profile, through the verdicts kept
+        across nodes and passes."""
+        profile: ProfileKey = (
+            direction,
+            tuple(id(p) for p in chosen),
+            tuple(sorted(pod.named_ports.items())),
+        )
+        seen = [peer_index[peer] for peer in _peers(chosen)]
+        out: list[tuple[int, Template]] = []
+        for signature, remote in classes:
+            local = next((ip for ip in pod.ips if ip.version == remote.version), None)
+            if local is None:
+                continue
+            members = set(signature[1])
+            remote_pod = self.state.pod_at(remote) if direction is Direction.EGRESS else None
+            key: RemoteKey = (
+                remote.version,
+                tuple(i in members for i in seen),
+                tuple(sorted(remote_pod.named_ports.items())) if remote_pod is not None else (),
+                signature[3],
+            )
+            templates = self.verdicts.get((profile, key))
+            if templates is None:
+                templates = _templates(self.state, pod, local, remote, direction, chosen)
+                self.verdicts.put((profile, key), chosen, templates)
+            cid = class_ids[signature]
+            out += [(cid, t) for t in templates]
+        return out
+
+
 def lower_node(
     state: ClusterState, policies: Sequence[Policy], node: str, ids: Ids | None = None
 ) -> Lowered:
-    """The tables for the endpoints on `node`; `ids` from the previous lowering keeps ids stable."""
-    ids = ids or Ids()
-    pods = sorted(
-        (p for p in state.pods if p.node == node and not p.host_network and p.ips),
-        key=lambda p: p.key,
-    )
-    affecting = {
-        (pod.key, d): [p for p in policies if d in p.directions and selects(p, pod, state)]
-        for pod in pods
-        for d in Direction
-    }
-    relevant = {id(p): p for ps in affecting.values() for p in ps}
-    regions = build_regions(
-        state, node, _peers(relevant.values()), _egress_port_names(relevant.values())
-    )
-    endpoint_ids = ids.endpoints.assign(p.key for p in pods)
-    class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
-    representatives: dict[Signature, IPAddress] = {}
-    for region in regions:
-        if region.representative is not None:
-            representatives.setdefault(region.signature, region.representative)
-
-    entries: list[_Entry] = []
-    # Pods with the same policies, named ports and address families get the same entries but
-    # for the endpoint id (the replicas of a workload): lower each such profile once.
-    profiles: dict[tuple[object, ...], list[_Entry]] = {}
-    for pod in pods:
-        for direction in Direction:
-            chosen = affecting[(pod.key, direction)]
-            if not chosen:
-                continue
-            profile = (
-                direction,
-                tuple(id(p) for p in chosen),
-                tuple(sorted(pod.named_ports.items())),
-                tuple(sorted(ip.version for ip in pod.ips)),
-            )
-            if profile not in profiles:
-                profiles[profile] = _endpoint_entries(
-                    state, pod, 0, direction, chosen, class_ids, representatives
-                )
-            endpoint_id = endpoint_ids[pod.key]
-            entries += [
-                replace(e, entry=replace(e.entry, endpoint_id=endpoint_id))
-                for e in profiles[profile]
-            ]
-    rule_refs = sorted({ref for e in entries for ref in _refs(e)}, key=_ref_key)
-    rule_ids = ids.rules.assign(rule_refs)
-    policy = tuple(_resolve_rule_ids(e, rule_ids) for e in entries)
-    tables = ir.NodeTables(
-        endpoints=tuple(
-            ir.EndpointEntry(ip, endpoint_ids[pod.key]) for pod in pods for ip in pod.ips
-        ),
-        classes=tuple(
-            ir.ClassEntry(
-                r.network, class_ids[r.signature], ir.ClassFlag.LOCAL_NODE if r.signature[3] else 0
-            )
-            for r in regions
-        ),
-        policy=policy,
-        rules={
-            rule_ids[ref]: ir.RuleInfo(
-                ref.kind.value, ref.namespace, ref.name, _DIRECTIONS[ref.direction], ref.index
-            )
-            for ref in rule_refs
-        },
-    )
-    return Lowered(tables, Ids(endpoint_ids, class_ids, rule_ids))
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A policy entry with its deciding RuleRefs beside it; rule ids are given in one pass."""
-
-    entry: ir.PolicyEntry
-    rule: RuleRef | None
-    audit_rule: RuleRef | None
-
-
-def _refs(e: _Entry) -> list[RuleRef]:
-    return [r for r in (e.rule, e.audit_rule) if r is not None]
+    """The tables for the endpoints on `node` (one node of a `Lowering`)."""
+    return Lowering(state, policies).node(node, ids)
 
 
 def _ref_key(ref: RuleRef) -> tuple[str, str, str, str, int]:
     return (ref.kind.value, ref.namespace, ref.name, ref.direction.value, ref.index)
 
 
-def _resolve_rule_ids(e: _Entry, rule_ids: IdTable[RuleRef]) -> ir.PolicyEntry:
-    return replace(
-        e.entry,
-        rule_id=rule_ids[e.rule] if e.rule else ir.RULE_NONE,
-        audit_rule_id=rule_ids[e.audit_rule] if e.audit_rule else ir.RULE_NONE,
-    )
-
-
-def _endpoint_entries(
+def _templates(
     state: ClusterState,
     pod: Pod,
-    endpoint_id: int,
+    local: IPAddress,
+    remote: IPAddress,
     direction: Direction,
     policies: list[Policy],
-    class_ids: IdTable[Signature],
-    representatives: dict[Signature, IPAddress],
-) -> list[_Entry]:
-    out: list[_Entry] = []
-    dir_ = _DIRECTIONS[direction]
-    other = _other_protocols(policies)
-    for signature, remote in sorted(representatives.items(), key=lambda kv: class_ids[kv[0]]):
-        local = next((ip for ip in pod.ips if ip.version == remote.version), None)
-        if local is None:
-            continue
-        cid = class_ids[signature]
-        dst_pod = pod if direction is Direction.INGRESS else state.pod_at(remote)
-
-        def entry(prefixlen: int, proto: int, port: int, o: Outcome, cid: int = cid) -> _Entry:
-            return _Entry(
-                ir.PolicyEntry(
-                    endpoint_id, dir_, prefixlen, cid, proto, port, o[0], ir.RULE_NONE, o[2]
+) -> tuple[Template, ...]:
+    """The entries of one endpoint for one remote class, decided by the evaluator's `judge`."""
+    out: list[Template] = []
+    dst_pod = pod if direction is Direction.INGRESS else state.pod_at(remote)
+    # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
+    base_flow = _flow(local, remote, direction, Protocol.TCP, 0)
+    base = _outcome(judge(state, _other_protocols(policies), base_flow, direction))
+    out.append((ir.PREFIX_CLASS, 0, 0, base))
+    for proto in protocols_for(remote.version):
+        pieces = _boundaries(policies, direction, proto, dst_pod)
+        outcomes = [
+            (
+                piece,
+                _outcome(
+                    judge(
+                        state, policies, _flow(local, remote, direction, proto, piece[0]), direction
+                    )
                 ),
-                o[1],
-                o[3],
             )
-
-        # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
-        base_flow = _flow(pod_ip := local, remote, direction, Protocol.TCP, 0)
-        base = _outcome(judge(state, other, base_flow, direction))
-        out.append(entry(ir.PREFIX_CLASS, 0, 0, base))
-        for proto in protocols_for(remote.version):
-            pieces = _boundaries(policies, direction, proto, dst_pod)
-            outcomes = [
-                (
-                    piece,
-                    _outcome(
-                        judge(
-                            state,
-                            policies,
-                            _flow(pod_ip, remote, direction, proto, piece[0]),
-                            direction,
-                        )
-                    ),
-                )
-                for piece in pieces
-            ]
-            widths = Counter[Outcome]()
-            for (a, b), o in outcomes:
-                widths[o] += b - a + 1
-            common = widths.most_common(1)[0][0]
-            if common != base:
-                out.append(entry(ir.PREFIX_PROTO, proto.number, 0, common))
-            for (a, b), o in outcomes:
-                if o == common:
-                    continue
-                for value, bits in _prefixes(a, b):
-                    out.append(entry(ir.PREFIX_PROTO + bits, proto.number, value, o))
-    return out
+            for piece in pieces
+        ]
+        widths = Counter[Outcome]()
+        for (a, b), o in outcomes:
+            widths[o] += b - a + 1
+        common = widths.most_common(1)[0][0]
+        if common != base:
+            out.append((ir.PREFIX_PROTO, proto.number, 0, common))
+        for (a, b), o in outcomes:
+            if o == common:
+                continue
+            for value, bits in _prefixes(a, b):
+                out.append((ir.PREFIX_PROTO + bits, proto.number, value, o))
+    return tuple(out)

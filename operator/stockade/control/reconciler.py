@@ -19,7 +19,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from stockade.compiler import handoff
-from stockade.compiler.lower import Ids, lower_node
+from stockade.compiler.lower import Ids, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.events import post_event
 from stockade.control.plan import plan
@@ -83,6 +83,7 @@ class Reconciler:
         self._shape = shape or Shape()
         self.publisher = Publisher(api)
         self.ids: dict[str, Ids] = {}
+        self.verdicts = Verdicts()  # kept across passes: a pass judges only what is new
         self.generation = 0
         self.generations: dict[str, int] = {}  # node -> its current program generation
         self._synced = False
@@ -128,15 +129,17 @@ class Reconciler:
     def desired(self, snap: Snapshot) -> dict[str, dict[str, handoff.Shards]]:
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
         nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
+        lowering = Lowering(snap.state, policies, self.verdicts)
         out = {}
         for node in sorted(nodes):
             began = time.monotonic()
-            lowered = lower_node(snap.state, policies, node, self.ids.get(node))
+            lowered = lowering.node(node, self.ids.get(node))
             self.ids[node] = lowered.ids
             out[node] = handoff.encode(lowered.tables, self._shape)
             self.stats.node_seconds[node] = time.monotonic() - began
         for node in set(self.ids) - nodes:
             del self.ids[node]
+        self.verdicts.retain(policies)
         return out
 
     def _publish(self, snap: Snapshot) -> None:

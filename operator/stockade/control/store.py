@@ -5,14 +5,13 @@ The kopf handlers write into one `Store` (from kopf's event loop); the reconcile
 the model value changed, so that a status-only update (for example the operator's own status
 write coming back through the watch) never triggers a new lowering.
 
-Indexes (kept on every write, never rebuilt by a scan): pods by node, pods by namespace, pods by
-(namespace, label key, label value), namespaces by (label key, label value).
+Selector look-ups go through the label indexes of the snapshot's `ClusterState`
+(`stockade.model.index`), built once per snapshot.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -22,25 +21,14 @@ from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.policy import IPAddress
 
-LabelKey = tuple[str, str]  # (label key, value)
-
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A consistent view for one reconcile; the index maps are frozen copies."""
+    """A consistent view for one reconcile."""
 
     state: ClusterState
     policies: Mapping[PolicyKey, PolicyRecord]
-    pods_by_node: Mapping[str, frozenset[str]]
-    pods_by_namespace: Mapping[str, frozenset[str]]
-    pods_by_label: Mapping[tuple[str, str, str], frozenset[str]]
-    namespaces_by_label: Mapping[LabelKey, frozenset[str]]
-    pods: Mapping[str, Pod]
     reports: Mapping[str, Mapping[str, Any]]  # node -> status of its program.0 DatapathTable
-
-
-def _freeze(index: Mapping[Any, set[str]]) -> Mapping[Any, frozenset[str]]:
-    return MappingProxyType({k: frozenset(v) for k, v in index.items() if v})
 
 
 class Store:
@@ -55,20 +43,8 @@ class Store:
         self._nodes: dict[str, Node] = {}
         self._policies: dict[PolicyKey, PolicyRecord] = {}
         self._reports: dict[str, Mapping[str, Any]] = {}
-        self._by_node: dict[str, set[str]] = defaultdict(set)
-        self._by_namespace: dict[str, set[str]] = defaultdict(set)
-        self._by_label: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-        self._ns_by_label: dict[LabelKey, set[str]] = defaultdict(set)
 
     # --- writes ------------------------------------------------------------------------------
-
-    def _index_pod(self, pod: Pod, add: bool) -> None:
-        op = set.add if add else set.discard
-        if pod.node:
-            op(self._by_node[pod.node], pod.key)
-        op(self._by_namespace[pod.namespace], pod.key)
-        for k, v in pod.labels.items():
-            op(self._by_label[(pod.namespace, k, v)], pod.key)
 
     def put_pod(self, key: str, pod: Pod | None) -> None:
         """Set (or with None, remove) the pod stored under `namespace/name`."""
@@ -76,12 +52,10 @@ class Store:
             old = self._pods.get(key)
             if old == pod:
                 return
-            if old is not None:
-                self._index_pod(old, add=False)
+            if pod is None:
                 del self._pods[key]
-            if pod is not None:
+            else:
                 self._pods[key] = pod
-                self._index_pod(pod, add=True)
         self._on_change(True)
 
     def put_namespace(self, name: str, namespace: Namespace | None) -> None:
@@ -89,14 +63,10 @@ class Store:
             old = self._namespaces.get(name)
             if old == namespace:
                 return
-            if old is not None:
-                for label in old.labels.items():
-                    self._ns_by_label[label].discard(name)
+            if namespace is None:
                 del self._namespaces[name]
-            if namespace is not None:
+            else:
                 self._namespaces[name] = namespace
-                for label in namespace.labels.items():
-                    self._ns_by_label[label].add(name)
         self._on_change(True)
 
     def put_node(self, name: str, node: Node | None) -> None:
@@ -143,11 +113,6 @@ class Store:
                     self._nodes.values(),
                 ),
                 policies=MappingProxyType(dict(self._policies)),
-                pods_by_node=_freeze(self._by_node),
-                pods_by_namespace=_freeze(self._by_namespace),
-                pods_by_label=_freeze(self._by_label),
-                namespaces_by_label=_freeze(self._ns_by_label),
-                pods=MappingProxyType(dict(self._pods)),
                 reports=MappingProxyType(dict(self._reports)),
             )
 

@@ -6,12 +6,17 @@ model; the evaluator and the compiler read it. Pure values, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from stockade.model.policy import IPAddress, Protocol
+
+if TYPE_CHECKING:
+    from stockade.model.index import ClusterIndex
 
 
 def _frozen(labels: Mapping[str, str]) -> Mapping[str, str]:
@@ -86,6 +91,13 @@ class ClusterState:
         self._node_by_ip: Mapping[IPAddress, Node] = MappingProxyType(
             {ip: node for node in self.nodes.values() for ip in node.ips}
         )
+
+    @functools.cached_property
+    def index(self) -> ClusterIndex:
+        """Label indexes for selector look-ups, built on first use."""
+        from stockade.model.index import ClusterIndex  # the index module imports this one
+
+        return ClusterIndex(self)
 
     def pod_at(self, address: IPAddress) -> Pod | None:
         """The (non-host-network) pod that owns `address`."""
