@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from stockade.compiler import handoff
+from stockade.compiler import handoff, ir
 from stockade.compiler.lower import Ids, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.events import post_event
@@ -84,6 +84,7 @@ class Reconciler:
         self.publisher = Publisher(api)
         self.ids: dict[str, Ids] = {}
         self.verdicts = Verdicts()  # kept across passes: a pass judges only what is new
+        self._encoded: dict[str, tuple[ir.NodeTables, dict[str, handoff.Shards]]] = {}
         self.generation = 0
         self.generations: dict[str, int] = {}  # node -> its current program generation
         self._synced = False
@@ -135,10 +136,16 @@ class Reconciler:
             began = time.monotonic()
             lowered = lowering.node(node, self.ids.get(node))
             self.ids[node] = lowered.ids
-            out[node] = handoff.encode(lowered.tables, self._shape)
+            last = self._encoded.get(node)
+            if last is not None and last[0] == lowered.tables:
+                out[node] = last[1]  # unchanged: skip encoding it again
+            else:
+                out[node] = handoff.encode(lowered.tables, self._shape)
+                self._encoded[node] = (lowered.tables, out[node])
             self.stats.node_seconds[node] = time.monotonic() - began
         for node in set(self.ids) - nodes:
             del self.ids[node]
+            self._encoded.pop(node, None)
         self.verdicts.retain(policies)
         return out
 
