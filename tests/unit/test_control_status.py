@@ -61,3 +61,24 @@ def test_a_status_that_only_differs_in_transition_times_is_not_rewritten() -> No
     again = desired_status(record, Progress(2, 2), "2030-01-01T00:00:00Z")
     assert not status_differs(first, again)
     assert status_differs(first, desired_status(record, Progress(1, 2), NOW))
+
+
+def test_a_status_only_update_reuses_the_parsed_spec_and_takes_the_new_status() -> None:
+    first = parse_record(GOOD)
+    assert first is not None
+    echoed = {**GOOD, "status": {"observedGeneration": 1}}
+    again = parse_record(echoed, {first.key: first}.get)
+    assert again is not None
+    assert again.policy is first.policy  # not parsed a second time
+    assert again.status == {"observedGeneration": 1}
+    assert again.same_content(first)
+
+
+def test_a_new_generation_is_parsed_again_even_when_a_record_is_known() -> None:
+    known = parse_record(GOOD)
+    assert known is not None
+    changed = {**BAD, "metadata": {**BAD["metadata"], "generation": 2}}
+    record = parse_record(changed, {known.key: known}.get)
+    assert record is not None
+    assert record.policy is None and record.problems
+    assert record.generation == 2

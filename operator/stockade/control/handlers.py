@@ -49,7 +49,7 @@ def build_registry(
 
     def policy_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
-        record = parse_record(obj)
+        record = parse_record(obj, store.policy)
         if record is None:
             return
         store.put_policy(record.key, None if deleted else record)

@@ -8,8 +8,8 @@ the standard and upstream kinds go to the second step directly. Never raises on 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from stockade.model import crd
@@ -75,25 +75,40 @@ def _problems(obj: Mapping[str, Any], kind: PolicyKind) -> tuple[Policy | None, 
         return None, tuple(str(p) for p in exc.problems)
 
 
-def parse_record(obj: Mapping[str, Any]) -> PolicyRecord | None:
-    """The record for a raw policy object; None when stockade does not enforce its kind."""
+def parse_record(
+    obj: Mapping[str, Any], known: Callable[[PolicyKey], PolicyRecord | None] | None = None
+) -> PolicyRecord | None:
+    """The record for a raw policy object; None when stockade does not enforce its kind.
+
+    `known(key)` returns the record stored for the key; when it has the same uid and generation,
+    the spec is the one already parsed and only the status is taken from `obj` (the operator's
+    own status writes come back through the watch, one per policy: they must not cost a parse).
+    """
     kind = policy_kind(obj.get("apiVersion"), obj.get("kind"))
     if kind is None:
         return None
     meta = _meta(obj)
     generation = meta.get("generation")
+    namespace = str(meta.get("namespace") or "") if not kind.cluster_scoped else ""
+    name = str(meta.get("name", ""))
+    uid = str(meta.get("uid", ""))
+    generation = generation if isinstance(generation, int) else 0
+    raw_status = obj.get("status")
+    status = dict(raw_status) if isinstance(raw_status, Mapping) else {}
+    before = known((kind.value, namespace, name)) if known is not None else None
+    if before is not None and generation and (before.uid, before.generation) == (uid, generation):
+        return replace(before, status=status)
     try:
         policy, problems = _problems(obj, kind)
     except Exception as exc:  # the operator never crashes on an object
         policy, problems = None, (f"spec: could not be parsed ({type(exc).__name__}: {exc})",)
-    status = obj.get("status")
     return PolicyRecord(
         kind=kind,
-        namespace=str(meta.get("namespace") or "") if not kind.cluster_scoped else "",
-        name=str(meta.get("name", "")),
-        uid=str(meta.get("uid", "")),
-        generation=generation if isinstance(generation, int) else 0,
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        generation=generation,
         policy=policy,
         problems=problems,
-        status=dict(status) if isinstance(status, Mapping) else {},
+        status=status,
     )

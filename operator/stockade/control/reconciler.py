@@ -58,6 +58,8 @@ class Stats:
     status_writes: int = 0
     events: int = 0
     last_seconds: float = 0.0
+    # the last pass that lowered, by stage: lowering and encoding, writing tables, statuses
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     node_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -119,11 +121,23 @@ class Reconciler:
             }
             self._synced, tables = True, True
         snap = self._store.snapshot()
+        stages = {"lower": 0.0, "publish": 0.0}
         if tables:
-            self._publish(snap)
+            stages = self._publish(snap)
+        began = time.monotonic()
         self._statuses(snap)
+        stages["status"] = time.monotonic() - began
         self.stats.passes += 1
         self.stats.last_seconds = time.monotonic() - started
+        if tables:
+            self.stats.stage_seconds = stages
+        log.debug(
+            "pass %d (tables=%s) in %.3fs: %s",
+            self.stats.passes,
+            tables,
+            self.stats.last_seconds,
+            ", ".join(f"{k} {v:.3f}s" for k, v in stages.items()),
+        )
 
     # --- tables ------------------------------------------------------------------------------
 
@@ -149,14 +163,19 @@ class Reconciler:
         self.verdicts.retain(policies)
         return out
 
-    def _publish(self, snap: Snapshot) -> None:
+    def _publish(self, snap: Snapshot) -> dict[str, float]:
+        """Lower, plan and write; the seconds each took."""
+        began = time.monotonic()
         desired = self.desired(snap)
         planned = plan(self.publisher.published, desired, self.generation + 1)
+        lowered = time.monotonic()
+        stages = {"lower": lowered - began, "publish": 0.0}
         if not self._is_leader():
-            return
+            return stages
         if planned.writes:
             self.generation += 1
         self.publisher.apply(planned)
+        stages["publish"] = time.monotonic() - lowered
         self.generations = dict(planned.generations)
         self.stats.table_passes += 1
         for key, record in snap.policies.items():
@@ -165,6 +184,7 @@ class Reconciler:
                 self._required[key] = (version, dict(self.generations))
         for key in set(self._required) - set(snap.policies):
             del self._required[key]
+        return stages
 
     # --- status ------------------------------------------------------------------------------
 

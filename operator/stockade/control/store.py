@@ -104,6 +104,10 @@ class Store:
 
     # --- reads -------------------------------------------------------------------------------
 
+    def policy(self, key: PolicyKey) -> PolicyRecord | None:
+        with self._lock:
+            return self._policies.get(key)
+
     def snapshot(self) -> Snapshot:
         with self._lock:
             return Snapshot(
