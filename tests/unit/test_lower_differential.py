@@ -9,13 +9,14 @@ This is the pure half of the datapath's differential test; tests/bpf checks the 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stockade.compiler import ir
-from stockade.compiler.lower import Lowering, Verdicts, lower_node
+from stockade.compiler.lower import Ids, Lowering, Verdicts, lower_node
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.evaluator import judge
 from stockade.model.flow import Flow
@@ -272,16 +273,29 @@ def test_lowered_tables_decide_every_flow_as_the_reference_evaluator(data: st.Da
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_verdicts_kept_from_another_cluster_state_lower_exactly_as_a_cold_lowering(
+def test_verdicts_and_results_kept_from_other_cluster_states_lower_exactly_as_a_cold_lowering(
     data: st.DataObject,
 ) -> None:
-    """The operator keeps verdicts across passes while pods and labels change; what it reuses
-    must never differ from what a lowering from nothing would decide."""
-    before, policies = data.draw(scenario())
-    after = data.draw(cluster())
-    verdicts = Verdicts()
-    for state in (before, after):
-        warm = Lowering(state, policies, verdicts)
+    """The operator keeps verdicts and each node's last result across passes while pods and
+    labels change; what it reuses must never differ from what a lowering from nothing would
+    decide (with the same ids carried in)."""
+    first, policies = data.draw(scenario())
+    # The pods of n1 relabelled: n0's endpoints stay as they were, its peers may not.
+    second = ClusterState(
+        first.namespaces.values(),
+        [
+            replace(pod, labels=data.draw(labels)) if pod.node == "n1" else pod
+            for pod in first.pods
+        ],
+        NODES,
+    )
+    verdicts, previous = Verdicts(), {}  # type: ignore[var-annotated]
+    ids: dict[str, Ids | None] = {n.name: None for n in NODES}
+    for state in (first, second, second, first):
+        warm = Lowering(state, policies, verdicts, previous)
         for node in NODES:
-            cold = lower_node(state, policies, node.name)
-            assert warm.node(node.name).tables == cold.tables, node.name
+            cold = lower_node(state, policies, node.name, ids[node.name])
+            got = warm.node(node.name, ids[node.name])
+            assert got.tables == cold.tables, node.name
+            assert dict(got.ids.classes) == dict(cold.ids.classes), node.name
+            ids[node.name] = got.ids

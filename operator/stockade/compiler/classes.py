@@ -102,6 +102,21 @@ class Addresses:
                 found.sort()
         return out
 
+    def region_inputs(
+        self, node: str, peers: Sequence[Peer], egress_port_names: frozenset[str]
+    ) -> tuple[object, ...]:
+        """Everything `build_regions` reads for these arguments, as a comparable value."""
+        return (
+            tuple(self.members(p) if isinstance(p, PodPeer | NodePeer) else p for p in peers),
+            tuple(
+                sorted(
+                    ((a.version, int(a)), _named_ports(self.state, a, egress_port_names))
+                    for a in self.named(egress_port_names)
+                )
+            ),
+            self.state.node_ips(node),
+        )
+
     def named(self, names: frozenset[str]) -> set[IPAddress]:
         """The addresses of the pods with a named port called one of `names`."""
         if self._named is None:

@@ -196,12 +196,19 @@ class Lowering:
     addresses, peer members, which policies select which pod, verdicts) is computed once."""
 
     def __init__(
-        self, state: ClusterState, policies: Sequence[Policy], verdicts: Verdicts | None = None
+        self,
+        state: ClusterState,
+        policies: Sequence[Policy],
+        verdicts: Verdicts | None = None,
+        previous: dict[str, tuple[object, Lowered]] | None = None,
     ) -> None:
+        """`verdicts` and `previous` (node -> the inputs and result of its last lowering) are
+        carried from pass to pass by the caller; both are updated in place."""
         self.state = state
         self.policies = tuple(policies)
         self.addresses = Addresses(state)
         self.verdicts = verdicts if verdicts is not None else Verdicts()
+        self.previous = previous if previous is not None else {}
         self._selecting: dict[str, list[Policy]] | None = None
         self._by_node: dict[str, list[Pod]] | None = None
 
@@ -226,7 +233,7 @@ class Lowering:
     def node(self, node: str, ids: Ids | None = None) -> Lowered:
         """The tables for the endpoints on `node`; `ids` from the previous lowering keeps ids
         stable."""
-        ids = ids or Ids()
+        ids = ids if ids is not None else Ids()
         pods = sorted(self._endpoints().get(node, ()), key=lambda p: p.key)
         affecting = {
             (pod.key, d): [p for p in self.selecting(pod) if d in p.directions]
@@ -235,7 +242,31 @@ class Lowering:
         }
         relevant = {id(p): p for ps in affecting.values() for p in ps}
         peers = _peers(relevant.values())
-        regions = build_regions(self.addresses, node, peers, _egress_port_names(relevant.values()))
+        port_names = _egress_port_names(relevant.values())
+        # Everything the result depends on (verdicts reused are exact by their key): when it is
+        # what the node's previous lowering saw, that lowering is the answer.
+        inputs = (
+            tuple((pod, *(tuple(affecting[(pod.key, d)]) for d in Direction)) for pod in pods),
+            tuple(peers),
+            self.addresses.region_inputs(node, peers, port_names),
+        )
+        before = self.previous.get(node)
+        if before is not None and before[1].ids is ids and before[0] == inputs:
+            return before[1]
+        lowered = self._lower(node, ids, pods, affecting, peers, port_names)
+        self.previous[node] = (inputs, lowered)
+        return lowered
+
+    def _lower(
+        self,
+        node: str,
+        ids: Ids,
+        pods: list[Pod],
+        affecting: dict[tuple[str, Direction], list[Policy]],
+        peers: list[Peer],
+        port_names: frozenset[str],
+    ) -> Lowered:
+        regions = build_regions(self.addresses, node, peers, port_names)
         endpoint_ids = ids.endpoints.assign(p.key for p in pods)
         class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
         representatives: dict[Signature, IPAddress] = {}

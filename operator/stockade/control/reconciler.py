@@ -19,7 +19,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from stockade.compiler import handoff, ir
-from stockade.compiler.lower import Ids, Lowering, Verdicts
+from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.events import post_event
 from stockade.control.plan import plan
@@ -87,6 +87,7 @@ class Reconciler:
         self.ids: dict[str, Ids] = {}
         self.verdicts = Verdicts()  # kept across passes: a pass judges only what is new
         self._encoded: dict[str, tuple[ir.NodeTables, dict[str, handoff.Shards]]] = {}
+        self._lowered: dict[str, tuple[object, Lowered]] = {}  # node -> its last inputs, result
         self.generation = 0
         self.generations: dict[str, int] = {}  # node -> its current program generation
         self._synced = False
@@ -144,7 +145,7 @@ class Reconciler:
     def desired(self, snap: Snapshot) -> dict[str, dict[str, handoff.Shards]]:
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
         nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
-        lowering = Lowering(snap.state, policies, self.verdicts)
+        lowering = Lowering(snap.state, policies, self.verdicts, self._lowered)
         out = {}
         for node in sorted(nodes):
             began = time.monotonic()
@@ -160,6 +161,7 @@ class Reconciler:
         for node in set(self.ids) - nodes:
             del self.ids[node]
             self._encoded.pop(node, None)
+            self._lowered.pop(node, None)
         self.verdicts.retain(policies)
         return out
 
