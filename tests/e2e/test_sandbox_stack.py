@@ -70,6 +70,8 @@ def test_sandbox_up_runs_the_operator_and_an_agent_per_node_and_down_removes_the
     assert stack.stray_processes(state_dir) == []
     assert not any(netns.exists(name) for name in topology.namespaces())
     assert not record.pin_root.exists()
+    base = record.pin_root.parent
+    assert not base.exists() or any(base.iterdir()), "an empty pin base is left behind"
 
 
 def test_sandbox_status_reports_an_agent_that_died(state_dir: Path) -> None:

@@ -272,6 +272,9 @@ def remove_pins(root: Path, progress: Progress) -> None:
     if root.exists():
         progress(f"removing the pinned programs and maps in {root}")
         shutil.rmtree(root)
+    if root.parent == PIN_BASE:
+        with contextlib.suppress(OSError):  # another run still pins there: leave it
+            PIN_BASE.rmdir()
 
 
 def remove_orphaned_pins(live_runs: Callable[[str], bool], progress: Progress) -> None:
