@@ -93,7 +93,12 @@ class Operator:
 
     def gauges(self) -> dict[str, float]:
         stats = self.reconciler.stats
+        stages = {
+            f'stockade_operator_reconcile_stage_seconds{{stage="{stage}"}}': seconds
+            for stage, seconds in stats.stage_seconds.items()
+        }
         return {
+            **stages,
             "stockade_operator_leader": float(self.is_leader()),
             "stockade_operator_reconcile_passes_total": stats.passes,
             "stockade_operator_reconcile_failures_total": self.runner.failures,

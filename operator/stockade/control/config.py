@@ -20,6 +20,9 @@ class OperatorConfig:
     lease_name: str = "stockade-operator"
     lease_duration: float = 15.0
     renew_period: float = 2.0
+    # Reconcile rate limits (`stockade.control.runner`): a request after a quiet period runs at
+    # once; in a burst, lowering passes start at least `min_interval` apart and a request that has
+    # to wait also waits `debounce` after it arrived, so that the rest of the burst joins it.
     debounce: float = 0.02
     min_interval: float = 0.1
 
@@ -38,7 +41,7 @@ class OperatorConfig:
         elif self.renew_period * 2 > self.lease_duration:
             errors.append("--renew-period must be at most half of --lease-duration")
         if self.debounce < 0 or self.min_interval < 0:
-            errors.append("--debounce and --min-interval must not be negative")
+            errors.append("debounce and min_interval must not be negative")
         if errors:
             raise ValueError("; ".join(errors))
         if not self.identity:

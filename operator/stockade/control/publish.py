@@ -3,12 +3,18 @@
 The reconciler calls `resync()` when it becomes leader (and now and then), `apply(plan)` after
 every lowering. Table shards are written before the program objects whose manifests list them,
 and stale shards are deleted last, so an agent never sees a manifest that names missing content.
+The shards of one publish are written concurrently (a change is seldom one object, and each
+write is a round trip to the API server): a node's program object waits only for that node's
+shards, and is not written at all when one of them failed.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from kubernetes.client import ApiClient, CustomObjectsApi
@@ -24,6 +30,7 @@ log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
 NOT_FOUND = 404
 CONFLICT = 409
+MAX_CONCURRENT_WRITES = 8  # API calls in flight at once during one publish
 
 
 def published_from(obj: Mapping[str, Any]) -> Published | None:
@@ -50,6 +57,7 @@ class Publisher:
         self.published: dict[str, Published] = {}
         self.writes = 0
         self.deletes = 0
+        self._lock = threading.Lock()  # writes run on several threads at once
 
     def resync(self) -> int:
         """List every DatapathTable; returns the highest generation found (0 if none)."""
@@ -70,8 +78,19 @@ class Publisher:
         self.published.pop(name, None)
 
     def apply(self, plan: Plan) -> None:
+        """Write `plan`: every node's changed table shards at once, each node's program object
+        as soon as all of that node's shards are written (never if one failed), the deletes
+        after every write succeeded. Raises the first failure once nothing is in flight."""
+        began = time.monotonic()
+        by_node: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
         for obj in plan.writes:
-            self._write(obj)
+            tables, programs = by_node.setdefault(str(obj["spec"]["node"]), ([], []))
+            (programs if obj["spec"]["part"] == handoff.PROGRAM else tables).append(obj)
+        if len(plan.writes) <= 1:
+            for obj in plan.writes:
+                self._write(obj)
+        else:
+            self._write_concurrently(list(by_node.values()))
         for name in plan.deletes:
             try:
                 self._objects.delete_cluster_custom_object(
@@ -82,6 +101,45 @@ class Publisher:
                     raise
             self.deletes += 1
             self.published.pop(name, None)
+        if plan.writes or plan.deletes:
+            log.debug(
+                "published %d objects, deleted %d in %.1f ms",
+                len(plan.writes),
+                len(plan.deletes),
+                (time.monotonic() - began) * 1e3,
+            )
+
+    def _write_concurrently(
+        self, nodes: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+    ) -> None:
+        workers = min(MAX_CONCURRENT_WRITES, sum(len(t) + len(p) for t, p in nodes))
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(workers, thread_name_prefix="stockade-publish") as pool:
+            node_of: dict[Future[None], int] = {}
+            left = [len(tables) for tables, _ in nodes]  # shards still in flight, per node
+            failed = [False] * len(nodes)
+            for index, (tables, _) in enumerate(nodes):
+                node_of.update((pool.submit(self._write, obj), index) for obj in tables)
+            in_flight = set(node_of)
+            ready = [index for index, count in enumerate(left) if count == 0]
+            while ready or in_flight:
+                for index in ready:  # every shard of this node is written
+                    in_flight.update(pool.submit(self._write, obj) for obj in nodes[index][1])
+                ready = []
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    error = future.exception()
+                    if error is not None:
+                        errors.append(error)
+                    node = node_of.get(future)
+                    if node is None:
+                        continue  # a program object
+                    failed[node] = failed[node] or error is not None
+                    left[node] -= 1
+                    if left[node] == 0 and not failed[node]:
+                        ready.append(node)  # else the node keeps its old program object
+        if errors:
+            raise errors[0]
 
     def _write(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]
@@ -114,7 +172,8 @@ class Publisher:
                     {"metadata": obj["metadata"], "spec": obj["spec"]},
                     _content_type=MERGE_PATCH,
                 )
-        self.writes += 1
         record = published_from(obj)
         assert record is not None
-        self.published[name] = record
+        with self._lock:
+            self.writes += 1
+            self.published[name] = record
