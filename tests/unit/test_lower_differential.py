@@ -283,10 +283,7 @@ def test_verdicts_and_results_kept_from_other_cluster_states_lower_exactly_as_a_
     # The pods of n1 relabelled: n0's endpoints stay as they were, its peers may not.
     second = ClusterState(
         first.namespaces.values(),
-        [
-            replace(pod, labels=data.draw(labels)) if pod.node == "n1" else pod
-            for pod in first.pods
-        ],
+        [replace(pod, labels=data.draw(labels)) if pod.node == "n1" else pod for pod in first.pods],
         NODES,
     )
     verdicts, previous = Verdicts(), {}  # type: ignore[var-annotated]

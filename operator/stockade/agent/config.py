@@ -30,7 +30,7 @@ class AgentConfig:
     # What established connections do when policy changes (bpf/conntrack.h): "revalidate" judges
     # each flow's next packet again, "keep" lets established flows run until they expire.
     conntrack_on_policy_change: str = "revalidate"
-    min_interval: float = 0.05  # between two syncs
+    min_interval: float = 0.05  # between the starts of two syncs that changed the datapath
     max_backoff: float = 30.0  # retry delay ceiling after failing syncs
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
 

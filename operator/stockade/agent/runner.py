@@ -1,12 +1,14 @@
 """A rate-limited runner for the agent's one idempotent `sync()`.
 
 Events (a watched DatapathTable changed, the watch re-listed) only `request()` a sync; one thread
-runs it at most once per `min_interval`, retries a failed sync with exponential backoff (capped at
-`max_backoff`; a new request does not cut a backoff short, so a failing kernel or API is not
-hammered), and runs a full sync every `resync` seconds even when nothing was requested. A sync
-that returns False did nothing (the published set was still incomplete) and does not count
-against the minimum interval, so the event that completes a set is applied at once. The same
-pattern as kubernetes-sigs/kube-network-policies `pkg/runner` (BoundedFrequencyRunner).
+runs it, retries a failed sync with exponential backoff (capped at `max_backoff`; a new request
+does not cut a backoff short, so a failing kernel or API is not hammered), and runs a full sync
+every `resync` seconds even when nothing was requested. A request after a quiet period runs at
+once; only bursts are limited: a sync starts at least `min_interval` after the previous sync that
+did work. A sync that returns False did nothing (the published set was still incomplete, or was
+the one already applied, as when a new shard arrives before the manifest that lists it) and does
+not count against the minimum interval, so the event that completes a set is applied at once.
+The same pattern as kubernetes-sigs/kube-network-policies `pkg/runner` (BoundedFrequencyRunner).
 
 `stockade.agent.app` builds one Runner around `Syncer.sync`.
 """
@@ -39,6 +41,7 @@ class Runner:
         self._max_backoff = max_backoff
         self._cond = threading.Condition()
         self._pending = False
+        self._since = 0.0  # when the first pending request arrived
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.runs = 0
@@ -49,6 +52,8 @@ class Runner:
     def request(self) -> None:
         """Ask for a sync soon (never blocks, coalesces with pending requests)."""
         with self._cond:
+            if not self._pending:
+                self._since = time.monotonic()
             self._pending = True
             self._cond.notify()
 
@@ -82,6 +87,7 @@ class Runner:
             if delay > 0 and self._wait(delay, for_request=False):
                 return
             with self._cond:
+                requested = self._since if self._pending else time.monotonic()
                 self._pending = False
             began = time.monotonic()
             try:
@@ -99,6 +105,12 @@ class Runner:
                     return
                 self.request()
             else:
+                log.debug(
+                    "sync (did work: %s) began %.1f ms after its request, took %.1f ms",
+                    did_work is not False,
+                    (began - requested) * 1e3,
+                    (time.monotonic() - began) * 1e3,
+                )
                 if did_work is not False:
                     last = began
                 self.runs += 1

@@ -52,6 +52,11 @@ class SyncStats:
     detached: int = 0
 
 
+def _identity(handoff_set: HandoffSet) -> tuple[object, ...]:
+    """What tells two sets apart without comparing their tables entry by entry."""
+    return (handoff_set.generation, handoff_set.program, handoff_set.digests)
+
+
 def endpoints_of(tables: ir.NodeTables) -> list[Endpoint]:
     addresses: dict[int, list[ir.IPAddress]] = defaultdict(list)
     for entry in tables.endpoints:
@@ -88,7 +93,9 @@ class Syncer:
         return self.current.tables.rules if self.current is not None else {}
 
     def sync(self) -> bool:
-        """Apply the published set; False when there was no complete set to apply."""
+        """Apply the published set; False when it changed nothing: there was no complete set to
+        apply, or the set was the one already applied and the datapath already matched it (a
+        new table shard that no manifest lists yet changes nothing, for example)."""
         began = time.monotonic()
         self.stats.syncs += 1
         try:
@@ -102,6 +109,7 @@ class Syncer:
             self._report_problem(f"hand-off: {exc}")
             raise
         self.stats.waiting = ""
+        same = self.current is not None and _identity(self.current) == _identity(wanted)
         try:
             result = self._apply(wanted)
         except Exception as exc:
@@ -114,7 +122,8 @@ class Syncer:
                 Report(wanted.generation, len(result.attached), errors, self.programs.digest)
             )
             self.reporter.pod_failures(result.failures)
-        return True
+        unchanged = not (result.created or result.updated or result.detached or result.failures)
+        return not (same and unchanged and not self.stats.last_write.total)
 
     def _apply(self, wanted: HandoffSet) -> AttachResult:
         changed = self.programs.ensure(wanted.program.shape)
