@@ -529,7 +529,13 @@ def run(
 ) -> dict[str, Any]:
     trials = 3 if quick else 40
     scale = (20, 10, 50, 200) if quick else (250, 100, policies, pods)
-    out: dict[str, Any] = {"quick": quick, "phases": list(phases)}
+    out: dict[str, Any] = {
+        "quick": quick,
+        "phases": list(phases),
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
     with bench(quick) as b:
         if "latency" in phases:
             applied = b.apply_to_enforced(trials)
