@@ -10,6 +10,8 @@ host class, a /64 isolation entry and a /96 allow entry per protocol; the two de
 and the node's own address).
 `check_synthetic()` proves the two agree at LOWERED_MAX rules: same entry counts by prefix length
 and the same `ir.lookup` verdicts for the benchmark's packets.
+`RawEntry` and `RawTables` (map entries as bytes) carry `with_peer_entries()`'s million peer
+classes; the datapath scale test (tests/bpf/test_datapath_scale.py) builds its tables with them too.
 """
 
 from __future__ import annotations

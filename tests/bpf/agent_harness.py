@@ -34,6 +34,7 @@ from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 from stockade.sandbox.topology import Topology
 from stockade.sandbox.workload import Outcome, PodProcesses, Probe
+from tests.fixtures.netns import MakeProcesses, MakeTopology
 
 BPFFS = Path("/sys/fs/bpf")
 CACHE_DIR = Path("/tmp/stockade-test-bpf-cache")
@@ -153,6 +154,17 @@ def serve_web(procs: PodProcesses) -> None:
     procs.serve("demo/web", [(PORT, "TCP")])
 
 
+def serving_scenario(
+    topology: MakeTopology, pod_processes: MakeProcesses, mode: str = "routed"
+) -> tuple[Topology, Cluster, PodProcesses]:
+    """The scenario on a fresh two-node topology, with the pods' processes and web serving."""
+    topo = topology(nodes=2, mode=mode)
+    cluster = Cluster.create(topo)
+    procs = pod_processes(topo)
+    serve_web(procs)
+    return topo, cluster, procs
+
+
 def make_syncer(
     root: Path, topo: Topology, objects: Mapping[str, TableObject], node: str = "node-1"
 ) -> tuple[Syncer, NetnsExecutor]:
@@ -161,6 +173,19 @@ def make_syncer(
     programs = Programs(Compiler(CACHE_DIR), root)
     syncer = Syncer(node, lambda: objects, programs, Attachments(root, executor), None, root)
     return syncer, executor
+
+
+@contextmanager
+def running_syncer(
+    root: Path, topo: Topology, objects: Mapping[str, TableObject], node: str = "node-1"
+) -> Iterator[tuple[Syncer, NetnsExecutor]]:
+    """`make_syncer`'s syncer and executor, both closed when the block ends (also on failure)."""
+    syncer, executor = make_syncer(root, topo, objects, node)
+    try:
+        yield syncer, executor
+    finally:
+        syncer.close()
+        executor.close()
 
 
 def tcx_programs(executor: NetnsExecutor, ifname: str) -> dict[str, list[int]]:

@@ -17,10 +17,10 @@ from stockade.datapath import libbpf
 from stockade.sandbox.workload import Outcome
 from tests.bpf.agent_harness import (
     Cluster,
-    make_syncer,
     pin_root,
     probe_web,
-    serve_web,
+    running_syncer,
+    serving_scenario,
     tcx_programs,
 )
 from tests.fixtures.netns import MakeProcesses, MakeTopology
@@ -32,64 +32,49 @@ ALLOWED_CLIENT = {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}
 def test_published_tables_are_enforced_on_real_traffic(
     topology: MakeTopology, pod_processes: MakeProcesses, mode: str
 ) -> None:
-    topo = topology(nodes=2, mode=mode)
-    cluster = Cluster.create(topo)
-    procs = pod_processes(topo)
-    serve_web(procs)
+    topo, cluster, procs = serving_scenario(topology, pod_processes, mode)
     assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.CONNECTED}
-    with pin_root() as root:
-        syncer, executor = make_syncer(root, topo, cluster.table_objects())
-        try:
-            syncer.sync()
-            web_if = topo.pods["demo/web"].host_ifname
-            assert syncer.stats.last_attach.attached == {
-                e.endpoint_id: web_if
-                for e in syncer.current.tables.endpoints  # type: ignore[union-attr]
-            }
-            programs = syncer.programs.programs
-            assert tcx_programs(executor, web_if) == {
-                "ingress": [programs[Hook.FROM_POD].id],
-                "egress": [programs[Hook.TO_POD].id],
-            }
-            assert probe_web(procs, cluster) == ALLOWED_CLIENT
-        finally:
-            syncer.close()
-            executor.close()
+    objects = cluster.table_objects()
+    with pin_root() as root, running_syncer(root, topo, objects) as (syncer, executor):
+        syncer.sync()
+        web_if = topo.pods["demo/web"].host_ifname
+        assert syncer.stats.last_attach.attached == {
+            e.endpoint_id: web_if
+            for e in syncer.current.tables.endpoints  # type: ignore[union-attr]
+        }
+        programs = syncer.programs.programs
+        assert tcx_programs(executor, web_if) == {
+            "ingress": [programs[Hook.FROM_POD].id],
+            "egress": [programs[Hook.TO_POD].id],
+        }
+        assert probe_web(procs, cluster) == ALLOWED_CLIENT
 
 
 def test_a_label_change_is_written_to_the_maps_without_a_recompile(
     topology: MakeTopology, pod_processes: MakeProcesses
 ) -> None:
-    topo = topology(nodes=2, mode="routed")
-    cluster = Cluster.create(topo)
-    procs = pod_processes(topo)
-    serve_web(procs)
+    topo, cluster, procs = serving_scenario(topology, pod_processes)
     objects = cluster.table_objects()
-    with pin_root() as root:
-        syncer, executor = make_syncer(root, topo, objects)
-        try:
-            syncer.sync()
-            assert probe_web(procs, cluster) == ALLOWED_CLIENT
-            compiled = (syncer.programs.stats.compile_hits, syncer.programs.stats.compile_misses)
-            program_ids = {h: p.id for h, p in syncer.programs.programs.items()}
-            cluster.labels["demo/other"] = "client"
-            objects.clear()
-            objects.update(cluster.table_objects())
-            syncer.sync()
-            assert syncer.stats.last_write.total > 0
-            assert (
-                syncer.programs.stats.compile_hits,
-                syncer.programs.stats.compile_misses,
-            ) == compiled
-            assert syncer.programs.stats.renders == 1
-            assert {h: p.id for h, p in syncer.programs.programs.items()} == program_ids
-            assert probe_web(procs, cluster) == {
-                "client": Outcome.CONNECTED,
-                "other": Outcome.CONNECTED,
-            }
-        finally:
-            syncer.close()
-            executor.close()
+    with pin_root() as root, running_syncer(root, topo, objects) as (syncer, _):
+        syncer.sync()
+        assert probe_web(procs, cluster) == ALLOWED_CLIENT
+        compiled = (syncer.programs.stats.compile_hits, syncer.programs.stats.compile_misses)
+        program_ids = {h: p.id for h, p in syncer.programs.programs.items()}
+        cluster.labels["demo/other"] = "client"
+        objects.clear()
+        objects.update(cluster.table_objects())
+        syncer.sync()
+        assert syncer.stats.last_write.total > 0
+        assert (
+            syncer.programs.stats.compile_hits,
+            syncer.programs.stats.compile_misses,
+        ) == compiled
+        assert syncer.programs.stats.renders == 1
+        assert {h: p.id for h, p in syncer.programs.programs.items()} == program_ids
+        assert probe_web(procs, cluster) == {
+            "client": Outcome.CONNECTED,
+            "other": Outcome.CONNECTED,
+        }
 
 
 def test_an_endpoint_that_is_gone_has_its_links_detached_and_others_untouched(
@@ -102,50 +87,37 @@ def test_an_endpoint_that_is_gone_has_its_links_detached_and_others_untouched(
     objects = cluster.table_objects()
     web_if = topo.pods["demo/web"].host_ifname
     web2_if = topo.pods["demo/web2"].host_ifname
-    with pin_root() as root:
-        syncer, executor = make_syncer(root, topo, objects)
-        try:
-            syncer.sync()
-            assert sorted(syncer.stats.last_attach.attached.values()) == sorted([web_if, web2_if])
-            before = tcx_programs(executor, web_if)
-            # The pod is deleted in the API: its endpoint leaves the tables, its veth lingers.
-            cluster.deleted.add("demo/web2")
-            objects.clear()
-            objects.update(cluster.table_objects())
-            syncer.sync()
-            assert syncer.stats.last_attach.detached == [web2_if]
-            assert tcx_programs(executor, web2_if) == {"ingress": [], "egress": []}
-            assert not (root / "links" / web2_if).exists()
-            assert tcx_programs(executor, web_if) == before
-            # Then the veth goes too: nothing left to do, nothing fails.
-            topo.remove_pod("demo/web2")
-            syncer.sync()
-            assert syncer.stats.last_attach.failures == []
-        finally:
-            syncer.close()
-            executor.close()
+    with pin_root() as root, running_syncer(root, topo, objects) as (syncer, executor):
+        syncer.sync()
+        assert sorted(syncer.stats.last_attach.attached.values()) == sorted([web_if, web2_if])
+        before = tcx_programs(executor, web_if)
+        # The pod is deleted in the API: its endpoint leaves the tables, its veth lingers.
+        cluster.deleted.add("demo/web2")
+        objects.clear()
+        objects.update(cluster.table_objects())
+        syncer.sync()
+        assert syncer.stats.last_attach.detached == [web2_if]
+        assert tcx_programs(executor, web2_if) == {"ingress": [], "egress": []}
+        assert not (root / "links" / web2_if).exists()
+        assert tcx_programs(executor, web_if) == before
+        # Then the veth goes too: nothing left to do, nothing fails.
+        topo.remove_pod("demo/web2")
+        syncer.sync()
+        assert syncer.stats.last_attach.failures == []
 
 
 def test_a_second_agent_adopts_programs_maps_and_links_and_changes_nothing(
     topology: MakeTopology, pod_processes: MakeProcesses
 ) -> None:
-    topo = topology(nodes=2, mode="routed")
-    cluster = Cluster.create(topo)
-    procs = pod_processes(topo)
-    serve_web(procs)
+    topo, cluster, procs = serving_scenario(topology, pod_processes)
     objects = cluster.table_objects()
     web_if = topo.pods["demo/web"].host_ifname
     with pin_root() as root:
-        first, ex1 = make_syncer(root, topo, objects)
-        try:
+        with running_syncer(root, topo, objects) as (first, ex1):
             first.sync()
             chain = tcx_programs(ex1, web_if)
             links = {p.name: _link_id(p) for p in (root / "links" / web_if).iterdir()}
-        finally:
-            first.close()
-            ex1.close()
-        second, ex2 = make_syncer(root, topo, objects)
-        try:
+        with running_syncer(root, topo, objects) as (second, ex2):
             second.sync()
             stats = second.programs.stats
             assert (stats.loads, stats.adoptions) == (0, 2)
@@ -167,9 +139,6 @@ def test_a_second_agent_adopts_programs_maps_and_links_and_changes_nothing(
             assert new_chain["ingress"] == [second.programs.programs[Hook.FROM_POD].id]
             assert [p.name for p in (root / "programs").iterdir()] == [second.programs.digest]
             assert probe_web(procs, cluster) == ALLOWED_CLIENT
-        finally:
-            second.close()
-            ex2.close()
 
 
 def _link_id(pin: Path) -> int:

@@ -11,11 +11,11 @@ import ipaddress
 import json
 import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bench.datapath_tables import RawEntry, RawTables
 from stockade.compiler import ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.render import render_all
@@ -63,27 +63,6 @@ def test_the_verifier_accepts_every_shape_and_the_counts_are_recorded() -> None:
     }
     RESULTS.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     assert all(n < 1_000_000 for progs in results.values() for n in progs.values())
-
-
-@dataclass(frozen=True)
-class RawEntry:
-    """A map entry as bytes: the writer's Protocol, without a million dataclasses."""
-
-    k: bytes
-    v: bytes
-
-    def key(self) -> bytes:
-        return self.k
-
-    def value(self) -> bytes:
-        return self.v
-
-
-@dataclass(frozen=True)
-class RawTables:
-    endpoints: tuple[RawEntry, ...]
-    classes: tuple[RawEntry, ...]
-    policy: tuple[RawEntry, ...]
 
 
 BASE = int(ipaddress.IPv4Address("10.128.0.0"))

@@ -10,6 +10,10 @@ pods a test added and waits until every pair of pods connects again.
 
 Waits poll until the observation holds and fail with the last observation at their deadline;
 nothing here sleeps in place of an observation.
+
+The sandbox CLI tests (test_sandbox_cli.py, test_sandbox_stack.py) run `stockade sandbox` as a
+user does instead: `stockade()` runs one command, `sandbox_state_dir()` gives a private state
+directory that `down` clears afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -34,6 +39,7 @@ from stockade.sandbox.running import RunningSandbox
 from stockade.sandbox.topology import PodNet
 from stockade.sandbox.workload import Outcome, PodProcesses, Probe
 
+CLI_TIMEOUT_S = 600  # `stockade sandbox up` starts a control plane, nodes, operator and agents
 PORT = 80
 DENIED_TIMEOUT_S = 0.5  # a probe that sees nothing for this long is a drop
 CONVERGE_TIMEOUT_S = 30.0
@@ -51,6 +57,29 @@ Pair = tuple[str, str]
 
 def _say(message: str) -> None:
     print(f"stack: {message}", file=sys.stderr, flush=True)
+
+
+def stockade(
+    state_dir: Path, *args: str, timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """`stockade sandbox --state-dir STATE_DIR ARGS...` in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "stockade.cli", "sandbox", "--state-dir", str(state_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def sandbox_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A private state directory below `tmp_path`; `down` runs afterwards whatever happened."""
+    path = tmp_path / "sandbox"
+    try:
+        yield path
+    finally:
+        stockade(path, "down")
 
 
 def describe(observed: Mapping[Pair, Outcome], denied: set[Pair]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,18 +16,7 @@ from stockade.sandbox.processes import find_processes, is_alive
 from stockade.sandbox.session import STATE_FILE, TOPOLOGY_FILE, SandboxState
 from stockade.sandbox.toolchain import ETCD, KUBERNETES
 from stockade.sandbox.topology import Topology
-
-TIMEOUT = 600
-
-
-def stockade(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stockade.cli", "sandbox", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+from tests.e2e.stack_fixtures import sandbox_state_dir, stockade
 
 
 def ready_nodes(kubeconfig: Path) -> list[str]:
@@ -42,10 +30,8 @@ def ready_nodes(kubeconfig: Path) -> list[str]:
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private state directory; `down` runs afterwards whatever the test did."""
-    path = tmp_path / "sandbox"
-    yield path
-    stockade(path, "down")
+    with sandbox_state_dir(tmp_path) as path:
+        yield path
 
 
 def test_sandbox_up_gives_ready_nodes_and_down_leaves_nothing_behind(state_dir: Path) -> None:

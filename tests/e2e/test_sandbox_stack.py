@@ -5,7 +5,6 @@ applied; `down` stops them first and leaves no process, namespace or pin behind.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,26 +14,13 @@ from stockade.sandbox import netns, stack
 from stockade.sandbox.processes import is_alive
 from stockade.sandbox.session import TOPOLOGY_FILE, SandboxState
 from stockade.sandbox.topology import Topology
-
-TIMEOUT = 600
-
-
-def stockade(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stockade.cli", "sandbox", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
+from tests.e2e.stack_fixtures import sandbox_state_dir, stockade
 
 
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private state directory; `down` runs afterwards whatever the test did."""
-    path = tmp_path / "sandbox"
-    yield path
-    stockade(path, "down")
+    with sandbox_state_dir(tmp_path) as path:
+        yield path
 
 
 def test_sandbox_up_runs_the_operator_and_an_agent_per_node_and_down_removes_them(

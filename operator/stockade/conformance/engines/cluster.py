@@ -29,20 +29,9 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
-from stockade.conformance.casefile import (
-    Action,
-    AddNamespaceLabels,
-    AddPodLabels,
-    Case,
-    Check,
-    CreatePolicy,
-    DeleteAllPolicies,
-    DeletePolicy,
-    Serve,
-    Topology,
-    UpdatePolicy,
-)
+from stockade.conformance.casefile import Action, Case, Check, Serve, Topology
 from stockade.conformance.engine import ActionRejectedError, Addresses, Observed, Outcome
+from stockade.conformance.engines.apiserver import ApiServerActions
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress
 
@@ -133,7 +122,7 @@ def _plural(kind: str) -> str:
     return f"{lower[:-1]}ies" if lower.endswith("y") else f"{lower}s"
 
 
-class ClusterEngine:
+class ClusterEngine(ApiServerActions):
     name = "cluster"
 
     def __init__(
@@ -179,23 +168,7 @@ class ClusterEngine:
         return self.wait_ready()
 
     def apply(self, action: Action) -> None:
-        world = self._world()
-        before = dict(world.objects)
-        world.apply(action)  # rejects what the API server would, with the same message
-        if isinstance(action, CreatePolicy):
-            self._create(action.obj)
-        elif isinstance(action, UpdatePolicy):
-            self._replace(action.obj)
-        elif isinstance(action, DeletePolicy | DeleteAllPolicies):
-            for key in sorted(before.keys() - world.objects.keys()):
-                self._delete(before[key])
-        elif isinstance(action, AddPodLabels):
-            ns, _, name = action.pod.partition("/")
-            body = {"metadata": {"labels": dict(action.labels)}}
-            self._call(lambda: self._core().patch_namespaced_pod(name, ns, body))
-        elif isinstance(action, AddNamespaceLabels):
-            body = {"metadata": {"labels": dict(action.labels)}}
-            self._call(lambda: self._core().patch_namespace(action.namespace, body))
+        self._send(self._world(), action)
 
     def probe(self, checks: Sequence[Check]) -> list[Observed]:
         observed: dict[int, Observed] = {}
@@ -374,13 +347,6 @@ class ClusterEngine:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"namespace {name} still exists (Terminating?)")
                 time.sleep(1.0)
-
-    @staticmethod
-    def _call(request: Callable[[], Any]) -> Any:
-        try:
-            return request()
-        except ApiException as err:
-            raise ActionRejectedError(f"the API server refused: {err.status} {err.body}") from err
 
     def _where(self, obj: Mapping[str, Any]) -> tuple[str, str, str, str, str]:
         group, _, version = str(obj["apiVersion"]).rpartition("/")

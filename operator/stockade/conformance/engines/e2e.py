@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes.client
-from kubernetes.client.exceptions import ApiException
 
 from stockade.conformance.casefile import (
     Action,
@@ -50,15 +49,12 @@ from stockade.conformance.casefile import (
     AddPodLabels,
     Case,
     Check,
-    CreatePolicy,
-    DeleteAllPolicies,
-    DeletePolicy,
     Expect,
     PodModel,
     Topology,
-    UpdatePolicy,
 )
 from stockade.conformance.engine import ActionRejectedError, Addresses, Observed, Outcome
+from stockade.conformance.engines.apiserver import ApiServerActions, call_api
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress, Protocol
 from stockade.sandbox import session
@@ -119,7 +115,7 @@ class _Pod:
     served: set[tuple[int, str]] = field(default_factory=set)
 
 
-class E2EEngine:
+class E2EEngine(ApiServerActions):
     name = "e2e"
 
     def __init__(
@@ -174,23 +170,10 @@ class E2EEngine:
         world = self._world()
         if self._published_before is None:
             self._published_before = self._published()
-        before = dict(world.objects)
-        world.apply(action)  # rejects what the API server would reject, with the model's words
-        if isinstance(action, CreatePolicy):
-            self._create(action.obj)
-        elif isinstance(action, UpdatePolicy):
-            self._replace(action.obj)
-        elif isinstance(action, DeletePolicy | DeleteAllPolicies):
-            for key in sorted(before.keys() - world.objects.keys()):
-                self._delete(before[key])
-        elif isinstance(action, AddPodLabels):
-            ns, _, name = action.pod.partition("/")
-            body = {"metadata": {"labels": dict(action.labels)}}
-            self._call(lambda: self._core().patch_namespaced_pod(name, ns, body))
+        self._send(world, action)
+        if isinstance(action, AddPodLabels):  # sent: teardown restores the model's labels
             self._relabelled_pods.add(action.pod)
         elif isinstance(action, AddNamespaceLabels):
-            body = {"metadata": {"labels": dict(action.labels)}}
-            self._call(lambda: self._core().patch_namespace(action.namespace, body))
             self._relabelled_namespaces.add(action.namespace)
 
     def probe(self, checks: Sequence[Check]) -> list[Observed]:
@@ -435,9 +418,7 @@ class E2EEngine:
     @staticmethod
     def _call(request: Callable[[], Any]) -> Any:
         try:
-            return request()
-        except ApiException as err:
-            raise ActionRejectedError(f"the API server refused: {err.status} {err.body}") from err
+            return call_api(request)
         except UnknownPolicyKindError as err:
             raise ActionRejectedError(str(err)) from err
 
