@@ -85,19 +85,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def metrics(port: int) -> dict[str, float]:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+    return stack.read_metrics(port, timeout=5)
 
 
 def wait(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.05) -> Any:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stockade.sandbox import netns, stack
+from tests.e2e.stack_fixtures import stockade
 from tests.paths import CONFORMANCE, ROOT
 
 DATA = Path(__file__).parent / "data"
@@ -41,13 +42,7 @@ def run(*args: str, sandbox: Path | None = None) -> subprocess.CompletedProcess[
 
 
 def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stockade.cli", "sandbox", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT,
-    )
+    return stockade(state_dir, *args, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from stockade.compiler.shape import Shape
 from stockade.control.plan import plan
 from stockade.control.publish import Publisher
 from stockade.model.crd_schema import GROUP, VERSION
+from stockade.sandbox import stack
 from stockade.sandbox.controlplane import free_port
 from tests.bpf.agent_harness import CACHE_DIR, Cluster
 from tests.fixtures.controlplane import wait_for
@@ -132,17 +133,7 @@ class AgentProcess:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
     def metrics(self) -> dict[str, float]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
+        return stack.read_metrics(self.port)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -231,19 +230,8 @@ class Stack:
         self.metrics_ports[name] = port
 
     def metrics(self, name: str) -> dict[str, float]:
-        """The unlabelled gauges of a process started by `start()` ({} while it is not up)."""
-        url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                text = reply.read().decode()
-        except OSError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
+        """The gauges of a process started by `start()` ({} while it is not up)."""
+        return stack.read_metrics(self.metrics_ports[name])
 
     def published(self) -> dict[str, int | None]:
         return stack.published_generations(self.api, [n.name for n in self.sandbox.nodes])

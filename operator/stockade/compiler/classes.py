@@ -211,7 +211,7 @@ def build_regions(
     ordered = list(
         heapq.merge(
             extra_ordered,
-            sorted(((h.version, h.max_prefixlen, int(h)), _host_network(h)) for h in hosts),
+            sorted((_order(n), n) for n in map(_host_network, hosts)),
         )
     )
 

@@ -163,7 +163,6 @@ class Verdicts:
     def __init__(self) -> None:
         self._entries: dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]] = {}
         self._alive: dict[int, Policy] = {}
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -180,7 +179,6 @@ class Verdicts:
         for policy in chosen:
             self._alive[id(policy)] = policy
         self._entries[key] = value
-        self.misses += 1
 
     def retain(self, policies: Iterable[Policy]) -> None:
         """Forget every entry that names a policy not in `policies`."""

@@ -20,6 +20,7 @@ import contextlib
 import shutil
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,22 @@ def remove_orphaned_pins(live_runs: Callable[[str], bool], progress: Progress) -
     for root in sorted(PIN_BASE.iterdir()):
         if root.is_dir() and not live_runs(root.name):
             remove_pins(root, progress)
+
+
+def read_metrics(port: int, timeout: float = 2.0) -> dict[str, float]:
+    """Every series a stack process serves at http://127.0.0.1:<port>/metrics, by its name with
+    labels (`name{label="value"}`); {} while the process does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
 
 
 def published_generations(api: Any, nodes: Sequence[str]) -> dict[str, int | None]:
