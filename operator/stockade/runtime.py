@@ -1,17 +1,23 @@
 """Process plumbing the operator and the agent share: how they find the API server, and the
-small HTTP server for `/metrics` and the probes the Helm chart uses (`/healthz`, `/readyz`).
+small HTTP server for `/metrics` and the probes the Helm chart uses (`/healthz`, `/readyz`);
+and the one way the tools that write policies for a user (the sandbox, the conformance engines)
+replace a whole object.
 
-Called by `stockade.control.app` and `stockade.agent.app`.
+Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.running` and
+`stockade.conformance.engines.cluster`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import kubernetes.client
 import kubernetes.config
+
+HTTP_CONFLICT = 409
 
 
 def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
@@ -58,3 +64,24 @@ def serve_http(
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     threading.Thread(target=server.serve_forever, name="stockade-http", daemon=True).start()
     return server
+
+
+def replace_latest(
+    read: Callable[[], Mapping[str, Any]],
+    write: Callable[[dict[str, Any]], object],
+    obj: Mapping[str, Any],
+    attempts: int = 5,
+) -> None:
+    """Replace an object by `obj` on the resourceVersion the server holds now, as `kubectl
+    replace` does. A write between the read and the replace (the operator's own status write)
+    makes the server refuse with 409 Conflict; the read and replace are then tried again, up to
+    `attempts` times, since the replace carries the whole spec and loses nothing by going again."""
+    for attempt in range(attempts):
+        version = read()["metadata"]["resourceVersion"]
+        try:
+            write({**obj, "metadata": {**obj["metadata"], "resourceVersion": version}})
+        except kubernetes.client.exceptions.ApiException as err:
+            if err.status != HTTP_CONFLICT or attempt == attempts - 1:
+                raise
+        else:
+            return

@@ -20,6 +20,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from stockade.runtime import replace_latest
 from stockade.sandbox import session
 from stockade.sandbox.kubelet import delete_pod, ensure_default_service_account, register_pod
 from stockade.sandbox.stack import api_client
@@ -188,22 +189,23 @@ class RunningSandbox:
             api.create_cluster_custom_object(ref.group, ref.version, ref.plural, obj)
 
     def replace_policy(self, obj: Mapping[str, Any]) -> None:
-        """Replace the whole object (with the resourceVersion the server has now)."""
+        """Replace the whole object on the resourceVersion the server has now (again after a
+        conflict with the operator's status write)."""
         ref, api = PolicyRef.of(obj), self.custom()
         if ref.namespace:
-            current = api.get_namespaced_custom_object(
-                ref.group, ref.version, ref.namespace, ref.plural, ref.name
+            where = (ref.group, ref.version, ref.namespace, ref.plural, ref.name)
+            replace_latest(
+                lambda: api.get_namespaced_custom_object(*where),
+                lambda body: api.replace_namespaced_custom_object(*where, body),
+                obj,
             )
         else:
-            current = api.get_cluster_custom_object(ref.group, ref.version, ref.plural, ref.name)
-        meta = {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}
-        body = {**obj, "metadata": meta}
-        if ref.namespace:
-            api.replace_namespaced_custom_object(
-                ref.group, ref.version, ref.namespace, ref.plural, ref.name, body
+            cluster = (ref.group, ref.version, ref.plural, ref.name)
+            replace_latest(
+                lambda: api.get_cluster_custom_object(*cluster),
+                lambda body: api.replace_cluster_custom_object(*cluster, body),
+                obj,
             )
-        else:
-            api.replace_cluster_custom_object(ref.group, ref.version, ref.plural, ref.name, body)
 
     def delete_policy(self, obj: Mapping[str, Any]) -> bool:
         """Delete the policy; False when it did not exist."""

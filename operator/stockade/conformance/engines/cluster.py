@@ -34,6 +34,7 @@ from stockade.conformance.engine import ActionRejectedError, Addresses, Observed
 from stockade.conformance.engines.apiserver import ApiServerActions
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress
+from stockade.runtime import replace_latest
 
 AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.53"
 ENGINE_LABEL = "stockade.io/conformance"  # on every namespace the engine creates
@@ -371,23 +372,24 @@ class ClusterEngine(ApiServerActions):
         group, version, plural, ns, name = self._where(obj)
         api = self._custom()
         if ns:
-            current = api.get_namespaced_custom_object(group, version, ns, plural, name)
-        else:
-            current = api.get_cluster_custom_object(group, version, plural, name)
-        body = {
-            **obj,
-            "metadata": {
-                **obj["metadata"],
-                "resourceVersion": current["metadata"]["resourceVersion"],
-            },
-        }
-        if ns:
             self._call(
-                lambda: api.replace_namespaced_custom_object(group, version, ns, plural, name, body)
+                lambda: replace_latest(
+                    lambda: api.get_namespaced_custom_object(group, version, ns, plural, name),
+                    lambda body: api.replace_namespaced_custom_object(
+                        group, version, ns, plural, name, body
+                    ),
+                    obj,
+                )
             )
         else:
             self._call(
-                lambda: api.replace_cluster_custom_object(group, version, plural, name, body)
+                lambda: replace_latest(
+                    lambda: api.get_cluster_custom_object(group, version, plural, name),
+                    lambda body: api.replace_cluster_custom_object(
+                        group, version, plural, name, body
+                    ),
+                    obj,
+                )
             )
 
     def _delete(self, obj: Mapping[str, Any]) -> None:
