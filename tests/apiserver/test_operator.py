@@ -354,6 +354,35 @@ def test_an_invalid_stockade_policy_is_not_accepted_and_the_condition_names_the_
     assert any(e.reason == "Invalid" and e.involved_object.name == "long-key" for e in events.items)
 
 
+def test_policies_found_at_start_each_get_their_own_status_and_event(
+    control_plane: ControlPlane, operators: list[OperatorThread], cluster: Cluster, api_client: Any
+) -> None:
+    # Created before the operator starts, so its first pass writes all of the statuses together.
+    names = [f"p{i}" for i in range(12)]
+    invalid = set(names[::3])
+    for name in names:
+        selector = {"k" * 70: "v"} if name in invalid else {"role": "web"}
+        apply_snp(api_client, snp(cluster.namespace, name, podSelector={"matchLabels": selector}))
+    op = start(control_plane, operators, lease_name(), "one")
+
+    def accepted() -> dict[str, str] | None:
+        found = {n: condition(api_client, cluster.namespace, n, "Accepted") for n in names}
+        if any(c is None for c in found.values()):
+            return None
+        return {n: c["status"] for n, c in found.items() if c is not None}
+
+    statuses = wait_for("every policy has Accepted", accepted)
+    assert statuses == {n: "False" if n in invalid else "True" for n in names}
+    assert op.operator.reconciler.stats.status_writes >= len(names)
+    for name in names:
+        programmed = condition(api_client, cluster.namespace, name, "Programmed")
+        assert programmed is not None
+        assert programmed["message"] == ("not accepted" if name in invalid else "0/2 endpoints")
+    events = kubernetes.client.CoreV1Api(api_client).list_namespaced_event(cluster.namespace)
+    warned = {e.involved_object.name for e in events.items if e.reason == "Invalid"}
+    assert warned == invalid
+
+
 def test_programmed_counts_the_endpoints_whose_agent_applied_the_policy(
     control_plane: ControlPlane, operators: list[OperatorThread], cluster: Cluster, api_client: Any
 ) -> None:

@@ -2,8 +2,8 @@
 
 Level-triggered: whatever happened, a pass recomputes every node's tables from the Store and
 writes only what differs from what is published (`stockade.control.plan`), then recomputes every
-policy's status and writes only the statuses that change. The `Runner` calls `run(tables)`;
-nothing here runs unless this replica is the leader.
+policy's status and writes only the statuses that change, several at once. The `Runner` calls
+`run(tables)`; nothing here runs unless this replica is the leader.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from stockade.control.events import post_event
 from stockade.control.plan import plan
 from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.control.prime import prime
-from stockade.control.publish import MERGE_PATCH, NOT_FOUND, Publisher
+from stockade.control.publish import MAX_CONCURRENT_WRITES, MERGE_PATCH, NOT_FOUND, Publisher
 from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
 from stockade.control.store import Snapshot, Store
@@ -192,9 +193,8 @@ class Reconciler:
 
     def _statuses(self, snap: Snapshot) -> None:
         now = _now()
+        writes: list[tuple[PolicyRecord, dict[str, Any]]] = []
         for key, record in sorted(snap.policies.items()):
-            if not self._is_leader():
-                return
             done = None
             if record.policy is not None:
                 selected = selected_endpoints(snap, record.policy.subject)
@@ -205,16 +205,38 @@ class Reconciler:
                 if status_differs(record.status, status) and status_differs(
                     self._written.get(key, {}), status
                 ):
-                    self._write_status(record, status)
-                    self._written[key] = status
-                    if not record.accepted:
-                        self._event_once(record, "Warning", "Invalid", status)
-            else:
+                    writes.append((record, status))
+            elif self._is_leader():
                 self._netpol_events(record, status)
+        if writes and self._is_leader():
+            self._write_statuses(writes)
         for key in set(self._reported) - set(snap.policies):
             del self._reported[key]
         for key in set(self._written) - set(snap.policies):
             del self._written[key]
+
+    def _write_statuses(self, writes: list[tuple[PolicyRecord, dict[str, Any]]]) -> None:
+        """Write the statuses that changed, at most MAX_CONCURRENT_WRITES at once (each is a round
+        trip; a thousand new policies are a thousand writes). Every write that succeeded is
+        remembered; the first failure is raised once all have finished, and the next pass writes
+        what is still missing."""
+        if len(writes) == 1:
+            record, status = writes[0]
+            results: list[bool | BaseException] = [self._write_status(record, status)]
+        else:
+            workers = min(MAX_CONCURRENT_WRITES, len(writes))
+            with ThreadPoolExecutor(workers, thread_name_prefix="stockade-status") as pool:
+                futures = [pool.submit(self._write_status, r, s) for r, s in writes]
+            results = [f.exception() or f.result() for f in futures]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for (record, status), result in zip(writes, results, strict=True):
+            if result is True:
+                self.stats.status_writes += 1
+                self._written[record.key] = status
+                if not record.accepted:
+                    self._event_once(record, "Warning", "Invalid", status)
+        if errors:
+            raise errors[0]
 
     def _event_once(self, record: PolicyRecord, kind: str, reason: str, status: Any) -> None:
         message = status["conditions"][0]["message"] if reason == "Invalid" else ""
@@ -236,7 +258,8 @@ class Reconciler:
         elif programmed["status"] == "True":
             self._event_once(record, "Normal", "Programmed", status)
 
-    def _write_status(self, record: PolicyRecord, status: dict[str, Any]) -> None:
+    def _write_status(self, record: PolicyRecord, status: dict[str, Any]) -> bool:
+        """Patch one policy's status; False when the policy is gone."""
         group, version, plural = STATUS_RESOURCES[record.kind]
         body = {"status": status}
         try:
@@ -256,6 +279,6 @@ class Reconciler:
                 )
         except ApiException as exc:
             if exc.status == NOT_FOUND:
-                return  # deleted meanwhile: its DELETED event is on its way
+                return False  # deleted meanwhile: its DELETED event is on its way
             raise
-        self.stats.status_writes += 1
+        return True
