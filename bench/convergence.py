@@ -10,7 +10,11 @@ operator and one agent per node, restarted here with metrics ports) and measures
   first probe of the final run of dropped probes, a TCP connection from the client pod every
   5 ms (the send time of that probe; resolution 5 ms).
 - `label_change_ms`: from the API patch of a client pod's labels (into or out of the peer set a
-  policy admits) to the first probe of the final run that shows the new outcome.
+  policy admits) to the peer set updated in the map: the wall-clock stamp of the last map write
+  that changed entries, as the agents report it
+  (`stockade_agent_last_map_change_timestamp_seconds`), on the same machine's clock.
+- `label_change_to_probe_ms`: from the same patch to the first probe of the final run that shows
+  the new outcome (end to end, so also the probe's 5 ms resolution).
 - `recompiles_on_label_change`: compile-cache lookups (hits + misses, i.e. program renders that
   reached the compiler) and program loads counted by both agents across all label trials.
 - `policies_250_pods_100_s`: 250 policies created one after another over 100 pods (real pods on
@@ -245,7 +249,7 @@ class Bench:
             self.wait_agents()
         return out
 
-    def label_changes(self, trials: int) -> tuple[list[float], dict[str, float]]:
+    def label_changes(self, trials: int) -> tuple[list[float], list[float], dict[str, float]]:
         policy = {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
@@ -267,23 +271,40 @@ class Bench:
         agents = [n for n in self.ports if n.startswith("agent-")]
         core = kubernetes.client.CoreV1Api(self.api)
         before = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
-        out = []
+        out, to_map = [], []
         for trial in range(trials):
             joined = trial % 2 == 0
             # One PATCH, no read first: the figure is the change's, not the client's.
             patch = {"metadata": {"labels": {"role": "client" if joined else None}}}
+            sent: list[float] = []
 
-            def change(body: dict[str, Any] = patch) -> None:
+            def change(body: dict[str, Any] = patch, at: list[float] = sent) -> None:
+                at.append(time.time())
                 core.patch_namespaced_pod("client", NS, body)
 
             out.append(self.timed_change(change, joined))
-            say(f"label change ({'in' if joined else 'out'}), trial {trial + 1}: {out[-1]:.1f} ms")
             self.wait_agents()
+            to_map.append(self.map_changed_after(agents, sent[0]))
+            say(
+                f"label change ({'in' if joined else 'out'}), trial {trial + 1}: "
+                f"map {to_map[-1]:.1f} ms, probe {out[-1]:.1f} ms"
+            )
         after = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
         self.sandbox.delete_policy(policy)
         set_pod_labels(self.api, NS, "client", {"pod": "client"})
         self.wait_open()
-        return out, {c: after[c] - before[c] for c in counters}
+        return to_map, out, {c: after[c] - before[c] for c in counters}
+
+    def map_changed_after(self, agents: list[str], sent: float) -> float:
+        """Milliseconds from `sent` (wall clock, just before the PATCH) to the last map write that
+        changed entries on any agent: the peer set updated in the map on every node."""
+        stamp = max(
+            metrics(self.ports[a]).get("stockade_agent_last_map_change_timestamp_seconds", 0.0)
+            for a in agents
+        )
+        if stamp < sent:
+            raise RuntimeError("no agent wrote a map entry after the label change")
+        return (stamp - sent) * 1000.0
 
     # -- scale ---------------------------------------------------------------------------------
 
@@ -527,9 +548,10 @@ def run(
     with bench(quick) as b:
         if "latency" in phases:
             applied = b.apply_to_enforced(trials)
-            labelled, compiles = b.label_changes(trials)
+            to_map, to_probe, compiles = b.label_changes(trials)
             out["apply_to_enforced_ms"] = percentiles(applied)
-            out["label_change_ms"] = percentiles(labelled)
+            out["label_change_ms"] = percentiles(to_map)
+            out["label_change_to_probe_ms"] = percentiles(to_probe)
             out["recompiles_on_label_change"] = int(
                 compiles["stockade_agent_compile_cache_hits_total"]
                 + compiles["stockade_agent_compile_cache_misses_total"]

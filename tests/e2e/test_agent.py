@@ -138,8 +138,10 @@ def test_a_label_change_is_written_to_the_maps_without_a_recompile_and_a_deleted
         compiles = (programs.compile_hits, programs.compile_misses, programs.loads)
         writes = stats.map_writes
         cluster.labels["demo/other"] = "client"
+        changed = time.time()
         wait_applied(api_client, cluster.node_name, publication.publish())
         assert stats.map_writes == writes + 1
+        assert changed <= stats.last_write_at <= time.time()
         assert (programs.compile_hits, programs.compile_misses, programs.loads) == compiles
         assert probe_web(procs, cluster) == {
             "client": Outcome.CONNECTED,
@@ -289,6 +291,7 @@ def test_a_killed_agent_is_replaced_without_a_gap_under_probe_traffic(
         metrics = started[1].metrics()
         assert metrics["stockade_agent_program_loads_total"] == 0
         assert metrics["stockade_agent_map_write_syncs_total"] == 0
+        assert metrics["stockade_agent_last_map_change_timestamp_seconds"] == 0
         assert metrics["stockade_agent_detached_total"] == 0
         with netns_executor(node_ns) as ex:
             assert tcx_programs(ex, web_if) == chain

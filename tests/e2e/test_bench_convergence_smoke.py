@@ -31,6 +31,7 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
         figures["apply_to_enforced_ms"]["p99"],
         figures["label_change_ms"]["p50"],
         figures["label_change_ms"]["p99"],
+        figures["label_change_to_probe_ms"]["p50"],
         figures["policies_250_pods_100_s"],
         figures["operator_rss_mb_1000_policies_10000_pods"],
         figures["operator_1000_policies_10000_pods"]["reconcile_pass_s"],

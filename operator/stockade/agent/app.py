@@ -87,6 +87,7 @@ class Agent:
             "stockade_agent_detached_total": stats.detached,
             "stockade_agent_map_write_syncs_total": stats.map_writes,
             "stockade_agent_last_write_seconds": stats.last_write_seconds,
+            "stockade_agent_last_map_change_timestamp_seconds": stats.last_write_at,
             "stockade_agent_last_sync_seconds": stats.last_sync_seconds,
             "stockade_agent_compile_cache_misses_total": pstats.compile_misses,
             "stockade_agent_compile_cache_hits_total": pstats.compile_hits,

@@ -47,6 +47,7 @@ class SyncStats:
     map_writes: int = 0  # syncs that changed map entries
     last_sync_seconds: float = 0.0
     last_write_seconds: float = 0.0
+    last_write_at: float = 0.0  # wall clock (time.time()) when a map write last changed entries
     attach_seconds: list[float] = field(default_factory=list)  # per newly attached interface
     last_attach: AttachResult = field(default_factory=AttachResult)
     detached: int = 0
@@ -139,6 +140,7 @@ class Syncer:
         self.stats.last_write = written
         if written.total:
             self.stats.map_writes += 1
+            self.stats.last_write_at = time.time()
             log.info(
                 "generation %d: %d added, %d changed, %d deleted map entries in %.1f ms",
                 wanted.generation,
