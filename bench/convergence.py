@@ -51,6 +51,7 @@ from typing import Any
 
 import kubernetes.client
 
+from stockade.compiler import handoff
 from stockade.sandbox import session, stack
 from stockade.sandbox.controlplane import free_port
 from stockade.sandbox.kubelet import (
@@ -397,10 +398,16 @@ class Bench:
     def published_rule_names(self) -> set[str]:
         custom = kubernetes.client.CustomObjectsApi(self.api)
         listing: Any = custom.list_cluster_custom_object(
-            "stockade.io", "v1alpha1", "datapathtables", label_selector="stockade.io/part=rules"
+            "stockade.io",
+            "v1alpha1",
+            "datapathtables",
+            label_selector="stockade.io/part in (rules,program)",
         )
-        items: list[dict[str, Any]] = listing["items"]
-        return {e.split()[3] for item in items for e in item["spec"].get("entries", [])}
+        return {
+            handoff.decode_rule(entry)[1].name
+            for item in listing["items"]
+            for entry in handoff.rule_entries(item["spec"]["part"], item["spec"].get("entries", []))
+        }
 
     def policies_over_pods(self, policies: int, pods: int) -> dict[str, float]:
         """`policies` policies over `pods` pods (three real), until the last is enforced."""

@@ -46,7 +46,9 @@ def crds(control_plane: ControlPlane) -> None:
 class OperatorThread:
     """One operator replica running in a thread until `stop()`."""
 
-    def __init__(self, plane: ControlPlane, lease: str, identity: str) -> None:
+    def __init__(
+        self, plane: ControlPlane, lease: str, identity: str, inline_entries: int = 0
+    ) -> None:
         config = OperatorConfig(
             kubeconfig=str(plane.kubeconfig),
             identity=identity,
@@ -54,6 +56,7 @@ class OperatorThread:
             lease_name=lease,
             lease_duration=3.0,
             renew_period=0.5,
+            inline_entries=inline_entries,
         )
         self.operator = Operator(config)
         self._stop = threading.Event()
@@ -79,8 +82,16 @@ def operators(control_plane: ControlPlane, crds: None) -> Iterator[list[Operator
         op.stop()
 
 
-def start(plane: ControlPlane, started: list[OperatorThread], lease: str, identity: str) -> Any:
-    op = OperatorThread(plane, lease, identity)
+def start(
+    plane: ControlPlane,
+    started: list[OperatorThread],
+    lease: str,
+    identity: str,
+    inline_entries: int = 0,
+) -> Any:
+    """A replica; with the default `inline_entries=0` it publishes every node in shards, as it
+    does a large node."""
+    op = OperatorThread(plane, lease, identity, inline_entries)
     started.append(op)
     return op
 
@@ -174,9 +185,9 @@ def decoded(api: Any, node: str) -> ir.NodeTables | None:
     program = by_name.get(handoff.object_name(node, handoff.PROGRAM, 0))
     if program is None:
         return None
-    manifest = handoff.decode_program(program["entries"]).manifest
-    parts: dict[str, list[list[str]]] = {}
-    for part, shards in manifest.items():
+    decoded_program = handoff.decode_program(program["entries"])
+    parts: dict[str, list[list[str]]] = {p: [list(e)] for p, e in decoded_program.inline.items()}
+    for part, shards in decoded_program.manifest.items():
         for shard, digest in shards.items():
             spec = by_name.get(handoff.object_name(node, part, shard))
             if spec is None or spec["digest"] != digest:
@@ -297,10 +308,15 @@ def lease_name() -> str:
     return f"stockade-test-{secrets.token_hex(4)}"
 
 
+@pytest.mark.parametrize("inline", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
 def test_published_tables_decode_to_exactly_the_lowering_of_the_cluster_state(
-    control_plane: ControlPlane, operators: list[OperatorThread], cluster: Cluster, api_client: Any
+    control_plane: ControlPlane,
+    operators: list[OperatorThread],
+    cluster: Cluster,
+    api_client: Any,
+    inline: int,
 ) -> None:
-    start(control_plane, operators, lease_name(), "one")
+    start(control_plane, operators, lease_name(), "one", inline)
     apply_snp(api_client, snp(cluster.namespace, "allow-web", **ALLOW_WEB_FROM_CLIENT))
     kubernetes.client.NetworkingV1Api(api_client).create_namespaced_network_policy(
         cluster.namespace,
@@ -332,6 +348,25 @@ def test_a_pod_label_change_rewrites_only_the_shards_it_affects(
     # program manifests: the endpoints and rules parts are untouched.
     assert all(".endpoints." not in n and ".rules." not in n for n in rewritten), rewritten
     assert op.writes - writes == len(rewritten)
+
+
+def test_a_small_node_publishes_one_object_and_a_label_change_rewrites_only_that(
+    control_plane: ControlPlane, operators: list[OperatorThread], cluster: Cluster, api_client: Any
+) -> None:
+    op = start(control_plane, operators, lease_name(), "one", handoff.INLINE_ENTRIES)
+    apply_snp(api_client, snp(cluster.namespace, "allow-web", **ALLOW_WEB_FROM_CLIENT))
+    wait_for("tables published", lambda: converged(api_client, cluster.nodes))
+    before = versions(api_client, cluster.nodes)
+    programs = {handoff.object_name(n.name, handoff.PROGRAM, 0) for n in cluster.nodes}
+    assert set(before) == programs  # the tables travel inside the program objects
+    writes = op.writes
+    set_pod_labels(api_client, cluster.namespace, "c", {"role": "client"})  # c may now reach web
+    wait_for("tables updated", lambda: converged(api_client, cluster.nodes))
+    after = versions(api_client, cluster.nodes)
+    assert set(after) == programs
+    rewritten = [n for n in after if before[n] != after[n]]
+    assert rewritten, "the label change reached the published tables"
+    assert op.writes - writes == len(rewritten)  # one write per node that changed
 
 
 def test_an_invalid_stockade_policy_is_not_accepted_and_the_condition_names_the_field(

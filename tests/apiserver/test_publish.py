@@ -1,12 +1,15 @@
-"""The publisher against a real API server: it writes a node's table shards before the program
-object whose manifest lists them (the shards of one publish go out concurrently), and a node one
-of whose shards the server refuses keeps its old program object while the other nodes publish.
+"""The publisher against a real API server: the objects of one publish go out together, and
+whatever order they land in, an agent assembles either the previous complete set or the new
+one, never a mix. A node one of whose shards the server refuses stays incomplete (its agent keeps
+the set it applied) while the other nodes publish, and the next publish completes it.
 
-Write order is read from the objects' resourceVersions: one etcd, so they grow with every write.
+The agent's side is `stockade.agent.tableset.Assembler` reading the objects back from the server.
+The tables are published in shards (`inline_max=0`), as a large node's are.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -15,15 +18,49 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from stockade.compiler import handoff
-from stockade.control.plan import Plan, table_object
+from stockade.agent.tableset import Assembler, IncompleteError, TableObject
+from stockade.compiler import handoff, ir
+from stockade.compiler.lower import lower_node
+from stockade.control.plan import Plan, plan
 from stockade.control.publish import Publisher
+from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.crd_schema import GROUP, VERSION
+from stockade.model.parse import parse_policy
 from stockade.sandbox.controlplane import ControlPlane
 from tests.apiserver.test_crd_validation import install_crds
 
 PLURAL = "datapathtables"
 UNPROCESSABLE = 422
+
+STATE = ClusterState(
+    [Namespace("x", {"ns": "x"})],
+    [
+        Pod("x", f"p{i}", {"pod": f"p{i % 3}"}, (ipaddress.ip_address(f"10.0.0.{i}"),), "n0")
+        for i in range(6)
+    ],
+    [Node("n0", (ipaddress.ip_address("172.18.0.10"),))],
+)
+
+
+def tables(port: int) -> ir.NodeTables:
+    """One node's tables; the port changes the policy and rules parts."""
+    policy = parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": f"allow-{port}", "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "p0"}},
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
+                        "ports": [{"port": port}],
+                    }
+                ],
+            },
+        }
+    )
+    return lower_node(STATE, [policy], "n0").tables
 
 
 @pytest.fixture(scope="module")
@@ -44,61 +81,78 @@ def nodes(crds: None, api_client: Any) -> Iterator[list[str]]:
         )
 
 
-def node_objects(node: str, generation: int, *, bad: bool = False) -> list[dict[str, Any]]:
-    """Three table shards and the program object of `node`; with `bad`, the API server refuses
-    the second shard (an entry longer than the schema allows)."""
-    shards = [
-        table_object(node, handoff.POLICY, 0, 2, generation, (f"policy {generation}",)),
-        table_object(
-            node, handoff.POLICY, 1, 2, generation, ("x" * 2000 if bad else f"p1 {generation}",)
-        ),
-        table_object(node, handoff.RULES, 0, 1, generation, (f"rules {generation}",)),
-    ]
-    program = table_object(node, handoff.PROGRAM, 0, 1, generation, (f"manifest {generation}",))
-    return [*shards, program]
-
-
-def listed(api_client: Any, node: str) -> dict[str, dict[str, Any]]:
+def listed(api_client: Any, node: str) -> dict[str, TableObject]:
     custom = kubernetes.client.CustomObjectsApi(api_client)
     listing: Any = custom.list_cluster_custom_object(
         GROUP, VERSION, PLURAL, label_selector=f"{handoff.NODE_LABEL}={node}"
     )
-    return {item["metadata"]["name"]: item for item in listing["items"]}
+    return {i["metadata"]["name"]: TableObject.from_api(i) for i in listing["items"]}
 
 
-def plan_of(*objects: list[dict[str, Any]]) -> Plan:
-    tables = [o for objs in objects for o in objs if o["spec"]["part"] != handoff.PROGRAM]
-    programs = [o for objs in objects for o in objs if o["spec"]["part"] == handoff.PROGRAM]
-    return Plan(tuple(tables + programs), (), {})
+def assembled(api_client: Any, node: str) -> tuple[int, ir.NodeTables]:
+    found = Assembler(node).assemble(listed(api_client, node))
+    return found.generation, found.tables
 
 
-def test_every_shard_is_written_before_the_program_object_that_lists_it(
+def same(a: ir.NodeTables, b: ir.NodeTables) -> bool:
+    return (set(a.endpoints), set(a.classes), set(a.policy), dict(a.rules)) == (
+        set(b.endpoints),
+        set(b.classes),
+        set(b.policy),
+        dict(b.rules),
+    )
+
+
+def refusing(planned: Plan, node: str) -> Plan:
+    """`planned` with one of `node`'s table shards made too long for the schema."""
+    writes = list(planned.writes)
+    index = next(
+        i
+        for i, o in enumerate(writes)
+        if o["spec"]["node"] == node and o["spec"]["part"] == handoff.POLICY
+    )
+    bad = {**writes[index], "spec": {**writes[index]["spec"], "entries": ["x" * 2000]}}
+    writes[index] = bad
+    return Plan(tuple(writes), planned.deletes, planned.generations)
+
+
+def test_a_publish_writes_every_changed_object_and_each_node_assembles_the_new_set(
     api_client: Any, nodes: list[str]
 ) -> None:
     publisher = Publisher(api_client)
-    for generation in (1, 2):  # creates, then patches
-        publisher.apply(plan_of(*(node_objects(node, generation) for node in nodes)))
+    for generation, port in ((1, 80), (2, 443)):  # creates, then patches
+        desired = {node: handoff.encode(tables(port), inline_max=0) for node in nodes}
+        planned = plan(publisher.published, desired, generation)
+        publisher.apply(planned)
         for node in nodes:
-            objects = listed(api_client, node)
-            assert {o["spec"]["generation"] for o in objects.values()} == {generation}
-            program = objects.pop(handoff.object_name(node, handoff.PROGRAM, 0))
-            version = int(program["metadata"]["resourceVersion"])
-            assert len(objects) == 3
-            assert all(int(o["metadata"]["resourceVersion"]) < version for o in objects.values())
-    assert publisher.writes == 16
+            got_generation, got = assembled(api_client, node)
+            assert got_generation == generation
+            assert same(got, tables(port))
     assert set(publisher.published) == {name for node in nodes for name in listed(api_client, node)}
+    writes = publisher.writes
+    publisher.apply(plan(publisher.published, desired, 3))
+    assert publisher.writes == writes  # nothing changed, nothing written
 
 
-def test_a_refused_shard_keeps_its_node_on_the_old_program_while_other_nodes_publish(
+def test_a_refused_shard_leaves_its_node_incomplete_until_the_next_publish(
     api_client: Any, nodes: list[str]
 ) -> None:
     publisher = Publisher(api_client)
-    publisher.apply(plan_of(*(node_objects(node, 1) for node in nodes)))
+    publisher.apply(
+        plan(publisher.published, {n: handoff.encode(tables(80), inline_max=0) for n in nodes}, 1)
+    )
     broken, fine = nodes
+    desired = {n: handoff.encode(tables(443), inline_max=0) for n in nodes}
     with pytest.raises(ApiException) as refused:
-        publisher.apply(plan_of(node_objects(broken, 2, bad=True), node_objects(fine, 2)))
+        publisher.apply(refusing(plan(publisher.published, desired, 2), broken))
     assert refused.value.status == UNPROCESSABLE
-    program = handoff.object_name(broken, handoff.PROGRAM, 0)
-    assert listed(api_client, broken)[program]["spec"]["generation"] == 1
-    assert publisher.published[program].generation == 1
-    assert {o["spec"]["generation"] for o in listed(api_client, fine).values()} == {2}
+    # The broken node's manifest may be new, but the shard it lists is not there: its agent
+    # finds the set incomplete and keeps enforcing what it applied (generation 1).
+    with pytest.raises(IncompleteError, match=handoff.object_name(broken, handoff.POLICY, 0)):
+        Assembler(broken).assemble(listed(api_client, broken))
+    generation, got = assembled(api_client, fine)
+    assert generation == 2 and same(got, tables(443))
+    # The refused shard is not recorded as published, so the next publish writes it.
+    publisher.apply(plan(publisher.published, desired, 3))
+    _, got = assembled(api_client, broken)
+    assert same(got, tables(443))

@@ -126,9 +126,9 @@ class Cluster:
 
     def objects(self, shape: Shape | None = None) -> list[dict[str, Any]]:
         """The DatapathTable objects of node-1 at the next generation (every part, as the
-        operator's `plan.table_object` builds them)."""
+        operator's `plan.table_object` builds them), in shards as a large node's are."""
         self.generation += 1
-        parts = handoff.encode(self.tables(), shape)
+        parts = handoff.encode(self.tables(), shape, inline_max=0)
         return [
             table_object(self.node_name, part, shard, len(shards), self.generation, entries)
             for part, shards in parts.items()

@@ -293,8 +293,9 @@ class RbacStack:
     def published_rules(self, node: str) -> set[tuple[str, str]]:
         """(kind, name) of every policy with a rule in `node`'s published tables."""
         found = set()
-        for obj in self.tables(node, handoff.RULES):
-            for entry in obj["spec"].get("entries") or ():
+        for obj in self.tables(node, handoff.RULES) + self.tables(node, handoff.PROGRAM):
+            spec = obj["spec"]
+            for entry in handoff.rule_entries(spec["part"], spec.get("entries") or ()):
                 _, info = handoff.decode_rule(entry)
                 found.add((info.kind, info.name))
         return found

@@ -49,10 +49,11 @@ POLICY = parse_policy(
 )
 
 
-def test_the_lowering_of_a_node_round_trips_through_the_codec() -> None:
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_the_lowering_of_a_node_round_trips_through_the_codec(inline_max: int) -> None:
     tables = lower_node(_state(), [POLICY], "n0").tables
     shape = Shape(vlan=True, fragments=FragmentPolicy.DROP)
-    decoded, program = handoff.decode(handoff.encode(tables, shape))
+    decoded, program = handoff.decode(handoff.encode(tables, shape, inline_max))
     assert set(decoded.endpoints) == set(tables.endpoints)
     assert set(decoded.classes) == set(tables.classes)
     assert set(decoded.policy) == set(tables.policy) and len(decoded.policy) == len(tables.policy)
@@ -61,12 +62,33 @@ def test_the_lowering_of_a_node_round_trips_through_the_codec() -> None:
 
 
 def test_the_manifest_lists_every_shard_with_its_digest() -> None:
-    parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables)
+    parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables, inline_max=0)
     program = handoff.decode_program(parts[handoff.PROGRAM][0])
+    assert not program.inline
     for part in handoff.TABLE_PARTS:
         assert program.manifest[part] == {
             i: handoff.digest(entries) for i, entries in parts[part].items()
         }
+
+
+def test_small_tables_travel_inside_the_program_object_and_large_ones_in_shards() -> None:
+    tables = lower_node(_state(), [POLICY], "n0").tables
+    count = len(tables.endpoints) + len(tables.classes) + len(tables.policy) + len(tables.rules)
+    inline = handoff.encode(tables, inline_max=count)
+    assert list(inline) == [handoff.PROGRAM]
+    program = handoff.decode_program(inline[handoff.PROGRAM][0])
+    assert not any(program.manifest.values())
+    assert sum(len(e) for e in program.inline.values()) == count
+    sharded = handoff.encode(tables, inline_max=count - 1)
+    assert set(sharded) == {handoff.PROGRAM, *handoff.TABLE_PARTS}
+    assert not handoff.decode_program(sharded[handoff.PROGRAM][0]).inline
+
+
+def test_a_malformed_inline_entry_is_refused_naming_it() -> None:
+    with pytest.raises(handoff.HandoffError, match="bad address"):
+        handoff.decode(
+            {handoff.PROGRAM: {0: ("shape ipv6 1", "endpoints nonsense 1")}},
+        )
 
 
 def test_a_cluster_scoped_rule_keeps_its_empty_namespace() -> None:

@@ -4,8 +4,10 @@ complete `HandoffSet` (Shape, tables, generation) or found incomplete.
 `stockade.agent.watch` turns each watched object into a `TableObject`; `stockade.agent.sync`
 calls `Assembler.assemble()` on every sync. A set is complete when the `program` shard exists and
 every shard its manifest lists is present with the manifest's digest (and its entries hash to
-that digest): a half-published change is never written into the maps. Decoded shards are cached
-by digest, so a change that rewrote one shard decodes only that shard.
+that digest): a half-published change is never written into the maps. A small node's tables come
+inline in the `program` object (`stockade.compiler.handoff.INLINE_ENTRIES`) and are complete with
+it. Decoded shards are cached by digest, so a change that rewrote one shard decodes only that
+shard.
 """
 
 from __future__ import annotations
@@ -116,6 +118,17 @@ class Assembler:
                 pieces.append(self._shard(part, obj))
                 used.add((part, want))
                 digests.append((part, shard, want))
+        if any(program.inline.values()):
+            if handoff.digest(program_obj.entries) != program_obj.digest:
+                raise HandoffError(f"DatapathTable {program_name}: entries do not match its digest")
+            key = (handoff.PROGRAM, program_obj.digest)
+            found = self._decoded.get(key)
+            if found is None:
+                found = handoff.decode_tables({p: [e] for p, e in program.inline.items()})
+                self._decoded[key] = found
+                self.decodes += 1
+            pieces.append(found)
+            used.add(key)
         for key in set(self._decoded) - used:
             del self._decoded[key]
         return HandoffSet(program_obj.generation, program, _merge(pieces), tuple(digests))

@@ -18,6 +18,12 @@ Parts and entry formats (one string per map entry, fields separated by one space
   every shard the manifest lists is present with that digest, so a half-published change is
   never written into the maps.
 
+A node whose tables have at most `INLINE_ENTRIES` entries in all (most nodes of most clusters)
+publishes them inside its `program` object instead, as `<part> <entry>` after the Shape, and has
+no table shards: a change is then one object written, not a shard per touched part plus the
+manifest (each write is a round trip through the API server and etcd, the larger part of the
+time from a label change to the map update). The inline entries are bounded like a shard's.
+
 A table part splits into `shard_count(n)` shards (a power of two, about `SHARD_ENTRIES` entries
 each) and an entry goes to the shard its key hashes to: endpoints and policy by endpoint id (a
 change on one pod rewrites only the shard that holds it), classes by network, rules by id. The
@@ -44,6 +50,7 @@ TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES)
 PARTS = (PROGRAM, *TABLE_PARTS)
 
 SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
+INLINE_ENTRIES = 256  # a node with at most this many table entries publishes them in `program`
 NODE_LABEL = "stockade.io/node"
 PART_LABEL = "stockade.io/part"
 NO_NAMESPACE = "-"  # cluster-scoped rules: "-" is never a namespace name
@@ -234,10 +241,12 @@ def decode_tables(parts: Mapping[str, PartShards]) -> ir.NodeTables:
 
 @dataclass(frozen=True)
 class Program:
-    """The `program` part: the Shape to render, and the manifest of the table shards."""
+    """The `program` part: the Shape to render, the manifest of the table shards, and the table
+    entries carried inline (a small node's whole tables)."""
 
     shape: Shape
     manifest: Mapping[str, Mapping[int, str]]  # part -> shard -> digest
+    inline: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def encode_shape(shape: Shape) -> tuple[str, ...]:
@@ -262,8 +271,12 @@ def decode_program(entries: Iterable[str]) -> Program:
     types = {f.name: f.type for f in dataclasses.fields(Shape)}
     values: dict[str, object] = {}
     manifest: dict[str, dict[int, str]] = {part: {} for part in TABLE_PARTS}
+    inline: dict[str, list[str]] = {}
     for entry in entries:
         fields = entry.split(" ")
+        if fields[0] in TABLE_PARTS and len(fields) > 1:
+            inline.setdefault(fields[0], []).append(entry[len(fields[0]) + 1 :])
+            continue
         if fields[0] == "shape" and len(fields) == 3:
             name, number = fields[1], _int(fields[2], PROGRAM, entry)
             if name not in types:
@@ -277,20 +290,46 @@ def decode_program(entries: Iterable[str]) -> Program:
         elif fields[0] == "shard" and len(fields) == 4 and fields[1] in manifest:
             manifest[fields[1]][_int(fields[2], PROGRAM, entry)] = fields[3]
         else:
-            raise HandoffError(f"program entry {entry!r}: expected 'shape ...' or 'shard ...'")
+            raise HandoffError(
+                f"program entry {entry!r}: expected 'shape ...', 'shard ...' or '<part> <entry>'"
+            )
     try:
         shape = Shape(**values)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise HandoffError(f"program: {exc}") from None
-    return Program(shape, manifest)
+    return Program(shape, manifest, {part: tuple(found) for part, found in inline.items()})
 
 
-def encode(tables: ir.NodeTables, shape: Shape | None = None) -> dict[str, Shards]:
-    """Every part of one node's hand-off: the table parts and the `program` part (shard 0)."""
+def rule_entries(part: str, entries: Sequence[str]) -> tuple[str, ...]:
+    """The `rules` entries one DatapathTable carries: a rules shard's own, or those inline in a
+    program object (for tools that read rule names from what is published)."""
+    if part == RULES:
+        return tuple(entries)
+    if part == PROGRAM:
+        return decode_program(entries).inline.get(RULES, ())
+    return ()
+
+
+def encode(
+    tables: ir.NodeTables, shape: Shape | None = None, inline_max: int = INLINE_ENTRIES
+) -> dict[str, Shards]:
+    """Every part of one node's hand-off: the `program` part (shard 0) and the table parts, or
+    only the `program` part with the tables inline when they have at most `inline_max`
+    entries."""
     parts = encode_tables(tables)
+    if sum(len(entries) for shards in parts.values() for entries in shards.values()) <= inline_max:
+        inline = tuple(
+            f"{part} {entry}"
+            for part in TABLE_PARTS
+            for entry in sorted(e for entries in parts[part].values() for e in entries)
+        )
+        return {PROGRAM: {0: encode_shape(shape or Shape()) + inline}}
     return {PROGRAM: {0: encode_program(shape or Shape(), parts)}, **parts}
 
 
 def decode(parts: Mapping[str, PartShards]) -> tuple[ir.NodeTables, Program]:
-    """The inverse of `encode` (the program part's single shard gives the Shape and manifest)."""
-    return decode_tables(parts), decode_program(_entries(parts, PROGRAM))
+    """The inverse of `encode` (the program part's single shard gives the Shape, the manifest
+    and any inline entries)."""
+    program = decode_program(_entries(parts, PROGRAM))
+    tables = {part: [_entries(parts, part), program.inline.get(part, ())] for part in TABLE_PARTS}
+    return decode_tables(tables), program

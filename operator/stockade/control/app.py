@@ -66,7 +66,11 @@ class Operator:
                 on_started=self._became_leader,
             )
         self.reconciler = Reconciler(
-            self.store, self.api, is_leader=self.is_leader, upstream_cnp=config.upstream_cnp
+            self.store,
+            self.api,
+            is_leader=self.is_leader,
+            upstream_cnp=config.upstream_cnp,
+            inline_entries=config.inline_entries,
         )
         self.registry = build_registry(
             self.store, self._table_deleted, upstream_cnp=config.upstream_cnp

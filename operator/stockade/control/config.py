@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from stockade.compiler.handoff import INLINE_ENTRIES, SHARD_ENTRIES
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -25,6 +27,9 @@ class OperatorConfig:
     # to wait also waits `debounce` after it arrived, so that the rest of the burst joins it.
     debounce: float = 0.02
     min_interval: float = 0.1
+    # A node whose tables have at most this many entries gets them inside its program object
+    # (one write per change); 0 shards every node (`stockade.compiler.handoff`).
+    inline_entries: int = INLINE_ENTRIES
 
     def __post_init__(self) -> None:
         errors = []
@@ -42,6 +47,8 @@ class OperatorConfig:
             errors.append("--renew-period must be at most half of --lease-duration")
         if self.debounce < 0 or self.min_interval < 0:
             errors.append("debounce and min_interval must not be negative")
+        if not 0 <= self.inline_entries <= SHARD_ENTRIES:
+            errors.append(f"inline_entries must be between 0 and {SHARD_ENTRIES}")
         if errors:
             raise ValueError("; ".join(errors))
         if not self.identity:

@@ -32,7 +32,7 @@ class Published:
 
 @dataclass(frozen=True)
 class Plan:
-    writes: tuple[dict[str, Any], ...]  # whole objects, table shards before program objects
+    writes: tuple[dict[str, Any], ...]  # whole objects, written together (see publish.py)
     deletes: tuple[str, ...]
     generations: Mapping[str, int]  # node -> its program generation after this plan
 

@@ -1,11 +1,13 @@
 """Write DatapathTables to the API server, remembering what is there.
 
 The reconciler calls `resync()` when it becomes leader (and now and then), `apply(plan)` after
-every lowering. Table shards are written before the program objects whose manifests list them,
-and stale shards are deleted last, so an agent never sees a manifest that names missing content.
-The shards of one publish are written concurrently (a change is seldom one object, and each
-write is a round trip to the API server): a node's program object waits only for that node's
-shards, and is not written at all when one of them failed.
+every lowering. The objects of one publish, table shards and program objects alike, are written
+concurrently: a change is seldom one object, and each write is a round trip to the API server,
+so a second wave for the program objects would add one to every change. Order is not needed for
+safety: an agent applies a set only when every shard its program object's manifest lists is
+there with the manifest's digest (`stockade.agent.tableset`), so a manifest that arrives before
+its shards, or whose shard the server refused, leaves the agent on the set it applied last until
+the rest arrives. Stale shards are deleted last, after every write succeeded.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubernetes.client import ApiClient, CustomObjectsApi
@@ -78,19 +80,20 @@ class Publisher:
         self.published.pop(name, None)
 
     def apply(self, plan: Plan) -> None:
-        """Write `plan`: every node's changed table shards at once, each node's program object
-        as soon as all of that node's shards are written (never if one failed), the deletes
-        after every write succeeded. Raises the first failure once nothing is in flight."""
+        """Write `plan`: every changed object at once (at most MAX_CONCURRENT_WRITES in flight),
+        the deletes after every write succeeded. Raises the first failure once nothing is in
+        flight; what failed is not recorded as published, so the next plan writes it again."""
         began = time.monotonic()
-        by_node: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        for obj in plan.writes:
-            tables, programs = by_node.setdefault(str(obj["spec"]["node"]), ([], []))
-            (programs if obj["spec"]["part"] == handoff.PROGRAM else tables).append(obj)
         if len(plan.writes) <= 1:
             for obj in plan.writes:
                 self._write(obj)
         else:
-            self._write_concurrently(list(by_node.values()))
+            workers = min(MAX_CONCURRENT_WRITES, len(plan.writes))
+            with ThreadPoolExecutor(workers, thread_name_prefix="stockade-publish") as pool:
+                futures = [pool.submit(self._write, obj) for obj in plan.writes]
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+            if errors:
+                raise errors[0]
         for name in plan.deletes:
             try:
                 self._objects.delete_cluster_custom_object(
@@ -108,38 +111,6 @@ class Publisher:
                 len(plan.deletes),
                 (time.monotonic() - began) * 1e3,
             )
-
-    def _write_concurrently(
-        self, nodes: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]]
-    ) -> None:
-        workers = min(MAX_CONCURRENT_WRITES, sum(len(t) + len(p) for t, p in nodes))
-        errors: list[BaseException] = []
-        with ThreadPoolExecutor(workers, thread_name_prefix="stockade-publish") as pool:
-            node_of: dict[Future[None], int] = {}
-            left = [len(tables) for tables, _ in nodes]  # shards still in flight, per node
-            failed = [False] * len(nodes)
-            for index, (tables, _) in enumerate(nodes):
-                node_of.update((pool.submit(self._write, obj), index) for obj in tables)
-            in_flight = set(node_of)
-            ready = [index for index, count in enumerate(left) if count == 0]
-            while ready or in_flight:
-                for index in ready:  # every shard of this node is written
-                    in_flight.update(pool.submit(self._write, obj) for obj in nodes[index][1])
-                ready = []
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    error = future.exception()
-                    if error is not None:
-                        errors.append(error)
-                    node = node_of.get(future)
-                    if node is None:
-                        continue  # a program object
-                    failed[node] = failed[node] or error is not None
-                    left[node] -= 1
-                    if left[node] == 0 and not failed[node]:
-                        ready.append(node)  # else the node keeps its old program object
-        if errors:
-            raise errors[0]
 
     def _write(self, obj: dict[str, Any]) -> None:
         name = obj["metadata"]["name"]

@@ -77,8 +77,10 @@ class Reconciler:
         is_leader: Callable[[], bool] = lambda: True,
         shape: Shape | None = None,
         upstream_cnp: bool = True,
+        inline_entries: int = handoff.INLINE_ENTRIES,
     ) -> None:
         self._upstream_cnp = upstream_cnp
+        self._inline = inline_entries
         self._store = store
         self._api = api
         self._objects = CustomObjectsApi(api)
@@ -156,7 +158,7 @@ class Reconciler:
             if last is not None and last[0] == lowered.tables:
                 out[node] = last[1]  # unchanged: skip encoding it again
             else:
-                out[node] = handoff.encode(lowered.tables, self._shape)
+                out[node] = handoff.encode(lowered.tables, self._shape, self._inline)
                 self._encoded[node] = (lowered.tables, out[node])
             self.stats.node_seconds[node] = time.monotonic() - began
         for node in set(self.ids) - nodes:

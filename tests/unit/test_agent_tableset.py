@@ -1,0 +1,117 @@
+"""The agent's `Assembler`: a node's DatapathTable objects become one complete set, whether the
+tables come in shards listed by the program object's manifest or inline in the program object;
+an incomplete or inconsistent publication is never assembled."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from stockade.agent.tableset import Assembler, IncompleteError, TableObject
+from stockade.compiler import handoff, ir
+from stockade.compiler.handoff import HandoffError
+from stockade.compiler.lower import lower_node
+from stockade.control.plan import table_object
+from stockade.model.cluster import ClusterState, Namespace, Node, Pod
+from stockade.model.parse import parse_policy
+
+NODE = "n0"
+
+
+def tables(port: int) -> ir.NodeTables:
+    state = ClusterState(
+        [Namespace("x", {"ns": "x"})],
+        [
+            Pod("x", f"p{i}", {"pod": f"p{i % 3}"}, (ipaddress.ip_address(f"10.0.0.{i}"),), NODE)
+            for i in range(6)
+        ],
+        [Node(NODE)],
+    )
+    policy = parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "allow", "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "p0"}},
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
+                        "ports": [{"port": port}],
+                    }
+                ],
+            },
+        }
+    )
+    return lower_node(state, [policy], NODE).tables
+
+
+def objects(port: int, generation: int, inline_max: int) -> dict[str, TableObject]:
+    parts = handoff.encode(tables(port), inline_max=inline_max)
+    built = (
+        table_object(NODE, part, shard, len(shards), generation, entries)
+        for part, shards in parts.items()
+        for shard, entries in shards.items()
+    )
+    return {o["metadata"]["name"]: TableObject.from_api(o) for o in built}
+
+
+def same(a: ir.NodeTables, b: ir.NodeTables) -> bool:
+    def key(t: ir.NodeTables) -> tuple[object, ...]:
+        return (set(t.endpoints), set(t.classes), set(t.policy), dict(t.rules))
+
+    return key(a) == key(b)
+
+
+PROGRAM = handoff.object_name(NODE, handoff.PROGRAM, 0)
+
+
+def test_inline_tables_are_complete_with_the_program_object_alone() -> None:
+    found = objects(80, 1, handoff.INLINE_ENTRIES)
+    assert list(found) == [PROGRAM]
+    assembled = Assembler(NODE).assemble(found)
+    assert assembled.generation == 1 and same(assembled.tables, tables(80))
+
+
+def test_shards_are_complete_only_when_every_listed_shard_has_its_digest() -> None:
+    old, new = objects(80, 1, 0), objects(443, 2, 0)
+    assembler = Assembler(NODE)
+    assert same(assembler.assemble(old).tables, tables(80))
+    ahead = {**old, PROGRAM: new[PROGRAM]}  # the manifest before its shards
+    with pytest.raises(IncompleteError, match="the manifest"):
+        assembler.assemble(ahead)
+    missing = {n: o for n, o in new.items() if ".rules." not in n}
+    with pytest.raises(IncompleteError, match="is not published"):
+        assembler.assemble(missing)
+    assert same(assembler.assemble(new).tables, tables(443))
+
+
+def test_a_node_that_shrinks_to_inline_ignores_its_old_shards() -> None:
+    sharded, inline = objects(80, 1, 0), objects(443, 2, handoff.INLINE_ENTRIES)
+    assembled = Assembler(NODE).assemble({**sharded, **inline})  # stale shards not yet deleted
+    assert assembled.generation == 2 and same(assembled.tables, tables(443))
+
+
+def test_inline_entries_that_do_not_match_the_digest_are_refused() -> None:
+    found = objects(80, 1, handoff.INLINE_ENTRIES)
+    program = found[PROGRAM]
+    tampered = TableObject(
+        program.name,
+        program.part,
+        program.shard,
+        program.shards,
+        program.generation,
+        program.digest,
+        (*program.entries[:-1], "rules 1 NetworkPolicy.networking.k8s.io x evil Ingress 0"),
+    )
+    with pytest.raises(HandoffError, match="do not match its digest"):
+        Assembler(NODE).assemble({PROGRAM: tampered})
+
+
+def test_an_unchanged_inline_set_is_decoded_once() -> None:
+    assembler = Assembler(NODE)
+    found = objects(80, 1, handoff.INLINE_ENTRIES)
+    assembler.assemble(found)
+    assembler.assemble(found)
+    assert assembler.decodes == 1
