@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stockade.compiler import ir
-from stockade.compiler.lower import Ids, Lowering, Verdicts, lower_node
+from stockade.compiler.lower import VERDICTS_LIMIT, Ids, Lowering, Verdicts, lower_node
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.evaluator import judge
 from stockade.model.flow import Flow
@@ -286,7 +286,9 @@ def test_verdicts_and_results_kept_from_other_cluster_states_lower_exactly_as_a_
         [replace(pod, labels=data.draw(labels)) if pod.node == "n1" else pod for pod in first.pods],
         NODES,
     )
-    verdicts, previous = Verdicts(), {}  # type: ignore[var-annotated]
+    # A small limit turns the verdicts' generations over within a pass.
+    verdicts = Verdicts(limit=data.draw(st.sampled_from([VERDICTS_LIMIT, 3, 1])))
+    previous = {}  # type: ignore[var-annotated]
     ids: dict[str, Ids | None] = {n.name: None for n in NODES}
     for state in (first, second, second, first):
         warm = Lowering(state, policies, verdicts, previous)
@@ -296,3 +298,26 @@ def test_verdicts_and_results_kept_from_other_cluster_states_lower_exactly_as_a_
             assert got.tables == cold.tables, node.name
             assert dict(got.ids.classes) == dict(cold.ids.classes), node.name
             ids[node.name] = got.ids
+
+
+def test_verdicts_keep_at_most_two_generations_and_what_is_used_stays() -> None:
+    verdicts = Verdicts(limit=2)
+    policy = parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"podSelector": {}},
+        }
+    )
+
+    def key(n: int) -> Any:
+        return (((), (id(policy),)), n)
+
+    for n in range(10):
+        verdicts.put(key(n), [policy], ())
+        assert verdicts.get(key(0)) == ()  # used on every turn: it moves back each time
+        assert len(verdicts) <= 4
+    assert verdicts.get(key(1)) is None  # not asked for through a whole generation
+    verdicts.retain([])
+    assert len(verdicts) == 0

@@ -38,6 +38,7 @@ from stockade.model.policy import (
 )
 
 PORT_SPACE = 1 << 16
+VERDICTS_LIMIT = 250_000  # verdicts per generation of `Verdicts` (at most two generations kept)
 _DIRECTIONS = {Direction.INGRESS: ir.Direction.INGRESS, Direction.EGRESS: ir.Direction.EGRESS}
 
 
@@ -158,17 +159,30 @@ class Verdicts:
 
     Keys hold policy ids; the policies are kept alive here so that no id is reused while a key
     names it. `retain()` drops what names a policy that is gone.
+
+    Bounded in two generations: when the current one holds more than `limit` entries it becomes
+    the older one and the one before is dropped; an entry found in the older generation moves
+    back to the current one. What is in use stays; what no pass asked for through a whole
+    generation goes (at worst it is judged again), so a long-running operator under pod and
+    label churn keeps at most 2 x `limit` verdicts.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = VERDICTS_LIMIT) -> None:
         self._entries: dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]] = {}
+        self._older: dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]] = {}
         self._alive: dict[int, Policy] = {}
+        self._limit = limit
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._older)
 
     def get(self, key: tuple[ProfileKey, RemoteKey]) -> tuple[Template, ...] | None:
-        return self._entries.get(key)
+        found = self._entries.get(key)
+        if found is None:
+            found = self._older.pop(key, None)
+            if found is not None:
+                self._store(key, found)
+        return found
 
     def put(
         self,
@@ -178,15 +192,24 @@ class Verdicts:
     ) -> None:
         for policy in chosen:
             self._alive[id(policy)] = policy
+        self._store(key, value)
+
+    def _store(self, key: tuple[ProfileKey, RemoteKey], value: tuple[Template, ...]) -> None:
         self._entries[key] = value
+        if len(self._entries) > self._limit:
+            self._older, self._entries = self._entries, {}
 
     def retain(self, policies: Iterable[Policy]) -> None:
         """Forget every entry that names a policy not in `policies`."""
         current = {id(p): p for p in policies}
         self._alive = {i: p for i, p in self._alive.items() if current.get(i) is p}
-        self._entries = {
-            k: v for k, v in self._entries.items() if all(i in self._alive for i in k[0][1])
-        }
+
+        def kept(
+            entries: dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]],
+        ) -> dict[tuple[ProfileKey, RemoteKey], tuple[Template, ...]]:
+            return {k: v for k, v in entries.items() if all(i in self._alive for i in k[0][1])}
+
+        self._entries, self._older = kept(self._entries), kept(self._older)
 
 
 class Lowering:
