@@ -82,6 +82,7 @@ class Agent:
             "stockade_agent_syncs_total": stats.syncs,
             "stockade_agent_sync_failures_total": self.runner.failures,
             "stockade_agent_applied_generation": stats.applied_generation,
+            "stockade_agent_published_set_incomplete": float(bool(stats.waiting)),
             "stockade_agent_endpoints_attached": len(attach.attached),
             "stockade_agent_attach_failures": len(attach.failures),
             "stockade_agent_detached_total": stats.detached,

@@ -102,8 +102,8 @@ class Syncer:
         try:
             wanted = self.assembler.assemble(self._objects())
         except IncompleteError as exc:
-            if self.stats.waiting != str(exc):
-                log.info("waiting for a complete set: %s", exc)
+            if self.stats.waiting != str(exc):  # usual while a change lands object by object
+                log.debug("waiting for a complete set: %s", exc)
             self.stats.waiting = str(exc)
             return False
         except HandoffError as exc:
