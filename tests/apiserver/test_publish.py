@@ -9,7 +9,6 @@ The tables are published in shards (`inline_max=0`), as a large node's are.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -20,47 +19,15 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade.agent.tableset import Assembler, IncompleteError, TableObject
 from stockade.compiler import handoff, ir
-from stockade.compiler.lower import lower_node
 from stockade.control.plan import Plan, plan
 from stockade.control.publish import Publisher
-from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.crd_schema import GROUP, VERSION
-from stockade.model.parse import parse_policy
 from stockade.sandbox.controlplane import ControlPlane
 from tests.apiserver.test_crd_validation import install_crds
+from tests.fixtures.handoff_tables import same, tables
 
 PLURAL = "datapathtables"
 UNPROCESSABLE = 422
-
-STATE = ClusterState(
-    [Namespace("x", {"ns": "x"})],
-    [
-        Pod("x", f"p{i}", {"pod": f"p{i % 3}"}, (ipaddress.ip_address(f"10.0.0.{i}"),), "n0")
-        for i in range(6)
-    ],
-    [Node("n0", (ipaddress.ip_address("172.18.0.10"),))],
-)
-
-
-def tables(port: int) -> ir.NodeTables:
-    """One node's tables; the port changes the policy and rules parts."""
-    policy = parse_policy(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": f"allow-{port}", "namespace": "x"},
-            "spec": {
-                "podSelector": {"matchLabels": {"pod": "p0"}},
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
-                        "ports": [{"port": port}],
-                    }
-                ],
-            },
-        }
-    )
-    return lower_node(STATE, [policy], "n0").tables
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +59,6 @@ def listed(api_client: Any, node: str) -> dict[str, TableObject]:
 def assembled(api_client: Any, node: str) -> tuple[int, ir.NodeTables]:
     found = Assembler(node).assemble(listed(api_client, node))
     return found.generation, found.tables
-
-
-def same(a: ir.NodeTables, b: ir.NodeTables) -> bool:
-    return (set(a.endpoints), set(a.classes), set(a.policy), dict(a.rules)) == (
-        set(b.endpoints),
-        set(b.classes),
-        set(b.policy),
-        dict(b.rules),
-    )
 
 
 def refusing(planned: Plan, node: str) -> Plan:

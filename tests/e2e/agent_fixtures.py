@@ -62,7 +62,7 @@ class Publication:
 
 
 def report(api: Any, node: str) -> dict[str, Any]:
-    obj = kubernetes.client.CustomObjectsApi(api).get_cluster_custom_object(
+    obj: Any = kubernetes.client.CustomObjectsApi(api).get_cluster_custom_object(
         GROUP, VERSION, PLURAL, handoff.object_name(node, handoff.PROGRAM, 0)
     )
     status: dict[str, Any] = obj.get("status") or {}

@@ -4,47 +4,13 @@ an incomplete or inconsistent publication is never assembled."""
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from stockade.agent.tableset import Assembler, IncompleteError, TableObject
-from stockade.compiler import handoff, ir
+from stockade.compiler import handoff
 from stockade.compiler.handoff import HandoffError
-from stockade.compiler.lower import lower_node
 from stockade.control.plan import table_object
-from stockade.model.cluster import ClusterState, Namespace, Node, Pod
-from stockade.model.parse import parse_policy
-
-NODE = "n0"
-
-
-def tables(port: int) -> ir.NodeTables:
-    state = ClusterState(
-        [Namespace("x", {"ns": "x"})],
-        [
-            Pod("x", f"p{i}", {"pod": f"p{i % 3}"}, (ipaddress.ip_address(f"10.0.0.{i}"),), NODE)
-            for i in range(6)
-        ],
-        [Node(NODE)],
-    )
-    policy = parse_policy(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "allow", "namespace": "x"},
-            "spec": {
-                "podSelector": {"matchLabels": {"pod": "p0"}},
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
-                        "ports": [{"port": port}],
-                    }
-                ],
-            },
-        }
-    )
-    return lower_node(state, [policy], NODE).tables
+from tests.fixtures.handoff_tables import NODE, same, tables
 
 
 def objects(port: int, generation: int, inline_max: int) -> dict[str, TableObject]:
@@ -55,13 +21,6 @@ def objects(port: int, generation: int, inline_max: int) -> dict[str, TableObjec
         for shard, entries in shards.items()
     )
     return {o["metadata"]["name"]: TableObject.from_api(o) for o in built}
-
-
-def same(a: ir.NodeTables, b: ir.NodeTables) -> bool:
-    def key(t: ir.NodeTables) -> tuple[object, ...]:
-        return (set(t.endpoints), set(t.classes), set(t.policy), dict(t.rules))
-
-    return key(a) == key(b)
 
 
 PROGRAM = handoff.object_name(NODE, handoff.PROGRAM, 0)
