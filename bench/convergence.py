@@ -444,8 +444,13 @@ class Bench:
 
     @staticmethod
     def settled(port: int, quiet: float = 5.0, timeout: float = 900.0) -> dict[str, float]:
-        """The operator's metrics once it has written no table and no status for `quiet` s."""
-        keys = ("stockade_operator_generation", "stockade_operator_status_writes_total")
+        """The operator's metrics once it has run no reconcile pass (so no event changed what it
+        knows: its intake of watch events has caught up) and written nothing for `quiet` s."""
+        keys = (
+            "stockade_operator_generation",
+            "stockade_operator_status_writes_total",
+            "stockade_operator_reconcile_passes_total",
+        )
         last, since = metrics(port), time.monotonic()
         deadline = since + timeout
         while time.monotonic() - since < quiet:
