@@ -211,6 +211,9 @@ class Reconciler:
             elif self._is_leader():
                 self._netpol_events(record, status)
         if writes and self._is_leader():
+            for record, status in writes:  # the Event first: whoever sees the status finds it
+                if not record.accepted:
+                    self._event_once(record, "Warning", "Invalid", status)
             self._write_statuses(writes)
         for key in set(self._reported) - set(snap.policies):
             del self._reported[key]
@@ -235,8 +238,6 @@ class Reconciler:
             if result is True:
                 self.stats.status_writes += 1
                 self._written[record.key] = status
-                if not record.accepted:
-                    self._event_once(record, "Warning", "Invalid", status)
         if errors:
             raise errors[0]
 
