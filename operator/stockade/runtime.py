@@ -85,3 +85,29 @@ def replace_latest(
                 raise
         else:
             return
+
+
+def replace_custom_object(
+    api: Any,  # a kubernetes.client.CustomObjectsApi
+    group: str,
+    version: str,
+    plural: str,
+    namespace: str,
+    name: str,
+    obj: Mapping[str, Any],
+) -> None:
+    """`replace_latest` of a custom object, namespaced when `namespace` is not empty."""
+    if namespace:
+        where = (group, version, namespace, plural, name)
+        replace_latest(
+            lambda: api.get_namespaced_custom_object(*where),
+            lambda body: api.replace_namespaced_custom_object(*where, body),
+            obj,
+        )
+    else:
+        cluster = (group, version, plural, name)
+        replace_latest(
+            lambda: api.get_cluster_custom_object(*cluster),
+            lambda body: api.replace_cluster_custom_object(*cluster, body),
+            obj,
+        )

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -33,6 +33,29 @@ MERGE_PATCH = "application/merge-patch+json"
 NOT_FOUND = 404
 CONFLICT = 409
 MAX_CONCURRENT_WRITES = 8  # API calls in flight at once during one publish
+
+
+T = TypeVar("T")
+
+
+def run_all(
+    call: Callable[[T], object], items: Sequence[T], name: str
+) -> list[object | BaseException]:
+    """`call(item)` for every item, at most MAX_CONCURRENT_WRITES at once in threads called
+    `name` (a single item runs in this thread); each item's result or exception, in order, once
+    all have finished. The publisher's and the status writes use it."""
+    if len(items) <= 1:
+        out: list[object | BaseException] = []
+        for item in items:
+            try:
+                out.append(call(item))
+            except Exception as exc:
+                out.append(exc)
+        return out
+    workers = min(MAX_CONCURRENT_WRITES, len(items))
+    with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
+        futures = [pool.submit(call, item) for item in items]
+    return [f.exception() or f.result() for f in futures]
 
 
 def published_from(obj: Mapping[str, Any]) -> Published | None:
@@ -84,16 +107,10 @@ class Publisher:
         the deletes after every write succeeded. Raises the first failure once nothing is in
         flight; what failed is not recorded as published, so the next plan writes it again."""
         began = time.monotonic()
-        if len(plan.writes) <= 1:
-            for obj in plan.writes:
-                self._write(obj)
-        else:
-            workers = min(MAX_CONCURRENT_WRITES, len(plan.writes))
-            with ThreadPoolExecutor(workers, thread_name_prefix="stockade-publish") as pool:
-                futures = [pool.submit(self._write, obj) for obj in plan.writes]
-            errors = [e for e in (f.exception() for f in futures) if e is not None]
-            if errors:
-                raise errors[0]
+        results = run_all(self._write, plan.writes, "stockade-publish")
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
         for name in plan.deletes:
             try:
                 self._objects.delete_cluster_custom_object(

@@ -12,7 +12,6 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from stockade.control.events import post_event
 from stockade.control.plan import plan
 from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.control.prime import prime
-from stockade.control.publish import MAX_CONCURRENT_WRITES, MERGE_PATCH, NOT_FOUND, Publisher
+from stockade.control.publish import MERGE_PATCH, NOT_FOUND, Publisher, run_all
 from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
 from stockade.control.store import Snapshot, Store
@@ -225,14 +224,7 @@ class Reconciler:
         trip; a thousand new policies are a thousand writes). Every write that succeeded is
         remembered; the first failure is raised once all have finished, and the next pass writes
         what is still missing."""
-        if len(writes) == 1:
-            record, status = writes[0]
-            results: list[bool | BaseException] = [self._write_status(record, status)]
-        else:
-            workers = min(MAX_CONCURRENT_WRITES, len(writes))
-            with ThreadPoolExecutor(workers, thread_name_prefix="stockade-status") as pool:
-                futures = [pool.submit(self._write_status, r, s) for r, s in writes]
-            results = [f.exception() or f.result() for f in futures]
+        results = run_all(lambda w: self._write_status(*w), writes, "stockade-status")
         errors = [r for r in results if isinstance(r, BaseException)]
         for (record, status), result in zip(writes, results, strict=True):
             if result is True:

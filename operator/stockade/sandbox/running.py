@@ -20,7 +20,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from stockade.runtime import replace_latest
+from stockade.runtime import replace_custom_object
 from stockade.sandbox import session
 from stockade.sandbox.kubelet import delete_pod, ensure_default_service_account, register_pod
 from stockade.sandbox.stack import api_client
@@ -191,21 +191,10 @@ class RunningSandbox:
     def replace_policy(self, obj: Mapping[str, Any]) -> None:
         """Replace the whole object on the resourceVersion the server has now (again after a
         conflict with the operator's status write)."""
-        ref, api = PolicyRef.of(obj), self.custom()
-        if ref.namespace:
-            where = (ref.group, ref.version, ref.namespace, ref.plural, ref.name)
-            replace_latest(
-                lambda: api.get_namespaced_custom_object(*where),
-                lambda body: api.replace_namespaced_custom_object(*where, body),
-                obj,
-            )
-        else:
-            cluster = (ref.group, ref.version, ref.plural, ref.name)
-            replace_latest(
-                lambda: api.get_cluster_custom_object(*cluster),
-                lambda body: api.replace_cluster_custom_object(*cluster, body),
-                obj,
-            )
+        ref = PolicyRef.of(obj)
+        replace_custom_object(
+            self.custom(), ref.group, ref.version, ref.plural, ref.namespace, ref.name, obj
+        )
 
     def delete_policy(self, obj: Mapping[str, Any]) -> bool:
         """Delete the policy; False when it did not exist."""

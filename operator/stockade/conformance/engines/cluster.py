@@ -34,7 +34,7 @@ from stockade.conformance.engine import ActionRejectedError, Addresses, Observed
 from stockade.conformance.engines.apiserver import ApiServerActions
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress
-from stockade.runtime import replace_latest
+from stockade.runtime import replace_custom_object
 
 AGNHOST = "registry.k8s.io/e2e-test-images/agnhost:2.53"
 ENGINE_LABEL = "stockade.io/conformance"  # on every namespace the engine creates
@@ -370,27 +370,9 @@ class ClusterEngine(ApiServerActions):
 
     def _replace(self, obj: Mapping[str, Any]) -> None:
         group, version, plural, ns, name = self._where(obj)
-        api = self._custom()
-        if ns:
-            self._call(
-                lambda: replace_latest(
-                    lambda: api.get_namespaced_custom_object(group, version, ns, plural, name),
-                    lambda body: api.replace_namespaced_custom_object(
-                        group, version, ns, plural, name, body
-                    ),
-                    obj,
-                )
-            )
-        else:
-            self._call(
-                lambda: replace_latest(
-                    lambda: api.get_cluster_custom_object(group, version, plural, name),
-                    lambda body: api.replace_cluster_custom_object(
-                        group, version, plural, name, body
-                    ),
-                    obj,
-                )
-            )
+        self._call(
+            lambda: replace_custom_object(self._custom(), group, version, plural, ns, name, obj)
+        )
 
     def _delete(self, obj: Mapping[str, Any]) -> None:
         group, version, plural, ns, name = self._where(obj)
