@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from stockade.model.cluster import ClusterState
@@ -86,21 +86,23 @@ class Addresses:
             self._members[peer] = found
         return found
 
-    def hits(self, peers: Sequence[Peer]) -> dict[IPAddress, list[int]]:
-        """Host address -> indices (ascending) of the `peers` that contain it, for every host in
-        a pod or node peer; CIDR peers are counted for those hosts only (any other host has the
-        signature of the CIDR region around it)."""
-        out: dict[IPAddress, list[int]] = {}
+    def hits(
+        self, peers: Sequence[Peer], hosts: Iterable[IPAddress]
+    ) -> dict[IPAddress, tuple[int, ...]]:
+        """Host address -> indices (ascending) of the `peers` that contain it, for every member
+        of a pod or node peer and every address of `hosts`: membership in CIDR peers included,
+        whatever made the host stand out (a host that a named port or the local node singles
+        out keeps the CIDR peers around it). Any other address has the signature of the CIDR
+        region around it."""
+        found: dict[IPAddress, list[int]] = {address: [] for address in hosts}
         for i, peer in enumerate(peers):
             if isinstance(peer, PodPeer | NodePeer):
                 for address in self.members(peer):
-                    out.setdefault(address, []).append(i)
+                    found.setdefault(address, []).append(i)
         cidrs = [(i, p) for i, p in enumerate(peers) if isinstance(p, CidrPeer)]
-        if cidrs:
-            for address, found in out.items():
-                found.extend(i for i, p in cidrs if p.contains(address))
-                found.sort()
-        return out
+        for address, indices in found.items():
+            indices.extend(i for i, p in cidrs if p.contains(address))
+        return {address: tuple(sorted(indices)) for address, indices in found.items()}
 
     def region_inputs(
         self, node: str, peers: Sequence[Peer], egress_port_names: frozenset[str]
@@ -194,10 +196,10 @@ def build_regions(
     """Every trie prefix for one node with its signature (see the module docstring)."""
     state = addresses.state
     local_ips = set(state.node_ips(node))
-    hits = addresses.hits(peers)
     # Only a host in a pod or node peer, with a named port that egress rules name, or of the
     # local node can differ from the region around it; any other host falls to that region.
-    hosts = set(hits) | addresses.named(egress_port_names) | local_ips
+    hits = addresses.hits(peers, addresses.named(egress_port_names) | local_ips)
+    hosts = set(hits)
     extra: set[IPNetwork] = set(DEFAULT_ROUTES)
     for peer in peers:
         if isinstance(peer, CidrPeer):
@@ -223,7 +225,7 @@ def build_regions(
         if net.prefixlen == net.max_prefixlen and address in hosts:
             signature: Signature = (
                 address.version,
-                tuple(hits.get(address, ())),
+                hits[address],
                 _named_ports(state, address, egress_port_names),
                 address in local_ips,
             )
