@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from stockade.sandbox import netns, stack
+from tests.conformance.generated import SEED, generate
 from tests.e2e.stack_fixtures import stockade
 from tests.paths import CONFORMANCE, ROOT
 
@@ -67,6 +68,24 @@ def test_every_upstream_case_passes_on_the_whole_stack(
 ) -> None:
     result = run(str(CONFORMANCE / case_file), *options, sandbox=sandbox)
     assert result.stdout.splitlines()[-1] == closing, result.stdout + result.stderr
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
+def test_a_named_port_on_a_rule_with_a_pod_ipblock_is_decided_on_the_pod(
+    sandbox: Path, family: str
+) -> None:
+    result = run(str(DATA / "named-port-ipblock.yaml"), "--ip-family", family, sandbox=sandbox)
+    assert result.stdout.splitlines()[-1] == "2 passed, 0 failed", result.stdout + result.stderr
+
+
+def test_generated_cases_pass_on_the_whole_stack(sandbox: Path, tmp_path: Path) -> None:
+    """50 cases of `hack/gen_conformance.py` (12 checks per probed port) on real pods."""
+    path = generate(tmp_path / "generated.yaml", 50, 4, checks_per_probe=12)
+    result = run(str(path), sandbox=sandbox)
+    assert result.stdout.splitlines()[-1] == "50 passed, 0 failed", (
+        f"seed {SEED}\n" + result.stdout + result.stderr
+    )
     assert result.returncode == 0
 
 
