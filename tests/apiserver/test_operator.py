@@ -20,7 +20,8 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.compiler.lower import lower_node
 from stockade.control.app import Operator
 from stockade.control.config import OperatorConfig

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from stockade.compiler.handoff import INLINE_ENTRIES, SHARD_ENTRIES
+from stockade.handoff import INLINE_ENTRIES, SHARD_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class OperatorConfig:
     debounce: float = 0.02
     min_interval: float = 0.1
     # A node whose tables have at most this many entries gets them inside its program object
-    # (one write per change); 0 shards every node (`stockade.compiler.handoff`).
+    # (one write per change); 0 shards every node (`stockade.handoff.codec`).
     inline_entries: int = INLINE_ENTRIES
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ every lowering. The objects of one publish, table shards and program objects ali
 concurrently: a change is seldom one object, and each write is a round trip to the API server,
 so a second wave for the program objects would add one to every change. Order is not needed for
 safety: an agent applies a set only when every shard its program object's manifest lists is
-there with the manifest's digest (`stockade.agent.tableset`), so a manifest that arrives before
+there with the manifest's digest (`stockade.handoff.assemble`), so a manifest that arrives before
 its shards, or whose shard the server refused, leaves the agent on the set it applied last until
 the rest arrives. Stale shards are deleted last, after every write succeeded.
 """
@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from stockade.compiler import handoff
-from stockade.control.plan import Plan, Published
+from stockade import handoff
+from stockade.control.plan import Plan
+from stockade.handoff import HandoffError, TableHead, TableObject
 from stockade.model.crd import DATAPATH_TABLE
 from stockade.model.crd_schema import GROUP, VERSION
 
@@ -58,28 +59,12 @@ def run_all(
     return [f.exception() or f.result() for f in futures]
 
 
-def published_from(obj: Mapping[str, Any]) -> Published | None:
-    """What a listed or watched DatapathTable says about itself, or None if it is not ours."""
-    meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
-    try:
-        return Published(
-            name=str(meta["name"]),
-            node=str(spec["node"]),
-            part=str(spec["part"]),
-            shard=int(spec["shard"]),
-            digest=str(spec.get("digest", "")),
-            generation=int(spec.get("generation", 0)),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 class Publisher:
     """Owns the DatapathTables on the API server; `writes` and `deletes` count API calls."""
 
     def __init__(self, api: ApiClient) -> None:
         self._objects = CustomObjectsApi(api)
-        self.published: dict[str, Published] = {}
+        self.published: dict[str, TableHead] = {}
         self.writes = 0
         self.deletes = 0
         self._lock = threading.Lock()  # writes run on several threads at once
@@ -92,9 +77,12 @@ class Publisher:
         found = {}
         items = listed.get("items", []) if isinstance(listed, dict) else []
         for item in items:
-            record = published_from(item)
-            if record is not None:
-                found[record.name] = record
+            try:
+                record = TableObject.from_api(item).head()
+            except HandoffError as exc:
+                log.warning("ignoring a DatapathTable that is not ours: %s", exc)
+                continue
+            found[record.name] = record
         self.published = found
         return max((r.generation for r in found.values()), default=0)
 
@@ -129,8 +117,8 @@ class Publisher:
                 (time.monotonic() - began) * 1e3,
             )
 
-    def _write(self, obj: dict[str, Any]) -> None:
-        name = obj["metadata"]["name"]
+    def _write(self, table: TableObject) -> None:
+        name, obj = table.name, table.body()
         plural = DATAPATH_TABLE.plural
         if name in self.published:
             try:
@@ -160,8 +148,6 @@ class Publisher:
                     {"metadata": obj["metadata"], "spec": obj["spec"]},
                     _content_type=MERGE_PATCH,
                 )
-        record = published_from(obj)
-        assert record is not None
         with self._lock:
             self.writes += 1
-            self.published[name] = record
+            self.published[name] = table.head()

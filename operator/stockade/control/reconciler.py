@@ -18,7 +18,8 @@ from typing import Any
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.events import post_event

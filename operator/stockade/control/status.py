@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stockade.control.policies import PolicyRecord
+from stockade.handoff import applied_generation
 
 ACCEPTED = "Accepted"
 PROGRAMMED = "Programmed"
@@ -29,11 +30,6 @@ class Progress:
 
     def __str__(self) -> str:
         return f"{self.done}/{self.total} endpoints"
-
-
-def applied_generation(report: Mapping[str, Any] | None) -> int:
-    value = (report or {}).get("appliedGeneration")
-    return value if isinstance(value, int) else -1
 
 
 def progress(

@@ -3,7 +3,7 @@ the node agents.
 
 One cluster-scoped object per (node, part, shard), named `<node>.<part>.<shard>` and labelled
 `stockade.io/node` and `stockade.io/part`, so that an agent watches only its node. The entries are
-the compact strings of `stockade.compiler.handoff`. The agent of a node reports on the status of
+the compact strings of `stockade.handoff.codec`. The agent of a node reports on the status of
 its `<node>.program.0` object. `crd.CRD_KINDS` renders the CRD from these models.
 """
 
@@ -46,7 +46,7 @@ class DatapathTableSpec(WireModel):
     entries: list[Entry] = Field(
         default_factory=list,
         max_length=MAX_ENTRIES,
-        description="One map entry per string (stockade.compiler.handoff).",
+        description="One map entry per string (stockade.handoff.codec).",
     )
 
 
