@@ -18,11 +18,13 @@ from stockade.control.handlers import build_registry
 from stockade.control.lease import LeaseElector
 from stockade.control.metrics import prometheus_text
 from stockade.control.reconciler import Reconciler
-from stockade.control.runner import Runner
 from stockade.control.store import Store
 from stockade.runtime import load_client_configuration, serve_http
+from stockade.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
+
+RETRY = 1.0  # seconds before a failed pass runs again, every time (no growing backoff)
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -51,7 +53,12 @@ class Operator:
         self.client_configuration = load_client_configuration(config.kubeconfig)
         self.api = kubernetes.client.ApiClient(self.client_configuration)
         self.runner = Runner(
-            self._reconcile, debounce=config.debounce, min_interval=config.min_interval
+            self._reconcile,
+            name="stockade-reconcile",
+            debounce=config.debounce,
+            min_interval=config.min_interval,
+            min_backoff=RETRY,
+            max_backoff=RETRY,
         )
         self.store = Store(on_change=self.runner.request)
         self.elector: LeaseElector | None = None

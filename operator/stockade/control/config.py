@@ -22,7 +22,7 @@ class OperatorConfig:
     lease_name: str = "stockade-operator"
     lease_duration: float = 15.0
     renew_period: float = 2.0
-    # Reconcile rate limits (`stockade.control.runner`): a request after a quiet period runs at
+    # Reconcile rate limits (`stockade.runtime.runner`): a request after a quiet period runs at
     # once; in a burst, lowering passes start at least `min_interval` apart and a request that has
     # to wait also waits `debounce` after it arrived, so that the rest of the burst joins it.
     debounce: float = 0.02
