@@ -1,4 +1,5 @@
-"""The operator process: Store ← kopf handlers; Runner → Reconciler → DatapathTables and status;
+"""The operator process: Store ← kopf handlers; Runner → Reconciler (Lowerer → Publisher →
+DatapathTables, StatusReporter → policy status and Events);
 a Lease that gates all writing. `stockade operator` (`stockade.control.command`) and the tests
 build an `Operator` and call `run()`, which blocks until the stop flag is set.
 """
@@ -114,11 +115,11 @@ class Operator:
             "stockade_operator_reconcile_passes_total": stats.passes,
             "stockade_operator_reconcile_failures_total": self.runner.failures,
             "stockade_operator_reconcile_seconds": stats.last_seconds,
-            "stockade_operator_generation": self.reconciler.generation,
+            "stockade_operator_generation": self.reconciler.publisher.generation,
             "stockade_operator_tables_written_total": self.reconciler.publisher.writes,
             "stockade_operator_tables_deleted_total": self.reconciler.publisher.deletes,
-            "stockade_operator_status_writes_total": stats.status_writes,
-            "stockade_operator_events_total": stats.events,
+            "stockade_operator_status_writes_total": self.reconciler.reporter.status_writes,
+            "stockade_operator_events_total": self.reconciler.reporter.events,
         }
 
     def settings(self) -> kopf.OperatorSettings:
