@@ -9,6 +9,7 @@ bound, not a measure).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -148,3 +149,20 @@ def test_nothing_runs_without_a_request_until_the_resync_period(
 def test_the_periodic_pass_lowers(make_runner: MakeRunner, calls: Calls) -> None:
     make_runner(debounce=0.0, min_interval=LONG, resync=0.0)
     assert calls.wait_for(1) == [True]
+
+
+def test_a_failed_pass_is_logged_as_a_failed_task_with_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing = Calls(fail_first=1)
+    runner = Runner(
+        failing, task="reconcile", debounce=0.0, min_interval=0.0, min_backoff=0.0, max_backoff=0.0
+    )
+    with caplog.at_level(logging.WARNING, logger="stockade.runtime.runner"):
+        runner.start()
+        try:
+            runner.request(True)
+            failing.wait_for(2)
+        finally:
+            runner.stop()
+    assert "reconcile failed (retry in 0.0s): the API server said no" in caplog.text

@@ -56,6 +56,7 @@ class Agent:
         self.runner = Runner(
             self._sync,
             name="stockade-agent-sync",
+            task="sync",
             min_interval=config.min_interval,
             resync=config.resync_seconds,
             min_backoff=MIN_BACKOFF,

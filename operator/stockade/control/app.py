@@ -56,6 +56,7 @@ class Operator:
         self.runner = Runner(
             self._reconcile,
             name="stockade-reconcile",
+            task="reconcile",
             debounce=config.debounce,
             min_interval=config.min_interval,
             min_backoff=RETRY,

@@ -41,6 +41,7 @@ class Runner:
         fn: Callable[[bool], bool | None],
         *,
         name: str = "stockade-runner",
+        task: str = "run",
         debounce: float = 0.0,
         min_interval: float = 0.1,
         resync: float = 300.0,
@@ -48,7 +49,7 @@ class Runner:
         max_backoff: float = 30.0,
     ) -> None:
         self._fn = fn
-        self._name = name
+        self._task = task  # what the logs call one run: "reconcile failed", "sync failed"
         self._debounce = debounce
         self._min_interval = min_interval
         self._resync = resync
@@ -143,7 +144,7 @@ class Runner:
                     self._max_backoff, self._min_backoff * 2 ** (self.consecutive_failures - 1)
                 )
                 log.warning(
-                    "%s failed (retry in %.1fs): %s", self._name, backoff, exc, exc_info=True
+                    "%s failed (retry in %.1fs): %s", self._task, backoff, exc, exc_info=True
                 )
                 if self._sleep(backoff):
                     return
@@ -153,7 +154,7 @@ class Runner:
                     self._worked(began, full)
                 log.debug(
                     "%s (full: %s, did work: %s) began %.1f ms after its request, took %.1f ms",
-                    self._name,
+                    self._task,
                     full,
                     did_work is not False,
                     (began - self._requested) * 1e3,
