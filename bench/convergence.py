@@ -51,7 +51,7 @@ from typing import Any
 
 import kubernetes.client
 
-from stockade.compiler import handoff
+from stockade import handoff
 from stockade.sandbox import session, stack
 from stockade.sandbox.controlplane import free_port
 from stockade.sandbox.kubelet import (

@@ -20,7 +20,8 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.compiler.lower import lower_node
 from stockade.control.app import Operator
 from stockade.control.config import OperatorConfig
@@ -408,7 +409,7 @@ def test_policies_found_at_start_each_get_their_own_status_and_event(
 
     statuses = wait_for("every policy has Accepted", accepted)
     assert statuses == {n: "False" if n in invalid else "True" for n in names}
-    assert op.operator.reconciler.stats.status_writes >= len(names)
+    assert op.operator.reconciler.reporter.status_writes >= len(names)
     for name in names:
         programmed = condition(api_client, cluster.namespace, name, "Programmed")
         assert programmed is not None

@@ -3,12 +3,13 @@ whatever order they land in, an agent assembles either the previous complete set
 one, never a mix. A node one of whose shards the server refuses stays incomplete (its agent keeps
 the set it applied) while the other nodes publish, and the next publish completes it.
 
-The agent's side is `stockade.agent.tableset.Assembler` reading the objects back from the server.
+The agent's side is `stockade.handoff.Assembler` reading the objects back from the server.
 The tables are published in shards (`inline_max=0`), as a large node's are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +18,11 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from stockade.agent.tableset import Assembler, IncompleteError, TableObject
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.control.plan import Plan, plan
 from stockade.control.publish import Publisher
+from stockade.handoff import Assembler, IncompleteError, TableObject
 from stockade.model.crd_schema import GROUP, VERSION
 from stockade.sandbox.controlplane import ControlPlane
 from tests.apiserver.test_crd_validation import install_crds
@@ -64,13 +66,8 @@ def assembled(api_client: Any, node: str) -> tuple[int, ir.NodeTables]:
 def refusing(planned: Plan, node: str) -> Plan:
     """`planned` with one of `node`'s table shards made too long for the schema."""
     writes = list(planned.writes)
-    index = next(
-        i
-        for i, o in enumerate(writes)
-        if o["spec"]["node"] == node and o["spec"]["part"] == handoff.POLICY
-    )
-    bad = {**writes[index], "spec": {**writes[index]["spec"], "entries": ["x" * 2000]}}
-    writes[index] = bad
+    index = next(i for i, o in enumerate(writes) if o.node == node and o.part == handoff.POLICY)
+    writes[index] = dataclasses.replace(writes[index], entries=("x" * 2000,))
     return Plan(tuple(writes), planned.deletes, planned.generations)
 
 

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stockade import handoff
 from stockade.agent.attachments import LINKS_DIR, Attachments
 from stockade.agent.programs import Programs
 from stockade.agent.sync import Syncer
-from stockade.agent.tableset import TableObject
-from stockade.compiler import handoff, ir
+from stockade.compiler import ir
 from stockade.compiler.lower import Ids, lower_node
 from stockade.compiler.shape import Shape
-from stockade.control.plan import table_object
 from stockade.datapath import attach
 from stockade.datapath.clang import Compiler
 from stockade.datapath.netns import NetnsExecutor
+from stockade.handoff import TableObject
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 from stockade.sandbox.topology import Topology
@@ -126,13 +126,15 @@ class Cluster:
 
     def objects(self, shape: Shape | None = None) -> list[dict[str, Any]]:
         """The DatapathTable objects of node-1 at the next generation (every part, as the
-        operator's `plan.table_object` builds them), in shards as a large node's are."""
+        operator's plan builds them with `TableObject.build`), in shards as a large node's are."""
         self.generation += 1
         parts = handoff.encode(self.tables(), shape, inline_max=0)
         return [
-            table_object(self.node_name, part, shard, len(shards), self.generation, entries)
+            TableObject.build(
+                self.node_name, part, number, len(shards), self.generation, shard
+            ).body()
             for part, shards in parts.items()
-            for shard, entries in shards.items()
+            for number, shard in shards.items()
         ]
 
     def table_objects(self, shape: Shape | None = None) -> dict[str, TableObject]:

@@ -1,12 +1,12 @@
 """What the agent's sync tells its runner: True when it changed the datapath, False when it
 changed nothing (an incomplete set, the set already applied, a new shard that no manifest lists
-yet), so that only syncs that did work hold the next one back (`stockade.agent.runner`)."""
+yet), so that only syncs that did work hold the next one back (`stockade.runtime.runner`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from stockade.compiler import handoff
+from stockade import handoff
 from stockade.sandbox.workload import Outcome
 from tests.bpf.agent_harness import pin_root, probe_web, running_syncer, serving_scenario
 from tests.fixtures.netns import MakeProcesses, MakeTopology

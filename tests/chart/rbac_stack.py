@@ -24,7 +24,7 @@ import kubernetes.client
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from stockade.compiler import handoff
+from stockade import handoff
 from stockade.datapath.netns import NetnsExecutor
 from stockade.sandbox.controlplane import SA_ISSUER, ControlPlane
 from stockade.sandbox.processes import Child

@@ -17,9 +17,9 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from stockade import handoff
 from stockade.agent.app import Agent
 from stockade.agent.config import AgentConfig
-from stockade.compiler import handoff
 from stockade.compiler.shape import Shape
 from stockade.control.plan import plan
 from stockade.control.publish import Publisher

@@ -1,6 +1,6 @@
-"""The agent's sync runner: a request after a quiet period runs at once, a sync that did work holds
-the next one back for the minimum interval, a sync that did nothing (an incomplete set, or the set
-already applied) does not, and a failed sync is retried.
+"""The runner as the agent's sync uses it: a request after a quiet period runs at once, a sync that
+did work holds the next one back for the minimum interval, a sync that did nothing (an incomplete
+set, or the set already applied) does not, and a failed sync is retried.
 
 No timed assertions: the intervals are either zero or far longer than any test, and a sync held
 back by a long interval shows up as a sync that never comes (`WAIT` is a liveness bound).
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from stockade.agent.runner import Runner
+from stockade.runtime.runner import Runner
 
 WAIT = 20.0  # seconds a sync that should run at once may take to show up on a busy machine
 LONG = 3600.0  # an interval no test waits for
@@ -28,7 +28,7 @@ class Syncs:
         self._cond = threading.Condition()
         self.count = 0
 
-    def __call__(self) -> bool:
+    def __call__(self, full: bool = True) -> bool:
         with self._cond:
             self.count += 1
             self._cond.notify_all()
@@ -93,7 +93,7 @@ def test_requests_during_a_sync_coalesce_into_one_more_sync() -> None:
     release = threading.Event()
     syncs = Syncs()
 
-    def blocking() -> bool:
+    def blocking(full: bool) -> bool:
         result = syncs()
         release.wait()
         return result

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from stockade.agent.tableset import Assembler, IncompleteError, TableObject
-from stockade.compiler import handoff
-from stockade.compiler.handoff import HandoffError
-from stockade.control.plan import table_object
+from stockade import handoff
+from stockade.handoff import Assembler, HandoffError, IncompleteError, TableObject
 from tests.fixtures.handoff_tables import NODE, same, tables
 
 
 def objects(port: int, generation: int, inline_max: int) -> dict[str, TableObject]:
     parts = handoff.encode(tables(port), inline_max=inline_max)
     built = (
-        table_object(NODE, part, shard, len(shards), generation, entries)
+        TableObject.build(NODE, part, number, len(shards), generation, shard).body()
         for part, shards in parts.items()
-        for shard, entries in shards.items()
+        for number, shard in shards.items()
     )
     return {o["metadata"]["name"]: TableObject.from_api(o) for o in built}
 
@@ -57,6 +55,7 @@ def test_inline_entries_that_do_not_match_the_digest_are_refused() -> None:
     program = found[PROGRAM]
     tampered = TableObject(
         program.name,
+        program.node,
         program.part,
         program.shard,
         program.shards,

@@ -3,24 +3,31 @@ shards before the manifests that name them, and deletes what nothing references.
 
 from __future__ import annotations
 
-from stockade.compiler import handoff
-from stockade.control.plan import Published, plan
+from stockade import handoff
+from stockade.control.plan import plan
+from stockade.handoff import Shard, TableHead
 
 
 def _parts(policy: tuple[str, ...]) -> dict[str, handoff.Shards]:
     return {
-        handoff.PROGRAM: {0: ("shape ipv6 1", f"shard policy 0 {handoff.digest(policy)}")},
-        handoff.POLICY: {0: policy},
+        handoff.PROGRAM: {0: Shard(("shape ipv6 1", f"shard policy 0 {handoff.digest(policy)}"))},
+        handoff.POLICY: {0: Shard(policy)},
     }
 
 
-def _published(node: str, parts: dict[str, handoff.Shards], gen: int) -> dict[str, Published]:
+def _published(node: str, parts: dict[str, handoff.Shards], gen: int) -> dict[str, TableHead]:
     return {
-        handoff.object_name(node, part, shard): Published(
-            handoff.object_name(node, part, shard), node, part, shard, handoff.digest(e), gen
+        handoff.object_name(node, part, number): TableHead(
+            handoff.object_name(node, part, number),
+            node,
+            part,
+            number,
+            len(shards),
+            gen,
+            handoff.digest(shard.entries),
         )
         for part, shards in parts.items()
-        for shard, e in shards.items()
+        for number, shard in shards.items()
     }
 
 
@@ -34,11 +41,11 @@ def test_a_changed_shard_is_written_before_its_manifest_at_the_new_generation() 
     old, new = _parts(("1 0 64 1 0 0 1 0 0 0",)), _parts(("1 0 64 1 0 0 2 0 0 0",))
     published = {**_published("a", old, 4), **_published("b", old, 4)}
     result = plan(published, {"a": new, "b": old}, 5)
-    names = [w["metadata"]["name"] for w in result.writes]
+    names = [w.name for w in result.writes]
     assert names == ["a.policy.0", "a.program.0"]
-    assert {w["spec"]["generation"] for w in result.writes} == {5}
+    assert {w.generation for w in result.writes} == {5}
     assert result.generations == {"a": 5, "b": 4}
-    assert result.writes[0]["metadata"]["labels"] == {
+    assert result.writes[0].body()["metadata"]["labels"] == {
         handoff.NODE_LABEL: "a",
         handoff.PART_LABEL: handoff.POLICY,
     }

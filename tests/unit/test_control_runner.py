@@ -1,6 +1,6 @@
-"""The operator's reconcile runner: a request after a quiet period runs at once, bursts are held
-back by the minimum interval, a status-only request never lowers and never holds back a lowering,
-requests coalesce, and a failed pass is retried with what it was asked to do.
+"""The runner as the operator's reconcile uses it: a request after a quiet period runs at once,
+bursts are held back by the minimum interval, a status-only request never lowers and never holds
+back a lowering, requests coalesce, and a failed pass is retried with what it was asked to do.
 
 No timed assertions: the intervals are either zero or far longer than any test, and a wait that
 would only end after a long interval shows up as a pass that never comes (`WAIT` is a liveness
@@ -9,12 +9,13 @@ bound, not a measure).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from stockade.control.runner import Runner
+from stockade.runtime.runner import Runner
 
 WAIT = 20.0  # seconds a pass that should run at once may take to show up on a busy machine
 LONG = 3600.0  # an interval no test waits for
@@ -127,7 +128,7 @@ def test_requests_during_a_pass_coalesce_into_one_lowering_pass(
 
 def test_a_failed_pass_is_retried_with_what_it_was_asked_to_do() -> None:
     failing = Calls(fail_first=1)
-    runner = Runner(failing, debounce=0.0, min_interval=0.0, retry=0.0)
+    runner = Runner(failing, debounce=0.0, min_interval=0.0, min_backoff=0.0, max_backoff=0.0)
     runner.start()
     try:
         runner.request(True)
@@ -148,3 +149,20 @@ def test_nothing_runs_without_a_request_until_the_resync_period(
 def test_the_periodic_pass_lowers(make_runner: MakeRunner, calls: Calls) -> None:
     make_runner(debounce=0.0, min_interval=LONG, resync=0.0)
     assert calls.wait_for(1) == [True]
+
+
+def test_a_failed_pass_is_logged_as_a_failed_task_with_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failing = Calls(fail_first=1)
+    runner = Runner(
+        failing, task="reconcile", debounce=0.0, min_interval=0.0, min_backoff=0.0, max_backoff=0.0
+    )
+    with caplog.at_level(logging.WARNING, logger="stockade.runtime.runner"):
+        runner.start()
+        try:
+            runner.request(True)
+            failing.wait_for(2)
+        finally:
+            runner.stop()
+    assert "reconcile failed (retry in 0.0s): the API server said no" in caplog.text

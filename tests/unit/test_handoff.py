@@ -7,7 +7,8 @@ import ipaddress
 
 import pytest
 
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.compiler.lower import lower_node
 from stockade.compiler.shape import FragmentPolicy, Shape
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
@@ -63,11 +64,11 @@ def test_the_lowering_of_a_node_round_trips_through_the_codec(inline_max: int) -
 
 def test_the_manifest_lists_every_shard_with_its_digest() -> None:
     parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables, inline_max=0)
-    program = handoff.decode_program(parts[handoff.PROGRAM][0])
+    program = handoff.decode_program(parts[handoff.PROGRAM][0].entries)
     assert not program.inline
     for part in handoff.TABLE_PARTS:
         assert program.manifest[part] == {
-            i: handoff.digest(entries) for i, entries in parts[part].items()
+            i: handoff.digest(shard.entries) for i, shard in parts[part].items()
         }
 
 
@@ -76,12 +77,12 @@ def test_small_tables_travel_inside_the_program_object_and_large_ones_in_shards(
     count = len(tables.endpoints) + len(tables.classes) + len(tables.policy) + len(tables.rules)
     inline = handoff.encode(tables, inline_max=count)
     assert list(inline) == [handoff.PROGRAM]
-    program = handoff.decode_program(inline[handoff.PROGRAM][0])
+    program = handoff.decode_program(inline[handoff.PROGRAM][0].entries)
     assert not any(program.manifest.values())
     assert sum(len(e) for e in program.inline.values()) == count
     sharded = handoff.encode(tables, inline_max=count - 1)
     assert set(sharded) == {handoff.PROGRAM, *handoff.TABLE_PARTS}
-    assert not handoff.decode_program(sharded[handoff.PROGRAM][0]).inline
+    assert not handoff.decode_program(sharded[handoff.PROGRAM][0].entries).inline
 
 
 def test_a_malformed_inline_entry_is_refused_naming_it() -> None:
@@ -112,8 +113,8 @@ def test_big_parts_stay_well_under_the_object_size_limit() -> None:
     )
     shards = handoff.encode_tables(ir.NodeTables(classes=classes))[handoff.CLASSES]
     assert len(shards) == 16
-    assert max(len(s) for s in shards.values()) < 2 * handoff.SHARD_ENTRIES
-    assert max(sum(len(e) + 4 for e in s) for s in shards.values()) < 256 * 1024
+    assert max(len(s.entries) for s in shards.values()) < 2 * handoff.SHARD_ENTRIES
+    assert max(sum(len(e) + 4 for e in s.entries) for s in shards.values()) < 256 * 1024
 
 
 def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() -> None:

@@ -20,17 +20,19 @@ from stockade.agent.config import AgentConfig
 from stockade.agent.metrics import FlowLog, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
-from stockade.agent.runner import Runner
 from stockade.agent.sync import Syncer
-from stockade.agent.tableset import TableObject
 from stockade.agent.watch import TableWatch
 from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters
 from stockade.datapath.maps import ConntrackMode, DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
+from stockade.handoff import TableObject
 from stockade.runtime import load_client_configuration, serve_http
+from stockade.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
+
+MIN_BACKOFF = 0.5  # seconds before a failed sync is retried, doubling up to max_backoff
 
 
 class Agent:
@@ -53,8 +55,11 @@ class Agent:
         )
         self.runner = Runner(
             self._sync,
+            name="stockade-agent-sync",
+            task="sync",
             min_interval=config.min_interval,
             resync=config.resync_seconds,
+            min_backoff=MIN_BACKOFF,
             max_backoff=config.max_backoff,
         )
         self.watch = TableWatch(
@@ -66,7 +71,7 @@ class Agent:
     def _objects(self) -> Mapping[str, TableObject]:
         return self.watch.snapshot()
 
-    def _sync(self) -> bool:
+    def _sync(self, full: bool = True) -> bool:  # the agent only asks for full syncs
         with self._lock:
             applied = self.syncer.sync()
             maps = self.syncer.maps

@@ -1,17 +1,13 @@
 """`stockade agent`: run the node agent against a cluster.
 
 `add_parser(subparsers)` plugs the command into `stockade.cli` (it sets `run(args, progress)` as
-the parser default, the CLI's convention); `python -m stockade.agent` serves it alone.
+the parser default, the CLI's convention); `python -m stockade.agent` serves it alone. The
+plumbing shared with the operator (common flags, signals, logging) is `stockade.runtime.command`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +15,7 @@ from typing import Any
 from stockade.agent.config import AgentConfig
 from stockade.datapath.clang import DEFAULT_CACHE_DIR
 from stockade.datapath.maps import DEFAULT_PIN_ROOT
-
-
-def _env_port(name: str) -> int | None:
-    """Defaults the Helm chart sets through the environment."""
-    value = os.environ.get(name)
-    return int(value) if value else None
+from stockade.runtime.command import add_process_arguments, env, run_process, serve_alone
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
     ag.add_argument(
         "--netns", help="attach inside this named network namespace (the sandbox's node)"
     )
-    ag.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    add_process_arguments(ag)
     ag.add_argument(
         "--pin-root",
         type=Path,
@@ -56,31 +47,12 @@ def add_parser(subparsers: Any) -> None:
         "--resync-seconds", type=float, default=300.0, help="full sync period (default 300)"
     )
     ag.add_argument(
-        "--metrics-port",
-        type=int,
-        default=_env_port("STOCKADE_METRICS_PORT"),
-        help="serve Prometheus metrics on this port ($STOCKADE_METRICS_PORT)",
-    )
-    ag.add_argument(
-        "--health-port",
-        type=int,
-        default=_env_port("STOCKADE_HEALTH_PORT"),
-        help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
-    )
-    ag.add_argument(
         "--conntrack-on-policy-change",
         choices=("revalidate", "keep"),
-        default=os.environ.get("STOCKADE_CONNTRACK_ON_POLICY_CHANGE") or "revalidate",
+        default=env("STOCKADE_CONNTRACK_ON_POLICY_CHANGE", "revalidate"),
         help="established connections when policy changes: judged again at their next packet "
         "(revalidate, the default) or kept until they expire (keep) "
         "($STOCKADE_CONNTRACK_ON_POLICY_CHANGE)",
-    )
-    ag.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        default=os.environ.get("STOCKADE_LOG_LEVEL", "").lower() == "debug",
-        help="log at debug level ($STOCKADE_LOG_LEVEL=debug)",
     )
     ag.set_defaults(run=run_command)
 
@@ -102,27 +74,16 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
 def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> int:
     from stockade.agent.app import Agent
 
-    try:
-        config = config_from(args)
-    except ValueError as exc:
-        print(f"stockade agent: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    return run_process(
+        args,
+        "agent",
+        config_from,
+        Agent,
+        lambda config: f"agent for node {config.node} starting",
+        progress,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if progress is not None:
-        progress(f"agent for node {config.node} starting")
-    Agent(config).run(stop)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stockade.agent")
-    add_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["agent", *(sys.argv[1:] if argv is None else argv)])
-    status: int = args.run(args, None)
-    return status
+    """`python -m stockade.agent [options]`."""
+    return serve_alone("python -m stockade.agent", "agent", add_parser, argv)

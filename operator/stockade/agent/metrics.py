@@ -18,7 +18,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 
-from stockade.compiler import handoff, ir
+from stockade import handoff
+from stockade.compiler import ir
 from stockade.datapath.events import Event, EventKind, EventReader, RuleCounter
 
 flow_log = logging.getLogger("stockade.agent.flow")

@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from kubernetes.client import ApiClient, CoreV1Api, CoreV1Event, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from stockade import handoff
 from stockade.agent.attachments import Failure
-from stockade.compiler import handoff
+from stockade.handoff import Report
 from stockade.model.crd import DATAPATH_TABLE
 from stockade.model.crd_schema import GROUP, VERSION
 
@@ -28,29 +27,6 @@ log = logging.getLogger(__name__)
 COMPONENT = "stockade-agent"
 MERGE_PATCH = "application/merge-patch+json"
 NOT_FOUND = 404
-MAX_ERRORS = 32  # the CRD's status.errors maxItems
-MAX_ERROR = 1024  # and maxLength
-
-
-@dataclass(frozen=True)
-class Report:
-    """`status` of `<node>.program.0`, as the CRD and `stockade.control.status` read it."""
-
-    applied_generation: int
-    endpoints_attached: int
-    errors: tuple[str, ...]
-    compiled_digest: str
-
-    def body(self) -> dict[str, Any]:
-        errors = [e[:MAX_ERROR] for e in self.errors[:MAX_ERRORS]]
-        if len(self.errors) > MAX_ERRORS:
-            errors[-1] = f"... and {len(self.errors) - MAX_ERRORS + 1} more errors"
-        return {
-            "appliedGeneration": self.applied_generation,
-            "endpointsAttached": self.endpoints_attached,
-            "errors": errors,
-            "compiledDigest": self.compiled_digest,
-        }
 
 
 class Reporter:
@@ -58,7 +34,7 @@ class Reporter:
         self._objects = CustomObjectsApi(api)
         self._core = CoreV1Api(api)
         self.node = node
-        self.name = handoff.object_name(node, handoff.PROGRAM, 0)
+        self.name = handoff.program_name(node)
         self._last: Report | None = None
         self._said: set[tuple[str, str, str]] = set()
         self.writes = 0

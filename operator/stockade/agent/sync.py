@@ -22,10 +22,8 @@ from pathlib import Path
 
 from stockade.agent.attachments import Attachments, AttachResult, Endpoint
 from stockade.agent.programs import Programs
-from stockade.agent.report import Report, Reporter
-from stockade.agent.tableset import Assembler, HandoffSet, IncompleteError, TableObject
+from stockade.agent.report import Reporter
 from stockade.compiler import ir
-from stockade.compiler.handoff import HandoffError
 from stockade.datapath.maps import (
     DatapathConfig,
     PinnedMaps,
@@ -33,6 +31,14 @@ from stockade.datapath.maps import (
     WriteStats,
     read_config,
     write_config,
+)
+from stockade.handoff import (
+    Assembler,
+    HandoffError,
+    HandoffSet,
+    IncompleteError,
+    Report,
+    TableObject,
 )
 
 log = logging.getLogger(__name__)

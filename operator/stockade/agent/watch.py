@@ -20,9 +20,8 @@ from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
-from stockade.agent.tableset import TableObject
-from stockade.compiler import handoff
-from stockade.compiler.handoff import HandoffError
+from stockade import handoff
+from stockade.handoff import HandoffError, TableObject
 from stockade.model.crd import DATAPATH_TABLE
 from stockade.model.crd_schema import GROUP, VERSION
 
@@ -45,7 +44,7 @@ class TableWatch:
     ) -> None:
         self._objects_api = CustomObjectsApi(api)
         self.node = node
-        self.selector = f"{handoff.NODE_LABEL}={node}"
+        self.selector = handoff.node_selector(node)
         self._on_change = on_change
         self._timeout = timeout_seconds
         self._max_backoff = max_backoff

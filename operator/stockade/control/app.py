@@ -1,4 +1,5 @@
-"""The operator process: Store ← kopf handlers; Runner → Reconciler → DatapathTables and status;
+"""The operator process: Store ← kopf handlers; Runner → Reconciler (Lowerer → Publisher →
+DatapathTables, StatusReporter → policy status and Events);
 a Lease that gates all writing. `stockade operator` (`stockade.control.command`) and the tests
 build an `Operator` and call `run()`, which blocks until the stop flag is set.
 """
@@ -18,11 +19,13 @@ from stockade.control.handlers import build_registry
 from stockade.control.lease import LeaseElector
 from stockade.control.metrics import prometheus_text
 from stockade.control.reconciler import Reconciler
-from stockade.control.runner import Runner
 from stockade.control.store import Store
 from stockade.runtime import load_client_configuration, serve_http
+from stockade.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
+
+RETRY = 1.0  # seconds before a failed pass runs again, every time (no growing backoff)
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -51,7 +54,13 @@ class Operator:
         self.client_configuration = load_client_configuration(config.kubeconfig)
         self.api = kubernetes.client.ApiClient(self.client_configuration)
         self.runner = Runner(
-            self._reconcile, debounce=config.debounce, min_interval=config.min_interval
+            self._reconcile,
+            name="stockade-reconcile",
+            task="reconcile",
+            debounce=config.debounce,
+            min_interval=config.min_interval,
+            min_backoff=RETRY,
+            max_backoff=RETRY,
         )
         self.store = Store(on_change=self.runner.request)
         self.elector: LeaseElector | None = None
@@ -107,11 +116,11 @@ class Operator:
             "stockade_operator_reconcile_passes_total": stats.passes,
             "stockade_operator_reconcile_failures_total": self.runner.failures,
             "stockade_operator_reconcile_seconds": stats.last_seconds,
-            "stockade_operator_generation": self.reconciler.generation,
+            "stockade_operator_generation": self.reconciler.publisher.generation,
             "stockade_operator_tables_written_total": self.reconciler.publisher.writes,
             "stockade_operator_tables_deleted_total": self.reconciler.publisher.deletes,
-            "stockade_operator_status_writes_total": stats.status_writes,
-            "stockade_operator_events_total": stats.events,
+            "stockade_operator_status_writes_total": self.reconciler.reporter.status_writes,
+            "stockade_operator_events_total": self.reconciler.reporter.events,
         }
 
     def settings(self) -> kopf.OperatorSettings:

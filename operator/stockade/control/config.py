@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from stockade.compiler.handoff import INLINE_ENTRIES, SHARD_ENTRIES
+from stockade.handoff import INLINE_ENTRIES, SHARD_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,13 @@ class OperatorConfig:
     lease_name: str = "stockade-operator"
     lease_duration: float = 15.0
     renew_period: float = 2.0
-    # Reconcile rate limits (`stockade.control.runner`): a request after a quiet period runs at
+    # Reconcile rate limits (`stockade.runtime.runner`): a request after a quiet period runs at
     # once; in a burst, lowering passes start at least `min_interval` apart and a request that has
     # to wait also waits `debounce` after it arrived, so that the rest of the burst joins it.
     debounce: float = 0.02
     min_interval: float = 0.1
     # A node whose tables have at most this many entries gets them inside its program object
-    # (one write per change); 0 shards every node (`stockade.compiler.handoff`).
+    # (one write per change); 0 shards every node (`stockade.handoff.codec`).
     inline_entries: int = INLINE_ENTRIES
 
     def __post_init__(self) -> None:

@@ -1,7 +1,8 @@
 """Kubernetes Events on policies: how failures (and, for the standard NetworkPolicy, which has
 no status of ours, every state change) reach `kubectl describe`.
 
-The reconciler calls `post_event()`; a failure to post is logged, never raised.
+The status reporter (`stockade.control.reporter`) calls `post_event()`; a failure to post is
+logged, never raised.
 """
 
 from __future__ import annotations

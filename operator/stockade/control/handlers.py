@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from stockade.compiler import handoff
+from stockade import handoff
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
 from stockade.control.store import Store
@@ -88,13 +88,12 @@ def build_registry(
     @kopf.on.event("stockade.io", "v1alpha1", "datapathtables", registry=registry)
     async def table_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
-        spec = obj.get("spec") or {}
         name = object_key(obj)
         if deleted:
             on_table_deleted(name)
-        if spec.get("part") == handoff.PROGRAM and spec.get("shard") == 0:
-            status = obj.get("status")
-            report = None if deleted or not isinstance(status, Mapping) else status
-            store.put_report(str(spec.get("node", "")), report)
+        program = handoff.program_report(obj)
+        if program is not None:
+            node, report = program
+            store.put_report(node, None if deleted else report)
 
     return registry

@@ -1,10 +1,11 @@
 """Policy status from what the agents report: `Accepted`, `Programmed` and observedGeneration.
 
-Pure. The reconciler calls `desired_status()` for every policy after each pass and writes only
-the statuses that differ from what the object already carries (`status_differs`), so that agent
-reports are aggregated: one write per policy whose conditions actually change, never one per
-node. `Programmed` counts the endpoints the policy selects whose node agent reports a program
-generation at least the one that first carried the policy's current generation.
+Pure. The status reporter (`stockade.control.reporter`) calls `desired_status()` for every policy
+after each pass and writes only the statuses that differ from what the object already carries
+(`status_differs`), so that agent reports are aggregated: one write per policy whose conditions
+actually change, never one per node. `Programmed` counts the endpoints the policy selects whose
+node agent reports a program generation at least the one that first carried the policy's current
+generation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stockade.control.policies import PolicyRecord
+from stockade.handoff import applied_generation
 
 ACCEPTED = "Accepted"
 PROGRAMMED = "Programmed"
@@ -29,11 +31,6 @@ class Progress:
 
     def __str__(self) -> str:
         return f"{self.done}/{self.total} endpoints"
-
-
-def applied_generation(report: Mapping[str, Any] | None) -> int:
-    value = (report or {}).get("appliedGeneration")
-    return value if isinstance(value, int) else -1
 
 
 def progress(

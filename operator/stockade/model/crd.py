@@ -103,7 +103,7 @@ DATAPATH_TABLE = CrdKind(
     status_model=DatapathTableStatus,
     description=(
         "One shard of a node's datapath tables, published by the stockade operator for the "
-        "node's agent (stockade.compiler.handoff describes the entries)."
+        "node's agent (stockade.handoff.codec describes the entries)."
     ),
     columns=(
         PrinterColumn("Node", "string", ".spec.node"),

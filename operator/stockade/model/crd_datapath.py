@@ -1,10 +1,10 @@
 """The `DatapathTable` kind (`stockade.io/v1alpha1`, short name `sdt`): the operator's hand-off to
 the node agents.
 
-One cluster-scoped object per (node, part, shard), named `<node>.<part>.<shard>` and labelled
-`stockade.io/node` and `stockade.io/part`, so that an agent watches only its node. The entries are
-the compact strings of `stockade.compiler.handoff`. The agent of a node reports on the status of
-its `<node>.program.0` object. `crd.CRD_KINDS` renders the CRD from these models.
+The schema only: `crd.CRD_KINDS` renders the CRD from these models, and
+`stockade.handoff.objects`, which builds and reads the objects (their names, labels and who
+reports on which), validates what it reads against `DatapathTableSpec`; the entries are the
+strings of `stockade.handoff.codec`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class DatapathTableSpec(WireModel):
     entries: list[Entry] = Field(
         default_factory=list,
         max_length=MAX_ENTRIES,
-        description="One map entry per string (stockade.compiler.handoff).",
+        description="One map entry per string (stockade.handoff.codec).",
     )
 
 

@@ -1,9 +1,9 @@
 """The hand-off codec: one node's `ir.NodeTables` and `Shape` as compact text entries in shards.
 
-The operator (`stockade.control.publish`) publishes the output of `encode()` as `DatapathTable`
-objects, one per (node, part, shard); the agent reads them back with `decode_tables()` and
-`decode_program()`. Pure functions, no I/O: both sides share this module so that the format has
-one definition.
+The operator's lowering (`stockade.control.lowering`) calls `encode()`; `stockade.handoff.objects`
+carries each shard in one `DatapathTable` object, and the agent's side
+(`stockade.handoff.assemble`) reads them back with `decode_tables()` and `decode_program()`. Pure
+functions, no I/O: this is the one definition of the format.
 
 Parts and entry formats (one string per map entry, fields separated by one space):
 
@@ -14,9 +14,9 @@ Parts and entry formats (one string per map entry, fields separated by one space
 - `rules`:     `<rule id> <kind> <namespace or -> <name> <Ingress|Egress> <index>` (names live only
   here, in Python; they never reach C)
 - `program`:   `shape <field> <integer>` for every Shape field, then `shard <part> <shard>
-  <digest>` for every shard of the table parts: the manifest. The agent applies a set only when
-  every shard the manifest lists is present with that digest, so a half-published change is
-  never written into the maps.
+  <digest>` for every shard of the table parts: the manifest (`digest()` of the shard's
+  entries). The agent applies a set only when every shard the manifest lists is present with
+  that digest, so a half-published change is never written into the maps.
 
 A node whose tables have at most `INLINE_ENTRIES` entries in all (most nodes of most clusters)
 publishes them inside its `program` object instead, as `<part> <entry>` after the Shape, and has
@@ -51,20 +51,11 @@ PARTS = (PROGRAM, *TABLE_PARTS)
 
 SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
 INLINE_ENTRIES = 256  # a node with at most this many table entries publishes them in `program`
-NODE_LABEL = "stockade.io/node"
-PART_LABEL = "stockade.io/part"
 NO_NAMESPACE = "-"  # cluster-scoped rules: "-" is never a namespace name
-
-Shards = dict[int, tuple[str, ...]]  # shard number -> entries (sorted)
 
 
 class HandoffError(ValueError):
     """An entry or object that is not in the hand-off format; the message names it."""
-
-
-def object_name(node: str, part: str, shard: int) -> str:
-    """The DatapathTable name of one shard: `<node>.<part>.<shard>`."""
-    return f"{node}.{part}.{shard}"
 
 
 def shard_count(entries: int) -> int:
@@ -80,6 +71,21 @@ def shard_count(entries: int) -> int:
 def digest(entries: Sequence[str]) -> str:
     """The content digest of one shard (what the manifest lists)."""
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard's sorted entries and their digest, computed once when the shard is made: the
+    manifest, the operator's plan and the published object all take it from here."""
+
+    entries: tuple[str, ...]
+    digest: str = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", digest(self.entries))
+
+
+Shards = dict[int, Shard]  # shard number -> its entries
 
 
 def _bucket(key: str, count: int) -> int:
@@ -192,7 +198,7 @@ def _shard(keyed: Iterable[tuple[str, str]]) -> Shards:
     buckets: dict[int, list[str]] = {i: [] for i in range(count)}
     for key, entry in items:
         buckets[_bucket(key, count)].append(entry)
-    return {i: tuple(sorted(entries)) for i, entries in buckets.items()}
+    return {i: Shard(tuple(sorted(entries))) for i, entries in buckets.items()}
 
 
 def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
@@ -205,19 +211,19 @@ def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
     }
 
 
-PartShards = Mapping[int, Sequence[str]] | Iterable[Sequence[str]]
+PartShards = Mapping[int, Shard | Sequence[str]] | Iterable[Shard | Sequence[str]]
 
 
 def _entries(parts: Mapping[str, PartShards], part: str) -> list[str]:
     shards = parts.get(part, ())
     if isinstance(shards, Mapping):
         shards = shards.values()
-    return [e for shard in shards for e in shard]
+    return [e for shard in shards for e in (shard.entries if isinstance(shard, Shard) else shard)]
 
 
 def decode_tables(parts: Mapping[str, PartShards]) -> ir.NodeTables:
-    """NodeTables from every shard of each table part: part -> {shard: entries} (or a list of
-    entry lists); shard order does not matter."""
+    """NodeTables from every shard of each table part: part -> {shard: Shard or entries} (or a
+    list of them); shard order does not matter."""
 
     def entries(part: str) -> list[str]:
         return _entries(parts, part)
@@ -259,9 +265,9 @@ def encode_shape(shape: Shape) -> tuple[str, ...]:
 
 def encode_program(shape: Shape, tables: Mapping[str, Shards]) -> tuple[str, ...]:
     manifest = tuple(
-        f"shard {part} {shard} {digest(entries)}"
+        f"shard {part} {number} {shard.digest}"
         for part in TABLE_PARTS
-        for shard, entries in sorted(tables.get(part, {}).items())
+        for number, shard in sorted(tables.get(part, {}).items())
     )
     return encode_shape(shape) + manifest
 
@@ -317,14 +323,14 @@ def encode(
     only the `program` part with the tables inline when they have at most `inline_max`
     entries."""
     parts = encode_tables(tables)
-    if sum(len(entries) for shards in parts.values() for entries in shards.values()) <= inline_max:
+    if sum(len(s.entries) for shards in parts.values() for s in shards.values()) <= inline_max:
         inline = tuple(
             f"{part} {entry}"
             for part in TABLE_PARTS
-            for entry in sorted(e for entries in parts[part].values() for e in entries)
+            for entry in sorted(e for s in parts[part].values() for e in s.entries)
         )
-        return {PROGRAM: {0: encode_shape(shape or Shape()) + inline}}
-    return {PROGRAM: {0: encode_program(shape or Shape(), parts)}, **parts}
+        return {PROGRAM: {0: Shard(encode_shape(shape or Shape()) + inline)}}
+    return {PROGRAM: {0: Shard(encode_program(shape or Shape(), parts))}, **parts}
 
 
 def decode(parts: Mapping[str, PartShards]) -> tuple[ir.NodeTables, Program]:

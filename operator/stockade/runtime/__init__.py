@@ -1,7 +1,8 @@
 """Process plumbing the operator and the agent share: how they find the API server, and the
 small HTTP server for `/metrics` and the probes the Helm chart uses (`/healthz`, `/readyz`);
 and the one way the tools that write policies for a user (the sandbox, the conformance engines)
-replace a whole object.
+replace a whole object. Beside it: `runner` (the rate-limited runner of the operator's reconcile
+and of the agent's sync) and `command` (the command-line and process plumbing of both).
 
 Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.running` and
 `stockade.conformance.engines.cluster`.

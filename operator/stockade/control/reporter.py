@@ -1,0 +1,159 @@
+"""Policy status and Events, from what the agents report: the operator's status reporter.
+
+After every pass the reconciler tells the reporter which node generations carry each policy's
+current version (`carried()`, after a publish) and asks it to `report()`: the reporter computes
+every policy's status (`stockade.control.status`, pure), writes only the statuses that change,
+several at once, and posts an Event once per (policy version, reason, message): a Warning when a
+policy is invalid (before its status, so that whoever sees the status finds it), and for the
+standard NetworkPolicy, which has no status of ours, a Normal Event when it is programmed.
+Nothing is written unless this replica is the leader.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+from stockade.control.events import post_event
+from stockade.control.policies import PolicyKey, PolicyRecord
+from stockade.control.publish import MERGE_PATCH, NOT_FOUND, run_all
+from stockade.control.selection import selected_endpoints
+from stockade.control.status import desired_status, progress, status_differs
+from stockade.control.store import Snapshot
+from stockade.model.policy import PolicyKind
+
+# Where each kind with a status of ours lives: (group, version, plural).
+STATUS_RESOURCES = {
+    PolicyKind.STOCKADE_NETWORK_POLICY: ("stockade.io", "v1alpha1", "networkpolicies"),
+    PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY: (
+        "stockade.io",
+        "v1alpha1",
+        "clusternetworkpolicies",
+    ),
+    PolicyKind.CLUSTER_NETWORK_POLICY: (
+        "policy.networking.k8s.io",
+        "v1alpha2",
+        "clusternetworkpolicies",
+    ),
+}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class StatusReporter:
+    """Remembers what it wrote and said; `status_writes` and `events` count API calls."""
+
+    def __init__(self, api: ApiClient, is_leader: Callable[[], bool] = lambda: True) -> None:
+        self._api = api
+        self._objects = CustomObjectsApi(api)
+        self._is_leader = is_leader
+        # policy -> (uid, generation) and the node generations that first carried it
+        self._required: dict[PolicyKey, tuple[tuple[str, int], dict[str, int]]] = {}
+        self._reported: dict[PolicyKey, tuple[Any, ...]] = {}  # what Events already said
+        self._written: dict[PolicyKey, dict[str, Any]] = {}  # statuses written, not yet seen
+        self.status_writes = 0
+        self.events = 0
+
+    def carried(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+        """After a publish: each accepted policy whose version is new is carried from
+        `generations` on (its Programmed condition waits for those)."""
+        for key, record in snap.policies.items():
+            version = (record.uid, record.generation)
+            if record.accepted and self._required.get(key, ((), {}))[0] != version:
+                self._required[key] = (version, dict(generations))
+        for key in set(self._required) - set(snap.policies):
+            del self._required[key]
+
+    def report(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+        """Write every policy status that changed and post the Events that are due;
+        `generations` are the nodes' current program generations."""
+        now = _now()
+        writes: list[tuple[PolicyRecord, dict[str, Any]]] = []
+        for key, record in sorted(snap.policies.items()):
+            done = None
+            if record.policy is not None:
+                selected = selected_endpoints(snap, record.policy.subject)
+                required = self._required.get(key, ((), generations))[1]
+                done = progress(selected, required, snap.reports)
+            status = desired_status(record, done, now)
+            if record.has_status:
+                if status_differs(record.status, status) and status_differs(
+                    self._written.get(key, {}), status
+                ):
+                    writes.append((record, status))
+            elif self._is_leader():
+                self._netpol_events(record, status)
+        if writes and self._is_leader():
+            for record, status in writes:  # the Event first: whoever sees the status finds it
+                if not record.accepted:
+                    self._event_once(record, "Warning", "Invalid", status)
+            self._write_statuses(writes)
+        for key in set(self._reported) - set(snap.policies):
+            del self._reported[key]
+        for key in set(self._written) - set(snap.policies):
+            del self._written[key]
+
+    def _write_statuses(self, writes: list[tuple[PolicyRecord, dict[str, Any]]]) -> None:
+        """Write the statuses that changed, at most MAX_CONCURRENT_WRITES at once (each is a round
+        trip; a thousand new policies are a thousand writes). Every write that succeeded is
+        remembered; the first failure is raised once all have finished, and the next pass writes
+        what is still missing."""
+        results = run_all(lambda w: self._write_status(*w), writes, "stockade-status")
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for (record, status), result in zip(writes, results, strict=True):
+            if result is True:
+                self.status_writes += 1
+                self._written[record.key] = status
+        if errors:
+            raise errors[0]
+
+    def _event_once(self, record: PolicyRecord, kind: str, reason: str, status: Any) -> None:
+        message = status["conditions"][0]["message"] if reason == "Invalid" else ""
+        if reason == "Programmed":
+            message = status["conditions"][1]["message"]
+        said = (record.uid, record.generation, reason, message)
+        if self._reported.get(record.key) == said:
+            return
+        self._reported[record.key] = said
+        post_event(self._api, record, kind, reason, message)
+        self.events += 1
+
+    def _netpol_events(self, record: PolicyRecord, status: dict[str, Any]) -> None:
+        """The standard NetworkPolicy: a Warning when it is not accepted, a Normal event when
+        its generation is programmed on every selected endpoint."""
+        accepted, programmed = status["conditions"]
+        if accepted["status"] == "False":
+            self._event_once(record, "Warning", "Invalid", status)
+        elif programmed["status"] == "True":
+            self._event_once(record, "Normal", "Programmed", status)
+
+    def _write_status(self, record: PolicyRecord, status: dict[str, Any]) -> bool:
+        """Patch one policy's status; False when the policy is gone."""
+        group, version, plural = STATUS_RESOURCES[record.kind]
+        body = {"status": status}
+        try:
+            if record.namespace:
+                self._objects.patch_namespaced_custom_object_status(
+                    group,
+                    version,
+                    record.namespace,
+                    plural,
+                    record.name,
+                    body,
+                    _content_type=MERGE_PATCH,
+                )
+            else:
+                self._objects.patch_cluster_custom_object_status(
+                    group, version, plural, record.name, body, _content_type=MERGE_PATCH
+                )
+        except ApiException as exc:
+            if exc.status == NOT_FOUND:
+                return False  # deleted meanwhile: its DELETED event is on its way
+            raise
+        return True
