@@ -24,9 +24,10 @@ from stockade.agent.runner import Runner
 from stockade.agent.sync import Syncer
 from stockade.agent.tableset import TableObject
 from stockade.agent.watch import TableWatch
+from stockade.compiler.abi import ConntrackMode
 from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters
-from stockade.datapath.maps import ConntrackMode, DatapathConfig
+from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 from stockade.runtime import load_client_configuration, serve_http
 

@@ -33,14 +33,32 @@ class Layout:
         self.fields = fields
         self._struct = struct.Struct("=" + "".join(fmt for _, fmt in fields))
         self.size = self._struct.size
+        self._members: dict[str, tuple[int, struct.Struct]] = {}
+        offset = 0
+        for name, fmt in fields:
+            member = struct.Struct("=" + fmt)
+            self._members[name] = (offset, member)
+            offset += member.size
+
+    def _member(self, name: str) -> tuple[int, struct.Struct]:
+        try:
+            return self._members[name]
+        except KeyError:
+            raise KeyError(f"struct {self.c_name} has no field {name!r}") from None
 
     def offset(self, name: str) -> int:
         """The byte offset of field `name`."""
-        formats = [fmt for _, fmt in self.fields]
-        for i, (field, _) in enumerate(self.fields):
-            if field == name:
-                return struct.calcsize("=" + "".join(formats[:i]))
-        raise KeyError(f"struct {self.c_name} has no field {name!r}")
+        return self._member(name)[0]
+
+    def get(self, raw: bytes, name: str) -> Any:
+        """Field `name` of the packed bytes `raw`."""
+        offset, member = self._member(name)
+        return member.unpack_from(raw, offset)[0]
+
+    def replace(self, raw: bytes, name: str, value: Any) -> bytes:
+        """`raw` with field `name` set to `value`."""
+        offset, member = self._member(name)
+        return raw[:offset] + member.pack(value) + raw[offset + member.size :]
 
     def pack(self, *values: Any) -> bytes:
         return self._struct.pack(*values)
