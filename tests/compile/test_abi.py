@@ -1,6 +1,6 @@
 """The ABI module and the C cannot drift: each program is compiled as rendered, and every struct,
-map and constant of `stockade.compiler.abi` is checked against the object's BTF (read with
-bpftool) and clang's macro definitions.
+map (type, key, value, size, flags) and constant of `stockade.compiler.abi` is checked against
+the object's BTF (read with bpftool) and clang's macro definitions.
 
 BTF describes only the types a global or a function reaches; the programs use `struct event`
 and the enums only inside inlined functions, so the probe compiled here is the rendered entry file
@@ -24,7 +24,18 @@ from stockade.compiler.render import Hook, render
 from stockade.compiler.shape import Shape
 from stockade.datapath.clang import Compiler
 
-SHAPE = Shape()  # conntrack and both kinds of events on: every map and struct is declared
+# Conntrack and both kinds of events on, so that every map and struct is declared; map sizes
+# that differ from each other, so that each map's size names its Shape field.
+SHAPE = Shape(
+    endpoints_max=1001,
+    classes_max=1_000_002,
+    policy_max=20_003,
+    hosts_max=1004,
+    policy_exact_max=1005,
+    conntrack_max=1006,
+    rules_max=1007,
+    events_bytes=8192,
+)
 PROBE = "abi_probe.c"
 ANCHORS = """
 struct event stockade_abi_event;
@@ -143,11 +154,13 @@ def test_every_struct_has_the_size_and_field_offsets_of_the_c(
 
 
 @pytest.mark.parametrize("spec", abi.MAPS.values(), ids=lambda m: m.name)
-def test_every_map_has_the_type_key_value_and_flags_of_the_c(
+def test_every_map_has_the_type_key_value_size_and_flags_of_the_c(
     compiled: Compiled, spec: abi.MapSpec
 ) -> None:
     definition = compiled.btf.map_def(spec.name)
     assert definition["type"]["nr_elems"] == spec.type
+    size = 1 if spec.size is None else getattr(SHAPE, spec.size)
+    assert definition["max_entries"]["nr_elems"] == size
     assert definition.get("map_flags", {}).get("nr_elems", 0) == spec.flags
     for member, layout in (("key", spec.key), ("value", spec.value)):
         if layout is None:

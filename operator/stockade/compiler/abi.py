@@ -4,11 +4,12 @@ layout, the event record, and the constants they carry.
 `bpf/maps.h` (with `struct event` and `enum drop_reason` and `enum event_kind` in
 `bpf/events.h`, `enum ct_mode` in `bpf/conntrack.h`) is the original; this module mirrors it.
 `tests/compile/test_abi.py` compiles the real programs and checks every struct's size and field
-offsets, every map's type, key and value, and every constant here against the object's BTF and
-clang's macro definitions, so the two cannot drift. Everything on the Python side that reads or
-writes map bytes derives from here: the IR's entries (`stockade.compiler.ir`), the split over
-hashes and tries (`stockade.datapath.layout`), the config and conntrack maps
-(`stockade.datapath.maps`), and the events and counters (`stockade.datapath.events`).
+offsets, every map's type, key, value, size (the Shape field that gives it) and flags, and every
+constant here against the object's BTF and clang's macro definitions, so the two cannot drift.
+Everything on the Python side that reads or writes map bytes derives from here: the IR's entries
+(`stockade.compiler.ir`), the split over hashes and tries (`stockade.datapath.layout`), the
+config and conntrack maps (`stockade.datapath.maps`), and the events and counters
+(`stockade.datapath.events`).
 
 Byte order: the programs run in the host's byte order, so every layout is native (`=`) with the
 C padding spelled out. Key fields the programs compare big-endian (`__be16`, `__be32`: the policy
@@ -176,7 +177,7 @@ class MapType(IntEnum):
     RINGBUF = 27
 
 
-BPF_F_NO_PREALLOC = 1
+NO_PREALLOC = 1  # BPF_F_NO_PREALLOC
 
 
 @dataclass(frozen=True)
@@ -187,21 +188,27 @@ class MapSpec:
     type: MapType
     key: Layout | None  # None for the ring buffer
     value: Layout | None
+    size: str | None  # the Shape field that gives max_entries; None: one entry
     flags: int = 0
 
 
 MAPS = {
     spec.name: spec
     for spec in (
-        MapSpec("endpoints", MapType.HASH, ENDPOINT_KEY, ENDPOINT_VALUE),
-        MapSpec("peer_classes", MapType.LPM_TRIE, CLASS_KEY, CLASS_VALUE, BPF_F_NO_PREALLOC),
-        MapSpec("peer_hosts", MapType.HASH, ENDPOINT_KEY, CLASS_VALUE, BPF_F_NO_PREALLOC),
-        MapSpec("policy_exact", MapType.HASH, POLICY_KEY, POLICY_VALUE, BPF_F_NO_PREALLOC),
-        MapSpec("policy", MapType.LPM_TRIE, POLICY_KEY, POLICY_VALUE, BPF_F_NO_PREALLOC),
-        MapSpec("counters", MapType.PERCPU_ARRAY, U32, RULE_COUNTER),
-        MapSpec("events", MapType.RINGBUF, None, None),
-        MapSpec("config", MapType.ARRAY, U32, CONFIG),
-        MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY),  # with STOCKADE_CONNTRACK
+        MapSpec("endpoints", MapType.HASH, ENDPOINT_KEY, ENDPOINT_VALUE, "endpoints_max"),
+        MapSpec(
+            "peer_classes", MapType.LPM_TRIE, CLASS_KEY, CLASS_VALUE, "classes_max", NO_PREALLOC
+        ),
+        MapSpec("peer_hosts", MapType.HASH, ENDPOINT_KEY, CLASS_VALUE, "hosts_max", NO_PREALLOC),
+        MapSpec(
+            "policy_exact", MapType.HASH, POLICY_KEY, POLICY_VALUE, "policy_exact_max", NO_PREALLOC
+        ),
+        MapSpec("policy", MapType.LPM_TRIE, POLICY_KEY, POLICY_VALUE, "policy_max", NO_PREALLOC),
+        MapSpec("counters", MapType.PERCPU_ARRAY, U32, RULE_COUNTER, "rules_max"),
+        MapSpec("events", MapType.RINGBUF, None, None, "events_bytes"),
+        MapSpec("config", MapType.ARRAY, U32, CONFIG, None),
+        # Only with STOCKADE_CONNTRACK.
+        MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY, "conntrack_max"),
     )
 }
 
