@@ -21,7 +21,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.lower import lower_node
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
@@ -143,9 +143,11 @@ def with_peer_entries(base: ir.NodeTables, count: int) -> RawTables:
     start = int(ipaddress.IPv4Address("10.64.0.0"))
     mapped = b"\0" * 10 + b"\xff\xff"
     cid = max(e.class_id for e in base.classes) + 1
-    value = ir.CLASS_VALUE.pack(cid, 0)
+    value = abi.CLASS_VALUE.pack(cid, 0)
     extra = tuple(
-        RawEntry(struct.pack("=I", 128) + mapped + struct.pack("!I", start + i), value)
+        RawEntry(
+            abi.CLASS_KEY.pack(abi.CLASS_KEY_BITS, mapped + struct.pack("!I", start + i)), value
+        )
         for i in range(count)
     )
 

@@ -25,7 +25,7 @@ enum drop_reason {
 	REASON_FRAGMENT = 2,	/* a non-first fragment, with fragments set to drop */
 };
 
-/* Layout mirrored by operator/stockade/datapath/events.py. */
+/* Layout mirrored by operator/stockade/compiler/abi.py. */
 struct event {
 	__u64 timestamp_ns;
 	__u32 rule_id;

@@ -1,6 +1,7 @@
 /* The maps every stockade program on a node shares, pinned by name under the loader's pin root
  * (/sys/fs/bpf/stockade/ in production) so that a reload or an agent restart re-adopts them.
- * Layouts match operator/stockade/compiler/ir.py; sizes come from the rendered Shape.
+ * operator/stockade/compiler/abi.py mirrors every layout and constant here, checked against the
+ * compiled object's BTF (tests/compile/test_abi.py); sizes come from the rendered Shape.
  */
 #pragma once
 
@@ -37,6 +38,8 @@ struct class_value {
 	__u32 flags;
 };
 
+#define CLASS_KEY_BITS 128 /* a whole address: the prefix of a host, the length of a lookup */
+
 #define CLASS_FLAG_LOCAL_NODE 1
 
 /* policy: (endpoint << 1 | direction, class, protocol, port) -> verdict, all big-endian.
@@ -59,6 +62,7 @@ struct policy_value {
 	__u16 flags;
 };
 
+#define POLICY_KEY_BITS 96 /* a whole policy key: the length of a lookup */
 #define POLICY_FLAG_LONGER 1 /* policy_exact: the trie holds longer entries beneath this one */
 #define POLICY_EXACT_PORT 96  /* the exact levels, longest first */
 #define POLICY_EXACT_CLASS 64

@@ -49,7 +49,7 @@ static __always_inline struct class_value *class_lookup(const __u32 *remote)
 
 	if (cls)
 		return cls;
-	ck.prefixlen = 128;
+	ck.prefixlen = CLASS_KEY_BITS;
 	__builtin_memcpy(ck.addr, remote, 16);
 	return bpf_map_lookup_elem(&peer_classes, &ck);
 }
@@ -70,7 +70,7 @@ static __always_inline struct policy_value *policy_lookup(struct policy_key *pk)
 	pv = bpf_map_lookup_elem(&policy_exact, pk);
 	if (pv && !(pv->flags & POLICY_FLAG_LONGER))
 		return pv;
-	pk->prefixlen = 96;
+	pk->prefixlen = POLICY_KEY_BITS;
 	pk->proto = proto;
 	pk->port = port;
 	return bpf_map_lookup_elem(&policy, pk);

@@ -21,7 +21,7 @@ import kubernetes.client
 import pytest
 
 from stockade import handoff
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.lower import lower_node
 from stockade.control.app import Operator
 from stockade.control.config import OperatorConfig
@@ -236,7 +236,7 @@ def canonical(tables: ir.NodeTables) -> tuple[frozenset[Any], ...]:
             endpoints.get(p.endpoint_id),
             p.direction,
             p.prefixlen,
-            classes.get(p.class_id) if p.prefixlen > ir.PREFIX_ENDPOINT else None,
+            classes.get(p.class_id) if p.prefixlen > abi.PREFIX_ENDPOINT else None,
             p.protocol,
             p.port,
             p.action,

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from stockade.compiler import ir
+from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import maps
-from stockade.datapath.maps import ConntrackMode, DatapathConfig
+from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import events, maps
 from stockade.datapath.testrun import TcVerdict
@@ -175,7 +175,7 @@ def packet(draw: st.DrawFn, tables: ir.NodeTables) -> tuple[ir.Packet, Direction
         icmp = ir.PROTO_ICMP if local.version == 4 else ir.PROTO_ICMPV6
         protocols = [ir.PROTO_TCP, ir.PROTO_UDP, ir.PROTO_SCTP, icmp, 47]
         proto = entry.protocol if entry.protocol in protocols else draw(st.sampled_from(protocols))
-        wild = min(16, ir.POLICY_KEY_BITS - entry.prefixlen)
+        wild = min(16, abi.POLICY_KEY_BITS - entry.prefixlen)
         port = (entry.port & ~((1 << wild) - 1) & 0xFFFF) | draw(st.integers(0, (1 << wild) - 1))
     if proto == 47:
         port = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench.datapath_tables import RawEntry, RawTables
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.render import render_all
 from stockade.compiler.shape import FragmentPolicy, Shape
@@ -77,8 +77,8 @@ def _scale_tables() -> RawTables:
     mapped = b"\0" * 10 + b"\xff\xff"
     classes = tuple(
         RawEntry(
-            struct.pack("=I", 128) + mapped + struct.pack("!I", BASE + i),
-            ir.CLASS_VALUE.pack(_class_of(i), 0),
+            abi.CLASS_KEY.pack(abi.CLASS_KEY_BITS, mapped + struct.pack("!I", BASE + i)),
+            abi.CLASS_VALUE.pack(_class_of(i), 0),
         )
         for i in range(CLASS_ENTRIES)
     )

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from stockade.agent.attachments import LINKS_DIR, pin_folder
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.datapath import layout, libbpf
 from stockade.datapath.maps import PinnedMaps
 from stockade.datapath.netns import NetnsExecutor
@@ -248,7 +248,7 @@ def test_deleting_a_pod_removes_its_links_and_map_entries_on_its_node(stack: Sta
 
     endpoints, policy = node_tables(root)
     assert key in endpoints, "the pod's address is not in node-1's endpoints map"
-    endpoint_id = ir.ENDPOINT_VALUE.unpack(endpoints[key])[0]
+    endpoint_id = abi.ENDPOINT_VALUE.unpack(endpoints[key])[0]
     assert endpoint_id in policy, f"no policy entries for endpoint {endpoint_id}"
     assert len(os.listdir(links)) == 2
     with NetnsExecutor.named(stack.sandbox.topology.node("node-1").netns) as ex:
@@ -279,5 +279,7 @@ def node_tables(pin_root: Path) -> tuple[dict[bytes, bytes], set[int]]:
             physical[name] = dict(libbpf.map_dump(fd, info.key_size, info.value_size))
     tables = layout.join(physical)
     endpoints = dict(tables["endpoints"])
-    policy_endpoints = {int.from_bytes(k[4:8], "big") >> 1 for k in tables["policy"]}
+    policy_endpoints = {
+        int.from_bytes(abi.POLICY_KEY.get(k, "endpoint_dir"), "big") >> 1 for k in tables["policy"]
+    }
     return endpoints, policy_endpoints

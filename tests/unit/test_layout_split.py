@@ -8,7 +8,7 @@ import ipaddress
 
 import pytest
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import layout
 
@@ -23,6 +23,10 @@ def _classes(*entries: ir.ClassEntry) -> dict[bytes, bytes]:
     return {e.key(): e.value() for e in entries}
 
 
+def _flags(value: bytes) -> int:
+    return int(abi.POLICY_VALUE.get(value, "flags"))
+
+
 CLASS_WIDE = ir.PolicyEntry(1, IN, 64, 5, action=Action.DENY, rule_id=9)
 ONE_PORT = ir.PolicyEntry(1, IN, 96, 5, ir.PROTO_TCP, 80, rule_id=1)
 PORT_RANGE = ir.PolicyEntry(1, IN, 90, 5, ir.PROTO_TCP, 1024, rule_id=2)
@@ -35,8 +39,8 @@ CIDR = ir.ClassEntry(ipaddress.ip_network("10.0.0.0/8"), 4)
 def test_exact_levels_go_to_the_hash_and_a_class_with_longer_trie_entries_is_flagged() -> None:
     trie, exact = layout.split_policy(_policy(CLASS_WIDE, ONE_PORT, PORT_RANGE), 100)
     assert set(exact) == {CLASS_WIDE.key(), ONE_PORT.key()}
-    assert exact[CLASS_WIDE.key()][10] & layout.POLICY_FLAG_LONGER
-    assert not exact[ONE_PORT.key()][10] & layout.POLICY_FLAG_LONGER
+    assert _flags(exact[CLASS_WIDE.key()]) & abi.POLICY_FLAG_LONGER
+    assert not _flags(exact[ONE_PORT.key()]) & abi.POLICY_FLAG_LONGER
     assert set(trie) == {CLASS_WIDE.key(), PORT_RANGE.key()}
     assert trie[CLASS_WIDE.key()] == CLASS_WIDE.value()
 
@@ -44,14 +48,14 @@ def test_exact_levels_go_to_the_hash_and_a_class_with_longer_trie_entries_is_fla
 def test_a_class_whose_longer_entries_are_all_exact_stays_out_of_the_trie() -> None:
     trie, exact = layout.split_policy(_policy(CLASS_WIDE, ONE_PORT, OTHER_CLASS, TCP_WIDE), 100)
     assert set(trie) == {TCP_WIDE.key(), OTHER_CLASS.key()}
-    assert not exact[CLASS_WIDE.key()][10] & layout.POLICY_FLAG_LONGER
-    assert exact[OTHER_CLASS.key()][10] & layout.POLICY_FLAG_LONGER
+    assert not _flags(exact[CLASS_WIDE.key()]) & abi.POLICY_FLAG_LONGER
+    assert _flags(exact[OTHER_CLASS.key()]) & abi.POLICY_FLAG_LONGER
 
 
 def test_entries_past_the_hash_capacity_stay_in_the_trie_and_flag_their_class() -> None:
     trie, exact = layout.split_policy(_policy(CLASS_WIDE, ONE_PORT), 1)
     assert set(exact) == {CLASS_WIDE.key()}
-    assert exact[CLASS_WIDE.key()][10] & layout.POLICY_FLAG_LONGER
+    assert _flags(exact[CLASS_WIDE.key()]) & abi.POLICY_FLAG_LONGER
     assert set(trie) == {CLASS_WIDE.key(), ONE_PORT.key()}
 
 
@@ -75,6 +79,6 @@ def test_join_gives_back_the_logical_tables(capacity: int) -> None:
 
 
 def test_a_logical_entry_that_sets_the_reserved_flag_is_refused() -> None:
-    flagged = CLASS_WIDE.value()[:10] + b"\x01\x00"
+    flagged = abi.POLICY_VALUE.replace(CLASS_WIDE.value(), "flags", abi.POLICY_FLAG_LONGER)
     with pytest.raises(ValueError, match="reserved"):
         layout.split_policy({CLASS_WIDE.key(): flagged}, 10)

@@ -22,9 +22,10 @@ from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.agent.sync import Syncer
 from stockade.agent.watch import TableWatch
+from stockade.compiler.abi import ConntrackMode
 from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters
-from stockade.datapath.maps import ConntrackMode, DatapathConfig
+from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
 from stockade.runtime import load_client_configuration, serve_http

@@ -1,4 +1,5 @@
-"""The datapath IR: what the compiled tc programs see, as plain data, and its byte layout.
+"""The datapath IR: what the compiled tc programs see, as plain data, and its encoding as map bytes
+in the layouts of `stockade.compiler.abi`.
 
 The lowering (`stockade.compiler.lower`) turns policies and cluster state into a `NodeTables`
 value per node; the agent writes it into the pinned BPF maps through `stockade.datapath`; the C in
@@ -26,35 +27,19 @@ each table, and `lookup()` below follows the programs' order of lookups.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 
+from stockade.compiler import abi
 from stockade.model import evaluator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-
-class Direction(IntEnum):
-    """Direction from the pod's point of view (the low bit of the policy key's endpoint word)."""
-
-    INGRESS = 0  # to the pod: tc egress of the host-side veth
-    EGRESS = 1  # from the pod: tc ingress of the host-side veth
-
-
-class Action(IntEnum):
-    """Final verdict in a policy entry; NONE means "no Audit-mode opinion" in `audit_action`."""
-
-    NONE = 0
-    ALLOW = 1
-    DENY = 2
-
-
-class ClassFlag(IntEnum):
-    LOCAL_NODE = 1  # the address is one of this node's own: traffic from it is always allowed
-
+# The vocabulary of the map entries is the ABI's (`stockade.compiler.abi`, mirroring bpf/maps.h).
+Direction = abi.Direction
+Action = abi.Action
+ClassFlag = abi.ClassFlag
 
 # IANA protocol numbers; the datapath matches on the number.
 PROTO_ICMP = 1
@@ -68,24 +53,6 @@ ICMPV6_CONTROL_TYPES = evaluator.ICMPV6_CONTROL_TYPES
 
 # Rule id 0 means "no rule decided" (the default allow).
 RULE_NONE = 0
-
-# Byte layouts, shared with bpf/maps.h. All multi-byte key fields are big-endian so that LPM
-# prefixes run from the most significant bit of the first field.
-#   endpoint key:   u8 addr[16]                                      -> value: u32 id, u32 flags
-#   class key:      u32 prefixlen (host order), u8 addr[16]          -> value: u32 class, u32 flags
-#   policy key:     u32 prefixlen (host order), be32 endpoint<<1|dir, be32 class, be16 proto,
-#                   be16 port                                        -> value: see POLICY_VALUE
-POLICY_KEY_BITS = 96
-POLICY_EXACT_LEVELS = (96, 64)  # policy_exact: one port, a whole class; longest first
-CLASS_HOST_PREFIX = 128  # peer_hosts: host classes (IPv4 /32 is IPv4-mapped /128)
-PREFIX_ENDPOINT = 32  # endpoint and direction only: the isolation default of an endpoint
-PREFIX_CLASS = 64  # + peer class: every protocol and port
-PREFIX_PROTO = 80  # + protocol: every port of that protocol
-ENDPOINT_VALUE = struct.Struct("=II")
-CLASS_KEY = struct.Struct("=I16s")
-CLASS_VALUE = struct.Struct("=II")
-POLICY_KEY = struct.Struct("=I4s4s2s2s")
-POLICY_VALUE = struct.Struct("=IIBBH")  # rule_id, audit_rule_id, action, audit_action, flags
 
 
 def to_v6(address: IPAddress) -> ipaddress.IPv6Address:
@@ -111,7 +78,7 @@ class EndpointEntry:
         return to_v6(self.address).packed
 
     def value(self) -> bytes:
-        return ENDPOINT_VALUE.pack(self.endpoint_id, 0)
+        return abi.ENDPOINT_VALUE.pack(self.endpoint_id, 0)
 
 
 @dataclass(frozen=True, order=True)
@@ -122,10 +89,10 @@ class ClassEntry:
 
     def key(self) -> bytes:
         net = net_to_v6(self.network)
-        return CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
+        return abi.CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
 
     def value(self) -> bytes:
-        return CLASS_VALUE.pack(self.class_id, self.flags)
+        return abi.CLASS_VALUE.pack(self.class_id, self.flags)
 
 
 @dataclass(frozen=True, order=True)
@@ -144,7 +111,7 @@ class PolicyEntry:
     audit_rule_id: int = RULE_NONE
 
     def __post_init__(self) -> None:
-        if not PREFIX_ENDPOINT <= self.prefixlen <= POLICY_KEY_BITS:
+        if not abi.PREFIX_ENDPOINT <= self.prefixlen <= abi.POLICY_KEY_BITS:
             raise ValueError(f"policy entry prefixlen {self.prefixlen} out of range")
         if self.endpoint_id >= 1 << 31:
             raise ValueError(f"endpoint id {self.endpoint_id} does not fit 31 bits")
@@ -160,13 +127,13 @@ class PolicyEntry:
         )
 
     def value(self) -> bytes:
-        return POLICY_VALUE.pack(
+        return abi.POLICY_VALUE.pack(
             self.rule_id, self.audit_rule_id, int(self.action), int(self.audit_action), 0
         )
 
     def covers(self, key_bits: int) -> bool:
         """True when this entry's prefix matches a full 96-bit key."""
-        shift = POLICY_KEY_BITS - self.prefixlen
+        shift = abi.POLICY_KEY_BITS - self.prefixlen
         return key_bits >> shift == _key_bits(self) >> shift
 
 
@@ -176,17 +143,17 @@ def policy_key(
     class_id: int,
     protocol: int,
     port: int,
-    prefixlen: int = POLICY_KEY_BITS,
+    prefixlen: int = abi.POLICY_KEY_BITS,
 ) -> bytes:
     """Encode a policy key; bits past `prefixlen` are zeroed as the LPM trie expects."""
     bits = ((endpoint_id << 1 | int(direction)) << 64) | (class_id << 32) | (protocol << 16) | port
-    bits &= ((1 << prefixlen) - 1) << (POLICY_KEY_BITS - prefixlen)
-    raw = bits.to_bytes(12, "big")
-    return POLICY_KEY.pack(prefixlen, raw[0:4], raw[4:8], raw[8:10], raw[10:12])
+    bits &= ((1 << prefixlen) - 1) << (abi.POLICY_KEY_BITS - prefixlen)
+    raw = bits.to_bytes(abi.POLICY_KEY_BITS // 8, "big")
+    return abi.POLICY_KEY.pack(prefixlen, raw[0:4], raw[4:8], raw[8:10], raw[10:12])
 
 
 def _key_bits(entry: PolicyEntry) -> int:
-    return int.from_bytes(entry.key()[4:], "big")
+    return int.from_bytes(entry.key()[abi.LPM_PREFIXLEN :], "big")
 
 
 def icmp_port(icmp_type: int, icmp_code: int) -> int:
@@ -254,16 +221,16 @@ def policy_lookup(entries: Sequence[PolicyEntry], key_bits: int) -> PolicyEntry 
     3. the longest prefix among the other entries (the policy trie).
     This is the longest-prefix match over all entries, in three steps.
     """
-    for level in POLICY_EXACT_LEVELS:
+    for level in abi.POLICY_EXACT_LEVELS:
         hit = next((e for e in entries if e.prefixlen == level and e.covers(key_bits)), None)
         if hit is None:
             continue
-        if level == POLICY_KEY_BITS or not any(
-            level < e.prefixlen < POLICY_KEY_BITS and hit.covers(_key_bits(e)) for e in entries
+        if level == abi.POLICY_KEY_BITS or not any(
+            level < e.prefixlen < abi.POLICY_KEY_BITS and hit.covers(_key_bits(e)) for e in entries
         ):
             return hit
         break
-    return _lpm((e for e in entries if e.prefixlen != POLICY_KEY_BITS), key_bits)
+    return _lpm((e for e in entries if e.prefixlen != abi.POLICY_KEY_BITS), key_bits)
 
 
 def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
@@ -274,7 +241,7 @@ def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
     best_len = -1
     for entry in tables.classes:
         net = net_to_v6(entry.network)  # lengths compare in the trie's IPv6 space: 0.0.0.0/0
-        if net.prefixlen == CLASS_HOST_PREFIX and net.network_address == addr:
+        if net.prefixlen == abi.CLASS_KEY_BITS and net.network_address == addr:
             return entry
         if addr in net and net.prefixlen > best_len:  # is ::ffff:0:0/96, longer than ::/0
             best, best_len = entry, net.prefixlen
@@ -301,7 +268,9 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE:
         return ALLOW_BY_DEFAULT
     key = int.from_bytes(
-        policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[4:],
+        policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[
+            abi.LPM_PREFIXLEN :
+        ],
         "big",
     )
     entry = policy_lookup(tables.policy, key)

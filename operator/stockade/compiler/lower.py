@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.classes import Addresses, Signature, build_regions, protocols_for
 from stockade.compiler.ids import IdTable
 from stockade.model.cluster import ClusterState, Pod
@@ -431,7 +431,7 @@ def _templates(
     # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
     base_flow = _flow(local, remote, direction, Protocol.TCP, 0)
     base = _outcome(judge(state, _other_protocols(policies), base_flow, direction))
-    out.append((ir.PREFIX_CLASS, 0, 0, base))
+    out.append((abi.PREFIX_CLASS, 0, 0, base))
     for proto in protocols_for(remote.version):
         pieces = _boundaries(policies, direction, proto, dst_pod)
         outcomes = [
@@ -450,10 +450,10 @@ def _templates(
             widths[o] += b - a + 1
         common = widths.most_common(1)[0][0]
         if common != base:
-            out.append((ir.PREFIX_PROTO, proto.number, 0, common))
+            out.append((abi.PREFIX_PROTO, proto.number, 0, common))
         for (a, b), o in outcomes:
             if o == common:
                 continue
             for value, bits in _prefixes(a, b):
-                out.append((ir.PREFIX_PROTO + bits, proto.number, value, o))
+                out.append((abi.PREFIX_PROTO + bits, proto.number, value, o))
     return tuple(out)

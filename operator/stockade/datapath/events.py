@@ -2,31 +2,19 @@
 
 The agent's metrics and flow log call `EventReader.poll()` and `read_counters()`; rule ids are
 mapped to policies with the RuleInfo table the lowering produced (that mapping is not here: the
-kernel only knows numbers). The event layout mirrors `struct event` in bpf/events.h.
+kernel only knows numbers). The record and counter layouts are `stockade.compiler.abi`'s.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import struct
 from dataclasses import dataclass
-from enum import IntEnum
 
+from stockade.compiler import abi
 from stockade.datapath import libbpf
 
-EVENT = struct.Struct("=QIIIBBBB2s2sHH16s16s")
-COUNTER = struct.Struct("=QQ")
-
-
-class EventKind(IntEnum):
-    DROP = 1  # the packet was dropped
-    AUDIT = 2  # an Audit-mode policy would have dropped it; it passed
-
-
-class DropReason(IntEnum):
-    POLICY = 0  # rule_id names the deciding rule
-    MALFORMED = 1
-    FRAGMENT = 2
+EventKind = abi.EventKind
+DropReason = abi.DropReason
 
 
 def _address(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -52,10 +40,10 @@ class Event:
 
     @classmethod
     def parse(cls, raw: bytes) -> Event:
-        if len(raw) < EVENT.size:
-            raise ValueError(f"event record of {len(raw)} bytes, expected {EVENT.size}")
+        if len(raw) < abi.EVENT.size:
+            raise ValueError(f"event record of {len(raw)} bytes, expected {abi.EVENT.size}")
         ts, rule, ep, ifindex, kind, direction, proto, reason, sp, dp, port, _, sa, da = (
-            EVENT.unpack_from(raw)
+            abi.EVENT.unpack_from(raw)
         )
         return cls(
             kind=EventKind(kind),
@@ -104,11 +92,13 @@ def read_counters(counters_map_fd: int, rule_ids: list[int]) -> dict[int, RuleCo
     ncpus = libbpf.num_possible_cpus()
     out: dict[int, RuleCounter] = {}
     for rule_id in rule_ids:
-        raw = libbpf.map_lookup(counters_map_fd, struct.pack("=I", rule_id), COUNTER.size * ncpus)
+        raw = libbpf.map_lookup(
+            counters_map_fd, abi.U32.pack(rule_id), abi.RULE_COUNTER.size * ncpus
+        )
         packets = nbytes = 0
         if raw:
             for cpu in range(ncpus):
-                p, b = COUNTER.unpack_from(raw, cpu * COUNTER.size)
+                p, b = abi.RULE_COUNTER.unpack_from(raw, cpu * abi.RULE_COUNTER.size)
                 packets += p
                 nbytes += b
         out[rule_id] = RuleCounter(packets, nbytes)

@@ -15,22 +15,18 @@ any size. So the writer (`stockade.datapath.maps.TableWriter`) splits each logic
   match over all entries; `ir.lookup` specifies the same order.
 
 Entries past a hash's capacity stay in the trie, which keeps the answer exact. `join` is the
-inverse of `split`, used to adopt what the maps hold after a restart. Keys and values are the
-opaque bytes of `stockade.compiler.ir` (prefix length first, host order; the policy value's
-flags at byte 10).
+inverse of `split`, used to adopt what the maps hold after a restart. Keys and values are bytes
+in the layouts of `stockade.compiler.abi`.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping
 
-PREFIX = struct.Struct("=I")
-CLASS_HOST_PREFIX = 128
-POLICY_EXACT_LEVELS = (96, 64)  # longest first, as the program looks them up
-POLICY_FLAG_LONGER = 1
-POLICY_FLAGS_OFFSET = 10  # rule_id u32, audit_rule_id u32, action u8, audit_action u8, flags u16
-CLASS_BYTES = 8  # endpoint<<1|dir and class: what a /64 policy prefix fixes
+from stockade.compiler import abi
+
+DATA = abi.LPM_PREFIXLEN  # every LPM key starts with its prefix length; the data follows
+CLASS_BYTES = abi.PREFIX_CLASS // 8  # endpoint<<1|dir and class: what a /64 policy prefix fixes
 
 # logical table name -> (trie map, hash map)
 SPLIT_MAPS = {"peer_classes": ("peer_classes", "peer_hosts"), "policy": ("policy", "policy_exact")}
@@ -40,45 +36,47 @@ Contents = dict[bytes, bytes]
 
 
 def _prefixlen(key: bytes) -> int:
-    return int(PREFIX.unpack_from(key)[0])
+    return int(abi.U32.unpack_from(key)[0])
 
 
 def _flags(value: bytes) -> int:
-    return int.from_bytes(value[POLICY_FLAGS_OFFSET : POLICY_FLAGS_OFFSET + 2], "little")
+    return int(abi.POLICY_VALUE.get(value, "flags"))
 
 
 def _with_flags(value: bytes, flags: int) -> bytes:
-    end = POLICY_FLAGS_OFFSET + 2
-    return value[:POLICY_FLAGS_OFFSET] + flags.to_bytes(2, "little") + value[end:]
+    return abi.POLICY_VALUE.replace(value, "flags", flags)
 
 
 def split_classes(classes: Mapping[bytes, bytes], capacity: int) -> tuple[Contents, Contents]:
     """(trie, hosts): host prefixes go to the hash, up to `capacity` of them."""
-    hosts = sorted(k for k in classes if _prefixlen(k) == CLASS_HOST_PREFIX)[:capacity]
+    hosts = sorted(k for k in classes if _prefixlen(k) == abi.CLASS_KEY_BITS)[:capacity]
     hashed = set(hosts)
     trie = {k: v for k, v in classes.items() if k not in hashed}
-    return trie, {k[PREFIX.size :]: classes[k] for k in hosts}
+    return trie, {k[DATA:]: classes[k] for k in hosts}
 
 
 def split_policy(policy: Mapping[bytes, bytes], capacity: int) -> tuple[Contents, Contents]:
     """(trie, exact): the exact levels go to the hash, /64 first, up to `capacity` entries."""
     for key, value in policy.items():
-        if _flags(value) & POLICY_FLAG_LONGER:
-            raise ValueError(f"policy entry {key.hex()}: flag bit {POLICY_FLAG_LONGER} is reserved")
+        if _flags(value) & abi.POLICY_FLAG_LONGER:
+            raise ValueError(
+                f"policy entry {key.hex()}: flag bit {abi.POLICY_FLAG_LONGER} is reserved"
+            )
     by_level = {
-        level: sorted(k for k in policy if _prefixlen(k) == level) for level in POLICY_EXACT_LEVELS
+        level: sorted(k for k in policy if _prefixlen(k) == level)
+        for level in abi.POLICY_EXACT_LEVELS
     }
     chosen: list[bytes] = []
-    for level in sorted(POLICY_EXACT_LEVELS):  # /64 entries answer more packets each
+    for level in sorted(abi.POLICY_EXACT_LEVELS):  # /64 entries answer more packets each
         chosen += by_level[level][: capacity - len(chosen)]
     hashed = set(chosen)
     trie = {k: v for k, v in policy.items() if k not in hashed}
-    beneath = {k[PREFIX.size : PREFIX.size + CLASS_BYTES] for k in trie if _prefixlen(k) > 64}
+    beneath = {k[DATA : DATA + CLASS_BYTES] for k in trie if _prefixlen(k) > abi.POLICY_EXACT_CLASS}
     exact: Contents = {}
     for key in chosen:
         value = policy[key]
-        if _prefixlen(key) == 64 and key[PREFIX.size : PREFIX.size + CLASS_BYTES] in beneath:
-            value = _with_flags(value, _flags(value) | POLICY_FLAG_LONGER)
+        if _prefixlen(key) == abi.POLICY_EXACT_CLASS and key[DATA : DATA + CLASS_BYTES] in beneath:
+            value = _with_flags(value, _flags(value) | abi.POLICY_FLAG_LONGER)
             trie[key] = policy[key]
         exact[key] = value
     return trie, exact
@@ -104,10 +102,10 @@ def join(physical: Mapping[str, Mapping[bytes, bytes]]) -> dict[str, Contents]:
     """The logical tables that `physical` holds (the inverse of `split`)."""
     classes = dict(physical["peer_classes"])
     for addr, value in physical.get("peer_hosts", {}).items():
-        classes[PREFIX.pack(CLASS_HOST_PREFIX) + addr] = value
+        classes[abi.CLASS_KEY.pack(abi.CLASS_KEY_BITS, addr)] = value
     policy = dict(physical["policy"])
     for key, value in physical.get("policy_exact", {}).items():
-        policy[key] = _with_flags(value, _flags(value) & ~POLICY_FLAG_LONGER)
+        policy[key] = _with_flags(value, _flags(value) & ~abi.POLICY_FLAG_LONGER)
     return {"endpoints": dict(physical["endpoints"]), "peer_classes": classes, "policy": policy}
 
 

@@ -3,8 +3,9 @@
 The agent opens the maps pinned under its pin root (`PinnedMaps.open`), adopts what it finds
 there after a restart (`TableWriter.adopt`) and on every sync writes a `NodeTables` value as a
 diff: only added, changed and deleted entries reach the kernel. Entries are written as opaque
-key/value bytes (the layout lives in `stockade.compiler.ir`, whose entries have `key()` and
-`value()`), so this module does not depend on the compiler.
+key/value bytes (encoded by `stockade.compiler.ir`, whose entries have `key()` and `value()`), so
+this module depends on the compiler's ABI (`stockade.compiler.abi`: the config and conntrack
+layouts, the map names) but not on its IR.
 
 Write order keeps every intermediate state at least as strict as either end state for a new
 endpoint: rule and class additions land before an endpoint appears, and an endpoint disappears
@@ -15,32 +16,17 @@ that changed something, so that conntrack (in revalidate mode) judges establishe
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Protocol
 
+from stockade.compiler import abi
 from stockade.datapath import layout, libbpf
 
-MAP_NAMES = (
-    "endpoints",
-    "peer_classes",
-    "peer_hosts",
-    "policy",
-    "policy_exact",
-    "conntrack",
-    "counters",
-    "events",
-    "config",
-)
+MAP_NAMES = tuple(abi.MAPS)
 TABLE_MAPS = ("endpoints", "peer_classes", "policy")  # the logical tables (ir.NodeTables)
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/stockade")
-
-CONFIG = struct.Struct("=IIQQQQQ")  # struct config in bpf/maps.h
-CT_KEY = struct.Struct("=16s16s2s2sBBH")  # struct ct_key
-CT_ENTRY = struct.Struct("=QIIHB5x")  # struct ct_entry
 
 
 class MapEntry(Protocol):
@@ -62,18 +48,11 @@ class Tables(Protocol):
     def policy(self) -> Sequence[MapEntry]: ...
 
 
-class ConntrackMode(IntEnum):
-    """What happens to established flows when policy changes (bpf/conntrack.h)."""
-
-    REVALIDATE = 0  # the default: the next packet of each flow is judged again
-    KEEP = 1  # established flows stay allowed until they expire
-
-
 @dataclass(frozen=True)
 class DatapathConfig:
     """The runtime settings in the config map. Timeouts of 0 mean the programs' defaults."""
 
-    conntrack_mode: ConntrackMode = ConntrackMode.REVALIDATE
+    conntrack_mode: abi.ConntrackMode = abi.ConntrackMode.REVALIDATE
     tcp_timeout_ns: int = 0
     tcp_closing_timeout_ns: int = 0
     udp_timeout_ns: int = 0
@@ -230,8 +209,8 @@ class TableWriter:
 
 
 def _read_config_raw(maps: PinnedMaps) -> tuple[int, ...]:
-    raw = libbpf.map_lookup(maps.fd("config"), b"\0\0\0\0", CONFIG.size)
-    return CONFIG.unpack(raw) if raw else (0,) * 7
+    raw = libbpf.map_lookup(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.size)
+    return abi.CONFIG.unpack(raw) if raw else (0,) * len(abi.CONFIG.fields)
 
 
 def read_epoch(maps: PinnedMaps) -> int:
@@ -240,13 +219,13 @@ def read_epoch(maps: PinnedMaps) -> int:
 
 def read_config(maps: PinnedMaps) -> DatapathConfig:
     _, mode, *timeouts = _read_config_raw(maps)
-    return DatapathConfig(ConntrackMode(mode), *timeouts)
+    return DatapathConfig(abi.ConntrackMode(mode), *timeouts)
 
 
 def write_config(maps: PinnedMaps, config: DatapathConfig, epoch: int | None = None) -> None:
     """Write the settings; the epoch is kept unless given."""
     current = read_epoch(maps) if epoch is None else epoch
-    raw = CONFIG.pack(
+    raw = abi.CONFIG.pack(
         current & 0xFFFFFFFF,
         int(config.conntrack_mode),
         config.tcp_timeout_ns,
@@ -255,13 +234,13 @@ def write_config(maps: PinnedMaps, config: DatapathConfig, epoch: int | None = N
         config.icmp_timeout_ns,
         config.other_timeout_ns,
     )
-    libbpf.map_update(maps.fd("config"), b"\0\0\0\0", raw)
+    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, raw)
 
 
 def bump_epoch(maps: PinnedMaps) -> int:
     values = list(_read_config_raw(maps))
     values[0] = (values[0] + 1) & 0xFFFFFFFF
-    libbpf.map_update(maps.fd("config"), b"\0\0\0\0", CONFIG.pack(*values))
+    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.pack(*values))
     return values[0]
 
 
@@ -285,9 +264,9 @@ class ConntrackEntry:
 
 def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
     out = []
-    for key, value in libbpf.map_dump(maps.fd("conntrack"), CT_KEY.size, CT_ENTRY.size):
-        saddr, daddr, sport, dport, proto, direction, _ = CT_KEY.unpack(key)
-        expires, epoch, rule_id, port, closing = CT_ENTRY.unpack(value)
+    for key, value in libbpf.map_dump(maps.fd("conntrack"), abi.CT_KEY.size, abi.CT_ENTRY.size):
+        saddr, daddr, sport, dport, proto, direction, _ = abi.CT_KEY.unpack(key)
+        expires, epoch, rule_id, port, closing = abi.CT_ENTRY.unpack(value)
         out.append(
             ConntrackEntry(
                 saddr,
@@ -309,7 +288,7 @@ def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
 def flush_conntrack(maps: PinnedMaps) -> int:
     """Forget every tracked flow; returns how many there were."""
     fd = maps.fd("conntrack")
-    keys = list(libbpf.map_keys(fd, CT_KEY.size))
+    keys = list(libbpf.map_keys(fd, abi.CT_KEY.size))
     for key in keys:
         libbpf.map_delete(fd, key)
     return len(keys)
