@@ -26,8 +26,9 @@ from typing import Any
 import datapath_tables as bt
 
 from stockade.compiler.render import Hook
-from stockade.datapath import attach, loader
+from stockade.datapath import attach
 from stockade.datapath.netns import NetnsExecutor
+from stockade.harness import loader
 
 CONFIGS = ("none", "stockade", "iptables")
 

@@ -1,4 +1,4 @@
-# stockade node agent: the stockade package plus the pinned BPF toolchain from Debian bookworm
+# stockade node agent: the stockade runtime plus the pinned BPF toolchain from Debian bookworm
 # (clang 14 and libbpf 1.1: the versions the compile and bpf test tiers run with). Runs as
 # root with every capability dropped but BPF, NET_ADMIN and PERFMON (see the chart).
 # Build from the repository root: docker build -f images/agent.Dockerfile -t stockade-agent .
@@ -12,7 +12,17 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/stockade
 COPY pyproject.toml README.md ./
-COPY operator/ operator/
+# The runtime only (.importlinter, "the runtime never imports the bench"): the sandbox, the
+# conformance engines and the datapath test harness stay out, and so does the `bench` extra.
+COPY operator/stockade/__init__.py operator/stockade/py.typed operator/stockade/
+COPY operator/stockade/cli.py operator/stockade/
+COPY operator/stockade/runtime/ operator/stockade/runtime/
+COPY operator/stockade/model/ operator/stockade/model/
+COPY operator/stockade/compiler/ operator/stockade/compiler/
+COPY operator/stockade/handoff/ operator/stockade/handoff/
+COPY operator/stockade/datapath/ operator/stockade/datapath/
+COPY operator/stockade/control/ operator/stockade/control/
+COPY operator/stockade/agent/ operator/stockade/agent/
 COPY bpf/ bpf/
 COPY crds/ crds/
 # Editable install: the package finds bpf/ (templates and headers) beside its source tree.

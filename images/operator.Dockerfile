@@ -1,4 +1,4 @@
-# stockade operator: Python (Debian bookworm's 3.11) and the stockade package; no compiler, no
+# stockade operator: Python (Debian bookworm's 3.11) and the stockade runtime; no compiler, no
 # kernel access. Runs as uid 65532 on a read-only root filesystem (the chart mounts /tmp).
 # Build from the repository root: docker build -f images/operator.Dockerfile -t stockade-operator .
 ARG DEBIAN_IMAGE=debian:bookworm-slim
@@ -11,7 +11,17 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/stockade
 COPY pyproject.toml README.md ./
-COPY operator/ operator/
+# The runtime only (.importlinter, "the runtime never imports the bench"): the sandbox, the
+# conformance engines and the datapath test harness stay out, and so does the `bench` extra.
+COPY operator/stockade/__init__.py operator/stockade/py.typed operator/stockade/
+COPY operator/stockade/cli.py operator/stockade/
+COPY operator/stockade/runtime/ operator/stockade/runtime/
+COPY operator/stockade/model/ operator/stockade/model/
+COPY operator/stockade/compiler/ operator/stockade/compiler/
+COPY operator/stockade/handoff/ operator/stockade/handoff/
+COPY operator/stockade/datapath/ operator/stockade/datapath/
+COPY operator/stockade/control/ operator/stockade/control/
+COPY operator/stockade/agent/ operator/stockade/agent/
 COPY bpf/ bpf/
 COPY crds/ crds/
 # Editable install: the package finds bpf/ beside its source tree.

@@ -16,8 +16,9 @@ from pathlib import Path
 from stockade.compiler import ir
 from stockade.compiler.render import Hook, RenderedProgram, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import events, libbpf, maps, testrun
+from stockade.datapath import events, libbpf, maps
 from stockade.datapath.clang import Compiler
+from stockade.harness import testrun
 
 CACHE_DIR = Path("/tmp/stockade-test-bpf-cache")
 BPFFS = Path("/sys/fs/bpf")

@@ -16,7 +16,7 @@ from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import maps
 from stockade.datapath.maps import DatapathConfig
-from stockade.datapath.testrun import TcVerdict
+from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from stockade.compiler import abi, ir
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import events, maps
-from stockade.datapath.testrun import TcVerdict
+from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
 

@@ -22,7 +22,7 @@ from stockade.compiler.render import render_all
 from stockade.compiler.shape import FragmentPolicy, Shape
 from stockade.datapath import maps
 from stockade.datapath.clang import Compiler
-from stockade.datapath.testrun import TcVerdict
+from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import compiler, datapath, load_object, private_pin_root
 

@@ -15,7 +15,7 @@ from stockade.compiler import ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.shape import FragmentPolicy, Shape
 from stockade.datapath import events, maps
-from stockade.datapath.testrun import TcVerdict
+from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
 

@@ -1,6 +1,6 @@
 """BPF_PROG_TEST_RUN helpers: run a loaded tc program on a frame and read its verdict.
 
-The datapath tests, the `datapath` conformance engine, `explain` and the benchmarks call these
+The datapath tests, the `datapath` conformance engine and the benchmarks call these
 to ask the real compiled program what it does with a packet built in Python.
 """
 

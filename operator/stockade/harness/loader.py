@@ -2,8 +2,8 @@
 
 The programs of one Shape share every map (they are pinned by name under `pin_root`, so a second
 load, or a restarted process, re-adopts them). Callers write tables with `write()` and judge
-frames with `run()` (BPF_PROG_TEST_RUN). Used by the `datapath` conformance engine; the agent
-adds attaching on top of the same pieces.
+frames with `run()` (BPF_PROG_TEST_RUN). Used by the `datapath` conformance engine and the
+benchmarks; the agent adds attaching on top of the same pieces.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 from stockade.compiler import ir
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf, maps, testrun
+from stockade.datapath import libbpf, maps
 from stockade.datapath.clang import Compiler
+from stockade.harness import testrun
 
 
 class NodePrograms:
