@@ -14,7 +14,8 @@ from typing import Any
 
 from stockade.model import crd
 from stockade.model.errors import PolicyParseError
-from stockade.model.parse import parse_policy, policy_kind
+from stockade.model.kinds import RESOURCE_OF, resource_for
+from stockade.model.parse import parse_policy
 from stockade.model.policy import Policy, PolicyKind
 
 STOCKADE_KINDS = (PolicyKind.STOCKADE_NETWORK_POLICY, PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY)
@@ -46,7 +47,7 @@ class PolicyRecord:
     @property
     def has_status(self) -> bool:
         """The standard NetworkPolicy reports through Events only."""
-        return self.kind is not PolicyKind.NETWORK_POLICY
+        return RESOURCE_OF[self.kind].has_status
 
     def same_content(self, other: PolicyRecord) -> bool:
         """Equal but for the status (a status write must not trigger a new lowering)."""
@@ -84,9 +85,10 @@ def parse_record(
     the spec is the one already parsed and only the status is taken from `obj` (the operator's
     own status writes come back through the watch, one per policy: they must not cost a parse).
     """
-    kind = policy_kind(obj.get("apiVersion"), obj.get("kind"))
-    if kind is None:
+    resource = resource_for(obj.get("apiVersion"), obj.get("kind"))
+    if resource is None:
         return None
+    kind = resource.kind
     meta = _meta(obj)
     generation = meta.get("generation")
     namespace = str(meta.get("namespace") or "") if not kind.cluster_scoped else ""

@@ -29,24 +29,9 @@ from stockade.control.publish import MERGE_PATCH, NOT_FOUND, Publisher, run_all
 from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
 from stockade.control.store import Snapshot, Store
-from stockade.model.policy import PolicyKind
+from stockade.model.kinds import RESOURCE_OF
 
 log = logging.getLogger(__name__)
-
-# Where each kind with a status of ours lives: (group, version, plural).
-STATUS_RESOURCES = {
-    PolicyKind.STOCKADE_NETWORK_POLICY: ("stockade.io", "v1alpha1", "networkpolicies"),
-    PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY: (
-        "stockade.io",
-        "v1alpha1",
-        "clusternetworkpolicies",
-    ),
-    PolicyKind.CLUSTER_NETWORK_POLICY: (
-        "policy.networking.k8s.io",
-        "v1alpha2",
-        "clusternetworkpolicies",
-    ),
-}
 
 
 @dataclass
@@ -255,22 +240,27 @@ class Reconciler:
 
     def _write_status(self, record: PolicyRecord, status: dict[str, Any]) -> bool:
         """Patch one policy's status; False when the policy is gone."""
-        group, version, plural = STATUS_RESOURCES[record.kind]
+        resource = RESOURCE_OF[record.kind]
         body = {"status": status}
         try:
             if record.namespace:
                 self._objects.patch_namespaced_custom_object_status(
-                    group,
-                    version,
+                    resource.group,
+                    resource.version,
                     record.namespace,
-                    plural,
+                    resource.plural,
                     record.name,
                     body,
                     _content_type=MERGE_PATCH,
                 )
             else:
                 self._objects.patch_cluster_custom_object_status(
-                    group, version, plural, record.name, body, _content_type=MERGE_PATCH
+                    resource.group,
+                    resource.version,
+                    resource.plural,
+                    record.name,
+                    body,
+                    _content_type=MERGE_PATCH,
                 )
         except ApiException as exc:
             if exc.status == NOT_FOUND:

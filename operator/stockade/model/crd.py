@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
 from stockade.model.crd_datapath import DatapathTableSpec, DatapathTableStatus
@@ -31,6 +31,8 @@ from stockade.model.crd_scnp import (
     StockadeClusterNetworkPolicy,
 )
 from stockade.model.crd_snp import NetworkPolicySpec, StockadeNetworkPolicy
+from stockade.model.kinds import RESOURCE_OF, resource_for
+from stockade.model.policy import PolicyKind
 
 __all__ = [
     "API_VERSION",
@@ -58,9 +60,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 _AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
 _MODE = PrinterColumn("Mode", "string", ".spec.mode", "Enforce, or Audit (report only)")
 
+_SNP = RESOURCE_OF[PolicyKind.STOCKADE_NETWORK_POLICY]
+_SCNP = RESOURCE_OF[PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY]
+
 NETWORK_POLICY = CrdKind(
-    kind="NetworkPolicy",
-    plural="networkpolicies",
+    kind=_SNP.name,
+    plural=_SNP.plural,
     singular="networkpolicy",
     short_name="snp",
     scope="Namespaced",
@@ -73,8 +78,8 @@ NETWORK_POLICY = CrdKind(
 )
 
 CLUSTER_NETWORK_POLICY = CrdKind(
-    kind="ClusterNetworkPolicy",
-    plural="clusternetworkpolicies",
+    kind=_SCNP.name,
+    plural=_SCNP.plural,
     singular="clusternetworkpolicy",
     short_name="scnp",
     scope="Cluster",
@@ -117,11 +122,6 @@ DATAPATH_TABLE = CrdKind(
 
 POLICY_KINDS: tuple[CrdKind, ...] = (NETWORK_POLICY, CLUSTER_NETWORK_POLICY)
 CRD_KINDS: tuple[CrdKind, ...] = (*POLICY_KINDS, DATAPATH_TABLE)
-
-_MODELS: dict[str, type[BaseModel]] = {
-    "NetworkPolicy": StockadeNetworkPolicy,
-    "ClusterNetworkPolicy": StockadeClusterNetworkPolicy,
-}
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,9 @@ def parse_policy(obj: Mapping[str, Any]) -> StockadeNetworkPolicy | StockadeClus
     problem."""
     kind = str(obj.get("kind", ""))
     name = str((obj.get("metadata") or {}).get("name", "?"))
-    model = _MODELS.get(kind)
-    if model is None or obj.get("apiVersion") != API_VERSION:
+    resource = resource_for(obj.get("apiVersion"), kind)
+    model = resource.model if resource is not None else None
+    if model is None:
         found = f"{obj.get('apiVersion')}/{kind}"
         raise InvalidPolicyError(
             kind, name, (FieldError("kind", f"not a stockade policy: {found}"),)

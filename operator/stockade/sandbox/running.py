@@ -20,6 +20,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from stockade.model.kinds import POLICY_RESOURCES, PolicyResource, resource_for
 from stockade.runtime import replace_custom_object
 from stockade.sandbox import session
 from stockade.sandbox.kubelet import delete_pod, ensure_default_service_account, register_pod
@@ -32,24 +33,6 @@ MERGE_PATCH = "application/merge-patch+json"
 # Set by the API server on every Namespace; never removed when labels are reset.
 NAME_LABEL = "kubernetes.io/metadata.name"
 Port = tuple[str | None, int, str]  # (container port name, number, protocol)
-# Where each policy kind lives in the API: (apiVersion, kind) -> (group, version, plural,
-# namespaced).
-POLICY_RESOURCES: Mapping[tuple[str, str], tuple[str, str, str, bool]] = {
-    ("networking.k8s.io/v1", "NetworkPolicy"): ("networking.k8s.io", "v1", "networkpolicies", True),
-    ("stockade.io/v1alpha1", "NetworkPolicy"): ("stockade.io", "v1alpha1", "networkpolicies", True),
-    ("stockade.io/v1alpha1", "ClusterNetworkPolicy"): (
-        "stockade.io",
-        "v1alpha1",
-        "clusternetworkpolicies",
-        False,
-    ),
-    ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"): (
-        "policy.networking.k8s.io",
-        "v1alpha2",
-        "clusternetworkpolicies",
-        False,
-    ),
-}
 
 
 class UnknownPolicyKindError(ValueError):
@@ -58,23 +41,32 @@ class UnknownPolicyKindError(ValueError):
 
 @dataclass(frozen=True)
 class PolicyRef:
-    group: str
-    version: str
-    plural: str
+    resource: PolicyResource
     namespace: str  # "" for cluster-scoped kinds
     name: str
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> PolicyRef:
-        found = POLICY_RESOURCES.get((str(obj.get("apiVersion")), str(obj.get("kind"))))
+        found = resource_for(obj.get("apiVersion"), obj.get("kind"))
         if found is None:
             raise UnknownPolicyKindError(
                 f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} is not a policy kind"
             )
-        group, version, plural, namespaced = found
         meta = obj.get("metadata") or {}
-        namespace = str(meta.get("namespace") or "") if namespaced else ""
-        return cls(group, version, plural, namespace, str(meta.get("name") or ""))
+        namespace = str(meta.get("namespace") or "") if found.namespaced else ""
+        return cls(found, namespace, str(meta.get("name") or ""))
+
+    @property
+    def group(self) -> str:
+        return self.resource.group
+
+    @property
+    def version(self) -> str:
+        return self.resource.version
+
+    @property
+    def plural(self) -> str:
+        return self.resource.plural
 
 
 class SandboxNotRunningError(RuntimeError):
@@ -215,9 +207,10 @@ class RunningSandbox:
     def delete_all_policies(self, namespaces: Sequence[str]) -> int:
         """Delete every policy of every kind in `namespaces` and every cluster-scoped one."""
         api, deleted = self.custom(), 0
-        for (api_version, kind), (group, version, plural, namespaced) in POLICY_RESOURCES.items():
+        for resource in POLICY_RESOURCES:
+            group, version, plural = resource.group, resource.version, resource.plural
             try:
-                if namespaced:
+                if resource.namespaced:
                     items = [
                         item
                         for ns in namespaces
@@ -232,7 +225,9 @@ class RunningSandbox:
                     continue
                 raise
             for item in items:
-                deleted += self.delete_policy({**item, "apiVersion": api_version, "kind": kind})
+                deleted += self.delete_policy(
+                    {**item, "apiVersion": resource.api_version, "kind": resource.name}
+                )
         return deleted
 
     def custom(self) -> Any:
