@@ -56,18 +56,6 @@ class PolicyRef:
         namespace = str(meta.get("namespace") or "") if found.namespaced else ""
         return cls(found, namespace, str(meta.get("name") or ""))
 
-    @property
-    def group(self) -> str:
-        return self.resource.group
-
-    @property
-    def version(self) -> str:
-        return self.resource.version
-
-    @property
-    def plural(self) -> str:
-        return self.resource.plural
-
 
 class SandboxNotRunningError(RuntimeError):
     """No healthy sandbox in the state directory."""
@@ -173,31 +161,34 @@ class RunningSandbox:
 
     def create_policy(self, obj: Mapping[str, Any]) -> None:
         ref, api = PolicyRef.of(obj), self.custom()
+        kind = ref.resource
         if ref.namespace:
             api.create_namespaced_custom_object(
-                ref.group, ref.version, ref.namespace, ref.plural, obj
+                kind.group, kind.version, ref.namespace, kind.plural, obj
             )
         else:
-            api.create_cluster_custom_object(ref.group, ref.version, ref.plural, obj)
+            api.create_cluster_custom_object(kind.group, kind.version, kind.plural, obj)
 
     def replace_policy(self, obj: Mapping[str, Any]) -> None:
         """Replace the whole object on the resourceVersion the server has now (again after a
         conflict with the operator's status write)."""
         ref = PolicyRef.of(obj)
+        kind = ref.resource
         replace_custom_object(
-            self.custom(), ref.group, ref.version, ref.plural, ref.namespace, ref.name, obj
+            self.custom(), kind.group, kind.version, kind.plural, ref.namespace, ref.name, obj
         )
 
     def delete_policy(self, obj: Mapping[str, Any]) -> bool:
         """Delete the policy; False when it did not exist."""
         ref, api = PolicyRef.of(obj), self.custom()
+        kind = ref.resource
         try:
             if ref.namespace:
                 api.delete_namespaced_custom_object(
-                    ref.group, ref.version, ref.namespace, ref.plural, ref.name
+                    kind.group, kind.version, ref.namespace, kind.plural, ref.name
                 )
             else:
-                api.delete_cluster_custom_object(ref.group, ref.version, ref.plural, ref.name)
+                api.delete_cluster_custom_object(kind.group, kind.version, kind.plural, ref.name)
         except ApiException as exc:
             if exc.status != HTTP_NOT_FOUND:
                 raise
