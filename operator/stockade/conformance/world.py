@@ -27,10 +27,10 @@ from stockade.conformance.casefile import (
     UpdatePolicy,
 )
 from stockade.conformance.engine import ActionRejectedError, Addresses
+from stockade.model.admission import admit
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.errors import PolicyParseError
 from stockade.model.kinds import resource_for
-from stockade.model.parse import parse_policy
 from stockade.model.policy import Policy, PolicyKind
 
 
@@ -112,7 +112,7 @@ class World:
         if key.namespace and key.namespace not in self.namespace_labels:
             raise ActionRejectedError(f"{verb}: namespace {key.namespace!r} does not exist")
         try:
-            policy = parse_policy(obj)
+            policy = admit(obj)
         except PolicyParseError as err:
             raise ActionRejectedError(
                 f"{verb}: {key}: {err}", unsupported=err.only_unsupported
