@@ -62,12 +62,17 @@ _MODE = PrinterColumn("Mode", "string", ".spec.mode", "Enforce, or Audit (report
 _SNP = RESOURCE_OF[PolicyKind.STOCKADE_NETWORK_POLICY]
 _SCNP = RESOURCE_OF[PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY]
 
+
+def _scope(namespaced: bool) -> str:
+    return "Namespaced" if namespaced else "Cluster"
+
+
 NETWORK_POLICY = CrdKind(
     kind=_SNP.name,
     plural=_SNP.plural,
     singular="networkpolicy",
     short_name="snp",
-    scope="Namespaced",
+    scope=_scope(_SNP.namespaced),
     spec_model=NetworkPolicySpec,
     description=(
         "A stockade NetworkPolicy: the standard NetworkPolicy plus per-rule Allow/Deny actions, "
@@ -81,7 +86,7 @@ CLUSTER_NETWORK_POLICY = CrdKind(
     plural=_SCNP.plural,
     singular="clusternetworkpolicy",
     short_name="scnp",
-    scope="Cluster",
+    scope=_scope(_SCNP.namespaced),
     spec_model=ClusterNetworkPolicySpec,
     description=(
         "A stockade ClusterNetworkPolicy: a cluster-wide policy in the Admin or Baseline tier, "
