@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from stockade.model.crd import InvalidPolicyError, parse_policy
+from stockade.model.crd import parse_policy
+from stockade.model.errors import PolicyParseError
 
 Obj = dict[str, Any]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -373,9 +374,9 @@ def names_field(path: str, text: str) -> bool:
 
 @pytest.mark.parametrize("case", BAD, ids=[c.id for c in BAD])
 def test_the_models_reject_a_bad_object_naming_the_field(case: Bad) -> None:
-    with pytest.raises(InvalidPolicyError) as info:
+    with pytest.raises(PolicyParseError) as info:
         parse_policy(case.obj)
-    paths = [e.path for e in info.value.errors]
+    paths = [e.path for e in info.value.problems]
     assert any(names_field(case.path, p) for p in paths), paths
 
 

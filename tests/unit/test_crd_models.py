@@ -7,10 +7,11 @@ import ipaddress
 
 import pytest
 
-from stockade.model.crd import InvalidPolicyError, parse_policy
+from stockade.model.crd import parse_policy
 from stockade.model.crd_common import LabelSelector, parse_cidr
 from stockade.model.crd_scnp import ClusterNetworkPolicySpec
 from stockade.model.crd_snp import NetworkPolicySpec, StockadeNetworkPolicy
+from stockade.model.errors import PolicyParseError
 from tests.unit.test_crd_cases import scnp, snp
 
 
@@ -121,9 +122,9 @@ def test_every_problem_of_an_object_is_reported_with_its_path() -> None:
             {"action": "Maybe", "ports": [{"port": 80, "endPort": 8}]},
         ],
     )
-    with pytest.raises(InvalidPolicyError) as info:
+    with pytest.raises(PolicyParseError) as info:
         parse_policy(obj)
-    assert sorted(e.path for e in info.value.errors) == [
+    assert sorted(e.path for e in info.value.problems) == [
         "spec.ingress[0].from[0].ipBlock.cidr",
         "spec.ingress[0].ports[0].port",
         "spec.ingress[1].action",
@@ -137,7 +138,7 @@ def test_every_problem_of_an_object_is_reported_with_its_path() -> None:
 
 def test_an_object_of_another_kind_is_refused_by_name() -> None:
     obj = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "x"}}
-    with pytest.raises(InvalidPolicyError, match="not a stockade policy"):
+    with pytest.raises(PolicyParseError, match="not a stockade policy"):
         parse_policy(obj)
 
 

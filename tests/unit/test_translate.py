@@ -25,7 +25,8 @@ from stockade.conformance.translate import (
     translate_case_file,
     translate_policy,
 )
-from stockade.model.crd import InvalidPolicyError, StockadeClusterNetworkPolicy, parse_policy
+from stockade.model.crd import StockadeClusterNetworkPolicy, parse_policy
+from stockade.model.errors import PolicyParseError
 from tests.paths import CONFORMANCE
 
 CNP_FILE = CONFORMANCE / "cnp-upstream.yaml"
@@ -213,7 +214,7 @@ def _symbolic_case_file() -> dict[str, Any]:
 def test_symbolic_cidrs_need_the_concrete_addresses_to_be_valid() -> None:
     raw = translate_case_file(_symbolic_case_file())
     ((_, symbolic), _) = policy_objects(raw)
-    with pytest.raises(InvalidPolicyError, match=r"spec\.egress\[1\]\.to\[0\]\.networks\[0\]"):
+    with pytest.raises(PolicyParseError, match=r"spec\.egress\[1\]\.to\[0\]\.networks\[0\]"):
         parse_policy(symbolic)
     ((_, concrete), _) = concrete_policy_objects(raw)
     (network,) = concrete["spec"]["egress"][1]["to"][0]["networks"]

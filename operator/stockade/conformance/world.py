@@ -27,9 +27,10 @@ from stockade.conformance.casefile import (
     UpdatePolicy,
 )
 from stockade.conformance.engine import ActionRejectedError, Addresses
+from stockade.model.admission import admit
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.errors import PolicyParseError
-from stockade.model.parse import parse_policy, policy_kind
+from stockade.model.kinds import resource_for
 from stockade.model.policy import Policy, PolicyKind
 
 
@@ -45,11 +46,11 @@ class PolicyKey:
 
 
 def policy_key(api_version: object, kind: object, namespace: object, name: object) -> PolicyKey:
-    found = policy_kind(api_version, kind)
+    found = resource_for(api_version, kind)
     if found is None:
         raise ActionRejectedError(f"unsupported apiVersion/kind {api_version}/{kind}")
-    ns = "" if found.cluster_scoped else str(namespace or "")
-    return PolicyKey(found, ns, str(name or ""))
+    ns = str(namespace or "") if found.namespaced else ""
+    return PolicyKey(found.kind, ns, str(name or ""))
 
 
 class World:
@@ -111,7 +112,7 @@ class World:
         if key.namespace and key.namespace not in self.namespace_labels:
             raise ActionRejectedError(f"{verb}: namespace {key.namespace!r} does not exist")
         try:
-            policy = parse_policy(obj)
+            policy = admit(obj)
         except PolicyParseError as err:
             raise ActionRejectedError(
                 f"{verb}: {key}: {err}", unsupported=err.only_unsupported

@@ -21,21 +21,11 @@ from stockade import handoff
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
 from stockade.control.store import Store
-from stockade.model.parse import KINDS
+from stockade.model.kinds import enforced
 
 log = logging.getLogger(__name__)
 
 DELETED = "DELETED"
-
-# (group, version, plural) of every policy kind stockade enforces.
-POLICY_RESOURCES = (
-    ("stockade.io", "v1alpha1", "networkpolicies"),
-    ("stockade.io", "v1alpha1", "clusternetworkpolicies"),
-    ("networking.k8s.io", "v1", "networkpolicies"),
-    ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"),
-)
-assert len(POLICY_RESOURCES) == len(KINDS)
-UPSTREAM_GROUP = "policy.networking.k8s.io"
 
 
 def _object(event: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any]]:
@@ -57,15 +47,13 @@ def build_registry(
             return
         store.put_policy(record.key, None if deleted else record)
 
-    for group, version, plural in POLICY_RESOURCES:
-        if group == UPSTREAM_GROUP and not upstream_cnp:
-            continue  # not enforced: the chart then grants no access to it either
+    for resource in enforced(upstream_cnp=upstream_cnp):
         kopf.on.event(
-            group=group,
-            version=version,
-            plural=plural,
+            group=resource.group,
+            version=resource.version,
+            plural=resource.plural,
             registry=registry,
-            id=f"{plural}.{group}",
+            id=f"{resource.plural}.{resource.group}",
         )(policy_event)
 
     @kopf.on.event("", "v1", "pods", registry=registry)

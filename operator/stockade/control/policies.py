@@ -1,9 +1,8 @@
 """A watched policy object, parsed: the `Policy` value, or every problem with its field path.
 
-The kopf handlers call `parse_record()` on each policy event. Stockade kinds are validated with
-the CRD's pydantic models first (`stockade.model.crd.parse_policy`, the same rules the API server
-checks) and then parsed into the internal representation (`stockade.model.parse.parse_policy`);
-the standard and upstream kinds go to the second step directly. Never raises on an object.
+The kopf handlers call `parse_record()` on each policy event; the object goes through admission
+(`stockade.model.admission.admit`: the CRD's rules for stockade's kinds, then the internal
+representation), the one path from an object to a `Policy`. Never raises on an object.
 """
 
 from __future__ import annotations
@@ -12,12 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from stockade.model import crd
+from stockade.model.admission import admit
 from stockade.model.errors import PolicyParseError
-from stockade.model.parse import parse_policy, policy_kind
+from stockade.model.kinds import RESOURCE_OF, resource_for
 from stockade.model.policy import Policy, PolicyKind
-
-STOCKADE_KINDS = (PolicyKind.STOCKADE_NETWORK_POLICY, PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY)
 
 PolicyKey = tuple[str, str, str]  # (PolicyKind value, namespace or "", name)
 
@@ -46,7 +43,7 @@ class PolicyRecord:
     @property
     def has_status(self) -> bool:
         """The standard NetworkPolicy reports through Events only."""
-        return self.kind is not PolicyKind.NETWORK_POLICY
+        return RESOURCE_OF[self.kind].has_status
 
     def same_content(self, other: PolicyRecord) -> bool:
         """Equal but for the status (a status write must not trigger a new lowering)."""
@@ -63,14 +60,9 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _problems(obj: Mapping[str, Any], kind: PolicyKind) -> tuple[Policy | None, tuple[str, ...]]:
-    if kind in STOCKADE_KINDS:
-        try:
-            crd.parse_policy(obj)
-        except crd.InvalidPolicyError as exc:
-            return None, tuple(str(e) for e in exc.errors)
+def _problems(obj: Mapping[str, Any]) -> tuple[Policy | None, tuple[str, ...]]:
     try:
-        return parse_policy(obj), ()
+        return admit(obj), ()
     except PolicyParseError as exc:
         return None, tuple(str(p) for p in exc.problems)
 
@@ -84,9 +76,10 @@ def parse_record(
     the spec is the one already parsed and only the status is taken from `obj` (the operator's
     own status writes come back through the watch, one per policy: they must not cost a parse).
     """
-    kind = policy_kind(obj.get("apiVersion"), obj.get("kind"))
-    if kind is None:
+    resource = resource_for(obj.get("apiVersion"), obj.get("kind"))
+    if resource is None:
         return None
+    kind = resource.kind
     meta = _meta(obj)
     generation = meta.get("generation")
     namespace = str(meta.get("namespace") or "") if not kind.cluster_scoped else ""
@@ -99,7 +92,7 @@ def parse_record(
     if before is not None and generation and (before.uid, before.generation) == (uid, generation):
         return replace(before, status=status)
     try:
-        policy, problems = _problems(obj, kind)
+        policy, problems = _problems(obj)
     except Exception as exc:  # the operator never crashes on an object
         policy, problems = None, (f"spec: could not be parsed ({type(exc).__name__}: {exc})",)
     return PolicyRecord(

@@ -13,25 +13,15 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kubernetes.client import (
-    ApiClient,
-    CoreV1Api,
-    CustomObjectsApi,
-    NetworkingV1Api,
-)
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
 from stockade.control.store import Store
+from stockade.model.kinds import enforced
 
 log = logging.getLogger(__name__)
-
-CUSTOM_POLICIES = (
-    ("stockade.io", "v1alpha1", "networkpolicies"),
-    ("stockade.io", "v1alpha1", "clusternetworkpolicies"),
-    ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies"),
-)
 
 
 def _dicts(api: ApiClient, items: Iterable[Any]) -> list[Mapping[str, Any]]:
@@ -50,23 +40,21 @@ def prime(store: Store, api: ApiClient, *, upstream_cnp: bool = True) -> None:
     for obj in _dicts(api, core.list_pod_for_all_namespaces().items):
         store.put_pod(object_key(obj), pod_from_api(obj))
     policies: list[Mapping[str, Any]] = []
-    standard = NetworkingV1Api(api).list_network_policy_for_all_namespaces().items
-    # Items of a typed list carry no apiVersion/kind; the parser needs them.
-    policies += [
-        {**obj, "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy"}
-        for obj in _dicts(api, standard)
-    ]
     custom = CustomObjectsApi(api)
-    for group, version, plural in CUSTOM_POLICIES:
-        if group == "policy.networking.k8s.io" and not upstream_cnp:
-            continue
+    for resource in enforced(upstream_cnp=upstream_cnp):
         try:
-            listing: Any = custom.list_cluster_custom_object(group, version, plural)
+            listing: Any = custom.list_cluster_custom_object(
+                resource.group, resource.version, resource.plural
+            )
         except ApiException as exc:
             if exc.status == 404:  # the CRD is not installed: nothing of that kind exists
                 continue
             raise
-        policies += listing.get("items", [])
+        # Items of a built-in kind's list carry no apiVersion/kind; the parser needs them.
+        policies += [
+            {**obj, "apiVersion": resource.api_version, "kind": resource.name}
+            for obj in listing.get("items", [])
+        ]
     for obj in policies:
         record = parse_record(obj)
         if record is not None:

@@ -24,22 +24,7 @@ from stockade.control.publish import MERGE_PATCH, NOT_FOUND, run_all
 from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
 from stockade.control.store import Snapshot
-from stockade.model.policy import PolicyKind
-
-# Where each kind with a status of ours lives: (group, version, plural).
-STATUS_RESOURCES = {
-    PolicyKind.STOCKADE_NETWORK_POLICY: ("stockade.io", "v1alpha1", "networkpolicies"),
-    PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY: (
-        "stockade.io",
-        "v1alpha1",
-        "clusternetworkpolicies",
-    ),
-    PolicyKind.CLUSTER_NETWORK_POLICY: (
-        "policy.networking.k8s.io",
-        "v1alpha2",
-        "clusternetworkpolicies",
-    ),
-}
+from stockade.model.kinds import RESOURCE_OF
 
 
 def _now() -> str:
@@ -135,7 +120,8 @@ class StatusReporter:
 
     def _write_status(self, record: PolicyRecord, status: dict[str, Any]) -> bool:
         """Patch one policy's status; False when the policy is gone."""
-        group, version, plural = STATUS_RESOURCES[record.kind]
+        resource = RESOURCE_OF[record.kind]
+        group, version, plural = resource.group, resource.version, resource.plural
         body = {"status": status}
         try:
             if record.namespace:

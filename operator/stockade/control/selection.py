@@ -1,7 +1,7 @@
 """Which endpoints does a policy select? Answered from the state's label indexes, not by a scan.
 
 The status aggregation (`stockade.control.status`) counts a policy's selected endpoints per node
-for its `Programmed` condition. `stockade.model.index` finds the pods of the selector, checked
+for its `Programmed` condition. `ClusterState.index` finds the pods of the selector, checked
 with the model's own predicate, so the answer is the evaluator's by construction.
 """
 

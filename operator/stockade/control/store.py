@@ -6,7 +6,7 @@ the model value changed, so that a status-only update (for example the operator'
 write coming back through the watch) never triggers a new lowering.
 
 Selector look-ups go through the label indexes of the snapshot's `ClusterState`
-(`stockade.model.index`), built once per snapshot.
+(`stockade.model.cluster.ClusterIndex`), built once per snapshot.
 """
 
 from __future__ import annotations

@@ -2,21 +2,23 @@
 
 The operator builds a `ClusterState` from its watches, the conformance engines from a case file's
 model; the evaluator and the compiler read it. Pure values, no I/O.
+
+`ClusterState.holds` is the one answer to "is this pod in this pod set"; the evaluator
+(`stockade.model.matching`) asks it for every flow, and the label index (`ClusterIndex`, built
+once per state) asks it for each candidate, so that both agree by construction.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-from stockade.model.policy import IPAddress, Protocol
-
-if TYPE_CHECKING:
-    from stockade.model.index import ClusterIndex
+from stockade.model.policy import IPAddress, PodSet, Protocol
+from stockade.model.selectors import LabelSelector, SelectorOperator
 
 
 def _frozen(labels: Mapping[str, str]) -> Mapping[str, str]:
@@ -95,9 +97,14 @@ class ClusterState:
     @functools.cached_property
     def index(self) -> ClusterIndex:
         """Label indexes for selector look-ups, built on first use."""
-        from stockade.model.index import ClusterIndex  # the index module imports this one
-
         return ClusterIndex(self)
+
+    def holds(self, pods: PodSet, pod: Pod) -> bool:
+        """Whether `pod` is in `pods`: host-network pods never are ("host-networked pods are not
+        included")."""
+        if pod.host_network:
+            return False
+        return pods.contains(pod.namespace, pod.labels, self.namespace_labels(pod.namespace))
 
     def pod_at(self, address: IPAddress) -> Pod | None:
         """The (non-host-network) pod that owns `address`."""
@@ -113,6 +120,70 @@ class ClusterState:
     def node_ips(self, node: str | None) -> tuple[IPAddress, ...]:
         found = self.nodes.get(node) if node is not None else None
         return found.ips if found is not None else ()
+
+
+def _smallest_in(selector: LabelSelector) -> tuple[str, tuple[str, ...]] | None:
+    ins = [r for r in selector.requirements if r.operator is SelectorOperator.IN]
+    if not ins:
+        return None
+    best = min(ins, key=lambda r: len(r.values))
+    return best.key, best.values
+
+
+class ClusterIndex:
+    """Which pods a `PodSet` holds, without a scan of all pods.
+
+    Pods by namespace and by (namespace, label key, value); namespaces by (key, value). A
+    selector's candidates come from the postings of its most selective `In` requirement (or, with
+    none, every pod of the candidate namespaces); each candidate is then checked with
+    `ClusterState.holds`. The operator's status aggregation (`stockade.control.selection`) and the
+    compiler's subject and peer sets (`stockade.compiler.lower`, `stockade.compiler.classes`)
+    read it.
+    """
+
+    def __init__(self, state: ClusterState) -> None:
+        self._state = state
+        by_namespace: dict[str, list[Pod]] = defaultdict(list)
+        by_label: dict[tuple[str, str, str], list[Pod]] = defaultdict(list)
+        for pod in state.pods:
+            if pod.host_network:
+                continue  # never a member of a pod set
+            by_namespace[pod.namespace].append(pod)
+            for key, value in pod.labels.items():
+                by_label[(pod.namespace, key, value)].append(pod)
+        ns_by_label: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for name, namespace in state.namespaces.items():
+            for label in namespace.labels.items():
+                ns_by_label[label].append(name)
+        self._by_namespace = dict(by_namespace)
+        self._by_label = dict(by_label)
+        self._ns_by_label = dict(ns_by_label)
+
+    def _namespaces(self, pods: PodSet) -> Iterable[str]:
+        if pods.namespace is not None:
+            return (pods.namespace,)
+        assert pods.namespace_selector is not None
+        found = _smallest_in(pods.namespace_selector)
+        if found is None:
+            return self._state.namespaces.keys()
+        key, values = found
+        return sorted({ns for v in values for ns in self._ns_by_label.get((key, v), ())})
+
+    def _candidates(self, pods: PodSet, namespace: str) -> Iterable[Pod]:
+        found = _smallest_in(pods.pod_selector)
+        if found is None:
+            return self._by_namespace.get(namespace, ())
+        key, values = found
+        return [p for v in values for p in self._by_label.get((namespace, key, v), ())]
+
+    def pods_in(self, pods: PodSet) -> list[Pod]:
+        """The pods of `pods` (host-network pods are never members), in no particular order."""
+        return [
+            pod
+            for namespace in self._namespaces(pods)
+            for pod in self._candidates(pods, namespace)
+            if self._state.holds(pods, pod)
+        ]
 
 
 def ip(text: str) -> IPAddress:

@@ -1,8 +1,9 @@
 """The stockade policy API (`stockade.io/v1alpha1`) in one place: the two kinds, their CRDs, and
 parsing of raw objects with every error reported by field path.
 
-The operator calls `parse_policy()` on each object it is handed (after the API server has
-validated it against the same rules, generated from these models); `hack/gen-crds.py` and the
+Admission (`stockade.model.admission`) calls `parse_policy()` on each stockade object (after the
+API server has validated it against the same rules, generated from these models), which raises
+the one policy error type (`stockade.model.errors.PolicyParseError`); `hack/gen-crds.py` and the
 drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in `crd_common`,
 `crd_snp` and `crd_scnp`.
 """
@@ -10,10 +11,9 @@ drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
 from stockade.model.crd_datapath import DatapathTableSpec, DatapathTableStatus
@@ -31,6 +31,9 @@ from stockade.model.crd_scnp import (
     StockadeClusterNetworkPolicy,
 )
 from stockade.model.crd_snp import NetworkPolicySpec, StockadeNetworkPolicy
+from stockade.model.errors import FieldProblem, PolicyParseError
+from stockade.model.kinds import RESOURCE_OF, resource_for
+from stockade.model.policy import PolicyKind
 
 __all__ = [
     "API_VERSION",
@@ -39,9 +42,7 @@ __all__ = [
     "DATAPATH_TABLE",
     "NETWORK_POLICY",
     "ClusterNetworkPolicySpec",
-    "FieldError",
     "IcmpMatch",
-    "InvalidPolicyError",
     "LabelSelector",
     "NetworkPolicySpec",
     "PolicyStatus",
@@ -58,12 +59,20 @@ API_VERSION = f"{GROUP}/{VERSION}"
 _AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
 _MODE = PrinterColumn("Mode", "string", ".spec.mode", "Enforce, or Audit (report only)")
 
+_SNP = RESOURCE_OF[PolicyKind.STOCKADE_NETWORK_POLICY]
+_SCNP = RESOURCE_OF[PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY]
+
+
+def _scope(namespaced: bool) -> str:
+    return "Namespaced" if namespaced else "Cluster"
+
+
 NETWORK_POLICY = CrdKind(
-    kind="NetworkPolicy",
-    plural="networkpolicies",
+    kind=_SNP.name,
+    plural=_SNP.plural,
     singular="networkpolicy",
     short_name="snp",
-    scope="Namespaced",
+    scope=_scope(_SNP.namespaced),
     spec_model=NetworkPolicySpec,
     description=(
         "A stockade NetworkPolicy: the standard NetworkPolicy plus per-rule Allow/Deny actions, "
@@ -73,11 +82,11 @@ NETWORK_POLICY = CrdKind(
 )
 
 CLUSTER_NETWORK_POLICY = CrdKind(
-    kind="ClusterNetworkPolicy",
-    plural="clusternetworkpolicies",
+    kind=_SCNP.name,
+    plural=_SCNP.plural,
     singular="clusternetworkpolicy",
     short_name="scnp",
-    scope="Cluster",
+    scope=_scope(_SCNP.namespaced),
     spec_model=ClusterNetworkPolicySpec,
     description=(
         "A stockade ClusterNetworkPolicy: a cluster-wide policy in the Admin or Baseline tier, "
@@ -118,34 +127,6 @@ DATAPATH_TABLE = CrdKind(
 POLICY_KINDS: tuple[CrdKind, ...] = (NETWORK_POLICY, CLUSTER_NETWORK_POLICY)
 CRD_KINDS: tuple[CrdKind, ...] = (*POLICY_KINDS, DATAPATH_TABLE)
 
-_MODELS: dict[str, type[BaseModel]] = {
-    "NetworkPolicy": StockadeNetworkPolicy,
-    "ClusterNetworkPolicy": StockadeClusterNetworkPolicy,
-}
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with an object, at a path written the way the API server writes it
-    (`spec.ingress[0].from[1].ipBlock.cidr`)."""
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class InvalidPolicyError(ValueError):
-    """An object that does not satisfy the policy API; `errors` lists every problem."""
-
-    def __init__(self, kind: str, name: str, errors: tuple[FieldError, ...]) -> None:
-        self.kind = kind
-        self.name = name
-        self.errors = errors
-        lines = "\n".join(f"  {e}" for e in errors)
-        super().__init__(f"{kind} {name!r} is invalid ({len(errors)} problem(s)):\n{lines}")
-
 
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
@@ -159,8 +140,9 @@ def _path(loc: tuple[int | str, ...]) -> str:
 
 def field_errors(
     exc: ValidationError, prefix: tuple[int | str, ...] = ()
-) -> tuple[FieldError, ...]:
-    """Every error of a pydantic ValidationError, with its field path."""
+) -> tuple[FieldProblem, ...]:
+    """Every error of a pydantic ValidationError, with its field path written the way the API
+    server writes it (`spec.ingress[0].from[1].ipBlock.cidr`)."""
     out = []
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
@@ -168,24 +150,21 @@ def field_errors(
             ctx = err.get("ctx") or {}
             loc = (*loc, str(ctx["field"]))
         message = err["msg"].removeprefix("Value error, ")
-        out.append(FieldError(_path(loc), message))
+        out.append(FieldProblem(_path(loc), message))
     return tuple(out)
 
 
 def parse_policy(obj: Mapping[str, Any]) -> StockadeNetworkPolicy | StockadeClusterNetworkPolicy:
-    """Parse a raw `stockade.io/v1alpha1` policy object; raise InvalidPolicyError listing every
+    """Parse a raw `stockade.io/v1alpha1` policy object; raise PolicyParseError listing every
     problem."""
-    kind = str(obj.get("kind", ""))
-    name = str((obj.get("metadata") or {}).get("name", "?"))
-    model = _MODELS.get(kind)
-    if model is None or obj.get("apiVersion") != API_VERSION:
-        found = f"{obj.get('apiVersion')}/{kind}"
-        raise InvalidPolicyError(
-            kind, name, (FieldError("kind", f"not a stockade policy: {found}"),)
-        )
+    resource = resource_for(obj.get("apiVersion"), obj.get("kind"))
+    model = resource.model if resource is not None else None
+    if model is None:
+        found = f"{obj.get('apiVersion')}/{obj.get('kind', '')}"
+        raise PolicyParseError([FieldProblem("kind", f"not a stockade policy: {found}")])
     try:
         parsed = model.model_validate(obj)
     except ValidationError as exc:
-        raise InvalidPolicyError(kind, name, field_errors(exc)) from None
+        raise PolicyParseError(field_errors(exc)) from None
     assert isinstance(parsed, StockadeNetworkPolicy | StockadeClusterNetworkPolicy)
     return parsed

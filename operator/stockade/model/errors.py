@@ -1,8 +1,10 @@
-"""Parse errors that name every problem with its field path.
+"""The one error type of policy admission: every problem, each with its field path.
 
-The policy parsers (`stockade.model.parse`) collect problems instead of stopping at the first, so
-that the operator can report all of them at once as a condition on the object, and the
-conformance runner can tell an unsupported feature from a malformed object.
+Both steps of admission (`stockade.model.admission`) raise it: the CRD models' check of stockade's
+kinds (`stockade.model.crd.parse_policy`) and the policy parsers (`stockade.model.parse`). They
+collect problems instead of stopping at the first, so that the operator can report all of them at
+once as a condition on the object, and the conformance runner can tell an unsupported feature
+from a malformed object.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ from stockade.model.policy import (
     NodePeer,
     Peer,
     PodPeer,
-    PodSet,
     Policy,
     PortRange,
     PortSpec,
@@ -26,15 +25,8 @@ from stockade.model.policy import (
 )
 
 
-def pod_in(pods: PodSet, pod: Pod, state: ClusterState) -> bool:
-    """Host-network pods are never selected ("host-networked pods are not included")."""
-    if pod.host_network:
-        return False
-    return pods.contains(pod.namespace, pod.labels, state.namespace_labels(pod.namespace))
-
-
 def selects(policy: Policy, pod: Pod, state: ClusterState) -> bool:
-    return pod_in(policy.subject, pod, state)
+    return state.holds(policy.subject, pod)
 
 
 def peer_matches(peer: Peer, address: IPAddress, state: ClusterState) -> bool:
@@ -49,7 +41,7 @@ def peer_matches(peer: Peer, address: IPAddress, state: ClusterState) -> bool:
         return node is not None and peer.selector.matches(node.labels)
     if isinstance(peer, PodPeer):
         pod = state.pod_at(address)
-        return pod is not None and pod_in(peer.pods, pod, state)
+        return pod is not None and state.holds(peer.pods, pod)
     raise TypeError(f"unknown peer {peer!r}")
 
 

@@ -7,31 +7,14 @@ condition; the conformance engines call it on case-file objects. It never raises
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from stockade.model import fields
 from stockade.model.errors import FieldProblem, PolicyParseError
 from stockade.model.fields import Problems
+from stockade.model.kinds import POLICY_RESOURCES, resource_for
 from stockade.model.parse_cnp import parse_cluster_network_policy
 from stockade.model.parse_common import parse_name
 from stockade.model.parse_netpol import parse_network_policy
-from stockade.model.policy import Policy, PolicyKind
-
-KINDS: Mapping[tuple[str, str], PolicyKind] = {
-    ("networking.k8s.io/v1", "NetworkPolicy"): PolicyKind.NETWORK_POLICY,
-    ("stockade.io/v1alpha1", "NetworkPolicy"): PolicyKind.STOCKADE_NETWORK_POLICY,
-    ("stockade.io/v1alpha1", "ClusterNetworkPolicy"): PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY,
-    ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"): (
-        PolicyKind.CLUSTER_NETWORK_POLICY
-    ),
-}
-
-
-def policy_kind(api_version: object, kind: object) -> PolicyKind | None:
-    """The kind for an (apiVersion, kind) pair, or None when stockade does not enforce it."""
-    if not isinstance(api_version, str) or not isinstance(kind, str):
-        return None
-    return KINDS.get((api_version, kind))
+from stockade.model.policy import Policy
 
 
 def parse_policy(obj: object) -> Policy:
@@ -54,14 +37,15 @@ def _parse(obj: object, problems: Problems) -> Policy | None:
     top = fields.mapping(obj, "", problems)
     if top is None:
         return None
-    kind = policy_kind(top.get("apiVersion"), top.get("kind"))
-    if kind is None:
+    resource = resource_for(top.get("apiVersion"), top.get("kind"))
+    if resource is None:
         problems.add(
             "kind",
             f"unsupported apiVersion/kind {top.get('apiVersion')!r}/{top.get('kind')!r}; "
-            f"expected one of {', '.join(f'{a}/{k}' for a, k in KINDS)}",
+            f"expected one of {', '.join(f'{r.api_version}/{r.name}' for r in POLICY_RESOURCES)}",
         )
         return None
+    kind = resource.kind
     metadata = fields.mapping(top.get("metadata"), "metadata", problems)
     spec = fields.mapping(top.get("spec", {}), "spec", problems)
     if metadata is None or spec is None:

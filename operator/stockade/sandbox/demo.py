@@ -25,10 +25,10 @@ from typing import Any, TextIO
 
 import yaml
 
+from stockade.model.admission import admit
 from stockade.model.cluster import ClusterState, Namespace, Pod
 from stockade.model.evaluator import evaluate
 from stockade.model.flow import Flow
-from stockade.model.parse import parse_policy
 from stockade.model.policy import Policy, Protocol
 from stockade.sandbox import session
 from stockade.sandbox.running import RunningSandbox
@@ -194,7 +194,7 @@ class Demo:
         before = published_generations(self.sandbox.api, nodes)
         self.progress(f"applying {step.path.relative_to(DEMO_DIR.parents[1])}")
         self.sandbox.create_policy(step.obj)
-        self.applied.append(parse_policy(step.obj))
+        self.applied.append(admit(step.obj))
         if not wait_applied(self.sandbox.api, nodes, before, SETTLE_TIMEOUT_S):
             self.progress("the agents have not reported the change yet; probing anyway")
 

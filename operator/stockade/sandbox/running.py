@@ -20,6 +20,7 @@ from typing import Any
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
+from stockade.model.kinds import POLICY_RESOURCES, PolicyResource, resource_for
 from stockade.runtime import replace_custom_object
 from stockade.sandbox import session
 from stockade.sandbox.kubelet import delete_pod, ensure_default_service_account, register_pod
@@ -32,24 +33,6 @@ MERGE_PATCH = "application/merge-patch+json"
 # Set by the API server on every Namespace; never removed when labels are reset.
 NAME_LABEL = "kubernetes.io/metadata.name"
 Port = tuple[str | None, int, str]  # (container port name, number, protocol)
-# Where each policy kind lives in the API: (apiVersion, kind) -> (group, version, plural,
-# namespaced).
-POLICY_RESOURCES: Mapping[tuple[str, str], tuple[str, str, str, bool]] = {
-    ("networking.k8s.io/v1", "NetworkPolicy"): ("networking.k8s.io", "v1", "networkpolicies", True),
-    ("stockade.io/v1alpha1", "NetworkPolicy"): ("stockade.io", "v1alpha1", "networkpolicies", True),
-    ("stockade.io/v1alpha1", "ClusterNetworkPolicy"): (
-        "stockade.io",
-        "v1alpha1",
-        "clusternetworkpolicies",
-        False,
-    ),
-    ("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy"): (
-        "policy.networking.k8s.io",
-        "v1alpha2",
-        "clusternetworkpolicies",
-        False,
-    ),
-}
 
 
 class UnknownPolicyKindError(ValueError):
@@ -58,23 +41,20 @@ class UnknownPolicyKindError(ValueError):
 
 @dataclass(frozen=True)
 class PolicyRef:
-    group: str
-    version: str
-    plural: str
+    resource: PolicyResource
     namespace: str  # "" for cluster-scoped kinds
     name: str
 
     @classmethod
     def of(cls, obj: Mapping[str, Any]) -> PolicyRef:
-        found = POLICY_RESOURCES.get((str(obj.get("apiVersion")), str(obj.get("kind"))))
+        found = resource_for(obj.get("apiVersion"), obj.get("kind"))
         if found is None:
             raise UnknownPolicyKindError(
                 f"apiVersion/kind {obj.get('apiVersion')}/{obj.get('kind')} is not a policy kind"
             )
-        group, version, plural, namespaced = found
         meta = obj.get("metadata") or {}
-        namespace = str(meta.get("namespace") or "") if namespaced else ""
-        return cls(group, version, plural, namespace, str(meta.get("name") or ""))
+        namespace = str(meta.get("namespace") or "") if found.namespaced else ""
+        return cls(found, namespace, str(meta.get("name") or ""))
 
 
 class SandboxNotRunningError(RuntimeError):
@@ -181,31 +161,34 @@ class RunningSandbox:
 
     def create_policy(self, obj: Mapping[str, Any]) -> None:
         ref, api = PolicyRef.of(obj), self.custom()
+        kind = ref.resource
         if ref.namespace:
             api.create_namespaced_custom_object(
-                ref.group, ref.version, ref.namespace, ref.plural, obj
+                kind.group, kind.version, ref.namespace, kind.plural, obj
             )
         else:
-            api.create_cluster_custom_object(ref.group, ref.version, ref.plural, obj)
+            api.create_cluster_custom_object(kind.group, kind.version, kind.plural, obj)
 
     def replace_policy(self, obj: Mapping[str, Any]) -> None:
         """Replace the whole object on the resourceVersion the server has now (again after a
         conflict with the operator's status write)."""
         ref = PolicyRef.of(obj)
+        kind = ref.resource
         replace_custom_object(
-            self.custom(), ref.group, ref.version, ref.plural, ref.namespace, ref.name, obj
+            self.custom(), kind.group, kind.version, kind.plural, ref.namespace, ref.name, obj
         )
 
     def delete_policy(self, obj: Mapping[str, Any]) -> bool:
         """Delete the policy; False when it did not exist."""
         ref, api = PolicyRef.of(obj), self.custom()
+        kind = ref.resource
         try:
             if ref.namespace:
                 api.delete_namespaced_custom_object(
-                    ref.group, ref.version, ref.namespace, ref.plural, ref.name
+                    kind.group, kind.version, ref.namespace, kind.plural, ref.name
                 )
             else:
-                api.delete_cluster_custom_object(ref.group, ref.version, ref.plural, ref.name)
+                api.delete_cluster_custom_object(kind.group, kind.version, kind.plural, ref.name)
         except ApiException as exc:
             if exc.status != HTTP_NOT_FOUND:
                 raise
@@ -215,9 +198,10 @@ class RunningSandbox:
     def delete_all_policies(self, namespaces: Sequence[str]) -> int:
         """Delete every policy of every kind in `namespaces` and every cluster-scoped one."""
         api, deleted = self.custom(), 0
-        for (api_version, kind), (group, version, plural, namespaced) in POLICY_RESOURCES.items():
+        for resource in POLICY_RESOURCES:
+            group, version, plural = resource.group, resource.version, resource.plural
             try:
-                if namespaced:
+                if resource.namespaced:
                     items = [
                         item
                         for ns in namespaces
@@ -232,7 +216,9 @@ class RunningSandbox:
                     continue
                 raise
             for item in items:
-                deleted += self.delete_policy({**item, "apiVersion": api_version, "kind": kind})
+                deleted += self.delete_policy(
+                    {**item, "apiVersion": resource.api_version, "kind": resource.name}
+                )
         return deleted
 
     def custom(self) -> Any:
