@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from stockade.compiler import ir
 from stockade.compiler.lower import Lowering
 from stockade.datapath import events, maps
-from stockade.datapath.testrun import TcVerdict
+from stockade.harness.testrun import TcVerdict
 from stockade.model.evaluator import judge
 from stockade.model.flow import Flow
 from stockade.model.policy import Direction
