@@ -26,7 +26,7 @@ from stockade.model.flow import Flow
 from stockade.model.policy import Direction
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
-from tests.fixtures.scenarios import NODES, PROFILE, flow, scenario
+from tests.fixtures.scenarios import NODES, PROFILE, examples, flow, scenario
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _packet(f: Flow) -> ir.Packet:
     return ir.Packet(f.src_ip, f.dst_ip, f.protocol.number, port)
 
 
-@settings(settings.get_profile(PROFILE), max_examples=60)
+@settings(settings.get_profile(PROFILE), max_examples=examples(60))
 @given(data=st.data())
 def test_the_kernel_decides_lowered_policies_as_the_reference_evaluator(
     dp: Datapath, data: st.DataObject

@@ -23,7 +23,15 @@ from stockade.model.evaluator import judge
 from stockade.model.flow import Flow
 from stockade.model.parse import parse_policy
 from stockade.model.policy import Direction
-from tests.fixtures.scenarios import NODES, PROFILE, Scenario, flow, labels, scenario
+from tests.fixtures.scenarios import (
+    NODES,
+    PROFILE,
+    Scenario,
+    examples,
+    flow,
+    labels,
+    scenario,
+)
 
 
 def _packet(f: Flow) -> ir.Packet:
@@ -67,7 +75,7 @@ def test_lowered_tables_decide_every_flow_as_the_reference_evaluator(data: st.Da
         _check(case, tables, data.draw(flow(case)))
 
 
-@settings(settings.get_profile(PROFILE), max_examples=200)
+@settings(settings.get_profile(PROFILE), max_examples=examples(200))
 @given(data=st.data())
 def test_verdicts_and_results_kept_from_other_cluster_states_lower_exactly_as_a_cold_lowering(
     data: st.DataObject,
