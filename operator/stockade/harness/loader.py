@@ -40,7 +40,6 @@ class NodePrograms:
             self.writer = maps.TableWriter(self.maps)
             self._config = self._read_config()  # as loaded, for reset()
             self._rules_max = libbpf.map_info(self.maps.fd("counters")).max_entries
-            self._events = libbpf.RingBuffer(self.maps.fd("events"))
         except BaseException:
             self.close()
             raise
@@ -69,8 +68,9 @@ class NodePrograms:
             if rule_id < self._rules_max:  # the programs count no rule beyond the array
                 libbpf.map_update(counters, abi.U32.pack(rule_id), zero)
         self._rule_ids = {ir.RULE_NONE}
-        if self._events is not None:
-            self._events.poll(0)
+        if self._events is None:  # only once asked to reset: a caller may read the events
+            self._events = libbpf.RingBuffer(self.maps.fd("events"))
+        self._events.poll(0)
 
     def _read_config(self) -> bytes:
         assert self.maps is not None
