@@ -72,7 +72,10 @@ def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None
     if progress is not None:
         progress(f"running {len(cases)} cases of {args.file} on the {args.engine} engine")
     engine = create_engine(args.engine, EngineOptions(ip_family=args.ip_family))
-    summary = run_file(engine, casefile, sys.stdout, cases=cases, verbose=args.verbose)
+    try:
+        summary = run_file(engine, casefile, sys.stdout, cases=cases, verbose=args.verbose)
+    finally:
+        engine.close()
     return 0 if summary.ok else 1
 
 

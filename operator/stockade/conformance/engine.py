@@ -9,6 +9,8 @@ The runner (`stockade.conformance.runner`) drives every engine the same way, onc
             engine.apply(action)               # symbols already resolved against `addresses`
         observed = engine.probe(step.checks)   # one Observed per check, in order
     engine.teardown()                          # always, also after a failure
+    ...                                        # the next case
+    engine.close()                             # once, when the run ends (the command does it)
 
 Engines: `reference` (the pure evaluator, `engines/reference.py`), `datapath` (compiled programs
 under BPF_PROG_TEST_RUN) and `e2e` (API server, operator, agents, real pods). They can keep their
@@ -114,4 +116,9 @@ class Engine(Protocol):
 
     def teardown(self) -> None:
         """Remove everything `setup` and `apply` created; safe to call after any failure."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine keeps across cases (loaded programs, a sandbox); called once
+        when the run ends, also after a failure. Idempotent."""
         ...

@@ -186,6 +186,9 @@ class ClusterEngine(ApiServerActions):
                 break
         return [observed[i] for i in range(len(checks))]
 
+    def close(self) -> None:
+        pass  # every case removes its namespaces in teardown()
+
     def teardown(self) -> None:
         world = self.world
         self.world = None

@@ -1,7 +1,12 @@
 """The `datapath` engine: conformance cases judged by the real compiled tc programs.
 
-Each node of the case gets its own programs and maps (one pin root per node), loaded from the
-same C that the agent compiles. For every step the engine lowers the world with the operator's
+Each node gets its own programs and maps (one pin root per node), loaded from the same C that
+the agent compiles. Loading costs about a second, so a node's programs are loaded when a case
+first names the node and serve every later case of the run; `setup()` resets them to their state
+right after loading (empty tables, no conntrack entries, the config as loaded, zero counters, an
+empty event ring) and starts the lowering's ids afresh, so no case sees another's state.
+`close()` (called by the command when the run ends, and at exit) closes them and removes the pin
+root. For every step the engine lowers the world with the operator's
 own lowering (`stockade.compiler.lower.lower_node`) and writes each node's tables through the
 agent's map writer. A check then runs the connection's first packet (TCP SYN, UDP datagram, SCTP
 INIT, ICMP echo) from the source pod's address through the source node's FROM_POD program (the
@@ -16,6 +21,7 @@ topology. Needs root, clang and bpffs.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -36,6 +42,7 @@ from stockade.model.policy import IPAddress, Protocol
 
 BPFFS = Path("/sys/fs/bpf")
 CACHE_DIR = Path("/var/cache/stockade/bpf")
+FIRST_SPORT = 20000  # each check's source port is the next one
 
 
 class DatapathEngine(ReferenceEngine):
@@ -48,29 +55,57 @@ class DatapathEngine(ReferenceEngine):
         self.root: Path | None = None
         self.nodes: dict[str, NodePrograms] = {}
         self.ids: dict[str, Ids] = {}
-        self.sport = 20000
+        self.case_nodes: list[str] = []  # the nodes of the current case
+        self.sport = FIRST_SPORT
 
     def setup(self, topology: Topology, case: Case) -> Addresses:
         addresses = super().setup(topology, case)
-        self.root = BPFFS / f"stockade-conformance-{uuid.uuid4().hex[:10]}"
-        self.root.mkdir(parents=True)
+        self.case_nodes = list(addresses.nodes)
+        self.sport = FIRST_SPORT  # the flows of a fresh load: same tuples, same verdicts
         try:
-            for node in addresses.nodes:
-                pin_root = self.root / node
-                pin_root.mkdir()
-                self.nodes[node] = NodePrograms(self.shape, pin_root, self.compiler)
+            for node in self.case_nodes:
+                programs = self.nodes.get(node)
+                if programs is None:
+                    self.nodes[node] = self._load(node)
+                else:
+                    self._reset(node, programs)
                 self.ids[node] = Ids()
         except BaseException:
             self.teardown()
             raise
         return addresses
 
+    def _load(self, node: str) -> NodePrograms:
+        if self.root is None:
+            root = BPFFS / f"stockade-conformance-{uuid.uuid4().hex[:10]}"
+            root.mkdir(parents=True)
+            self.root = root
+            atexit.register(self.close)
+        pin_root = self.root / node
+        pin_root.mkdir()
+        try:
+            return NodePrograms(self.shape, pin_root, self.compiler)
+        except BaseException:
+            shutil.rmtree(pin_root, ignore_errors=True)  # a later load must not adopt its maps
+            raise
+
+    def _reset(self, node: str, programs: NodePrograms) -> None:
+        try:
+            programs.reset()
+        except BaseException:
+            # State unknown: forget the node, so that the next case that names it loads afresh.
+            del self.nodes[node]
+            programs.close()
+            shutil.rmtree(programs.pin_root, ignore_errors=True)
+            raise
+
     def probe(self, checks: Sequence[Check]) -> list[Observed]:
         world, addresses = self._world(), self.addresses
         assert addresses is not None
         state = world.cluster_state(addresses)
         policies = list(world.policies.values())
-        for node, programs in self.nodes.items():
+        for node in self.case_nodes:
+            programs = self.nodes[node]
             lowered = lower_node(state, policies, node, self.ids[node])
             self.ids[node] = lowered.ids
             programs.write(lowered.tables)
@@ -86,14 +121,22 @@ class DatapathEngine(ReferenceEngine):
         return observed
 
     def teardown(self) -> None:
-        for programs in self.nodes.values():
-            programs.close()
-        self.nodes.clear()
+        """End the case; the loaded programs stay for the next one (`setup()` resets them)."""
+        self.case_nodes = []
         self.ids.clear()
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
         super().teardown()
+
+    def close(self) -> None:
+        """Close every node's programs and remove the pin root. Idempotent; also runs at exit."""
+        try:
+            for programs in self.nodes.values():
+                programs.close()
+        finally:
+            self.nodes.clear()
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None
+                atexit.unregister(self.close)
 
     def _pod_node(self, pod: str, address: IPAddress) -> str | None:
         """The node whose hooks see `pod`'s traffic; None for a host-network pod (no veth)."""

@@ -92,6 +92,9 @@ class ReferenceEngine:
         self.world = None
         self.addresses = None
 
+    def close(self) -> None:
+        pass  # nothing outlives a case
+
     def _world(self) -> World:
         if self.world is None:
             raise RuntimeError("reference engine: setup() was not called")
