@@ -10,12 +10,20 @@ drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
+from stockade.model.crd_common import (
+    FIELD_ERROR,
+    IcmpMatch,
+    LabelSelector,
+    PolicyStatus,
+    type_name,
+)
 from stockade.model.crd_datapath import DatapathTableSpec, DatapathTableStatus
 from stockade.model.crd_schema import (
     GROUP,
@@ -149,9 +157,35 @@ def field_errors(
         if err["type"] == FIELD_ERROR:
             ctx = err.get("ctx") or {}
             loc = (*loc, str(ctx["field"]))
-        message = err["msg"].removeprefix("Value error, ")
-        out.append(FieldProblem(_path(loc), message))
+        out.append(FieldProblem(_path(loc), _message(err)))
     return tuple(out)
+
+
+_TYPE_ERRORS = {
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "dict_type": "an object",
+    "list_type": "a list",
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+}
+
+
+def _message(err: ErrorDetails) -> str:
+    """pydantic's error in the words the API server and stockade's other messages use."""
+    kind, value = err["type"], err.get("input")
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return f"must be one of {', '.join(options)}, got {value!r}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required"
+    if kind in _TYPE_ERRORS:
+        return f"must be {_TYPE_ERRORS[kind]}, got {type_name(value)}"
+    return err["msg"].removeprefix("Value error, ")
 
 
 def parse_policy(obj: Mapping[str, Any]) -> StockadeNetworkPolicy | StockadeClusterNetworkPolicy:

@@ -3,9 +3,9 @@
 ICMPv6 matches in `ports`, and a per-policy `mode` (Enforce or Audit).
 
 The models are the single source of truth for the CRD schema (`crd_schema` generates
-`crds/stockade.io_networkpolicies.yaml` from them) and validate the same rules in Python for the
-operator. The standard NetworkPolicy is parsed with these models too (`action` and `mode` keep
-their defaults), so the operator and the reference evaluator read both kinds one way.
+`crds/stockade.io_networkpolicies.yaml` from them), validate the same rules in Python for the
+operator, and map a valid object to the internal `Policy` (`StockadeNetworkPolicy.to_policy`,
+called by `stockade.model.parse.parse_policy`): one validation, one path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from stockade.model import policy as internal
 from stockade.model.crd_common import (
     Cidr,
     IcmpMatch,
@@ -23,11 +24,13 @@ from stockade.model.crd_common import (
     LabelSelector,
     ObjectMeta,
     PolicyStatus,
+    PortNumber,
     WireModel,
     cel,
     parse_cidr,
     validations,
 )
+from stockade.model.selectors import EVERYTHING
 
 MAX_RULES = 64
 MAX_PEERS = 64
@@ -92,6 +95,12 @@ class IPBlock(WireModel):
     def excepted(self) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(e) for e in self.except_ or ())
 
+    def to_peer(self) -> internal.CidrPeer:
+        excepts = sorted(
+            set(self.excepted), key=lambda n: (n.version, n.network_address, n.prefixlen)
+        )
+        return internal.CidrPeer(self.network, tuple(excepts))
+
 
 class NetworkPolicyPeer(WireModel):
     """A peer: pods selected by podSelector within namespaces selected by namespaceSelector
@@ -117,6 +126,18 @@ class NetworkPolicyPeer(WireModel):
         if selectors == (self.ip_block is not None):
             raise ValueError(PEER_KINDS)
         return self
+
+    def to_peer(self, namespace: str) -> internal.Peer:
+        if self.ip_block is not None:
+            return self.ip_block.to_peer()
+        pods = self.pod_selector.to_selector() if self.pod_selector else EVERYTHING
+        if self.namespace_selector is None:
+            # "If namespaceSelector is not set, the podSelector selects pods in the policy's own
+            # namespace."
+            return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace=namespace))
+        # Both set: "selects particular Pods within particular Namespaces" (AND).
+        namespaces = self.namespace_selector.to_selector()
+        return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
 
 
 class NetworkPolicyPort(WireModel):
@@ -152,7 +173,7 @@ class NetworkPolicyPort(WireModel):
 
     protocol: Protocol | None = None
     port: IntOrPort | None = None
-    end_port: int | None = Field(default=None, ge=1, le=65535)
+    end_port: PortNumber | None = None
     icmp: IcmpMatch | None = None
     icmpv6: IcmpMatch | None = None
 
@@ -187,6 +208,37 @@ class NetworkPolicyPort(WireModel):
             return "ICMPv6"
         return self.protocol or "TCP"
 
+    def to_port(self) -> internal.PortSpec:
+        if self.icmp is not None:
+            return internal.IcmpMatch(internal.Protocol.ICMP, self.icmp.type, self.icmp.code)
+        if self.icmpv6 is not None:
+            return internal.IcmpMatch(internal.Protocol.ICMPV6, self.icmpv6.type, self.icmpv6.code)
+        protocol = internal.Protocol(self.protocol or "TCP")  # "defaults to TCP"
+        if self.port is None:
+            return internal.PortRange(protocol)
+        if isinstance(self.port, str):
+            return internal.NamedPort(self.port, protocol)
+        end = self.end_port if self.end_port is not None else self.port
+        return internal.PortRange(protocol, self.port, end)
+
+
+def _rule(
+    ref: internal.RuleRef,
+    action: Action,
+    peers: list[NetworkPolicyPeer] | None,
+    ports: list[NetworkPolicyPort] | None,
+) -> internal.Rule:
+    # "If this field is empty or missing, this rule matches all sources/destinations" and
+    # "... matches all ports".
+    found = tuple(dict.fromkeys(p.to_peer(ref.namespace) for p in peers or ()))
+    matches = tuple(dict.fromkeys(p.to_port() for p in ports or ()))
+    return internal.Rule(
+        ref=ref,
+        action=internal.RuleAction(action),
+        peers=found or (internal.AnyPeer(),),
+        ports=matches or (internal.AnyPort(),),
+    )
+
 
 class NetworkPolicyIngressRule(WireModel):
     """Traffic from any of `from` (every source if omitted) to any of `ports` (every port if
@@ -196,6 +248,9 @@ class NetworkPolicyIngressRule(WireModel):
     from_: list[NetworkPolicyPeer] | None = Field(default=None, alias="from", max_length=MAX_PEERS)
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
 
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
+        return _rule(ref, self.action, self.from_, self.ports)
+
 
 class NetworkPolicyEgressRule(WireModel):
     """Traffic to any of `to` (every destination if omitted) on any of `ports` (every port if
@@ -204,6 +259,9 @@ class NetworkPolicyEgressRule(WireModel):
     action: Action = "Allow"
     to: list[NetworkPolicyPeer] | None = Field(default=None, max_length=MAX_PEERS)
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
+
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
+        return _rule(ref, self.action, self.to, self.ports)
 
 
 class NetworkPolicySpec(WireModel):
@@ -236,6 +294,39 @@ class NetworkPolicySpec(WireModel):
             types.add("Egress")
         return frozenset(types)
 
+    def to_policy(self, namespace: str, name: str) -> internal.Policy:
+        kind = internal.PolicyKind.STOCKADE_NETWORK_POLICY
+        # `policyTypes: []` is defaulted as if absent (SetDefaults_NetworkPolicySpec).
+        spec = self.model_copy(update={"policy_types": None}) if self.policy_types == [] else self
+        directions = frozenset(internal.Direction(t) for t in spec.effective_policy_types())
+        ingress = self.ingress if internal.Direction.INGRESS in directions else None
+        egress = self.egress if internal.Direction.EGRESS in directions else None
+        # policyTypes: rules of a direction the policy does not affect do nothing.
+        rules = {
+            internal.Direction.INGRESS: tuple(
+                rule.to_rule(internal.RuleRef(kind, namespace, name, internal.Direction.INGRESS, i))
+                for i, rule in enumerate(ingress or ())
+            ),
+            internal.Direction.EGRESS: tuple(
+                rule.to_rule(internal.RuleRef(kind, namespace, name, internal.Direction.EGRESS, i))
+                for i, rule in enumerate(egress or ())
+            ),
+        }
+        return internal.Policy(
+            kind=kind,
+            namespace=namespace,
+            name=name,
+            tier=internal.Tier.NAMESPACE,
+            priority=0,
+            mode=internal.Mode(self.mode),
+            subject=internal.PodSet(
+                pod_selector=self.pod_selector.to_selector(), namespace=namespace
+            ),
+            directions=directions,
+            ingress=rules[internal.Direction.INGRESS],
+            egress=rules[internal.Direction.EGRESS],
+        )
+
 
 class StockadeNetworkPolicy(WireModel):
     """A whole `stockade.io/v1alpha1` NetworkPolicy object as the API server returns it."""
@@ -247,3 +338,7 @@ class StockadeNetworkPolicy(WireModel):
     metadata: ObjectMeta
     spec: NetworkPolicySpec
     status: PolicyStatus | None = None
+
+    def to_policy(self) -> internal.Policy:
+        """The internal representation of this (valid) object."""
+        return self.spec.to_policy(self.metadata.required_namespace(), self.metadata.name)

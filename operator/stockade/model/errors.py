@@ -1,10 +1,11 @@
 """The one error type of policy admission: every problem, each with its field path.
 
-Both steps of admission (`stockade.model.admission`) raise it: the CRD models' check of stockade's
-kinds (`stockade.model.crd.parse_policy`) and the policy parsers (`stockade.model.parse`). They
-collect problems instead of stopping at the first, so that the operator can report all of them at
-once as a condition on the object, and the conformance runner can tell an unsupported feature
-from a malformed object.
+Every path from an API object to a `Policy` (`stockade.model.admission`) raises it: the pydantic
+models of stockade's kinds (`stockade.model.crd.parse_policy`, which words pydantic's errors the
+way the API server does) and the parsers of the standard and upstream kinds
+(`stockade.model.parse`). They collect problems instead of stopping at the first, so that the
+operator can report all of them at once as a condition on the object, and the conformance runner
+can tell an unsupported feature from a malformed object.
 """
 
 from __future__ import annotations

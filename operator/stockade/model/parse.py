@@ -1,13 +1,16 @@
 """The entry point from a raw policy object (any of the four kinds) to a `Policy`.
 
-The operator calls `parse_policy` on every watched object and reports a `PolicyParseError` as a
-condition; the conformance engines call it on case-file objects. It never raises anything but
-`PolicyParseError`, whatever dict it is given.
+The operator calls `parse_policy` on every watched object (through `stockade.model.admission`)
+and reports a `PolicyParseError` as a condition; the conformance engines call it on case-file
+objects. stockade's own kinds are validated by the pydantic models their CRDs are generated from
+(`stockade.model.crd.parse_policy`), which then map themselves to `Policy`; the standard and
+upstream kinds go through the field parsers (`parse_netpol`, `parse_cnp`). It never raises
+anything but `PolicyParseError`, whatever dict it is given.
 """
 
 from __future__ import annotations
 
-from stockade.model import fields
+from stockade.model import crd, fields
 from stockade.model.errors import FieldProblem, PolicyParseError
 from stockade.model.fields import Problems
 from stockade.model.kinds import POLICY_RESOURCES, resource_for
@@ -45,14 +48,15 @@ def _parse(obj: object, problems: Problems) -> Policy | None:
             f"expected one of {', '.join(f'{r.api_version}/{r.name}' for r in POLICY_RESOURCES)}",
         )
         return None
-    kind = resource.kind
+    if resource.model is not None:
+        return crd.parse_policy(top).to_policy()
     metadata = fields.mapping(top.get("metadata"), "metadata", problems)
     spec = fields.mapping(top.get("spec", {}), "spec", problems)
     if metadata is None or spec is None:
         return None
     # Missing names are recorded; the spec is still parsed so that every problem is reported.
     name = parse_name(metadata, "metadata", problems, "name") or ""
-    if kind.cluster_scoped:
-        return parse_cluster_network_policy(kind, name, spec, problems)
+    if resource.kind.cluster_scoped:
+        return parse_cluster_network_policy(name, spec, problems)
     namespace = parse_name(metadata, "metadata", problems, "namespace") or ""
-    return parse_network_policy(kind, namespace, name, spec, problems)
+    return parse_network_policy(namespace, name, spec, problems)

@@ -1,9 +1,9 @@
-"""Parse ClusterNetworkPolicy specs: policy.networking.k8s.io/v1alpha2 and stockade.io/v1alpha1.
+"""Parse policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy specs.
 
-One code path for both kinds: stockade's spec is exactly upstream v1alpha2's plus `icmp`/`icmpv6`
-entries in `protocols[]` and `spec.mode`, which the upstream kind rejects as unknown fields.
-Semantics quoted from upstream `apis/v1alpha2/clusternetworkpolicy_types.go`.
-Called by `stockade.model.parse.parse_policy`.
+The upstream kind is validated by its own CRD; this checks what the internal representation
+needs. stockade's ClusterNetworkPolicy (upstream's spec plus ICMP matches and `spec.mode`) maps
+itself (`stockade.model.crd_scnp`). Semantics quoted from upstream
+`apis/v1alpha2/clusternetworkpolicy_types.go`. Called by `stockade.model.parse.parse_policy`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from stockade.model import fields
 from stockade.model.fields import Problems
 from stockade.model.parse_common import (
     parse_cidr,
-    parse_icmp,
-    parse_mode,
     parse_port_number,
     port_name_problem,
 )
@@ -52,17 +50,13 @@ _PORT_PROTOCOLS = {"tcp": Protocol.TCP, "udp": Protocol.UDP, "sctp": Protocol.SC
 
 
 def parse_cluster_network_policy(
-    kind: PolicyKind, name: str, spec: Mapping[str, object], problems: Problems
+    name: str, spec: Mapping[str, object], problems: Problems
 ) -> Policy | None:
-    stockade = kind is PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY
-    spec_keys = ["tier", "priority", "subject", "ingress", "egress"] + (
-        ["mode"] if stockade else []
-    )
-    fields.known_keys(spec, "spec", problems, spec_keys)
+    kind = PolicyKind.CLUSTER_NETWORK_POLICY
+    fields.known_keys(spec, "spec", problems, ("tier", "priority", "subject", "ingress", "egress"))
     tier_text = fields.choice(spec.get("tier"), "spec.tier", problems, ("Admin", "Baseline"))
     priority = fields.integer(spec.get("priority"), "spec.priority", problems, 0, 1000)
     subject = _parse_subject(spec.get("subject"), "spec.subject", problems)
-    mode = parse_mode(spec, "spec.mode", problems) if stockade else Mode.ENFORCE
     rules: dict[Direction, tuple[Rule, ...]] = {}
     for direction in Direction:
         key = direction.value.lower()
@@ -73,7 +67,7 @@ def parse_cluster_network_policy(
             problems.add(f"spec.{key}", f"must have at most {MAX_RULES} rules, got {len(items)}")
         for i, item in enumerate(items or []):
             ref = RuleRef(kind, "", name, direction, i)
-            rule = _parse_rule(ref, item, f"spec.{key}[{i}]", problems, stockade)
+            rule = _parse_rule(ref, item, f"spec.{key}[{i}]", problems)
             if rule is not None:
                 parsed.append(rule)
         rules[direction] = tuple(parsed)
@@ -87,7 +81,7 @@ def parse_cluster_network_policy(
         name=name,
         tier=Tier(tier_text),
         priority=priority,
-        mode=mode,
+        mode=Mode.ENFORCE,
         subject=subject,
         directions=directions,
         ingress=rules[Direction.INGRESS],
@@ -131,9 +125,7 @@ def _parse_namespaced_pod(value: object, path: str, problems: Problems) -> PodSe
     return PodSet(pod_selector=pod_sel, namespace_selector=ns_sel)
 
 
-def _parse_rule(
-    ref: RuleRef, value: object, path: str, problems: Problems, stockade: bool
-) -> Rule | None:
+def _parse_rule(ref: RuleRef, value: object, path: str, problems: Problems) -> Rule | None:
     obj = fields.mapping(value, path, problems)
     if obj is None:
         return None
@@ -158,7 +150,7 @@ def _parse_rule(
         if raw_ports is not None and not 1 <= len(raw_ports) <= MAX_PEERS:
             problems.add(f"{path}.protocols", f"must have 1 to {MAX_PEERS} entries when set")
         for i, item in enumerate(raw_ports or []):
-            port = _parse_protocol(item, f"{path}.protocols[{i}]", problems, stockade)
+            port = _parse_protocol(item, f"{path}.protocols[{i}]", problems)
             if port is not None:
                 ports.append(port)
     named = any(isinstance(p, NamedPort) for p in ports)
@@ -212,15 +204,11 @@ def _parse_peer(value: object, path: str, problems: Problems, direction: Directi
     return []
 
 
-def _parse_protocol(
-    value: object, path: str, problems: Problems, stockade: bool
-) -> PortSpec | None:
+def _parse_protocol(value: object, path: str, problems: Problems) -> PortSpec | None:
     obj = fields.mapping(value, path, problems)
     if obj is None:
         return None
-    kinds = ["tcp", "udp", "sctp", "destinationNamedPort"] + (
-        ["icmp", "icmpv6"] if stockade else []
-    )
+    kinds = ("tcp", "udp", "sctp", "destinationNamedPort")
     fields.known_keys(obj, path, problems, kinds)
     which = fields.exactly_one(obj, path, problems, kinds)
     if which is None:
@@ -236,9 +224,6 @@ def _parse_protocol(
         # "selects a destination port on a pod based on the ContainerPort name": the named
         # container port's own protocol applies.
         return NamedPort(name, None)
-    if which in ("icmp", "icmpv6"):
-        proto = Protocol.ICMP if which == "icmp" else Protocol.ICMPV6
-        return parse_icmp(obj[which], sub, problems, proto)
     protocol = _PORT_PROTOCOLS[which]
     body = fields.mapping(obj[which], sub, problems)
     if body is None:

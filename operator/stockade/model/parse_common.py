@@ -1,7 +1,7 @@
 """Field parsers shared by the NetworkPolicy and ClusterNetworkPolicy parsers.
 
-Called only by `stockade.model.parse_netpol` and `stockade.model.parse_cnp`: CIDRs, ICMP matches,
-port numbers, named ports and `spec.mode`, each checked the way the API server's validation does.
+Called only by `stockade.model.parse_netpol` and `stockade.model.parse_cnp`: CIDRs,
+port numbers, named ports and names, each checked the way the API server's validation does.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from stockade.model import fields
 from stockade.model.fields import Problems
-from stockade.model.policy import IcmpMatch, IPNetwork, Mode, Protocol
+from stockade.model.policy import IPNetwork
 
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
@@ -49,25 +49,6 @@ def parse_excepts(
     return tuple(sorted(set(found), key=lambda n: (n.version, n.network_address, n.prefixlen)))
 
 
-def parse_icmp(
-    value: object, path: str, problems: Problems, protocol: Protocol
-) -> IcmpMatch | None:
-    """A stockade extension: `icmp`/`icmpv6: {type: 0-255, code?: 0-255}`."""
-    obj = fields.mapping(value, path, problems)
-    if obj is None:
-        return None
-    fields.known_keys(obj, path, problems, ("type", "code"))
-    icmp_type = fields.integer(obj.get("type"), f"{path}.type", problems, 0, 255)
-    code: int | None = None
-    if obj.get("code") is not None:
-        code = fields.integer(obj.get("code"), f"{path}.code", problems, 0, 255)
-        if code is None:
-            return None
-    if icmp_type is None:
-        return None
-    return IcmpMatch(protocol, icmp_type, code)
-
-
 def parse_port_number(value: object, path: str, problems: Problems) -> int | None:
     return fields.integer(value, path, problems, 1, 65535)
 
@@ -83,15 +64,6 @@ def port_name_problem(name: str) -> str | None:
     ):
         return f"{name!r} is not a valid port name (IANA_SVC_NAME: 1-15 lowercase a-z0-9 and -)"
     return None
-
-
-def parse_mode(spec: Mapping[str, object], path: str, problems: Problems) -> Mode:
-    """`spec.mode: Enforce | Audit`, default Enforce (stockade kinds only)."""
-    raw = spec.get("mode")
-    if raw is None:
-        return Mode.ENFORCE
-    text = fields.choice(raw, path, problems, [m.value for m in Mode])
-    return Mode(text) if text is not None else Mode.ENFORCE
 
 
 def parse_name(

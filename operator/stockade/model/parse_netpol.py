@@ -1,7 +1,8 @@
-"""Parse networking.k8s.io/v1 NetworkPolicy and stockade.io/v1alpha1 NetworkPolicy specs.
+"""Parse networking.k8s.io/v1 NetworkPolicy specs.
 
-One code path: the stockade kind is the standard spec plus per-rule `action`, ICMP/ICMPv6 entries
-in `ports[]` and `spec.mode`; for the standard kind those fields are unknown and rejected.
+The standard kind is validated by the API server's own schema; this checks what the internal
+representation needs, more leniently than stockade's CRD (no count bounds, `podSelector`
+optional). stockade's NetworkPolicy maps itself (`stockade.model.crd_snp`).
 Called by `stockade.model.parse.parse_policy`.
 """
 
@@ -14,8 +15,6 @@ from stockade.model.fields import Problems
 from stockade.model.parse_common import (
     parse_cidr,
     parse_excepts,
-    parse_icmp,
-    parse_mode,
     parse_port_number,
     port_name_problem,
 )
@@ -50,17 +49,15 @@ _PEER_KEYS = {
 
 
 def parse_network_policy(
-    kind: PolicyKind, namespace: str, name: str, spec: Mapping[str, object], problems: Problems
+    namespace: str, name: str, spec: Mapping[str, object], problems: Problems
 ) -> Policy | None:
-    stockade = kind is PolicyKind.STOCKADE_NETWORK_POLICY
-    spec_keys = ["podSelector", "ingress", "egress", "policyTypes"] + (["mode"] if stockade else [])
-    fields.known_keys(spec, "spec", problems, spec_keys)
+    kind = PolicyKind.NETWORK_POLICY
+    fields.known_keys(spec, "spec", problems, ("podSelector", "ingress", "egress", "policyTypes"))
     subject_selector = EVERYTHING
     if spec.get("podSelector") is not None:
         subject_selector = parse_selector(spec["podSelector"], "spec.podSelector", problems) or (
             EVERYTHING
         )
-    mode = parse_mode(spec, "spec.mode", problems) if stockade else Mode.ENFORCE
     directions = _policy_types(spec, problems)
     rules: dict[Direction, tuple[Rule, ...]] = {}
     for direction in Direction:
@@ -70,9 +67,7 @@ def parse_network_policy(
         if raw is not None:
             for i, item in enumerate(fields.sequence(raw, f"spec.{key}", problems) or []):
                 ref = RuleRef(kind, namespace, name, direction, i)
-                rule = _parse_rule(
-                    ref, item, f"spec.{key}[{i}]", problems, namespace=namespace, stockade=stockade
-                )
+                rule = _parse_rule(ref, item, f"spec.{key}[{i}]", problems, namespace=namespace)
                 if rule is not None:
                     parsed.append(rule)
         # policyTypes: "If this field is not specified ... policies that contain an egress
@@ -84,7 +79,7 @@ def parse_network_policy(
         name=name,
         tier=Tier.NAMESPACE,
         priority=0,
-        mode=mode,
+        mode=Mode.ENFORCE,
         subject=PodSet(pod_selector=subject_selector, namespace=namespace),
         directions=directions,
         ingress=rules[Direction.INGRESS],
@@ -117,18 +112,13 @@ def _parse_rule(
     problems: Problems,
     *,
     namespace: str,
-    stockade: bool,
 ) -> Rule | None:
     obj = fields.mapping(value, path, problems)
     if obj is None:
         return None
     peer_key = _PEER_KEYS[ref.direction]
     before = len(problems.items)
-    fields.known_keys(obj, path, problems, [peer_key, "ports"] + (["action"] if stockade else []))
-    action = RuleAction.ALLOW
-    if stockade and obj.get("action") is not None:
-        text = fields.choice(obj["action"], f"{path}.action", problems, ["Allow", "Deny"])
-        action = RuleAction(text) if text is not None else action
+    fields.known_keys(obj, path, problems, (peer_key, "ports"))
     peers: list[Peer] = []
     raw_peers = obj.get(peer_key)
     if raw_peers is not None:
@@ -140,7 +130,7 @@ def _parse_rule(
     raw_ports = obj.get("ports")
     if raw_ports is not None:
         for i, item in enumerate(fields.sequence(raw_ports, f"{path}.ports", problems) or []):
-            port = _parse_port(item, f"{path}.ports[{i}]", problems, stockade)
+            port = _parse_port(item, f"{path}.ports[{i}]", problems)
             if port is not None:
                 ports.append(port)
     if len(problems.items) != before:
@@ -149,7 +139,7 @@ def _parse_rule(
     # "... matches all ports".
     return Rule(
         ref=ref,
-        action=action,
+        action=RuleAction.ALLOW,
         peers=tuple(dict.fromkeys(peers)) or (AnyPeer(),),
         ports=tuple(dict.fromkeys(ports)) or (AnyPort(),),
     )
@@ -204,19 +194,11 @@ def _parse_ip_block(value: object, path: str, problems: Problems) -> CidrPeer | 
     return CidrPeer(cidr, excepts)
 
 
-def _parse_port(value: object, path: str, problems: Problems, stockade: bool) -> PortSpec | None:
+def _parse_port(value: object, path: str, problems: Problems) -> PortSpec | None:
     obj = fields.mapping(value, path, problems)
     if obj is None:
         return None
-    icmp_keys = ["icmp", "icmpv6"] if stockade else []
-    fields.known_keys(obj, path, problems, ["protocol", "port", "endPort", *icmp_keys])
-    for key, proto in (("icmp", Protocol.ICMP), ("icmpv6", Protocol.ICMPV6)):
-        if stockade and obj.get(key) is not None:
-            others = [k for k in obj if k != key and obj[k] is not None]
-            if others:
-                problems.add(path, f"{key} may not be combined with {', '.join(sorted(others))}")
-                return None
-            return parse_icmp(obj[key], f"{path}.{key}", problems, proto)
+    fields.known_keys(obj, path, problems, ("protocol", "port", "endPort"))
     protocol = Protocol.TCP  # "If not specified, this field defaults to TCP."
     if obj.get("protocol") is not None:
         text = fields.choice(obj["protocol"], f"{path}.protocol", problems, _PORT_PROTOCOLS)
