@@ -1,11 +1,12 @@
 """The stockade policy API (`stockade.io/v1alpha1`) in one place: the two kinds, their CRDs, and
 parsing of raw objects with every error reported by field path.
 
-Admission (`stockade.model.admission`) calls `parse_policy()` on each stockade object (after the
-API server has validated it against the same rules, generated from these models), which raises
-the one policy error type (`stockade.model.errors.PolicyParseError`); `hack/gen-crds.py` and the
-drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in `crd_common`,
-`crd_snp` and `crd_scnp`.
+`stockade.model.parse` (the one path from an API object to a `Policy`) calls `parse_policy()` on
+each stockade object (which the API server has validated against the same rules, generated from
+these models) and then the model's `to_policy()`; a problem raises the one policy error type
+(`stockade.model.errors.PolicyParseError`), worded as the API server words it. `hack/gen-crds.py`
+and the drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in
+`crd_common`, `crd_snp` and `crd_scnp`.
 """
 
 from __future__ import annotations
