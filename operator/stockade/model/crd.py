@@ -184,6 +184,8 @@ def _message(err: ErrorDetails) -> str:
         return "unknown field"
     if kind == "missing":
         return "required"
+    if kind == "string_too_short" and (err.get("ctx") or {}).get("min_length") == 1:
+        return "must not be empty"
     if kind in _TYPE_ERRORS:
         return f"must be {_TYPE_ERRORS[kind]}, got {type_name(value)}"
     return err["msg"].removeprefix("Value error, ")
