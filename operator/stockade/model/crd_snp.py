@@ -11,11 +11,15 @@ called by `stockade.model.parse.parse_policy`): one validation, one path.
 from __future__ import annotations
 
 import ipaddress
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from stockade.model import policy as internal
+from stockade.model import selectors
 from stockade.model.crd_common import (
     Cidr,
     IcmpMatch,
@@ -222,21 +226,73 @@ class NetworkPolicyPort(WireModel):
         return internal.PortRange(protocol, self.port, end)
 
 
-def _rule(
+class RuleModel(typing.Protocol):
+    """A rule of either NetworkPolicy kind (`stockade.model.netpol_v1` has the standard's)."""
+
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule: ...
+
+
+def network_rule(
     ref: internal.RuleRef,
-    action: Action,
-    peers: list[NetworkPolicyPeer] | None,
-    ports: list[NetworkPolicyPort] | None,
+    action: internal.RuleAction,
+    peers: Iterable[internal.Peer],
+    ports: Iterable[internal.PortSpec],
 ) -> internal.Rule:
-    # "If this field is empty or missing, this rule matches all sources/destinations" and
-    # "... matches all ports".
-    found = tuple(dict.fromkeys(p.to_peer(ref.namespace) for p in peers or ()))
-    matches = tuple(dict.fromkeys(p.to_port() for p in ports or ()))
+    """A NetworkPolicy rule. "If this field is empty or missing, this rule matches all
+    sources/destinations" and "... matches all ports"."""
     return internal.Rule(
         ref=ref,
-        action=internal.RuleAction(action),
-        peers=found or (internal.AnyPeer(),),
-        ports=matches or (internal.AnyPort(),),
+        action=action,
+        peers=tuple(dict.fromkeys(peers)) or (internal.AnyPeer(),),
+        ports=tuple(dict.fromkeys(ports)) or (internal.AnyPort(),),
+    )
+
+
+def network_policy(
+    ref: internal.RuleRef,
+    mode: internal.Mode,
+    pod_selector: selectors.LabelSelector,
+    directions: frozenset[internal.Direction],
+    ingress: Sequence[RuleModel] | None,
+    egress: Sequence[RuleModel] | None,
+) -> internal.Policy:
+    """A NetworkPolicy of either kind; `ref` names the kind, namespace and name."""
+    rules: dict[internal.Direction, tuple[internal.Rule, ...]] = {}
+    for direction, items in (
+        (internal.Direction.INGRESS, ingress),
+        (internal.Direction.EGRESS, egress),
+    ):
+        # policyTypes: rules of a direction the policy does not affect do nothing.
+        rules[direction] = tuple(
+            rule.to_rule(replace(ref, direction=direction, index=i))
+            for i, rule in enumerate(items or ())
+            if direction in directions
+        )
+    return internal.Policy(
+        kind=ref.kind,
+        namespace=ref.namespace,
+        name=ref.name,
+        tier=internal.Tier.NAMESPACE,
+        priority=0,
+        mode=mode,
+        subject=internal.PodSet(pod_selector=pod_selector, namespace=ref.namespace),
+        directions=directions,
+        ingress=rules[internal.Direction.INGRESS],
+        egress=rules[internal.Direction.EGRESS],
+    )
+
+
+def default_policy_types(
+    policy_types: Sequence[PolicyType] | None, egress: Sequence[object] | None
+) -> frozenset[internal.Direction]:
+    """networking/v1 defaulting (SetDefaults_NetworkPolicySpec): Ingress always, Egress when there
+    are egress rules, unless policyTypes says otherwise (`[]` is defaulted as if absent)."""
+    if policy_types:
+        return frozenset(internal.Direction(t) for t in policy_types)
+    return frozenset(
+        {internal.Direction.INGRESS, internal.Direction.EGRESS}
+        if egress
+        else {internal.Direction.INGRESS}
     )
 
 
@@ -249,7 +305,9 @@ class NetworkPolicyIngressRule(WireModel):
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
 
     def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
-        return _rule(ref, self.action, self.from_, self.ports)
+        peers = (p.to_peer(ref.namespace) for p in self.from_ or ())
+        ports = (p.to_port() for p in self.ports or ())
+        return network_rule(ref, internal.RuleAction(self.action), peers, ports)
 
 
 class NetworkPolicyEgressRule(WireModel):
@@ -261,7 +319,9 @@ class NetworkPolicyEgressRule(WireModel):
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
 
     def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
-        return _rule(ref, self.action, self.to, self.ports)
+        peers = (p.to_peer(ref.namespace) for p in self.to or ())
+        ports = (p.to_port() for p in self.ports or ())
+        return network_rule(ref, internal.RuleAction(self.action), peers, ports)
 
 
 class NetworkPolicySpec(WireModel):
@@ -296,36 +356,11 @@ class NetworkPolicySpec(WireModel):
 
     def to_policy(self, namespace: str, name: str) -> internal.Policy:
         kind = internal.PolicyKind.STOCKADE_NETWORK_POLICY
-        # `policyTypes: []` is defaulted as if absent (SetDefaults_NetworkPolicySpec).
-        spec = self.model_copy(update={"policy_types": None}) if self.policy_types == [] else self
-        directions = frozenset(internal.Direction(t) for t in spec.effective_policy_types())
-        ingress = self.ingress if internal.Direction.INGRESS in directions else None
-        egress = self.egress if internal.Direction.EGRESS in directions else None
-        # policyTypes: rules of a direction the policy does not affect do nothing.
-        rules = {
-            internal.Direction.INGRESS: tuple(
-                rule.to_rule(internal.RuleRef(kind, namespace, name, internal.Direction.INGRESS, i))
-                for i, rule in enumerate(ingress or ())
-            ),
-            internal.Direction.EGRESS: tuple(
-                rule.to_rule(internal.RuleRef(kind, namespace, name, internal.Direction.EGRESS, i))
-                for i, rule in enumerate(egress or ())
-            ),
-        }
-        return internal.Policy(
-            kind=kind,
-            namespace=namespace,
-            name=name,
-            tier=internal.Tier.NAMESPACE,
-            priority=0,
-            mode=internal.Mode(self.mode),
-            subject=internal.PodSet(
-                pod_selector=self.pod_selector.to_selector(), namespace=namespace
-            ),
-            directions=directions,
-            ingress=rules[internal.Direction.INGRESS],
-            egress=rules[internal.Direction.EGRESS],
-        )
+        ref = internal.RuleRef(kind, namespace, name, internal.Direction.INGRESS, 0)
+        directions = default_policy_types(self.policy_types, self.egress)
+        mode = internal.Mode(self.mode)
+        subject = self.pod_selector.to_selector()
+        return network_policy(ref, mode, subject, directions, self.ingress, self.egress)
 
 
 class StockadeNetworkPolicy(WireModel):
