@@ -3,21 +3,23 @@
 The operator calls `parse_policy` on every watched object (through `stockade.model.admission`)
 and reports a `PolicyParseError` as a condition; the conformance engines call it on case-file
 objects. stockade's own kinds are validated by the pydantic models their CRDs are generated from
-(`stockade.model.crd.parse_policy`), which then map themselves to `Policy`; the standard and
-upstream kinds go through the field parsers (`parse_netpol`, `parse_cnp`). It never raises
-anything but `PolicyParseError`, whatever dict it is given.
+(`stockade.model.crd.parse_policy`), the standard NetworkPolicy by its lenient models
+(`stockade.model.netpol_v1`); each model then maps itself to `Policy`. The upstream
+ClusterNetworkPolicy still goes through the field parser (`parse_cnp`). It never raises anything
+but `PolicyParseError`, whatever dict it is given.
 """
 
 from __future__ import annotations
 
-from stockade.model import crd, fields
+from pydantic import ValidationError
+
+from stockade.model import crd, fields, netpol_v1
 from stockade.model.errors import FieldProblem, PolicyParseError
 from stockade.model.fields import Problems
 from stockade.model.kinds import POLICY_RESOURCES, resource_for
 from stockade.model.parse_cnp import parse_cluster_network_policy
 from stockade.model.parse_common import parse_name
-from stockade.model.parse_netpol import parse_network_policy
-from stockade.model.policy import Policy
+from stockade.model.policy import Policy, PolicyKind
 
 
 def parse_policy(obj: object) -> Policy:
@@ -50,13 +52,15 @@ def _parse(obj: object, problems: Problems) -> Policy | None:
         return None
     if resource.model is not None:
         return crd.parse_policy(top).to_policy()
+    if resource.kind is PolicyKind.NETWORK_POLICY:
+        try:
+            return netpol_v1.NetworkPolicy.model_validate(top).to_policy()
+        except ValidationError as exc:
+            raise PolicyParseError(crd.field_errors(exc)) from None
     metadata = fields.mapping(top.get("metadata"), "metadata", problems)
     spec = fields.mapping(top.get("spec", {}), "spec", problems)
     if metadata is None or spec is None:
         return None
     # Missing names are recorded; the spec is still parsed so that every problem is reported.
     name = parse_name(metadata, "metadata", problems, "name") or ""
-    if resource.kind.cluster_scoped:
-        return parse_cluster_network_policy(name, spec, problems)
-    namespace = parse_name(metadata, "metadata", problems, "namespace") or ""
-    return parse_network_policy(namespace, name, spec, problems)
+    return parse_cluster_network_policy(name, spec, problems)

@@ -1,7 +1,7 @@
-"""Field parsers shared by the NetworkPolicy and ClusterNetworkPolicy parsers.
+"""Field parsers of the upstream ClusterNetworkPolicy parser.
 
-Called only by `stockade.model.parse_netpol` and `stockade.model.parse_cnp`: CIDRs,
-port numbers, named ports and names, each checked the way the API server's validation does.
+Called only by `stockade.model.parse_cnp` and `stockade.model.parse`: CIDRs, port numbers,
+named ports and names, each checked the way the API server's validation does.
 """
 
 from __future__ import annotations
@@ -30,23 +30,6 @@ def parse_cidr(value: object, path: str, problems: Problems) -> IPNetwork | None
     except ValueError:
         problems.add(path, f"{text!r} is not a valid CIDR")
         return None
-
-
-def parse_excepts(
-    cidr: IPNetwork, value: object, path: str, problems: Problems
-) -> tuple[IPNetwork, ...]:
-    """`ipBlock.except`: each entry a CIDR strictly inside `cidr` (networking validation)."""
-    found: list[IPNetwork] = []
-    for i, raw in enumerate(fields.sequence(value, path, problems) or []):
-        item_path = f"{path}[{i}]"
-        net = parse_cidr(raw, item_path, problems)
-        if net is None:
-            continue
-        if net.version != cidr.version or not net.subnet_of(cidr) or net == cidr:  # type: ignore[arg-type]
-            problems.add(item_path, f"{net} must be strictly within cidr {cidr}")
-            continue
-        found.append(net)
-    return tuple(sorted(set(found), key=lambda n: (n.version, n.network_address, n.prefixlen)))
 
 
 def parse_port_number(value: object, path: str, problems: Problems) -> int | None:
