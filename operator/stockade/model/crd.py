@@ -20,6 +20,7 @@ from pydantic_core import ErrorDetails
 
 from stockade.model.crd_common import (
     FIELD_ERROR,
+    UNSUPPORTED,
     IcmpMatch,
     LabelSelector,
     PolicyStatus,
@@ -155,10 +156,11 @@ def field_errors(
     out = []
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
-        if err["type"] == FIELD_ERROR:
+        unsupported = err["type"] == UNSUPPORTED
+        if err["type"] == FIELD_ERROR or unsupported:
             ctx = err.get("ctx") or {}
             loc = (*loc, str(ctx["field"]))
-        out.append(FieldProblem(_path(loc), _message(err)))
+        out.append(FieldProblem(_path(loc), _message(err), unsupported))
     return tuple(out)
 
 

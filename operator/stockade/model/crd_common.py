@@ -35,6 +35,8 @@ from stockade.model.errors import FieldProblem, PolicyParseError
 # A rule's error type: `crd.field_errors` appends ctx["field"] to the error's location, so that a
 # cross-field check made on an object reports the same path as the CEL rule's `fieldPath`.
 FIELD_ERROR = "stockade_field"
+# The same, for a well-formed field that names a feature stockade does not implement.
+UNSUPPORTED = "stockade_unsupported"
 
 JsonDict = dict[str, Any]
 
@@ -62,6 +64,11 @@ def validations(*rules: JsonDict, **extra: Any) -> JsonDict:
 def field_error(field: str, message: str) -> PydanticCustomError:
     """An error about `field` of the object being validated, raised from a model validator."""
     return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
+
+
+def unsupported(field: str, message: str) -> PydanticCustomError:
+    """A feature stockade lacks, named at `field` of the object being validated."""
+    return PydanticCustomError(UNSUPPORTED, "{message}", {"field": field, "message": message})
 
 
 class WireModel(BaseModel):

@@ -42,7 +42,7 @@ def _error(kind: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(kind, "{message}", {"message": message})
 
 
-def _string(value: object) -> str:
+def string(value: object) -> str:
     if not isinstance(value, str):
         raise PydanticCustomError(
             "string_type", "must be a string, got {kind}", {"kind": type_name(value)}
@@ -101,7 +101,7 @@ class Selector(WireModel):
 
 def _cidr(value: object) -> internal.IPNetwork:
     """A CIDR; host bits may be set (`10.0.0.1/8` means `10.0.0.0/8`), as the API accepts."""
-    text = _string(value)
+    text = string(value)
     if "/" not in text:
         raise _error("cidr", f"{text!r} is not a CIDR (address/prefix length)")
     try:
@@ -158,20 +158,25 @@ class Peer(WireModel):
         return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
 
 
+def port_name(name: str) -> str:
+    """A container port name (IANA_SVC_NAME), or an error saying why it is not one."""
+    if (
+        not name
+        or len(name) > 15
+        or not _IANA_SVC_NAME.match(name)
+        or "--" in name
+        or not any(c.isalpha() for c in name)
+    ):
+        raise _error(
+            "port_name",
+            f"{name!r} is not a valid port name (IANA_SVC_NAME: 1-15 lowercase a-z0-9 and -)",
+        )
+    return name
+
+
 def _port(value: object) -> int | str:
     if isinstance(value, str):
-        if (
-            not value
-            or len(value) > 15
-            or not _IANA_SVC_NAME.match(value)
-            or "--" in value
-            or not any(c.isalpha() for c in value)
-        ):
-            raise _error(
-                "port_name",
-                f"{value!r} is not a valid port name (IANA_SVC_NAME: 1-15 lowercase a-z0-9 and -)",
-            )
-        return value
+        return port_name(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise PydanticCustomError(
             "int_type", "must be an integer, got {kind}", {"kind": type_name(value)}
