@@ -1,9 +1,8 @@
 """The one error type of policy admission: every problem, each with its field path.
 
-Every path from an API object to a `Policy` (`stockade.model.admission`) raises it: the pydantic
-models of stockade's kinds (`stockade.model.crd.parse_policy`, which words pydantic's errors the
-way the API server does) and the parsers of the standard and upstream kinds
-(`stockade.model.parse`). They collect problems instead of stopping at the first, so that the
+The one path from an API object to a `Policy` (`stockade.model.parse`) raises it from the
+pydantic models of every kind, with pydantic's errors worded the way the API server words them
+(`stockade.model.crd.field_errors`). It lists every problem rather than the first, so that the
 operator can report all of them at once as a condition on the object, and the conformance runner
 can tell an unsupported feature from a malformed object.
 """
