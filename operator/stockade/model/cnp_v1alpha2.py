@@ -9,12 +9,14 @@ by the stricter models its CRD is generated from. Semantics quoted from upstream
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator, model_validator
 
 from stockade.model import policy as internal
 from stockade.model.crd_common import PortNumber, Priority, WireModel, field_error, unsupported
+from stockade.model.crd_scnp import cluster_policy
 from stockade.model.netpol_v1 import Cidr, Metadata, Selector, port_name, string
 from stockade.model.selectors import EVERYTHING
 
@@ -179,7 +181,7 @@ class EgressPeer(IngressPeer):
         return super().to_peers()
 
 
-def _sized(value: list[object] | None, what: str) -> None:
+def _sized(value: Sequence[object] | None, what: str) -> None:
     if value is not None and not 1 <= len(value) <= MAX_PEERS:
         raise ValueError(what)
 
@@ -199,7 +201,7 @@ class _Rule(WireModel):
     @field_validator("protocols")
     @classmethod
     def _protocols(cls, value: list[Protocol] | None) -> list[Protocol] | None:
-        _sized(value, f"must have 1 to {MAX_PEERS} entries when set")  # type: ignore[arg-type]
+        _sized(value, f"must have 1 to {MAX_PEERS} entries when set")
         return value
 
     def _rule(self, ref: internal.RuleRef, peers: list[IngressPeer]) -> internal.Rule:
@@ -220,7 +222,7 @@ class IngressRule(_Rule):
     @field_validator("from_")
     @classmethod
     def _peers(cls, value: list[IngressPeer]) -> list[IngressPeer]:
-        _sized(value, f"must have 1 to {MAX_PEERS} peers")  # type: ignore[arg-type]
+        _sized(value, f"must have 1 to {MAX_PEERS} peers")
         return value
 
     def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
@@ -233,7 +235,7 @@ class EgressRule(_Rule):
     @field_validator("to")
     @classmethod
     def _peers(cls, value: list[EgressPeer]) -> list[EgressPeer]:
-        _sized(value, f"must have 1 to {MAX_PEERS} peers")  # type: ignore[arg-type]
+        _sized(value, f"must have 1 to {MAX_PEERS} peers")
         return value
 
     @model_validator(mode="after")
@@ -280,26 +282,7 @@ class ClusterNetworkPolicy(BaseModel):
 
     def to_policy(self) -> internal.Policy:
         kind = internal.PolicyKind.CLUSTER_NETWORK_POLICY
-        name = self.metadata.name
-        ingress = tuple(
-            rule.to_rule(internal.RuleRef(kind, "", name, internal.Direction.INGRESS, i))
-            for i, rule in enumerate(self.spec.ingress or ())
-        )
-        egress = tuple(
-            rule.to_rule(internal.RuleRef(kind, "", name, internal.Direction.EGRESS, i))
-            for i, rule in enumerate(self.spec.egress or ())
-        )
-        # "CNPs with no ingress rules do not affect ingress traffic" (and likewise egress).
-        directions = {internal.Direction.INGRESS: ingress, internal.Direction.EGRESS: egress}
-        return internal.Policy(
-            kind=kind,
-            namespace="",
-            name=name,
-            tier=internal.Tier(self.spec.tier),
-            priority=self.spec.priority,
-            mode=internal.Mode.ENFORCE,
-            subject=self.spec.subject.to_pods(),
-            directions=frozenset(d for d, rules in directions.items() if rules),
-            ingress=ingress,
-            egress=egress,
-        )
+        ref = internal.RuleRef(kind, "", self.metadata.name, internal.Direction.INGRESS, 0)
+        rank = (internal.Tier(self.spec.tier), self.spec.priority, internal.Mode.ENFORCE)
+        spec = self.spec
+        return cluster_policy(ref, rank, spec.subject.to_pods(), spec.ingress, spec.egress)

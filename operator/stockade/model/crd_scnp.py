@@ -11,6 +11,9 @@ internal `Policy` (`StockadeClusterNetworkPolicy.to_policy`, called by
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -330,29 +333,53 @@ class ClusterNetworkPolicySpec(WireModel):
     mode: Mode = "Enforce"
 
     def to_policy(self, name: str) -> internal.Policy:
-        kind = internal.PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY
-        ingress = tuple(
-            rule.to_rule(internal.RuleRef(kind, "", name, internal.Direction.INGRESS, i))
-            for i, rule in enumerate(self.ingress or ())
+        return cluster_policy(
+            internal.RuleRef(internal.PolicyKind.STOCKADE_CLUSTER_NETWORK_POLICY, "", name, _IN, 0),
+            (internal.Tier(self.tier), self.priority, internal.Mode(self.mode)),
+            self.subject.to_pods(),
+            self.ingress,
+            self.egress,
         )
-        egress = tuple(
-            rule.to_rule(internal.RuleRef(kind, "", name, internal.Direction.EGRESS, i))
-            for i, rule in enumerate(self.egress or ())
+
+
+_IN, _OUT = internal.Direction.INGRESS, internal.Direction.EGRESS
+
+
+class CnpRuleModel(typing.Protocol):
+    """A rule of either ClusterNetworkPolicy kind (`stockade.model.cnp_v1alpha2` has upstream's)."""
+
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule: ...
+
+
+def cluster_policy(
+    ref: internal.RuleRef,
+    rank: tuple[internal.Tier, int, internal.Mode],
+    subject: internal.PodSet,
+    ingress: Sequence[CnpRuleModel] | None,
+    egress: Sequence[CnpRuleModel] | None,
+) -> internal.Policy:
+    """A ClusterNetworkPolicy of either kind; `ref` names the kind and name, `rank` is the tier,
+    priority and mode."""
+    rules = {
+        d: tuple(
+            rule.to_rule(replace(ref, direction=d, index=i)) for i, rule in enumerate(items or ())
         )
+        for d, items in ((_IN, ingress), (_OUT, egress))
+    }
+    tier, priority, mode = rank
+    return internal.Policy(
+        kind=ref.kind,
+        namespace="",
+        name=ref.name,
+        tier=tier,
+        priority=priority,
+        mode=mode,
+        subject=subject,
         # "CNPs with no ingress rules do not affect ingress traffic" (and likewise egress).
-        directions = {internal.Direction.INGRESS: ingress, internal.Direction.EGRESS: egress}
-        return internal.Policy(
-            kind=kind,
-            namespace="",
-            name=name,
-            tier=internal.Tier(self.tier),
-            priority=self.priority,
-            mode=internal.Mode(self.mode),
-            subject=self.subject.to_pods(),
-            directions=frozenset(d for d, rules in directions.items() if rules),
-            ingress=ingress,
-            egress=egress,
-        )
+        directions=frozenset(d for d, found in rules.items() if found),
+        ingress=rules[_IN],
+        egress=rules[_OUT],
+    )
 
 
 class StockadeClusterNetworkPolicy(WireModel):
