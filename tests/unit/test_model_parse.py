@@ -42,6 +42,8 @@ def obj(kind: tuple[str, str], spec: dict[str, Any], name: str = "p") -> dict[st
     meta: dict[str, Any] = {"name": name}
     if kind[1] == "NetworkPolicy":
         meta["namespace"] = "x"
+    if kind == SNP:  # the CRD requires podSelector (the standard kind defaults it)
+        spec = {"podSelector": {}} | spec
     return {"apiVersion": kind[0], "kind": kind[1], "metadata": meta, "spec": spec}
 
 
@@ -409,7 +411,8 @@ INVALID = [
     (
         "icmp with a port",
         obj(SNP, {"ingress": [{"ports": [{"icmp": {"type": 8}, "port": 80}]}]}),
-        "spec.ingress[0].ports[0]: icmp may not be combined with port",
+        "spec.ingress[0].ports[0].icmp: icmp and icmpv6 cannot be combined with protocol, port "
+        "or endPort",
     ),
     (
         "icmp type out of range",

@@ -5,23 +5,21 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from stockade.model.fields import Problems
-from stockade.model.selectors import LabelSelector, Requirement, SelectorOperator, parse_selector
+from stockade.model.crd import field_errors
+from stockade.model.netpol_v1 import Selector
+from stockade.model.selectors import LabelSelector, Requirement, SelectorOperator
 
 
 def parse(raw: object) -> LabelSelector:
-    problems = Problems()
-    selector = parse_selector(raw, "sel", problems)
-    assert not problems.items, problems.items
-    assert selector is not None
-    return selector
+    return Selector.model_validate(raw).to_selector()
 
 
 def problems_of(raw: object) -> list[str]:
-    problems = Problems()
-    assert parse_selector(raw, "sel", problems) is None
-    return [str(p) for p in problems.items]
+    with pytest.raises(ValidationError) as info:
+        Selector.model_validate(raw)
+    return [str(p) for p in field_errors(info.value, ("sel",))]
 
 
 MATCHES = [

@@ -1,21 +1,31 @@
 """The stockade policy API (`stockade.io/v1alpha1`) in one place: the two kinds, their CRDs, and
 parsing of raw objects with every error reported by field path.
 
-Admission (`stockade.model.admission`) calls `parse_policy()` on each stockade object (after the
-API server has validated it against the same rules, generated from these models), which raises
-the one policy error type (`stockade.model.errors.PolicyParseError`); `hack/gen-crds.py` and the
-drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in `crd_common`,
-`crd_snp` and `crd_scnp`.
+`stockade.model.parse` (the one path from an API object to a `Policy`) calls `parse_policy()` on
+each stockade object (which the API server has validated against the same rules, generated from
+these models) and then the model's `to_policy()`; a problem raises the one policy error type
+(`stockade.model.errors.PolicyParseError`), worded as the API server words it. `hack/gen-crds.py`
+and the drift test call `CRD_KINDS` / `render_crd_yaml()`. The models themselves live in
+`crd_common`, `crd_snp` and `crd_scnp`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from stockade.model.crd_common import FIELD_ERROR, IcmpMatch, LabelSelector, PolicyStatus
+from stockade.model.crd_common import (
+    FIELD_ERROR,
+    UNSUPPORTED,
+    IcmpMatch,
+    LabelSelector,
+    PolicyStatus,
+    type_name,
+)
 from stockade.model.crd_datapath import DatapathTableSpec, DatapathTableStatus
 from stockade.model.crd_schema import (
     GROUP,
@@ -146,12 +156,41 @@ def field_errors(
     out = []
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
-        if err["type"] == FIELD_ERROR:
+        unsupported = err["type"] == UNSUPPORTED
+        if err["type"] == FIELD_ERROR or unsupported:
             ctx = err.get("ctx") or {}
             loc = (*loc, str(ctx["field"]))
-        message = err["msg"].removeprefix("Value error, ")
-        out.append(FieldProblem(_path(loc), message))
+        out.append(FieldProblem(_path(loc), _message(err), unsupported))
     return tuple(out)
+
+
+_TYPE_ERRORS = {
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "dict_type": "an object",
+    "list_type": "a list",
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+}
+
+
+def _message(err: ErrorDetails) -> str:
+    """pydantic's error in the words the API server and stockade's other messages use."""
+    kind, value = err["type"], err.get("input")
+    if kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return f"must be one of {', '.join(options)}, got {value!r}"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "missing":
+        return "required"
+    if kind == "string_too_short" and (err.get("ctx") or {}).get("min_length") == 1:
+        return "must not be empty"
+    if kind in _TYPE_ERRORS:
+        return f"must be {_TYPE_ERRORS[kind]}, got {type_name(value)}"
+    return err["msg"].removeprefix("Value error, ")
 
 
 def parse_policy(obj: Mapping[str, Any]) -> StockadeNetworkPolicy | StockadeClusterNetworkPolicy:

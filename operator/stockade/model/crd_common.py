@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
@@ -28,9 +29,14 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from stockade.model import selectors
+from stockade.model.errors import FieldProblem, PolicyParseError
+
 # A rule's error type: `crd.field_errors` appends ctx["field"] to the error's location, so that a
 # cross-field check made on an object reports the same path as the CEL rule's `fieldPath`.
 FIELD_ERROR = "stockade_field"
+# The same, for a well-formed field that names a feature stockade does not implement.
+UNSUPPORTED = "stockade_unsupported"
 
 JsonDict = dict[str, Any]
 
@@ -58,6 +64,11 @@ def validations(*rules: JsonDict, **extra: Any) -> JsonDict:
 def field_error(field: str, message: str) -> PydanticCustomError:
     """An error about `field` of the object being validated, raised from a model validator."""
     return PydanticCustomError(FIELD_ERROR, "{message}", {"field": field, "message": message})
+
+
+def unsupported(field: str, message: str) -> PydanticCustomError:
+    """A feature stockade lacks, named at `field` of the object being validated."""
+    return PydanticCustomError(UNSUPPORTED, "{message}", {"field": field, "message": message})
 
 
 class WireModel(BaseModel):
@@ -102,6 +113,15 @@ LABEL_KEY_PATTERN = (
 MAX_MATCH_LABELS = 32
 MAX_MATCH_EXPRESSIONS = 16
 MAX_MATCH_VALUES = 64
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a valid label key (a Kubernetes qualified name), or None."""
+    prefix, _, name = key.rpartition("/")
+    if len(prefix) > 253 or len(name) > 63 or not re.fullmatch(LABEL_KEY_PATTERN, key):
+        return f"label key {key!r} is not a valid qualified name"
+    return None
+
 
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
@@ -150,6 +170,10 @@ class LabelSelector(WireModel):
     def _bounded_labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         if value is not None and len(value) > MAX_MATCH_LABELS:
             raise ValueError(f"at most {MAX_MATCH_LABELS} labels")
+        # A schema cannot constrain a map's keys; the API server's label validation does.
+        for key in value or ():
+            if problem := label_key_problem(key):
+                raise field_error(key, problem)
         return value
 
     def matches(self, labels: dict[str, str]) -> bool:
@@ -168,6 +192,22 @@ class LabelSelector(WireModel):
             ):
                 return False
         return True
+
+    def to_selector(self) -> selectors.LabelSelector:
+        """The internal, canonical selector: `matchLabels` folded into `In` requirements."""
+        reqs = {
+            selectors.Requirement(key, selectors.SelectorOperator.IN, (value,))
+            for key, value in (self.match_labels or {}).items()
+        }
+        reqs.update(
+            selectors.Requirement(
+                req.key,
+                selectors.SelectorOperator(req.operator),
+                tuple(sorted(set(req.values or ()))),
+            )
+            for req in self.match_expressions or ()
+        )
+        return selectors.LabelSelector(tuple(sorted(reqs)))
 
 
 # --- CIDRs -----------------------------------------------------------------------------------
@@ -227,7 +267,34 @@ PORT_NAME_PATTERN = r"^([0-9]+-)*[0-9]*[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 PORT_NAME = "must be 1 to 15 lower-case letters, digits and inner single hyphens, with a letter"
 PORT_RANGE = "must be between 1 and 65535"
 
-PortNumber = Annotated[int, Field(ge=1, le=65535)]
+
+def type_name(value: object) -> str:
+    """How an error message names a value's JSON type."""
+    return "null" if value is None else type(value).__name__
+
+
+def _between(low: int, high: int) -> BeforeValidator:
+    """A strict integer check with the bounds in its message ("80" and True are not ports)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PydanticCustomError(
+                "int_type", "must be an integer, got {kind}", {"kind": type_name(value)}
+            )
+        if not low <= value <= high:
+            raise PydanticCustomError(
+                "int_range",
+                "must be between {low} and {high}, got {value}",
+                {"low": low, "high": high, "value": value},
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+PortNumber = Annotated[int, Field(ge=1, le=65535), _between(1, 65535)]
+IcmpNumber = Annotated[int, Field(ge=0, le=255), _between(0, 255)]
+Priority = Annotated[int, Field(ge=0, le=1000), _between(0, 1000)]
 
 
 def _check_port_name(name: str) -> str:
@@ -274,8 +341,8 @@ NamedPort = Annotated[
 class IcmpMatch(WireModel):
     """An ICMP (or ICMPv6) type and, optionally, code. Without a code every code matches."""
 
-    type: int = Field(ge=0, le=255)
-    code: int | None = Field(default=None, ge=0, le=255)
+    type: IcmpNumber
+    code: IcmpNumber | None = None
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -329,3 +396,11 @@ class ObjectMeta(BaseModel):
     resource_version: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+
+    def required_namespace(self) -> str:
+        """The namespace of a namespaced object, which the API server always sets."""
+        if self.namespace is None:
+            raise PolicyParseError([FieldProblem("metadata.namespace", "required")])
+        if not self.namespace:
+            raise PolicyParseError([FieldProblem("metadata.namespace", "must not be empty")])
+        return self.namespace

@@ -3,18 +3,23 @@
 ICMPv6 matches in `ports`, and a per-policy `mode` (Enforce or Audit).
 
 The models are the single source of truth for the CRD schema (`crd_schema` generates
-`crds/stockade.io_networkpolicies.yaml` from them) and validate the same rules in Python for the
-operator. The standard NetworkPolicy is parsed with these models too (`action` and `mode` keep
-their defaults), so the operator and the reference evaluator read both kinds one way.
+`crds/stockade.io_networkpolicies.yaml` from them), validate the same rules in Python for the
+operator, and map a valid object to the internal `Policy` (`StockadeNetworkPolicy.to_policy`,
+called by `stockade.model.parse.parse_policy`): one validation, one path.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from stockade.model import policy as internal
+from stockade.model import selectors
 from stockade.model.crd_common import (
     Cidr,
     IcmpMatch,
@@ -23,11 +28,13 @@ from stockade.model.crd_common import (
     LabelSelector,
     ObjectMeta,
     PolicyStatus,
+    PortNumber,
     WireModel,
     cel,
     parse_cidr,
     validations,
 )
+from stockade.model.selectors import EVERYTHING
 
 MAX_RULES = 64
 MAX_PEERS = 64
@@ -92,6 +99,12 @@ class IPBlock(WireModel):
     def excepted(self) -> tuple[IPNetwork, ...]:
         return tuple(ipaddress.ip_network(e) for e in self.except_ or ())
 
+    def to_peer(self) -> internal.CidrPeer:
+        excepts = sorted(
+            set(self.excepted), key=lambda n: (n.version, n.network_address, n.prefixlen)
+        )
+        return internal.CidrPeer(self.network, tuple(excepts))
+
 
 class NetworkPolicyPeer(WireModel):
     """A peer: pods selected by podSelector within namespaces selected by namespaceSelector
@@ -117,6 +130,18 @@ class NetworkPolicyPeer(WireModel):
         if selectors == (self.ip_block is not None):
             raise ValueError(PEER_KINDS)
         return self
+
+    def to_peer(self, namespace: str) -> internal.Peer:
+        if self.ip_block is not None:
+            return self.ip_block.to_peer()
+        pods = self.pod_selector.to_selector() if self.pod_selector else EVERYTHING
+        if self.namespace_selector is None:
+            # "If namespaceSelector is not set, the podSelector selects pods in the policy's own
+            # namespace."
+            return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace=namespace))
+        # Both set: "selects particular Pods within particular Namespaces" (AND).
+        namespaces = self.namespace_selector.to_selector()
+        return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
 
 
 class NetworkPolicyPort(WireModel):
@@ -152,7 +177,7 @@ class NetworkPolicyPort(WireModel):
 
     protocol: Protocol | None = None
     port: IntOrPort | None = None
-    end_port: int | None = Field(default=None, ge=1, le=65535)
+    end_port: PortNumber | None = None
     icmp: IcmpMatch | None = None
     icmpv6: IcmpMatch | None = None
 
@@ -187,6 +212,89 @@ class NetworkPolicyPort(WireModel):
             return "ICMPv6"
         return self.protocol or "TCP"
 
+    def to_port(self) -> internal.PortSpec:
+        if self.icmp is not None:
+            return internal.IcmpMatch(internal.Protocol.ICMP, self.icmp.type, self.icmp.code)
+        if self.icmpv6 is not None:
+            return internal.IcmpMatch(internal.Protocol.ICMPV6, self.icmpv6.type, self.icmpv6.code)
+        protocol = internal.Protocol(self.protocol or "TCP")  # "defaults to TCP"
+        if self.port is None:
+            return internal.PortRange(protocol)
+        if isinstance(self.port, str):
+            return internal.NamedPort(self.port, protocol)
+        end = self.end_port if self.end_port is not None else self.port
+        return internal.PortRange(protocol, self.port, end)
+
+
+class RuleModel(typing.Protocol):
+    """A rule of either NetworkPolicy kind (`stockade.model.netpol_v1` has the standard's)."""
+
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule: ...
+
+
+def network_rule(
+    ref: internal.RuleRef,
+    action: internal.RuleAction,
+    peers: Iterable[internal.Peer],
+    ports: Iterable[internal.PortSpec],
+) -> internal.Rule:
+    """A NetworkPolicy rule. "If this field is empty or missing, this rule matches all
+    sources/destinations" and "... matches all ports"."""
+    return internal.Rule(
+        ref=ref,
+        action=action,
+        peers=tuple(dict.fromkeys(peers)) or (internal.AnyPeer(),),
+        ports=tuple(dict.fromkeys(ports)) or (internal.AnyPort(),),
+    )
+
+
+def network_policy(
+    ref: internal.RuleRef,
+    mode: internal.Mode,
+    pod_selector: selectors.LabelSelector,
+    directions: frozenset[internal.Direction],
+    ingress: Sequence[RuleModel] | None,
+    egress: Sequence[RuleModel] | None,
+) -> internal.Policy:
+    """A NetworkPolicy of either kind; `ref` names the kind, namespace and name."""
+    rules: dict[internal.Direction, tuple[internal.Rule, ...]] = {}
+    for direction, items in (
+        (internal.Direction.INGRESS, ingress),
+        (internal.Direction.EGRESS, egress),
+    ):
+        # policyTypes: rules of a direction the policy does not affect do nothing.
+        rules[direction] = tuple(
+            rule.to_rule(replace(ref, direction=direction, index=i))
+            for i, rule in enumerate(items or ())
+            if direction in directions
+        )
+    return internal.Policy(
+        kind=ref.kind,
+        namespace=ref.namespace,
+        name=ref.name,
+        tier=internal.Tier.NAMESPACE,
+        priority=0,
+        mode=mode,
+        subject=internal.PodSet(pod_selector=pod_selector, namespace=ref.namespace),
+        directions=directions,
+        ingress=rules[internal.Direction.INGRESS],
+        egress=rules[internal.Direction.EGRESS],
+    )
+
+
+def default_policy_types(
+    policy_types: Sequence[PolicyType] | None, egress: Sequence[object] | None
+) -> frozenset[internal.Direction]:
+    """networking/v1 defaulting (SetDefaults_NetworkPolicySpec): Ingress always, Egress when there
+    are egress rules, unless policyTypes says otherwise (`[]` is defaulted as if absent)."""
+    if policy_types:
+        return frozenset(internal.Direction(t) for t in policy_types)
+    return frozenset(
+        {internal.Direction.INGRESS, internal.Direction.EGRESS}
+        if egress
+        else {internal.Direction.INGRESS}
+    )
+
 
 class NetworkPolicyIngressRule(WireModel):
     """Traffic from any of `from` (every source if omitted) to any of `ports` (every port if
@@ -196,6 +304,11 @@ class NetworkPolicyIngressRule(WireModel):
     from_: list[NetworkPolicyPeer] | None = Field(default=None, alias="from", max_length=MAX_PEERS)
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
 
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
+        peers = (p.to_peer(ref.namespace) for p in self.from_ or ())
+        ports = (p.to_port() for p in self.ports or ())
+        return network_rule(ref, internal.RuleAction(self.action), peers, ports)
+
 
 class NetworkPolicyEgressRule(WireModel):
     """Traffic to any of `to` (every destination if omitted) on any of `ports` (every port if
@@ -204,6 +317,11 @@ class NetworkPolicyEgressRule(WireModel):
     action: Action = "Allow"
     to: list[NetworkPolicyPeer] | None = Field(default=None, max_length=MAX_PEERS)
     ports: list[NetworkPolicyPort] | None = Field(default=None, max_length=MAX_PORTS)
+
+    def to_rule(self, ref: internal.RuleRef) -> internal.Rule:
+        peers = (p.to_peer(ref.namespace) for p in self.to or ())
+        ports = (p.to_port() for p in self.ports or ())
+        return network_rule(ref, internal.RuleAction(self.action), peers, ports)
 
 
 class NetworkPolicySpec(WireModel):
@@ -236,6 +354,14 @@ class NetworkPolicySpec(WireModel):
             types.add("Egress")
         return frozenset(types)
 
+    def to_policy(self, namespace: str, name: str) -> internal.Policy:
+        kind = internal.PolicyKind.STOCKADE_NETWORK_POLICY
+        ref = internal.RuleRef(kind, namespace, name, internal.Direction.INGRESS, 0)
+        directions = default_policy_types(self.policy_types, self.egress)
+        mode = internal.Mode(self.mode)
+        subject = self.pod_selector.to_selector()
+        return network_policy(ref, mode, subject, directions, self.ingress, self.egress)
+
 
 class StockadeNetworkPolicy(WireModel):
     """A whole `stockade.io/v1alpha1` NetworkPolicy object as the API server returns it."""
@@ -247,3 +373,7 @@ class StockadeNetworkPolicy(WireModel):
     metadata: ObjectMeta
     spec: NetworkPolicySpec
     status: PolicyStatus | None = None
+
+    def to_policy(self) -> internal.Policy:
+        """The internal representation of this (valid) object."""
+        return self.spec.to_policy(self.metadata.required_namespace(), self.metadata.name)

@@ -1,10 +1,10 @@
 """The one error type of policy admission: every problem, each with its field path.
 
-Both steps of admission (`stockade.model.admission`) raise it: the CRD models' check of stockade's
-kinds (`stockade.model.crd.parse_policy`) and the policy parsers (`stockade.model.parse`). They
-collect problems instead of stopping at the first, so that the operator can report all of them at
-once as a condition on the object, and the conformance runner can tell an unsupported feature
-from a malformed object.
+The one path from an API object to a `Policy` (`stockade.model.parse`) raises it from the
+pydantic models of every kind, with pydantic's errors worded the way the API server words them
+(`stockade.model.crd.field_errors`). It lists every problem rather than the first, so that the
+operator can report all of them at once as a condition on the object, and the conformance runner
+can tell an unsupported feature from a malformed object.
 """
 
 from __future__ import annotations

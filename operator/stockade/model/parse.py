@@ -1,20 +1,25 @@
 """The entry point from a raw policy object (any of the four kinds) to a `Policy`.
 
-The operator calls `parse_policy` on every watched object and reports a `PolicyParseError` as a
-condition; the conformance engines call it on case-file objects. It never raises anything but
-`PolicyParseError`, whatever dict it is given.
+The operator calls `parse_policy` on every watched object (through `stockade.model.admission`)
+and reports a `PolicyParseError` as a condition; the conformance engines call it on case-file
+objects. Each kind has one pydantic schema, which validates an object and maps it to `Policy`:
+stockade's own kinds the models their CRDs are generated from (`stockade.model.crd`), the
+standard NetworkPolicy and the upstream ClusterNetworkPolicy their lenient models
+(`stockade.model.netpol_v1`, `stockade.model.cnp_v1alpha2`). It never raises anything but
+`PolicyParseError`, whatever it is given.
 """
 
 from __future__ import annotations
 
-from stockade.model import fields
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from stockade.model import cnp_v1alpha2, crd, netpol_v1
+from stockade.model.crd_common import type_name
 from stockade.model.errors import FieldProblem, PolicyParseError
-from stockade.model.fields import Problems
 from stockade.model.kinds import POLICY_RESOURCES, resource_for
-from stockade.model.parse_cnp import parse_cluster_network_policy
-from stockade.model.parse_common import parse_name
-from stockade.model.parse_netpol import parse_network_policy
-from stockade.model.policy import Policy
+from stockade.model.policy import Policy, PolicyKind
 
 
 def parse_policy(obj: object) -> Policy:
@@ -22,37 +27,35 @@ def parse_policy(obj: object) -> Policy:
 
     Raises `PolicyParseError` carrying every problem found, each with its field path.
     """
-    problems = Problems()
     try:
-        policy = _parse(obj, problems)
+        return _parse(obj)
     except RecursionError:  # a pathologically deep object; everything else is checked
         raise PolicyParseError([FieldProblem("", "object nested too deeply")]) from None
-    problems.raise_if_any()
-    if policy is None:  # defensive: a parser declined without saying why
-        raise PolicyParseError([FieldProblem("spec", "invalid")])
-    return policy
 
 
-def _parse(obj: object, problems: Problems) -> Policy | None:
-    top = fields.mapping(obj, "", problems)
-    if top is None:
-        return None
-    resource = resource_for(top.get("apiVersion"), top.get("kind"))
+def _parse(obj: object) -> Policy:
+    if not isinstance(obj, Mapping):
+        raise PolicyParseError([FieldProblem("", f"must be an object, got {type_name(obj)}")])
+    resource = resource_for(obj.get("apiVersion"), obj.get("kind"))
     if resource is None:
-        problems.add(
-            "kind",
-            f"unsupported apiVersion/kind {top.get('apiVersion')!r}/{top.get('kind')!r}; "
-            f"expected one of {', '.join(f'{r.api_version}/{r.name}' for r in POLICY_RESOURCES)}",
+        expected = ", ".join(f"{r.api_version}/{r.name}" for r in POLICY_RESOURCES)
+        raise PolicyParseError(
+            [
+                FieldProblem(
+                    "kind",
+                    f"unsupported apiVersion/kind {obj.get('apiVersion')!r}/{obj.get('kind')!r}; "
+                    f"expected one of {expected}",
+                )
+            ]
         )
-        return None
-    kind = resource.kind
-    metadata = fields.mapping(top.get("metadata"), "metadata", problems)
-    spec = fields.mapping(top.get("spec", {}), "spec", problems)
-    if metadata is None or spec is None:
-        return None
-    # Missing names are recorded; the spec is still parsed so that every problem is reported.
-    name = parse_name(metadata, "metadata", problems, "name") or ""
-    if kind.cluster_scoped:
-        return parse_cluster_network_policy(kind, name, spec, problems)
-    namespace = parse_name(metadata, "metadata", problems, "namespace") or ""
-    return parse_network_policy(kind, namespace, name, spec, problems)
+    if resource.model is not None:
+        return crd.parse_policy(obj).to_policy()
+    model = (
+        netpol_v1.NetworkPolicy
+        if resource.kind is PolicyKind.NETWORK_POLICY
+        else cnp_v1alpha2.ClusterNetworkPolicy
+    )
+    try:
+        return model.model_validate(obj).to_policy()
+    except ValidationError as exc:
+        raise PolicyParseError(crd.field_errors(exc)) from None
