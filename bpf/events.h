@@ -23,6 +23,8 @@ enum drop_reason {
 	REASON_POLICY = 0,	/* a policy entry denied it: rule_id names the rule */
 	REASON_MALFORMED = 1,	/* headers could not be parsed */
 	REASON_FRAGMENT = 2,	/* a non-first fragment, with fragments set to drop */
+	REASON_UNPARSED = 3,	/* neither ARP nor IP the program parses (parse.h): another
+				 * ethertype, unwalked VLAN tags, IPv6 when disabled */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

@@ -5,13 +5,17 @@
  * that programs after stockade's (the CNI's) still run; TC_ACT_OK would skip them. Deny returns
  * TC_ACT_SHOT.
  *
- * Always allowed: non-IP frames (ARP included), ICMPv6 neighbour discovery and link-local
- * control, packets whose local address is no endpoint of this node, traffic from the node
- * itself on INGRESS (policy.h), replies and related ICMP errors of allowed flows (conntrack.h).
- * Dropped whatever the policy, when the local address is an endpoint: packets whose headers
- * cannot be parsed (a transport header split across fragments included), and non-first
- * fragments unless STOCKADE_FRAGMENTS_PASS (their first fragment carries the ports and is
- * judged; without it the destination cannot reassemble the datagram).
+ * Always allowed: ARP, ICMPv6 neighbour discovery and link-local control, packets whose local
+ * address is no endpoint of this node, traffic from the node itself on INGRESS (policy.h),
+ * replies and related ICMP errors of allowed flows (conntrack.h).
+ * Always dropped, before any lookup (there may be no addresses to look up), with their own
+ * reason: frames that are neither ARP nor IP this program parses (REASON_UNPARSED: another
+ * ethertype, VLAN tags it does not walk, IPv6 without STOCKADE_IPV6; parse.h says why), and
+ * frames whose IP header cannot be parsed (REASON_MALFORMED).
+ * Dropped whatever the policy, when the local address is an endpoint: packets whose transport
+ * header cannot be parsed (one split across fragments included), and non-first fragments unless
+ * STOCKADE_FRAGMENTS_PASS (their first fragment carries the ports and is judged; without it the
+ * destination cannot reassemble the datagram).
  */
 #pragma once
 
@@ -41,6 +45,10 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 
 	if (r == PARSE_PASS || r == PARSE_CONTROL)
 		return VERDICT_PASS;
+	if (r == PARSE_UNPARSED) {
+		emit_drop(skb, &f, dir, REASON_UNPARSED, 0, 0);
+		return VERDICT_DROP;
+	}
 	if (r == PARSE_MALFORMED) {
 		emit_drop(skb, &f, dir, REASON_MALFORMED, 0, 0);
 		return VERDICT_DROP;

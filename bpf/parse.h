@@ -2,6 +2,14 @@
  * (options, fragments), IPv6 (a bounded walk of extension headers), TCP, UDP, SCTP, ICMP and
  * ICMPv6, into a `struct flow` that the conntrack and policy headers read.
  *
+ * Which frames are judged (parse_packet): IPv4, and IPv6 when STOCKADE_IPV6 is on, are parsed;
+ * ARP is the one non-IP ethertype that passes (PARSE_PASS). Everything else is PARSE_UNPARSED,
+ * which the hook drops: any other ethertype; a VLAN tag (802.1Q or 802.1ad) when STOCKADE_VLAN
+ * is off, or a third tag when it is on (the walk parses two); IPv6 when STOCKADE_IPV6 is off.
+ * Passing such a frame would let it through unjudged: the kernel strips tags of VLAN ID 0 after
+ * tc and delivers the IP packet inside, and a pod with an IPv6 address on an IPv4-only shape
+ * would be open over IPv6.
+ *
  * Every read goes through pkt_load(): a direct packet read when the bytes are in the linear part
  * of the skb (the common case, nearly free), else bpf_skb_load_bytes (about 25 ns a call here),
  * so non-linear skbs parse the same as linear ones.
@@ -30,6 +38,7 @@
 #error "STOCKADE_IPV6_EXT_MAX must be defined by the rendered program"
 #endif
 
+#define ETH_P_ARP_ 0x0806
 #define ETH_P_8021Q_ 0x8100
 #define ETH_P_8021AD_ 0x88A8
 #define IPV6_NEXTHDR_HOP 0
@@ -43,11 +52,12 @@
 
 enum parse_result {
 	PARSE_IP = 0,		/* an IP packet, fields filled in */
-	PARSE_PASS = 1,		/* not for stockade to judge: non-IP, ARP, IPv6 when disabled */
+	PARSE_PASS = 1,		/* ARP, passed whatever the policy */
 	PARSE_CONTROL = 2,	/* IPv6 neighbour discovery and other link-local ICMPv6 control */
 	PARSE_MALFORMED = 3,	/* truncated or inconsistent headers: addresses may be unset */
 	PARSE_L4_MALFORMED = 4,	/* addresses are set, the transport header is truncated */
 	PARSE_FRAGMENT = 5,	/* a non-first fragment: addresses set, no transport header */
+	PARSE_UNPARSED = 6,	/* not ARP and not an IP packet this program parses: dropped */
 };
 
 enum icmp_kind {
@@ -283,7 +293,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 	int l4;
 
 	if (pkt_load(skb, 0, &eth, sizeof(eth)) < 0)
-		return PARSE_PASS;
+		return PARSE_MALFORMED;
 	proto = eth.h_proto;
 #if STOCKADE_VLAN
 	{
@@ -309,8 +319,10 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 		f->family = 6;
 		l4 = parse_ipv6(skb, off, &f->t, &fragment);
 #endif
+	} else if (proto == bpf_htons(ETH_P_ARP_)) {
+		return PARSE_PASS;
 	} else {
-		return PARSE_PASS; /* ARP and everything that is not IP */
+		return PARSE_UNPARSED; /* includes a VLAN tag left unwalked, and IPv6 when disabled */
 	}
 	if (l4 < 0)
 		return PARSE_MALFORMED;

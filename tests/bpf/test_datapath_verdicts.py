@@ -219,10 +219,11 @@ CASES = [
         0,
     ),
     Case(
-        "vlan-tagged frames are not parsed without the vlan switch",
-        pk.ip_frame(pk.ipv4(b4, a4, TCP, pk.tcp_segment(b4, a4, 4000, 81)), vlan=5),
+        "vlan-tagged frames are dropped unjudged without the vlan switch",
+        pk.ip_frame(pk.ipv4(b4, a4, TCP, pk.tcp_segment(b4, a4, 4000, 80)), vlan=5),
         IN,
-        ALLOW,
+        DENY,
+        0,
     ),
 ]
 
@@ -304,10 +305,12 @@ def test_trailing_fragments_are_dropped_when_the_shape_says_so() -> None:
         assert d.run(other, IN) is ALLOW  # no endpoint: not ours to judge
 
 
-def test_ipv6_passes_unjudged_when_the_shape_has_no_ipv6() -> None:
+def test_ipv6_is_dropped_unjudged_when_the_shape_has_no_ipv6() -> None:
     with datapath(Shape(ipv6=False)) as d:
         d.write(TABLES)
-        assert d.run(_p(B6, A6, TCP, 81), IN) is ALLOW
+        assert d.run(_p(B6, A6, TCP, 80), IN) is DENY
+        (event,) = d.events()
+        assert event.reason is events.DropReason.UNPARSED
         assert d.run(_p(B4, A4, TCP, 81), IN) is DENY
 
 

@@ -277,3 +277,4 @@ class DropReason(IntEnum):
     POLICY = 0  # rule_id names the deciding rule
     MALFORMED = 1
     FRAGMENT = 2
+    UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h

@@ -33,8 +33,8 @@ class FragmentPolicy(IntEnum):
 class Shape:
     """Feature switches and map sizes of one node's programs."""
 
-    ipv6: bool = True
-    vlan: bool = False
+    ipv6: bool = True  # off: IPv6 frames are dropped unjudged (bpf/parse.h)
+    vlan: bool = False  # parse up to two VLAN tags; off: a tagged frame is dropped unjudged
     conntrack: bool = True
     drop_events: bool = True
     audit_events: bool = True

@@ -17,6 +17,7 @@ ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
 SRC_MAC = bytes.fromhex("020000000001")
 DST_MAC = bytes.fromhex("020000000002")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -162,6 +163,13 @@ def fragment_header(offset: int = 0, more: bool = False, ident: int = 7) -> tupl
 def ethernet(payload: bytes, ethertype: int, vlan: int | None = None) -> bytes:
     tag = struct.pack("!HH", ETH_P_8021Q, vlan) if vlan is not None else b""
     return DST_MAC + SRC_MAC + tag + struct.pack("!H", ethertype) + payload
+
+
+def tagged(frame: bytes, tpids: tuple[int, ...], vid: int = 0) -> bytes:
+    """`frame` with one 802.1Q/802.1ad tag per TPID inserted after the MAC addresses, outermost
+    first, each carrying VLAN ID `vid`."""
+    tags = b"".join(struct.pack("!HH", tpid, vid) for tpid in tpids)
+    return frame[:12] + tags + frame[12:]
 
 
 def ip_frame(ip_packet: bytes, vlan: int | None = None) -> bytes:
