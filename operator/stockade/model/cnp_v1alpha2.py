@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validat
 
 from stockade.model import policy as internal
 from stockade.model.crd_common import PortNumber, Priority, WireModel, field_error, unsupported
-from stockade.model.crd_scnp import cluster_policy
+from stockade.model.crd_scnp import cluster_policy, in_namespaces, namespaced_pods
 from stockade.model.netpol_v1 import Cidr, Metadata, Selector, port_name, string
-from stockade.model.selectors import EVERYTHING
 
 MAX_RULES = 25
 MAX_PEERS = 25
@@ -44,17 +43,7 @@ class NamespacedPod(WireModel):
     pod_selector: Selector
 
     def to_pods(self) -> internal.PodSet:
-        namespaces = (
-            self.namespace_selector.to_selector() if self.namespace_selector else EVERYTHING
-        )
-        return internal.PodSet(
-            pod_selector=self.pod_selector.to_selector(), namespace_selector=namespaces
-        )
-
-
-def _in_namespaces(selector: Selector) -> internal.PodSet:
-    # "Namespaces defines a way to select all pods within a set of Namespaces."
-    return internal.PodSet(pod_selector=EVERYTHING, namespace_selector=selector.to_selector())
+        return namespaced_pods(self.pod_selector, self.namespace_selector)
 
 
 class Subject(WireModel):
@@ -71,7 +60,7 @@ class Subject(WireModel):
         if self.pods is not None:
             return self.pods.to_pods()
         assert self.namespaces is not None
-        return _in_namespaces(self.namespaces)
+        return in_namespaces(self.namespaces)
 
 
 class PortRange(WireModel):
@@ -146,7 +135,7 @@ class IngressPeer(WireModel):
         if self.pods is not None:
             return [internal.PodPeer(self.pods.to_pods())]
         assert self.namespaces is not None
-        return [internal.PodPeer(_in_namespaces(self.namespaces))]
+        return [internal.PodPeer(in_namespaces(self.namespaces))]
 
 
 _EGRESS_PEERS = ("namespaces", "pods", "nodes", "networks", "domainNames")

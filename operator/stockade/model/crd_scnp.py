@@ -36,7 +36,7 @@ from stockade.model.crd_common import (
     parse_cidr,
     validations,
 )
-from stockade.model.crd_snp import Mode
+from stockade.model.crd_snp import Mode, ToSelector
 from stockade.model.selectors import EVERYTHING
 
 MAX_RULES = 25
@@ -67,16 +67,19 @@ class NamespacedPod(WireModel):
     pod_selector: LabelSelector
 
     def to_pods(self) -> internal.PodSet:
-        # "NamespaceSelector ... if empty, it selects all Namespaces" (optional, not a pointer).
-        namespaces = (
-            self.namespace_selector.to_selector() if self.namespace_selector else EVERYTHING
-        )
-        return internal.PodSet(
-            pod_selector=self.pod_selector.to_selector(), namespace_selector=namespaces
-        )
+        return namespaced_pods(self.pod_selector, self.namespace_selector)
 
 
-def _in_namespaces(selector: LabelSelector) -> internal.PodSet:
+def namespaced_pods(
+    pod_selector: ToSelector, namespace_selector: ToSelector | None
+) -> internal.PodSet:
+    """Pods of a ClusterNetworkPolicy subject or peer (stockade's or upstream's)."""
+    # "NamespaceSelector ... if empty, it selects all Namespaces" (optional, not a pointer).
+    namespaces = namespace_selector.to_selector() if namespace_selector else EVERYTHING
+    return internal.PodSet(pod_selector=pod_selector.to_selector(), namespace_selector=namespaces)
+
+
+def in_namespaces(selector: ToSelector) -> internal.PodSet:
     # "Namespaces defines a way to select all pods within a set of Namespaces."
     return internal.PodSet(pod_selector=EVERYTHING, namespace_selector=selector.to_selector())
 
@@ -101,7 +104,7 @@ class ClusterNetworkPolicySubject(WireModel):
         if self.pods is not None:
             return self.pods.to_pods()
         assert self.namespaces is not None
-        return _in_namespaces(self.namespaces)
+        return in_namespaces(self.namespaces)
 
 
 class PortRange(WireModel):
@@ -209,7 +212,7 @@ class ClusterNetworkPolicyIngressPeer(WireModel):
         if self.pods is not None:
             return [internal.PodPeer(self.pods.to_pods())]
         assert self.namespaces is not None
-        return [internal.PodPeer(_in_namespaces(self.namespaces))]
+        return [internal.PodPeer(in_namespaces(self.namespaces))]
 
 
 EGRESS_PEERS = ("namespaces", "pods", "networks", "nodes")
@@ -247,7 +250,7 @@ class ClusterNetworkPolicyEgressPeer(WireModel):
         if self.pods is not None:
             return [internal.PodPeer(self.pods.to_pods())]
         assert self.namespaces is not None
-        return [internal.PodPeer(_in_namespaces(self.namespaces))]
+        return [internal.PodPeer(in_namespaces(self.namespaces))]
 
 
 def _rule(

@@ -106,6 +106,33 @@ class IPBlock(WireModel):
         return internal.CidrPeer(self.network, tuple(excepts))
 
 
+class ToSelector(typing.Protocol):
+    def to_selector(self) -> selectors.LabelSelector: ...
+
+
+class ToCidrPeer(typing.Protocol):
+    def to_peer(self) -> internal.CidrPeer: ...
+
+
+def netpol_peer(
+    pod_selector: ToSelector | None,
+    namespace_selector: ToSelector | None,
+    ip_block: ToCidrPeer | None,
+    namespace: str,
+) -> internal.Peer:
+    """A NetworkPolicy peer (stockade's or the standard's, validated by its own model)."""
+    if ip_block is not None:
+        return ip_block.to_peer()
+    pods = pod_selector.to_selector() if pod_selector else EVERYTHING
+    if namespace_selector is None:
+        # "If namespaceSelector is not set, the podSelector selects pods in the policy's own
+        # namespace."
+        return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace=namespace))
+    # Both set: "selects particular Pods within particular Namespaces" (AND).
+    namespaces = namespace_selector.to_selector()
+    return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
+
+
 class NetworkPolicyPeer(WireModel):
     """A peer: pods selected by podSelector within namespaces selected by namespaceSelector
     (either may be omitted), or an ipBlock."""
@@ -132,16 +159,7 @@ class NetworkPolicyPeer(WireModel):
         return self
 
     def to_peer(self, namespace: str) -> internal.Peer:
-        if self.ip_block is not None:
-            return self.ip_block.to_peer()
-        pods = self.pod_selector.to_selector() if self.pod_selector else EVERYTHING
-        if self.namespace_selector is None:
-            # "If namespaceSelector is not set, the podSelector selects pods in the policy's own
-            # namespace."
-            return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace=namespace))
-        # Both set: "selects particular Pods within particular Namespaces" (AND).
-        namespaces = self.namespace_selector.to_selector()
-        return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
+        return netpol_peer(self.pod_selector, self.namespace_selector, self.ip_block, namespace)
 
 
 class NetworkPolicyPort(WireModel):

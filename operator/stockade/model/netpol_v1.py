@@ -30,6 +30,7 @@ from stockade.model.crd_common import (
 from stockade.model.crd_snp import (
     RuleModel,
     default_policy_types,
+    netpol_peer,
     network_policy,
     network_rule,
 )
@@ -146,16 +147,7 @@ class Peer(WireModel):
         return self
 
     def to_peer(self, namespace: str) -> internal.Peer:
-        if self.ip_block is not None:
-            return self.ip_block.to_peer()
-        pods = self.pod_selector.to_selector() if self.pod_selector else EVERYTHING
-        if self.namespace_selector is None:
-            # "If namespaceSelector is not set, the podSelector selects pods in the policy's own
-            # namespace."
-            return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace=namespace))
-        # Both set: "selects particular Pods within particular Namespaces" (AND).
-        namespaces = self.namespace_selector.to_selector()
-        return internal.PodPeer(internal.PodSet(pod_selector=pods, namespace_selector=namespaces))
+        return netpol_peer(self.pod_selector, self.namespace_selector, self.ip_block, namespace)
 
 
 def port_name(name: str) -> str:
