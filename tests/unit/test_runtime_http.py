@@ -4,16 +4,20 @@ closed after the handler's timeout, and a freed slot serves again."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 
 import pytest
 
 from stockade import runtime
+from stockade.agent.config import AgentConfig
+from stockade.control.config import OperatorConfig
 from stockade.runtime import serve_http
+from stockade.runtime.command import add_process_arguments
 
 LIMIT = 2
 
@@ -78,3 +82,40 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_timeout(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_server_listens_on_the_address_it_is_given() -> None:
+    server = serve_http(0, lambda: "", address="127.0.0.1")
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        assert get(int(server.server_address[1])) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda address: AgentConfig(node="node-1", bind_address=address),
+        lambda address: OperatorConfig(bind_address=address),
+    ],
+    ids=["agent", "operator"],
+)
+def test_both_processes_take_an_ip_address_to_bind_and_reject_anything_else(
+    config: Callable[[str], object],
+) -> None:
+    for good in ("0.0.0.0", "127.0.0.1", "::", "fd00::1"):
+        config(good)
+    with pytest.raises(ValueError, match="--bind-address: 'localhost' is not an IPv4"):
+        config("localhost")
+
+
+def test_the_bind_address_flag_defaults_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STOCKADE_BIND_ADDRESS", "10.0.0.7")
+    parser = argparse.ArgumentParser()
+    add_process_arguments(parser)
+    assert parser.parse_args([]).bind_address == "10.0.0.7"
+    assert parser.parse_args(["--bind-address", "::1"]).bind_address == "::1"

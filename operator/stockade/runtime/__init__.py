@@ -11,6 +11,8 @@ Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.runnin
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +37,7 @@ def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Confi
     return cfg
 
 
+DEFAULT_BIND_ADDRESS = "0.0.0.0"  # kubelet probes the pod IP, the node's for the agent
 MAX_CONNECTIONS = 8  # a kubelet's probes and a scraper or two need far fewer
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -48,6 +51,8 @@ class _BoundedServer(ThreadingHTTPServer):
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limit: int
     ) -> None:
+        if ipaddress.ip_address(address[0]).version == 6:
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(limit)
 
@@ -70,11 +75,20 @@ class _BoundedServer(ThreadingHTTPServer):
             self._slots.release()
 
 
+def bind_address_error(address: str) -> str | None:
+    """Why `address` cannot be the address of `serve_http`, or None."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"--bind-address: {address!r} is not an IPv4 or IPv6 address"
+    return None
+
+
 def serve_http(
     port: int,
     metrics: Callable[[], str],
     ready: Callable[[], bool] = lambda: True,
-    address: str = "0.0.0.0",
+    address: str = DEFAULT_BIND_ADDRESS,
     max_connections: int = MAX_CONNECTIONS,
 ) -> ThreadingHTTPServer:
     """Serve `metrics()` at http://<address>:<port>/metrics, `/healthz` (the process serves) and

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from stockade.runtime import DEFAULT_BIND_ADDRESS
+
 C = TypeVar("C")
 
 
@@ -58,6 +60,12 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=env_port("STOCKADE_HEALTH_PORT"),
         help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
+    )
+    parser.add_argument(
+        "--bind-address",
+        default=env("STOCKADE_BIND_ADDRESS", DEFAULT_BIND_ADDRESS),
+        help="serve metrics and probes on this address only "
+        f"($STOCKADE_BIND_ADDRESS, default {DEFAULT_BIND_ADDRESS})",
     )
     parser.add_argument(
         "-v",
