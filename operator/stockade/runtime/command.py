@@ -2,10 +2,10 @@
 
 Both commands take their defaults from the environment the Helm chart sets (`env`), share the
 flags of a long-running process (`add_process_arguments`: kubeconfig, metrics and health ports,
-log level) and run the same way (`run_process`): build the frozen configuration (an invalid one
-exits with status 2 and every error), set up logging, turn SIGTERM and SIGINT into a stop flag
-and run the process's app until it is set. `serve_alone` serves a command alone, as
-`python -m stockade.control` and `python -m stockade.agent` do.
+the address they listen on, log level) and run the same way (`run_process`): build the frozen
+configuration (an invalid one exits with status 2 and every error), set up logging, turn SIGTERM
+and SIGINT into a stop flag and run the process's app until it is set. `serve_alone` serves a
+command alone, as `python -m stockade.control` and `python -m stockade.agent` do.
 
 Called by `stockade.control.command` and `stockade.agent.command`.
 """
