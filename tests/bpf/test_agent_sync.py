@@ -36,7 +36,9 @@ def test_published_tables_are_enforced_on_real_traffic(
     assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.CONNECTED}
     objects = cluster.table_objects()
     with pin_root() as root, running_syncer(root, topo, objects) as (syncer, executor):
+        assert not syncer.applied  # the agent's /readyz
         syncer.sync()
+        assert syncer.applied
         web_if = topo.pods["demo/web"].host_ifname
         assert syncer.stats.last_attach.attached == {
             e.endpoint_id: web_if

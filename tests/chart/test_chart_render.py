@@ -225,3 +225,21 @@ def test_crds_are_installed_from_the_chart_crds_directory() -> None:
     assert "datapathtables.stockade.io" in crds
     assert "networkpolicies.stockade.io" in crds
     assert "clusternetworkpolicies.stockade.io" in crds
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "component"),
+    [("Deployment", "stockade-operator", "operator"), ("DaemonSet", "stockade-agent", "agent")],
+    ids=["operator", "agent"],
+)
+def test_each_component_binds_its_endpoints_to_its_bind_address(
+    kind: str, name: str, component: str
+) -> None:
+    def bind_address(values: dict[str, Any]) -> str:
+        (container,) = find(render(values), kind, name)["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        address: str = env["STOCKADE_BIND_ADDRESS"]
+        return address
+
+    assert bind_address({}) == "0.0.0.0"
+    assert bind_address({component: {"bindAddress": "10.1.2.3"}}) == "10.1.2.3"

@@ -32,6 +32,7 @@ REJECTED: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "a relative bpffs path": ({"agent": {"bpffs": {"hostPath": "sys/fs/bpf"}}}, "hostPath"),
     "a log level that does not exist": ({"operator": {"logLevel": "loud"}}, "logLevel"),
+    "a host name as the bind address": ({"agent": {"bindAddress": "localhost"}}, "bindAddress"),
 }
 
 

@@ -117,7 +117,12 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set."""
         servers = [
-            serve_http(port, self.metrics_text)
+            serve_http(
+                port,
+                self.metrics_text,
+                ready=lambda: self.syncer.applied,
+                address=self.config.bind_address,
+            )
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
         ]

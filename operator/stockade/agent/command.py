@@ -67,6 +67,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         resync_seconds=args.resync_seconds,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        bind_address=args.bind_address,
         conntrack_on_policy_change=args.conntrack_on_policy_change,
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from stockade.datapath.clang import DEFAULT_CACHE_DIR
 from stockade.datapath.maps import DEFAULT_PIN_ROOT
+from stockade.runtime import DEFAULT_BIND_ADDRESS, bind_address_error
 
 BPFFS = Path("/sys/fs/bpf")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -27,6 +28,7 @@ class AgentConfig:
     resync_seconds: float = 300.0
     metrics_port: int | None = None
     health_port: int | None = None
+    bind_address: str = DEFAULT_BIND_ADDRESS  # of the metrics and probe server
     # What established connections do when policy changes (bpf/conntrack.h): "revalidate" judges
     # each flow's next packet again, "keep" lets established flows run until they expire.
     conntrack_on_policy_change: str = "revalidate"
@@ -56,6 +58,8 @@ class AgentConfig:
         ):
             if port is not None and not 0 <= port < 65536:
                 errors.append(f"{flag}: {port} is not a port number")
+        if (problem := bind_address_error(self.bind_address)) is not None:
+            errors.append(problem)
         if self.conntrack_on_policy_change not in ("revalidate", "keep"):
             errors.append(
                 "--conntrack-on-policy-change: expected revalidate or keep, got "

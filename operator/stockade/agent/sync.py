@@ -96,6 +96,12 @@ class Syncer:
         self.stats = SyncStats()
 
     @property
+    def applied(self) -> bool:
+        """This node's tables have been applied at least once: the agent's `/readyz`. A later
+        failed sync leaves the applied set in force, so it does not take readiness away."""
+        return self.stats.applied_generation >= 0
+
+    @property
     def rules(self) -> Mapping[int, ir.RuleInfo]:
         return self.current.tables.rules if self.current is not None else {}
 

@@ -149,7 +149,12 @@ class Operator:
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
         servers = [
-            serve_http(port, lambda: prometheus_text(self.gauges()), ready=self.ready.is_set)
+            serve_http(
+                port,
+                lambda: prometheus_text(self.gauges()),
+                ready=self.ready.is_set,
+                address=self.config.bind_address,
+            )
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
         ]

@@ -69,6 +69,7 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         identity=args.identity,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        bind_address=args.bind_address,
         upstream_cnp=args.upstream_cnp,
         lease_namespace=args.lease_namespace,
         lease_name=args.lease_name,

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from stockade.handoff import INLINE_ENTRIES, SHARD_ENTRIES
+from stockade.runtime import DEFAULT_BIND_ADDRESS, bind_address_error
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class OperatorConfig:
     identity: str = ""  # lease holder identity; "" means <hostname>-<pid>
     metrics_port: int | None = None
     health_port: int | None = None  # /healthz and /readyz
+    bind_address: str = DEFAULT_BIND_ADDRESS  # of the metrics and probe server
     upstream_cnp: bool = True  # watch policy.networking.k8s.io ClusterNetworkPolicy
     lease_namespace: str = "kube-system"
     lease_name: str = "stockade-operator"
@@ -41,6 +43,8 @@ class OperatorConfig:
         ):
             if port is not None and not 0 <= port < 65536:
                 errors.append(f"{flag}: {port} is not a port number")
+        if (problem := bind_address_error(self.bind_address)) is not None:
+            errors.append(problem)
         if self.lease_duration <= 0 or self.renew_period <= 0:
             errors.append("--lease-duration and --renew-period must be positive")
         elif self.renew_period * 2 > self.lease_duration:

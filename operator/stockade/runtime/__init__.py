@@ -10,6 +10,9 @@ Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.runnin
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,13 +37,68 @@ def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Confi
     return cfg
 
 
+DEFAULT_BIND_ADDRESS = "0.0.0.0"  # kubelet probes the pod IP, the node's for the agent
+MAX_CONNECTIONS = 8  # a kubelet's probes and a scraper or two need far fewer
+REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, but at most `limit` at once: a connection past the bound is
+    answered 503 and closed by the accepting thread, so that a flood of connections (the agent
+    listens on the host network) costs no threads and leaves the probes a slot once it ends."""
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limit: int
+    ) -> None:
+        if ipaddress.ip_address(address[0]).version == 6:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):  # a peer gone already: only close
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def bind_address_error(address: str) -> str | None:
+    """Why `address` cannot be the address of `serve_http`, or None."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"--bind-address: {address!r} is not an IPv4 or IPv6 address"
+    return None
+
+
 def serve_http(
-    port: int, metrics: Callable[[], str], ready: Callable[[], bool] = lambda: True
+    port: int,
+    metrics: Callable[[], str],
+    ready: Callable[[], bool] = lambda: True,
+    address: str = DEFAULT_BIND_ADDRESS,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> ThreadingHTTPServer:
-    """Serve `metrics()` at http://0.0.0.0:<port>/metrics, `/healthz` (the process serves) and
-    `/readyz` (`ready()`), in a daemon thread; the caller shuts it down."""
+    """Serve `metrics()` at http://<address>:<port>/metrics, `/healthz` (the process serves) and
+    `/readyz` (`ready()`), in a daemon thread; the caller shuts it down. At most
+    `max_connections` connections are served at once (the rest get 503), and one that has not
+    sent its request within REQUEST_TIMEOUT seconds is closed."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
+
         def do_GET(self) -> None:
             if self.path not in ("/metrics", "/healthz", "/readyz"):
                 self.send_error(404)
@@ -62,7 +120,7 @@ def serve_http(
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = _BoundedServer((address, port), Handler, max_connections)
     threading.Thread(target=server.serve_forever, name="stockade-http", daemon=True).start()
     return server
 

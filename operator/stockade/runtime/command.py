@@ -2,10 +2,10 @@
 
 Both commands take their defaults from the environment the Helm chart sets (`env`), share the
 flags of a long-running process (`add_process_arguments`: kubeconfig, metrics and health ports,
-log level) and run the same way (`run_process`): build the frozen configuration (an invalid one
-exits with status 2 and every error), set up logging, turn SIGTERM and SIGINT into a stop flag
-and run the process's app until it is set. `serve_alone` serves a command alone, as
-`python -m stockade.control` and `python -m stockade.agent` do.
+the address they listen on, log level) and run the same way (`run_process`): build the frozen
+configuration (an invalid one exits with status 2 and every error), set up logging, turn SIGTERM
+and SIGINT into a stop flag and run the process's app until it is set. `serve_alone` serves a
+command alone, as `python -m stockade.control` and `python -m stockade.agent` do.
 
 Called by `stockade.control.command` and `stockade.agent.command`.
 """
@@ -20,6 +20,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
+
+from stockade.runtime import DEFAULT_BIND_ADDRESS
 
 C = TypeVar("C")
 
@@ -58,6 +60,12 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=env_port("STOCKADE_HEALTH_PORT"),
         help="serve /healthz and /readyz on this port ($STOCKADE_HEALTH_PORT)",
+    )
+    parser.add_argument(
+        "--bind-address",
+        default=env("STOCKADE_BIND_ADDRESS", DEFAULT_BIND_ADDRESS),
+        help="serve metrics and probes on this address only "
+        f"($STOCKADE_BIND_ADDRESS, default {DEFAULT_BIND_ADDRESS})",
     )
     parser.add_argument(
         "-v",

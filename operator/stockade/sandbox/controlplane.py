@@ -31,7 +31,7 @@ from typing import Any
 import kubernetes.client
 import yaml
 
-from stockade.sandbox.pki import PkiPaths, write_pki
+from stockade.sandbox.pki import PkiPaths, write_pki, write_private
 from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, log_tail
 from stockade.sandbox.toolchain import ETCD, KUBERNETES, ensure
 
@@ -321,8 +321,7 @@ class ControlPlane:
             ],
             "current-context": CONTEXT,
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        write_private(self.kubeconfig, yaml.safe_dump(config, sort_keys=False).encode())
 
     def api_client(self, token: str | None = None) -> Any:
         """A `kubernetes.client.ApiClient`: cluster admin, or the bearer of `token` (for example

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,9 +162,24 @@ def _issue(
     return _Issuer(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (a key, a kubeconfig holding one)."""
+    _create(path, data, 0o600)
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` by a new file created with `mode`, so that its content is never readable
+    by anyone the mode excludes: no write-then-chmod window, and an existing file (with whatever
+    mode it had) is unlinked rather than written through. The fchmod only undoes the umask."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(fd, mode)
+        file.write(data)
+
+
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600 if private else 0o644)
+    _create(path, data, 0o600 if private else 0o644)
 
 
 def write_pki(directory: Path, service_ip: str) -> PkiPaths:
