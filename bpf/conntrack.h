@@ -6,7 +6,15 @@
  *   packet whose reverse tuple is recorded for the opposite direction is a reply. A new
  *   connection in the reverse direction is therefore still judged.
  * - ICMP echo is tracked by identifier: an echo reply matches the request it answers.
- * - An ICMP error is related when the packet it quotes belongs to a recorded flow.
+ * - An ICMP error is related when the packet it quotes belongs to a recorded flow and the error
+ *   travels back along that flow: from the quoted packet's destination to its source (outer
+ *   source == inner destination, outer destination == inner source), judged in the direction of
+ *   the flow's replies or originals it answers. An error from anyone else (a router on the path
+ *   included: an intermediate hop's "packet too big" or "time exceeded") is not related and is
+ *   judged by policy like any other ICMP, so a policy that should let such errors in must allow
+ *   those ICMP types from those sources. Without this check any address could reach a pod with an
+ *   allowed flow by quoting that flow's tuple in front of an arbitrary payload.
+ *   Redirects are no errors (parse.h) and never related.
  * - Entries expire after the timeout of their protocol (config map, 0 = built-in default);
  *   a TCP FIN or RST switches the flow to the short closing timeout. The LRU evicts the
  *   least recently used entries when the table is full.
@@ -126,6 +134,8 @@ static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
 	if (t->icmp_kind == ICMP_KIND_ERROR) {
 		const struct tuple *in = &f->inner;
 
+		if (!addr_equal(t->daddr, in->saddr) || !addr_equal(t->saddr, in->daddr))
+			return CT_NEW;
 		/* the quoted packet was sent by the flow's originator, or is one of its replies */
 		ct_key_set(&k, in->saddr, in->daddr, in->sport, in->dport, in->proto, dir ^ 1);
 		if (ct_find(&k, cfg, now))

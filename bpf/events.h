@@ -25,6 +25,8 @@ enum drop_reason {
 	REASON_FRAGMENT = 2,	/* a non-first fragment, with fragments set to drop */
 	REASON_UNPARSED = 3,	/* neither ARP nor IP the program parses (parse.h): another
 				 * ethertype, unwalked VLAN tags, IPv6 when disabled */
+	REASON_NOT_A_ROUTER = 4,	/* a pod sent what only a router may send: an ICMP or
+					 * ICMPv6 redirect */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

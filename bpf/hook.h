@@ -8,6 +8,9 @@
  * Always allowed: ARP, ICMPv6 neighbour discovery and link-local control, packets whose local
  * address is no endpoint of this node, traffic from the node itself on INGRESS (policy.h),
  * replies and related ICMP errors of allowed flows (conntrack.h).
+ * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects. A pod
+ * is no router; a redirect from one can only be spoofing (RFC 4861 §8: only the first-hop router
+ * sends them). Redirects toward a pod are never related to a flow: they are judged by policy.
  * Always dropped, before any lookup (there may be no addresses to look up), with their own
  * reason: frames that are neither ARP nor IP this program parses (REASON_UNPARSED: another
  * ethertype, VLAN tags it does not walk, IPv6 without STOCKADE_IPV6; parse.h says why), and
@@ -43,6 +46,11 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	struct endpoint_value *ep;
 	enum parse_result r = parse_packet(skb, &f);
 
+	if (dir == DIR_EGRESS && (r == PARSE_IP || r == PARSE_CONTROL) &&
+	    icmp_is_redirect(f.t.proto, f.port >> 8)) {
+		emit_drop(skb, &f, dir, REASON_NOT_A_ROUTER, 0, 0);
+		return VERDICT_DROP;
+	}
 	if (r == PARSE_PASS || r == PARSE_CONTROL)
 		return VERDICT_PASS;
 	if (r == PARSE_UNPARSED) {

@@ -118,11 +118,26 @@ static __always_inline void addr_copy(__u32 *dst, const __u8 *src)
 	__builtin_memcpy(dst, src, 16);
 }
 
+/* Errors quote the packet they are about and may be related to its flow (conntrack.h): ICMP
+ * destination unreachable, source quench, time exceeded, parameter problem; ICMPv6 destination
+ * unreachable, packet too big, time exceeded, parameter problem. A redirect (ICMP 5, ICMPv6 137)
+ * quotes a packet too but is no error: it asks the receiver to change its routing, so it is never
+ * related to anything (icmp_is_redirect). */
 static __always_inline int icmp_is_error(__u8 proto, __u8 type)
 {
 	if (proto == IPPROTO_ICMP)
-		return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+		return type == 3 || type == 4 || type == 11 || type == 12;
 	return type >= 1 && type <= 4;
+}
+
+static __always_inline int icmp_is_redirect(__u8 proto, __u8 type)
+{
+	return (proto == IPPROTO_ICMP && type == 5) || (proto == PROTO_ICMPV6 && type == 137);
+}
+
+static __always_inline int addr_equal(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
 /* ICMPv6 types that stay allowed whatever the policy: MLD (130-132, 143), router and

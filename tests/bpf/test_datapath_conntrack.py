@@ -14,7 +14,7 @@ import pytest
 from stockade.compiler import ir
 from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
-from stockade.datapath import maps
+from stockade.datapath import events, maps
 from stockade.datapath.maps import DatapathConfig
 from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
@@ -22,6 +22,7 @@ from tests.bpf.datapath_harness import Datapath, datapath
 
 A4, A6, B4 = pk.addr("10.0.0.1"), pk.addr("fd00::1"), pk.addr("10.0.0.2")
 CLIENT4, CLIENT6 = pk.addr("10.0.1.7"), pk.addr("2001:db8::7")
+OTHER4, OTHER6 = pk.addr("10.0.1.8"), pk.addr("2001:db8::8")  # clients too, but not the peer
 IN, OUT = Direction.INGRESS, Direction.EGRESS
 ALLOW, DENY = TcVerdict.ALLOW, TcVerdict.DENY
 TCP, UDP = ir.PROTO_TCP, ir.PROTO_UDP
@@ -126,6 +127,57 @@ def test_icmp_errors_about_an_allowed_flow_are_related(
     assert dp.run(error, IN) is ALLOW
     unrelated = pk.ip(local, remote, UDP, pk.udp_datagram(local, remote, 5354, 53, b"q"))
     assert dp.run(pk.ip_frame(pk.icmp_error(remote, local, *unreachable, unrelated)), IN) is DENY
+
+
+def _unreachable(local: ir.IPAddress) -> tuple[int, int]:
+    return (3, 3) if local.version == 4 else (1, 4)
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "other"),
+    [(A4, CLIENT4, OTHER4), (A6, CLIENT6, OTHER6)],
+    ids=["ipv4", "ipv6"],
+)
+def test_an_icmp_error_about_an_allowed_flow_is_related_only_from_the_flows_peer(
+    dp: Datapath, local: ir.IPAddress, remote: ir.IPAddress, other: ir.IPAddress
+) -> None:
+    sent = pk.ip(local, remote, TCP, pk.tcp_segment(local, remote, 40001, 443, SYN))
+    assert dp.run(pk.ip_frame(sent), OUT) is ALLOW
+    forged = pk.ip_frame(pk.icmp_error(other, local, *_unreachable(local), sent))
+    assert dp.run(forged, IN) is DENY  # judged as new ICMP: A is isolated
+    genuine = pk.ip_frame(pk.icmp_error(remote, local, *_unreachable(local), sent))
+    assert dp.run(genuine, IN) is ALLOW
+
+
+def test_an_icmp_error_quoting_another_pods_flow_is_not_related(dp: Datapath) -> None:
+    sent = pk.ip(A4, CLIENT4, TCP, pk.tcp_segment(A4, CLIENT4, 40001, 443, SYN))
+    assert dp.run(pk.ip_frame(sent), OUT) is ALLOW
+    misdirected = pk.ip_frame(pk.icmp_error(CLIENT4, B4, 3, 3, sent))
+    assert dp.run(misdirected, IN) is DENY  # to B, isolated, about A's flow
+
+
+def test_an_icmp_redirect_toward_a_pod_is_never_related(dp: Datapath) -> None:
+    sent = pk.ip(A4, CLIENT4, TCP, pk.tcp_segment(A4, CLIENT4, 40001, 443, SYN))
+    assert dp.run(pk.ip_frame(sent), OUT) is ALLOW
+    redirect = pk.ip_frame(pk.icmp_error(CLIENT4, A4, 5, 1, sent))
+    assert dp.run(redirect, IN) is DENY  # judged as new ICMP: A is isolated
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "redirect"),
+    [(A4, CLIENT4, 5), (A6, CLIENT6, 137)],
+    ids=["icmp redirect", "icmpv6 redirect"],
+)
+def test_a_pod_sending_a_redirect_is_dropped_with_its_reason(
+    dp: Datapath, local: ir.IPAddress, remote: ir.IPAddress, redirect: int
+) -> None:
+    sent = pk.ip(remote, local, TCP, pk.tcp_segment(remote, local, 443, 40001, SYNACK))
+    assert dp.run(tcp(local, remote, 40001, 443, SYN), OUT) is ALLOW
+    dp.events()
+    frame = pk.ip_frame(pk.icmp_error(local, remote, redirect, 1, sent))
+    assert dp.run(frame, OUT) is DENY  # A's egress has no policy: only the reason drops it
+    (event,) = dp.events()
+    assert (event.kind, event.reason) == (events.EventKind.DROP, events.DropReason["NOT_A_ROUTER"])
 
 
 def test_entries_expire_after_the_configured_timeout(dp: Datapath) -> None:

@@ -278,3 +278,4 @@ class DropReason(IntEnum):
     MALFORMED = 1
     FRAGMENT = 2
     UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h
+    NOT_A_ROUTER = 4  # a pod sent a redirect: see bpf/hook.h

@@ -50,6 +50,8 @@ PROTO_SCTP = 132
 
 # ICMPv6 control that stays allowed whatever the policies: the evaluator's own list.
 ICMPV6_CONTROL_TYPES = evaluator.ICMPV6_CONTROL_TYPES
+# Redirects by protocol number, from the evaluator's list.
+REDIRECT_TYPES = {p.number: t for p, t in evaluator.REDIRECT_TYPES.items()}
 
 # Rule id 0 means "no rule decided" (the default allow).
 RULE_NONE = 0
@@ -253,8 +255,12 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
 
     `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
     the source pod. An address that is not an endpoint of this node passes unjudged, and so
-    does ICMPv6 neighbour discovery and other link-local control (ICMPV6_CONTROL_TYPES).
+    does ICMPv6 neighbour discovery and other link-local control (ICMPV6_CONTROL_TYPES). An
+    ICMP or ICMPv6 redirect sent by a pod (EGRESS) is dropped first, whatever the addresses
+    (`bpf/hook.h`, reason NOT_A_ROUTER; rule RULE_NONE).
     """
+    if direction is Direction.EGRESS and packet.port >> 8 == REDIRECT_TYPES.get(packet.protocol):
+        return Verdict(Action.DENY, RULE_NONE)
     if packet.protocol == PROTO_ICMPV6 and packet.port >> 8 in ICMPV6_CONTROL_TYPES:
         return ALLOW_BY_DEFAULT
     local, remote = (

@@ -121,6 +121,25 @@ Stage = Callable[[_Context], StageResult]
 ICMPV6_CONTROL_TYPES = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
 
 
+# Redirects, by protocol: ICMP type 5, ICMPv6 type 137. Only a router sends one (RFC 1122
+# §3.2.2.2, RFC 4861 §8); a pod is none.
+REDIRECT_TYPES = {Protocol.ICMP: 5, Protocol.ICMPV6: 137}
+
+
+def _not_a_router(ctx: _Context) -> StageResult:
+    """A redirect sent by a pod is dropped whatever the policies: a pod is no router, and a
+    redirect from one can only steer its neighbours' traffic (the datapath's reason
+    not_a_router)."""
+    redirect = REDIRECT_TYPES.get(ctx.flow.protocol)
+    if (
+        ctx.direction is Direction.EGRESS
+        and redirect is not None
+        and ctx.flow.icmp_type == redirect
+    ):
+        return StageResult(Verdict.DENY, f"{ctx.pod.key} sent an ICMP redirect: not a router")
+    return StageResult(Verdict.NEXT, "")
+
+
 def _link_control(ctx: _Context) -> StageResult:
     """DESIGN.md §2: "Always allowed, whatever the policies: ... ARP and IPv6 neighbour
     discovery"."""
@@ -188,6 +207,7 @@ def _default_allow(ctx: _Context) -> StageResult:
 
 
 PIPELINE: tuple[Stage, ...] = (
+    _not_a_router,
     _link_control,
     _node_traffic,
     _cluster_tier(Tier.ADMIN),
