@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validat
 
 from stockade.model import policy as internal
 from stockade.model.crd_common import PortNumber, Priority, WireModel, field_error, unsupported
-from stockade.model.crd_scnp import cluster_policy, in_namespaces, namespaced_pods
+from stockade.model.crd_scnp import (
+    cluster_policy,
+    in_namespaces,
+    namespaced_pods,
+    transport_port,
+)
 from stockade.model.netpol_v1 import Cidr, Metadata, Selector, port_name, string
 
 MAX_RULES = 25
@@ -109,17 +114,7 @@ class Protocol(WireModel):
             # "selects a destination port on a pod based on the ContainerPort name": the named
             # container port's own protocol applies.
             return internal.NamedPort(self.destination_named_port, None)
-        for protocol, body in (
-            (internal.Protocol.TCP, self.tcp),
-            (internal.Protocol.UDP, self.udp),
-            (internal.Protocol.SCTP, self.sctp),
-        ):
-            if body is not None:
-                port = body.destination_port
-                if port.range is not None:
-                    return internal.PortRange(protocol, port.range.start, port.range.end)
-                return internal.PortRange(protocol, port.number, port.number)
-        raise AssertionError("a validated protocols entry sets exactly one field")
+        return transport_port(self.tcp, self.udp, self.sctp)
 
 
 class IngressPeer(WireModel):

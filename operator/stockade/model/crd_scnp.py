@@ -79,6 +79,43 @@ def namespaced_pods(
     return internal.PodSet(pod_selector=pod_selector.to_selector(), namespace_selector=namespaces)
 
 
+class _Range(typing.Protocol):
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+
+
+class _Port(typing.Protocol):
+    @property
+    def number(self) -> int | None: ...
+    @property
+    def range(self) -> _Range | None: ...
+
+
+class _ProtocolPort(typing.Protocol):
+    @property
+    def destination_port(self) -> _Port: ...
+
+
+def transport_port(
+    tcp: _ProtocolPort | None, udp: _ProtocolPort | None, sctp: _ProtocolPort | None
+) -> internal.PortSpec:
+    """The one port match of a ClusterNetworkPolicy protocols entry that sets tcp, udp or sctp
+    (stockade's or upstream's, validated by its own model)."""
+    for protocol, body in (
+        (internal.Protocol.TCP, tcp),
+        (internal.Protocol.UDP, udp),
+        (internal.Protocol.SCTP, sctp),
+    ):
+        if body is not None:
+            port = body.destination_port
+            if port.range is not None:
+                return internal.PortRange(protocol, port.range.start, port.range.end)
+            return internal.PortRange(protocol, port.number, port.number)
+    raise AssertionError("a validated protocols entry sets exactly one field")
+
+
 def in_namespaces(selector: ToSelector) -> internal.PodSet:
     # "Namespaces defines a way to select all pods within a set of Namespaces."
     return internal.PodSet(pod_selector=EVERYTHING, namespace_selector=selector.to_selector())
@@ -180,17 +217,7 @@ class ClusterNetworkPolicyProtocol(WireModel):
             return internal.IcmpMatch(internal.Protocol.ICMP, self.icmp.type, self.icmp.code)
         if self.icmpv6 is not None:
             return internal.IcmpMatch(internal.Protocol.ICMPV6, self.icmpv6.type, self.icmpv6.code)
-        for protocol, body in (
-            (internal.Protocol.TCP, self.tcp),
-            (internal.Protocol.UDP, self.udp),
-            (internal.Protocol.SCTP, self.sctp),
-        ):
-            if body is not None:
-                port = body.destination_port
-                if port.range is not None:
-                    return internal.PortRange(protocol, port.range.start, port.range.end)
-                return internal.PortRange(protocol, port.number, port.number)
-        raise AssertionError("a validated protocols entry sets exactly one field")
+        return transport_port(self.tcp, self.udp, self.sctp)
 
 
 class ClusterNetworkPolicyIngressPeer(WireModel):

@@ -106,6 +106,16 @@ class IPBlock(WireModel):
         return internal.CidrPeer(self.network, tuple(excepts))
 
 
+def netpol_port(protocol: str, port: int | str | None, end_port: int | None) -> internal.PortSpec:
+    """A NetworkPolicy port (stockade's or the standard's, validated by its own model)."""
+    proto = internal.Protocol(protocol)
+    if port is None:
+        return internal.PortRange(proto)
+    if isinstance(port, str):
+        return internal.NamedPort(port, proto)
+    return internal.PortRange(proto, port, end_port if end_port is not None else port)
+
+
 class ToSelector(typing.Protocol):
     def to_selector(self) -> selectors.LabelSelector: ...
 
@@ -235,13 +245,7 @@ class NetworkPolicyPort(WireModel):
             return internal.IcmpMatch(internal.Protocol.ICMP, self.icmp.type, self.icmp.code)
         if self.icmpv6 is not None:
             return internal.IcmpMatch(internal.Protocol.ICMPV6, self.icmpv6.type, self.icmpv6.code)
-        protocol = internal.Protocol(self.protocol or "TCP")  # "defaults to TCP"
-        if self.port is None:
-            return internal.PortRange(protocol)
-        if isinstance(self.port, str):
-            return internal.NamedPort(self.port, protocol)
-        end = self.end_port if self.end_port is not None else self.port
-        return internal.PortRange(protocol, self.port, end)
+        return netpol_port(self.protocol or "TCP", self.port, self.end_port)  # "defaults to TCP"
 
 
 class RuleModel(typing.Protocol):

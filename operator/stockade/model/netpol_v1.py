@@ -31,6 +31,7 @@ from stockade.model.crd_snp import (
     RuleModel,
     default_policy_types,
     netpol_peer,
+    netpol_port,
     network_policy,
     network_rule,
 )
@@ -198,13 +199,7 @@ class Port(WireModel):
         return self
 
     def to_port(self) -> internal.PortSpec:
-        protocol = internal.Protocol(self.protocol)
-        if self.port is None:
-            return internal.PortRange(protocol)
-        if isinstance(self.port, str):
-            return internal.NamedPort(self.port, protocol)
-        end = self.end_port if self.end_port is not None else self.port
-        return internal.PortRange(protocol, self.port, end)
+        return netpol_port(self.protocol, self.port, self.end_port)
 
 
 class IngressRule(WireModel):
