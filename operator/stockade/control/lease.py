@@ -8,6 +8,9 @@ unchanged for `duration` seconds (its own clock, never the holder's), writing wi
 resourceVersion it read so that two candidates cannot both win. The holder stops publishing
 once it has not renewed for two thirds of `duration` (it may have lost the lease without
 knowing), and releases the lease when it stops so that the other replica takes over at once.
+`on_started` runs whenever the replica leads after a moment of not leading, also when a renewal
+was only slow (a loaded API server) rather than lost: the passes in that moment did nothing, so
+the replica starts over as a new leader would.
 """
 
 from __future__ import annotations
@@ -57,7 +60,12 @@ class LeaseElector:
     @property
     def is_leader(self) -> bool:
         renewed = self._renewed_at
-        return renewed is not None and time.monotonic() - renewed < self._duration * 2 / 3
+        return renewed is not None and time.monotonic() - renewed < self._window
+
+    @property
+    def _window(self) -> float:
+        """How long after a renewal this replica still counts itself the leader."""
+        return self._duration * 2 / 3
 
     def start(self) -> None:
         self._thread.start()
@@ -70,17 +78,26 @@ class LeaseElector:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            was = self.is_leader
-            try:
-                self.try_acquire_or_renew()
-            except Exception:
-                log.exception("lease %s/%s: could not renew", self._namespace, self._name)
-            if self.is_leader and not was:
-                log.info(
-                    "lease %s/%s: %s is the leader", self._namespace, self._name, self.identity
-                )
-                self._on_started()
+            self.round()
             self._stop.wait(self._renew)
+
+    def round(self) -> None:
+        """One renewal, and `on_started` when this replica leads after not leading."""
+        before = self._renewed_at
+        try:
+            self.try_acquire_or_renew()
+        except Exception:
+            log.exception("lease %s/%s: could not renew", self._namespace, self._name)
+        if self.is_leader and self._lapsed(before):
+            log.info("lease %s/%s: %s is the leader", self._namespace, self._name, self.identity)
+            self._on_started()
+
+    def _lapsed(self, before: float | None) -> bool:
+        """Whether `is_leader` may have answered False at some moment since the renewal at
+        `before` (None: not leading then). A renewal that took longer than the window (a slow
+        API server) ends a leadership as surely as a lost lease: passes that ran meanwhile
+        skipped their work, so the leader must start over as a new one would."""
+        return before is None or time.monotonic() - before >= self._window
 
     def _body(self, acquire: str, transitions: int) -> dict[str, Any]:
         return {
