@@ -61,9 +61,16 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct flow 
 				       __u8 kind, __u8 reason, __u32 rule_id, __u32 endpoint_id)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u32 zero = 0;
+	__u64 *lost;
 
-	if (!e)
-		return; /* ring full: the counters still count the decision */
+	if (!e) {
+		/* ring full: the rule counters still count the decision; the event is counted lost */
+		lost = bpf_map_lookup_elem(&events_lost, &zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
 	e->timestamp_ns = bpf_ktime_get_ns();
 	e->rule_id = rule_id;
 	e->endpoint_id = endpoint_id;

@@ -108,6 +108,7 @@ def test_the_agent_enforces_what_is_published_and_reports_on_program_0(
         assert any(
             line.startswith(allowed) and not line.endswith(" 0") for line in metrics.splitlines()
         )
+        assert "stockade_agent_events_lost_total 0" in metrics.splitlines()
         wait_for(
             "the drop is in the flow log counts",
             lambda: agent.agent.flowlog and agent.agent.flowlog.counts[("drop", "policy")] > 0,

@@ -17,14 +17,14 @@ import kubernetes.client
 
 from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
-from stockade.agent.metrics import FlowLog, gauge_metrics, rule_metrics
+from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.agent.sync import Syncer
 from stockade.agent.watch import TableWatch
 from stockade.compiler.abi import ConntrackMode
 from stockade.datapath.clang import Compiler
-from stockade.datapath.events import read_counters
+from stockade.datapath.events import read_counters, read_events_lost
 from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
@@ -112,6 +112,8 @@ class Agent:
             text += rule_metrics(rules, read_counters(maps.fd("counters"), sorted(rules)))
         if self.flowlog is not None:
             text += self.flowlog.metrics()
+        if maps is not None and "events_lost" in maps.fds:
+            text += events_lost_metrics(read_events_lost(maps.fd("events_lost")))
         return text
 
     def run(self, stop: threading.Event) -> None:

@@ -59,6 +59,12 @@ def rule_metrics(rules: Mapping[int, ir.RuleInfo], counters: Mapping[int, RuleCo
     return "\n".join(lines) + "\n"
 
 
+def events_lost_metrics(lost: int) -> str:
+    """Drop and audit events the ring buffer had no room for: the flow log misses them."""
+    name = "stockade_agent_events_lost_total"
+    return f"# TYPE {name} counter\n{name} {lost}\n"
+
+
 def gauge_metrics(gauges: Mapping[str, float]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(gauges.items()))
 

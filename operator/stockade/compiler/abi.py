@@ -77,6 +77,7 @@ class Layout:
 # --- keys and values (bpf/maps.h) ---------------------------------------------------------------
 
 U32 = Layout("__u32", ("", "I"))  # the key of the array maps (counters, config)
+U64 = Layout("__u64", ("", "Q"))  # the value of events_lost, per CPU
 ENDPOINT_KEY = Layout("endpoint_key", ("addr", "16s"))  # also the key of peer_hosts
 ENDPOINT_VALUE = Layout("endpoint_value", ("id", "I"), ("flags", "I"))
 # LPM trie keys start with the prefix length in host order (struct bpf_lpm_trie_key); the
@@ -206,6 +207,7 @@ MAPS = {
         MapSpec("policy", MapType.LPM_TRIE, POLICY_KEY, POLICY_VALUE, "policy_max", NO_PREALLOC),
         MapSpec("counters", MapType.PERCPU_ARRAY, U32, RULE_COUNTER, "rules_max"),
         MapSpec("events", MapType.RINGBUF, None, None, "events_bytes"),
+        MapSpec("events_lost", MapType.PERCPU_ARRAY, U32, U64, None),
         MapSpec("config", MapType.ARRAY, U32, CONFIG, None),
         # Only with STOCKADE_CONNTRACK.
         MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY, "conntrack_max"),

@@ -87,6 +87,15 @@ class RuleCounter:
     bytes: int
 
 
+def read_events_lost(events_lost_map_fd: int) -> int:
+    """Events the programs could not emit because the ring buffer was full, summed over CPUs."""
+    ncpus = libbpf.num_possible_cpus()
+    raw = libbpf.map_lookup(events_lost_map_fd, abi.U32.pack(0), abi.U64.size * ncpus)
+    if not raw:
+        return 0
+    return sum(abi.U64.unpack_from(raw, cpu * abi.U64.size)[0] for cpu in range(ncpus))
+
+
 def read_counters(counters_map_fd: int, rule_ids: list[int]) -> dict[int, RuleCounter]:
     """Decisions per rule id, summed over CPUs."""
     ncpus = libbpf.num_possible_cpus()

@@ -57,7 +57,7 @@ class NodePrograms:
     def reset(self) -> None:
         """Back to the state right after loading: empty tables (stale entries deleted through
         the writer), no conntrack entries, the config (and its epoch) as loaded, zero counters
-        and an empty event ring."""
+        (lost events too) and an empty event ring."""
         assert self.maps is not None, "reset() after close()"
         self.writer.write(ir.NodeTables())
         maps.flush_conntrack(self.maps)
@@ -68,6 +68,8 @@ class NodePrograms:
             if rule_id < self._rules_max:  # the programs count no rule beyond the array
                 libbpf.map_update(counters, abi.U32.pack(rule_id), zero)
         self._rule_ids = {ir.RULE_NONE}
+        lost = bytes(abi.U64.size * libbpf.num_possible_cpus())
+        libbpf.map_update(self.maps.fd("events_lost"), abi.U32.pack(0), lost)
         if self._events is None:  # only once asked to reset: a caller may read the events
             self._events = libbpf.RingBuffer(self.maps.fd("events"))
         self._events.poll(0)
