@@ -16,6 +16,9 @@ from typing import Any
 import kubernetes.client
 import pytest
 
+from stockade import handoff
+from stockade.compiler import ir
+from stockade.control.plan import plan
 from stockade.datapath import libbpf
 from stockade.datapath.netns import NetnsExecutor
 from stockade.sandbox import netns
@@ -35,6 +38,7 @@ from tests.e2e.agent_fixtures import (
     AgentThread,
     Publication,
     agent_config,
+    report,
     unique_node,
     wait_applied,
 )
@@ -113,6 +117,60 @@ def test_the_agent_enforces_what_is_published_and_reports_on_program_0(
             "the drop is in the flow log counts",
             lambda: agent.agent.flowlog and agent.agent.flowlog.counts[("drop", "policy")] > 0,
         )
+    finally:
+        agent.stop()
+
+
+def test_a_set_with_a_number_out_of_range_is_refused_with_an_event_and_the_last_good_one_stays(
+    topology: MakeTopology,
+    pod_processes: MakeProcesses,
+    publications: list[Publication],
+    api_client: Any,
+    control_plane: ControlPlane,
+    crds: None,
+    root: Path,
+) -> None:
+    # A hostile or broken publisher's set: allow rules whose port, 80 + 65,536, is port 80 in
+    # the 16 bits of a map key. Written as is, they would open the web pod to every peer.
+    cluster, procs, publication = _setup(topology, pod_processes, publications, api_client)
+    netns_name = cluster.topo.node("node-1").netns
+    agent = AgentThread(agent_config(cluster.node_name, netns_name, control_plane.kubeconfig, root))
+    try:
+        good = wait_applied(api_client, cluster.node_name, publication.publish())
+        assert probe_web(procs, cluster) == ENFORCED
+        tables = cluster.tables()
+        aliased = tuple(
+            ir.PolicyEntry(e.endpoint_id, ir.Direction.INGRESS, 96, cid, ir.PROTO_TCP, 80 + 65_536)
+            for e in tables.endpoints
+            for cid in {0, *(c.class_id for c in tables.classes)}
+        )
+        hostile = dataclasses.replace(tables, policy=tables.policy + aliased)
+        cluster.generation += 1
+        node = cluster.node_name
+        publisher = publication.publisher
+        publisher.apply(
+            plan(publisher.published, {node: handoff.encode(hostile)}, cluster.generation)
+        )
+
+        def refused() -> Any:
+            errors = report(api_client, node).get("errors") or []
+            return [e for e in errors if "port 65616 is outside 0..65535" in e] or None
+
+        wait_for("the report names the refused field", refused)
+        core = kubernetes.client.CoreV1Api(api_client)
+
+        def event() -> Any:
+            name = handoff.object_name(node, handoff.PROGRAM, 0)
+            found = core.list_namespaced_event(
+                "default", field_selector=f"involvedObject.name={name}"
+            ).items
+            return found or None
+
+        (posted,) = wait_for("an Event on the program object", event)
+        assert (posted.type, posted.reason) == ("Warning", "TablesRefused")
+        assert "port 65616" in posted.message
+        assert report(api_client, node)["appliedGeneration"] == good["appliedGeneration"]
+        assert probe_web(procs, cluster) == ENFORCED
     finally:
         agent.stop()
 

@@ -134,7 +134,7 @@ def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() ->
     [
         (handoff.decode_endpoint, "10.0.0.1", "expected 2 fields"),
         (handoff.decode_endpoint, "nonsense 1", "bad address"),
-        (handoff.decode_class, "10.0.0.0/8 x 0", "not an integer"),
+        (handoff.decode_class, "10.0.0.0/8 x 0", "class id 'x' is not a number"),
         (handoff.decode_policy, "1 5 96 1 6 80 1 0 0 0", "policy entry"),
         (handoff.decode_rule, "1 K ns n Sideways 0", "Ingress or Egress"),
     ],
@@ -148,3 +148,51 @@ def test_a_malformed_entry_is_refused_naming_it(decoder, entry: str, message: st
 def test_an_unknown_shape_field_is_refused() -> None:
     with pytest.raises(handoff.HandoffError, match="unknown shape field 'turbo'"):
         handoff.decode_program(["shape turbo 1"])
+
+
+# Every number that reaches a map key or value is range-checked: out of range it would alias
+# another key (port 65,616 is port 80 in 16 bits) or index past an array.
+OUT_OF_RANGE = {
+    "port above 65535": (handoff.decode_policy, "1 0 96 1 6 65616 1 5 0 0", "port 65616"),
+    "protocol above 255": (handoff.decode_policy, "1 0 96 1 262 80 1 5 0 0", "protocol 262"),
+    "endpoint id 0": (handoff.decode_policy, "0 0 32 0 0 0 2 5 0 0", "endpoint id 0"),
+    "endpoint id past 31 bits": (
+        handoff.decode_endpoint,
+        "10.0.0.1 2147483648",
+        "endpoint id 2147483648 is outside 1..2147483647",
+    ),
+    "class id past 32 bits": (handoff.decode_class, "10.0.0.0/8 4294967296 0", "class id"),
+    "unknown class flag": (handoff.decode_class, "10.0.0.0/8 3 2", "unknown flags 0x2"),
+    "prefix inside the class": (handoff.decode_policy, "1 0 40 1 0 0 1 5 0 0", "prefixlen 40"),
+    "prefix past the key": (handoff.decode_policy, "1 0 97 1 6 80 1 5 0 0", "prefixlen 97"),
+    "negative rule id": (handoff.decode_policy, "1 0 96 1 6 80 1 -5 0 0", "rule id '-5'"),
+    "sign and spaces": (handoff.decode_rule, "+7 K ns n Ingress 0", "rule id '\\+7'"),
+    "digit separators": (handoff.decode_endpoint, "10.0.0.1 1_000", "endpoint id '1_000'"),
+    "index below the isolation default": (handoff.decode_rule, "7 K ns n Ingress -2", "index -2"),
+    "a 2^32-entry conntrack": (
+        handoff.decode_program,
+        ["shape conntrack_max 4294967295"],
+        "shape.conntrack_max: 4294967295 is outside 1..4194304",
+    ),
+    "a shard number past the bound": (
+        handoff.decode_program,
+        ["shard policy 70000 abc"],
+        "shard 70000",
+    ),
+}
+
+
+@pytest.mark.parametrize(("decoder", "entry", "message"), OUT_OF_RANGE.values(), ids=OUT_OF_RANGE)
+def test_a_number_out_of_its_range_is_refused_naming_the_field(decoder, entry, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(handoff.HandoffError, match=message):
+        decoder(entry)
+
+
+def test_every_size_field_of_the_shape_has_a_limit() -> None:
+    import dataclasses
+
+    from stockade.compiler.shape import SIZE_LIMITS, Shape
+
+    sizes = {f.name for f in dataclasses.fields(Shape) if f.type in ("int", int)}
+    assert sizes - set(SIZE_LIMITS) == {"ipv6_ext_headers"}  # bounded 0..8 on its own
+    Shape(**SIZE_LIMITS)  # the limits themselves are valid

@@ -1,6 +1,7 @@
 """What the agent tells the API server: the status of its `<node>.program.0` DatapathTable (the
-one object per node the operator aggregates policy status from) and Events on Pods whose
-programs could not be attached.
+one object per node the operator aggregates policy status from), Events on Pods whose
+programs could not be attached, and an Event on the program object when a published set is
+refused.
 
 `stockade.agent.sync` calls `Reporter.report()` after every sync and `pod_failures()` with the
 attach failures; a status equal to the last one written is not written again, and an Event is
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 COMPONENT = "stockade-agent"
 MERGE_PATCH = "application/merge-patch+json"
 NOT_FOUND = 404
+REFUSED = "TablesRefused"
+EVENTS_NAMESPACE = "default"  # where Events on cluster-scoped objects go, as kubectl looks
 
 
 class Reporter:
@@ -89,26 +92,37 @@ class Reporter:
         for failure in new:
             refs = [by_ip[str(a)] for a in failure.endpoint.addresses if str(a) in by_ip]
             if refs:
-                self._post(refs[0], failure)
+                involved = {"apiVersion": "v1", "kind": "Pod", **refs[0]}
+                message = f"stockade could not enforce policy on this pod: {failure.message}"
+                self._post(refs[0]["namespace"], involved, failure.reason, message)
             else:
                 log.warning("no pod on %s has %s", self.node, failure.endpoint.addresses)
             self._said.add((str(failure.endpoint.addresses), failure.reason, failure.message))
 
-    def _post(self, pod: Mapping[str, str], failure: Failure) -> None:
+    def refused(self, message: str) -> None:
+        """A Warning Event on the node's program object: the published set was refused (not in
+        the hand-off format, or a number out of its range) and the last good set stays in force.
+        Posted once per message."""
+        if ("", REFUSED, message) in self._said:
+            return
+        involved = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": DATAPATH_TABLE.kind,
+            "name": self.name,
+        }
+        text = f"refused the published tables, enforcing the last good set: {message}"
+        self._post(EVENTS_NAMESPACE, involved, REFUSED, text)
+        self._said.add(("", REFUSED, message))
+
+    def _post(self, namespace: str, involved: Mapping[str, str], reason: str, message: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{pod['name'][:200]}.", "namespace": pod["namespace"]},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "name": pod["name"],
-                "namespace": pod["namespace"],
-                "uid": pod["uid"],
-            },
-            "reason": failure.reason,
-            "message": f"stockade could not enforce policy on this pod: {failure.message}"[:1024],
+            "metadata": {"generateName": f"{involved['name'][:200]}.", "namespace": namespace},
+            "involvedObject": dict(involved),
+            "reason": reason,
+            "message": message[:1024],
             "type": "Warning",
             "source": {"component": COMPONENT, "host": self.node},
             "reportingComponent": COMPONENT,
@@ -118,7 +132,7 @@ class Reporter:
             "count": 1,
         }
         try:
-            self._core.create_namespaced_event(pod["namespace"], CoreV1Event.model_validate(body))
+            self._core.create_namespaced_event(namespace, CoreV1Event.model_validate(body))
             self.events += 1
         except ApiException as exc:
-            log.warning("could not post %s on pod %s: %s", failure.reason, pod["name"], exc.reason)
+            log.warning("could not post %s on %s: %s", reason, involved["name"], exc.reason)

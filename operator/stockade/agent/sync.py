@@ -119,7 +119,10 @@ class Syncer:
             self.stats.waiting = str(exc)
             return False
         except HandoffError as exc:
+            # Refused whole: the maps keep the last good set, and the runner tries again.
             self._report_problem(f"hand-off: {exc}")
+            if self.reporter is not None:
+                self.reporter.refused(str(exc))
             raise
         self.stats.waiting = ""
         same = self.current is not None and _identity(self.current) == _identity(wanted)

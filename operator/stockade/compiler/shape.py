@@ -29,6 +29,23 @@ class FragmentPolicy(IntEnum):
     DROP = 0
 
 
+# The largest map each Shape field may ask for. A Shape arrives at the agent from the API
+# server, so it must not be able to demand more kernel memory than a node can give: the
+# preallocated maps (endpoints; conntrack, an LRU hash; the per-CPU rule counters) and the
+# bucket arrays of the hashes in front of the tries cost their size up front, the tries and
+# the ring buffer as they fill. Each limit is far above what the operator's sizing asks for.
+SIZE_LIMITS = {
+    "endpoints_max": 1 << 20,
+    "classes_max": 1 << 26,
+    "policy_max": 1 << 27,
+    "hosts_max": 1 << 23,
+    "policy_exact_max": 1 << 23,
+    "conntrack_max": 1 << 22,
+    "rules_max": 1 << 20,
+    "events_bytes": 1 << 28,
+}
+
+
 @dataclass(frozen=True)
 class Shape:
     """Feature switches and map sizes of one node's programs."""
@@ -63,8 +80,8 @@ class Shape:
                     errors.append(f"shape.fragments: expected a FragmentPolicy, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool):
                 errors.append(f"shape.{f.name}: expected an int, got {type(value).__name__}")
-            elif f.name != "ipv6_ext_headers" and not 1 <= value < 1 << 32:
-                errors.append(f"shape.{f.name}: {value} is outside 1..2^32-1")
+            elif f.name in SIZE_LIMITS and not 1 <= value <= SIZE_LIMITS[f.name]:
+                errors.append(f"shape.{f.name}: {value} is outside 1..{SIZE_LIMITS[f.name]}")
         if errors:
             raise ValueError("; ".join(errors))
         if not 0 <= self.ipv6_ext_headers <= 8:

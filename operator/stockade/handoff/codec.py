@@ -38,8 +38,9 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.shape import FragmentPolicy, Shape
+from stockade.model.policy import ISOLATION_INDEX
 
 PROGRAM = "program"
 ENDPOINTS = "endpoints"
@@ -56,6 +57,22 @@ NO_NAMESPACE = "-"  # cluster-scoped rules: "-" is never a namespace name
 
 class HandoffError(ValueError):
     """An entry or object that is not in the hand-off format; the message names it."""
+
+
+# Every number is range-checked on the way in: the agent writes them into map keys and values
+# as fixed-width fields, where a number out of range would alias another key (a port of 65,616
+# is port 80 in 16 bits) or index past an array. The endpoint id is shifted left by one beside
+# the direction in a 32-bit key field.
+U32_MAX = (1 << 32) - 1
+ENDPOINT_ID_MAX = (1 << 31) - 1
+PROTOCOL_MAX = 255
+PORT_MAX = 65_535
+CLASS_FLAGS = sum(int(f) for f in abi.ClassFlag)
+# A policy entry fixes the endpoint and direction, then the class, then the protocol, then some
+# leading bits of the port (a port range is a few prefixes); nothing else is a valid length.
+POLICY_PREFIXES = frozenset(
+    (abi.PREFIX_ENDPOINT, abi.PREFIX_CLASS, *range(abi.PREFIX_PROTO, abi.POLICY_KEY_BITS + 1))
+)
 
 
 def shard_count(entries: int) -> int:
@@ -130,11 +147,20 @@ def _fields(entry: str, count: int, part: str) -> list[str]:
     return fields
 
 
-def _int(text: str, part: str, entry: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise HandoffError(f"{part} entry {entry!r}: {text!r} is not an integer") from None
+def _int(
+    text: str, part: str, entry: str, field: str = "", low: int = 0, high: int = U32_MAX
+) -> int:
+    """The field as an integer in low..high: decimal digits only (no spaces, no `_`, no `+`),
+    with a `-` only where `low` is negative."""
+    digits = text[1:] if low < 0 and text.startswith("-") else text
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(U32_MAX)):
+        raise HandoffError(f"{part} entry {entry!r}: {field or 'field'} {text!r} is not a number")
+    value = int(text)
+    if not low <= value <= high:
+        raise HandoffError(
+            f"{part} entry {entry!r}: {field or 'field'} {value} is outside {low}..{high}"
+        )
+    return value
 
 
 def decode_endpoint(entry: str) -> ir.EndpointEntry:
@@ -143,7 +169,7 @@ def decode_endpoint(entry: str) -> ir.EndpointEntry:
         ip = ipaddress.ip_address(address)
     except ValueError:
         raise HandoffError(f"endpoints entry {entry!r}: bad address") from None
-    return ir.EndpointEntry(ip, _int(ep, ENDPOINTS, entry))
+    return ir.EndpointEntry(ip, _int(ep, ENDPOINTS, entry, "endpoint id", 1, ENDPOINT_ID_MAX))
 
 
 def decode_class(entry: str) -> ir.ClassEntry:
@@ -152,12 +178,34 @@ def decode_class(entry: str) -> ir.ClassEntry:
         net = ipaddress.ip_network(network)
     except ValueError:
         raise HandoffError(f"classes entry {entry!r}: bad network") from None
-    return ir.ClassEntry(net, _int(cid, CLASSES, entry), _int(flags, CLASSES, entry))
+    flag_bits = _int(flags, CLASSES, entry, "flags")
+    if flag_bits & ~CLASS_FLAGS:
+        raise HandoffError(f"classes entry {entry!r}: unknown flags {flag_bits & ~CLASS_FLAGS:#x}")
+    return ir.ClassEntry(net, _int(cid, CLASSES, entry, "class id"), flag_bits)
+
+
+_POLICY_FIELDS = (
+    ("endpoint id", 1, ENDPOINT_ID_MAX),
+    ("direction", 0, U32_MAX),  # checked as an ir.Direction below
+    ("prefixlen", 0, abi.POLICY_KEY_BITS),
+    ("class id", 0, U32_MAX),
+    ("protocol", 0, PROTOCOL_MAX),
+    ("port", 0, PORT_MAX),
+    ("action", 0, U32_MAX),  # an ir.Action
+    ("rule id", 0, U32_MAX),
+    ("audit action", 0, U32_MAX),  # an ir.Action
+    ("audit rule id", 0, U32_MAX),
+)
 
 
 def decode_policy(entry: str) -> ir.PolicyEntry:
-    values = [_int(f, POLICY, entry) for f in _fields(entry, 10, POLICY)]
+    values = [
+        _int(text, POLICY, entry, name, low, high)
+        for text, (name, low, high) in zip(_fields(entry, 10, POLICY), _POLICY_FIELDS, strict=True)
+    ]
     ep, direction, prefixlen, cid, proto, port, action, rule, audit_action, audit_rule = values
+    if prefixlen not in POLICY_PREFIXES:
+        raise HandoffError(f"policy entry {entry!r}: prefixlen {prefixlen} is no policy level")
     try:
         return ir.PolicyEntry(
             ep,
@@ -184,9 +232,9 @@ def decode_rule(entry: str) -> tuple[int, ir.RuleInfo]:
         "" if namespace == NO_NAMESPACE else namespace,
         name,
         _DIRECTIONS[direction],
-        _int(index, RULES, entry),
+        _int(index, RULES, entry, "index", ISOLATION_INDEX, U32_MAX),
     )
-    return _int(rule_id, RULES, entry), info
+    return _int(rule_id, RULES, entry, "rule id"), info
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -284,7 +332,7 @@ def decode_program(entries: Iterable[str]) -> Program:
             inline.setdefault(fields[0], []).append(entry[len(fields[0]) + 1 :])
             continue
         if fields[0] == "shape" and len(fields) == 3:
-            name, number = fields[1], _int(fields[2], PROGRAM, entry)
+            name, number = fields[1], _int(fields[2], PROGRAM, entry, fields[1])
             if name not in types:
                 raise HandoffError(f"program entry {entry!r}: unknown shape field {name!r}")
             if types[name] in ("bool", bool):
@@ -294,7 +342,7 @@ def decode_program(entries: Iterable[str]) -> Program:
             else:
                 values[name] = number
         elif fields[0] == "shard" and len(fields) == 4 and fields[1] in manifest:
-            manifest[fields[1]][_int(fields[2], PROGRAM, entry)] = fields[3]
+            manifest[fields[1]][_int(fields[2], PROGRAM, entry, "shard", 0, 1 << 16)] = fields[3]
         else:
             raise HandoffError(
                 f"program entry {entry!r}: expected 'shape ...', 'shard ...' or '<part> <entry>'"
