@@ -26,7 +26,7 @@ from typing import Any
 import datapath_tables as bt
 
 from stockade.compiler.render import Hook
-from stockade.datapath import attach
+from stockade.datapath import attach, maps
 from stockade.datapath.netns import NetnsExecutor
 from stockade.harness import loader
 
@@ -166,7 +166,9 @@ def measure(
         )
 
         def attach_all() -> None:
-            assert netns is not None
+            assert netns is not None and programs.maps is not None
+            # The server pod's veth is bound to its endpoint (id 1), as the agent binds it.
+            maps.Bindings(programs.maps).bind(ifindex, 1)
             for hook, point in points:
                 fd = programs.program(hook).fd
                 pin = pin_dir / f"link-{point.name.lower()}"

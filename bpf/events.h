@@ -27,6 +27,7 @@ enum drop_reason {
 				 * ethertype, unwalked VLAN tags, IPv6 when disabled */
 	REASON_NOT_A_ROUTER = 4,	/* a pod sent what only a router may send: an ICMP or
 					 * ICMPv6 redirect */
+	REASON_SPOOFED = 5,	/* a pod sent from an address that is not its own */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

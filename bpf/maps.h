@@ -99,6 +99,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
+/* bindings: the ifindex of a pod's host-side interface -> the endpoint id of that pod, written
+ * by the agent before it attaches the programs there. A packet leaving a pod must carry an
+ * address of the endpoint its interface is bound to (hook.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} bindings SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, STOCKADE_CLASSES_MAX);

@@ -19,6 +19,7 @@ from stockade.compiler.shape import Shape
 from stockade.datapath import events, libbpf, maps
 from stockade.datapath.clang import Compiler
 from stockade.harness import testrun
+from stockade.harness.loader import bind_sender
 
 CACHE_DIR = Path("/tmp/stockade-test-bpf-cache")
 BPFFS = Path("/sys/fs/bpf")
@@ -65,6 +66,8 @@ class Datapath:
         return self.writer.write(tables)
 
     def run(self, frame: bytes, direction: ir.Direction) -> testrun.TcVerdict:
+        if direction is ir.Direction.EGRESS:
+            bind_sender(self.maps, self.writer, frame)
         return testrun.run(self.program(self.hook_for(direction)).fd, frame).verdict
 
     def events(self) -> list[events.Event]:

@@ -26,7 +26,7 @@ from stockade.compiler import ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.render import Hook, render_all
 from stockade.datapath import attach as at
-from stockade.datapath import iface, libbpf
+from stockade.datapath import iface, libbpf, maps
 from tests.bpf import datapath_netns as netns
 from tests.bpf.datapath_harness import Datapath, compiler, datapath, load_object
 
@@ -67,10 +67,17 @@ def pod() -> Iterator[netns.Namespaces]:
         yield spaces
 
 
+def _bind(spaces: netns.Namespaces, dp: Datapath) -> None:
+    """Bind the pod's host-side veth to its endpoint, as the agent does before attaching."""
+    assert dp.maps is not None
+    maps.Bindings(dp.maps).bind(spaces.ifindex("node", "vh0"), 1)
+
+
 @pytest.fixture
-def dp() -> Iterator[Datapath]:
+def dp(pod: netns.Namespaces) -> Iterator[Datapath]:
     with datapath() as d:
         d.write(TABLES)
+        _bind(pod, d)
         yield d
 
 
@@ -274,6 +281,7 @@ def test_a_new_loader_process_re_adopts_pinned_maps_and_links(pod: netns.Namespa
     with datapath() as dp:
         map_ids = {name: libbpf.map_info(fd).id for name, fd in dp.maps.fds.items()}  # type: ignore[union-attr]
         dp.write(TABLES)
+        _bind(pod, dp)
         old = dp.program(Hook.FROM_POD)
         _attach_from_pod(pod, old.fd, dp.pin_root / "links" / "vh0")
         dp.close()  # the agent dies: every fd is gone, the pins remain

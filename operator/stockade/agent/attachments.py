@@ -1,11 +1,13 @@
 """Attach the node's programs to every local endpoint's host-side interface, and detach from
 interfaces whose endpoint is gone.
 
-`stockade.agent.sync` calls `Attachments.reconcile(endpoints, programs)` on every sync. For each
-endpoint it finds the host-side interface (`stockade.datapath.iface`: the route to the pod, or a
-bridge's neighbour table and FDB; on a bridge whose neighbour entry is missing it first makes the
-node resolve the pod's address) and attaches both hooks: tc ingress of the host veth runs the
-pod's egress program (`Hook.FROM_POD`), tc egress runs `Hook.TO_POD`. Links are pinned at
+`stockade.agent.sync` calls `Attachments.reconcile(endpoints, programs, bindings)` on every
+sync. For each endpoint it finds the host-side interface (`stockade.datapath.iface`: the route to
+the pod, or a bridge's neighbour table and FDB; on a bridge whose neighbour entry is missing it
+first makes the node resolve the pod's address), binds the interface's ifindex to the endpoint
+in the `bindings` map (`stockade.datapath.maps.Bindings`: the programs drop what a pod sends
+from an address that is not its own) and attaches both hooks: tc ingress of the host veth runs
+the pod's egress program (`Hook.FROM_POD`), tc egress runs `Hook.TO_POD`. Links are pinned at
 `<pin root>/links/<interface>/<program>` so that a restarted agent re-adopts them: a link that
 already runs the wanted program is left alone, one that runs another program is updated in place
 (BPF_LINK_UPDATE, atomic); nothing is ever detached to be attached again.
@@ -32,6 +34,7 @@ from stockade.compiler.ir import IPAddress
 from stockade.compiler.render import Hook
 from stockade.datapath import attach, libbpf
 from stockade.datapath.iface import HostInterface, InterfaceNotFoundError, host_interface
+from stockade.datapath.maps import Bindings
 from stockade.datapath.netns import NetnsExecutor
 
 log = logging.getLogger(__name__)
@@ -148,15 +151,23 @@ class Attachments:
         return sorted(ifname_of(p.name) for p in self.root.iterdir())
 
     def reconcile(
-        self, endpoints: Sequence[Endpoint], programs: Mapping[Hook, tuple[int, int]]
+        self,
+        endpoints: Sequence[Endpoint],
+        programs: Mapping[Hook, tuple[int, int]],
+        bindings: Bindings,
     ) -> AttachResult:
-        """Attach `programs` (hook -> (fd, id)) to every endpoint, detach the rest."""
-        return self._run(lambda: self._reconcile(endpoints, programs))
+        """Bind every endpoint's interface to it and attach `programs` (hook -> (fd, id)) there;
+        detach and unbind the rest."""
+        return self._run(lambda: self._reconcile(endpoints, programs, bindings))
 
     def _reconcile(
-        self, endpoints: Sequence[Endpoint], programs: Mapping[Hook, tuple[int, int]]
+        self,
+        endpoints: Sequence[Endpoint],
+        programs: Mapping[Hook, tuple[int, int]],
+        bindings: Bindings,
     ) -> AttachResult:
         result = AttachResult()
+        bound = bindings.read()
         wanted: set[str] = set()
         found_now: dict[tuple[IPAddress, ...], HostInterface] = {}
         for endpoint in endpoints:
@@ -174,6 +185,9 @@ class Attachments:
             wanted.add(found.name)
             began = time.monotonic()
             try:
+                # Bound before the programs run there: they drop what an unbound interface sends.
+                if bound.get(found.ifindex) != endpoint.endpoint_id:
+                    bindings.bind(found.ifindex, endpoint.endpoint_id)
                 fresh = self._attach(found, programs, result)
             except OSError as exc:
                 result.failures.append(
@@ -193,7 +207,23 @@ class Attachments:
                 continue
             self._detach(name)
             result.detached.append(name)
+        # Bindings of interfaces no endpoint has now: unbound once their links are gone (an
+        # ifindex may come back on another pod's veth, which is bound before it is attached).
+        live = {found.ifindex for found in found_now.values()}
+        attached = set(self._attached_ifindexes())
+        for ifindex in bound.keys() - live - attached:
+            bindings.unbind(ifindex)
         return result
+
+    def _attached_ifindexes(self) -> list[int]:
+        """The interfaces that still carry a link pinned under this agent's root."""
+        out = []
+        for name in self.pinned_interfaces():
+            for pin in (self.root / pin_folder(name)).iterdir():
+                link = read_link(pin)
+                if link is not None and link.ifindex:
+                    out.append(link.ifindex)
+        return out
 
     def _attach(
         self, found: HostInterface, programs: Mapping[Hook, tuple[int, int]], result: AttachResult

@@ -25,6 +25,7 @@ from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.compiler import ir
 from stockade.datapath.maps import (
+    Bindings,
     DatapathConfig,
     PinnedMaps,
     TableWriter,
@@ -166,7 +167,9 @@ class Syncer:
             )
         self.current = wanted
         programs = {hook: (p.fd, p.id) for hook, p in self.programs.programs.items()}
-        result = self.attachments.reconcile(endpoints_of(wanted.tables), programs)
+        result = self.attachments.reconcile(
+            endpoints_of(wanted.tables), programs, Bindings(self.maps)
+        )
         self.stats.last_attach = result
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]

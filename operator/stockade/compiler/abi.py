@@ -197,6 +197,7 @@ MAPS = {
     spec.name: spec
     for spec in (
         MapSpec("endpoints", MapType.HASH, ENDPOINT_KEY, ENDPOINT_VALUE, "endpoints_max"),
+        MapSpec("bindings", MapType.HASH, U32, U32, "endpoints_max"),
         MapSpec(
             "peer_classes", MapType.LPM_TRIE, CLASS_KEY, CLASS_VALUE, "classes_max", NO_PREALLOC
         ),
@@ -281,3 +282,4 @@ class DropReason(IntEnum):
     FRAGMENT = 2
     UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h
     NOT_A_ROUTER = 4  # a pod sent a redirect: see bpf/hook.h
+    SPOOFED = 5  # a pod sent from an address not its own: see bpf/hook.h

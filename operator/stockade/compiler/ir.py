@@ -254,10 +254,13 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     """What one hook decides for a connection's first packet (the spec of `bpf/policy.h`).
 
     `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
-    the source pod. An address that is not an endpoint of this node passes unjudged, and so
-    does ICMPv6 neighbour discovery and other link-local control (ICMPV6_CONTROL_TYPES). An
-    ICMP or ICMPv6 redirect sent by a pod (EGRESS) is dropped first, whatever the addresses
-    (`bpf/hook.h`, reason NOT_A_ROUTER; rule RULE_NONE).
+    the source pod, sent through that pod's interface. ICMPv6 neighbour discovery and other
+    link-local control (ICMPV6_CONTROL_TYPES) pass unjudged. An ICMP or ICMPv6 redirect sent by
+    a pod (EGRESS) is dropped first, whatever the addresses (`bpf/hook.h`, reason NOT_A_ROUTER;
+    rule RULE_NONE). A packet leaving a pod whose source is no endpoint's address is dropped
+    (reason SPOOFED; rule RULE_NONE): a pod's interface is bound to its endpoint, so such a
+    source is never the pod's own. Toward a pod (INGRESS), a destination that is no endpoint
+    of this node passes unjudged.
     """
     if direction is Direction.EGRESS and packet.port >> 8 == REDIRECT_TYPES.get(packet.protocol):
         return Verdict(Action.DENY, RULE_NONE)
@@ -268,7 +271,9 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     )
     endpoint = next((e for e in tables.endpoints if to_v6(e.address) == to_v6(local)), None)
     if endpoint is None:
-        return ALLOW_BY_DEFAULT
+        return (
+            ALLOW_BY_DEFAULT if direction is Direction.INGRESS else Verdict(Action.DENY, RULE_NONE)
+        )
     cls = classify(tables, remote)
     class_id, flags = (cls.class_id, cls.flags) if cls else (0, 0)
     if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE:

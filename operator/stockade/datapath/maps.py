@@ -205,6 +205,32 @@ class TableWriter:
             del self._physical[name][key]
 
 
+# --- interface bindings -------------------------------------------------------------------------
+
+LOOPBACK_IFINDEX = 1  # the device a BPF_PROG_TEST_RUN packet arrives on
+
+
+class Bindings:
+    """The `bindings` map (bpf/maps.h): a pod's host-side ifindex -> its endpoint id. The agent
+    binds an interface before it attaches the programs there and unbinds it after detaching;
+    a packet leaving a pod must carry an address of the endpoint its interface is bound to."""
+
+    def __init__(self, maps: PinnedMaps) -> None:
+        self._fd = maps.fd("bindings")
+
+    def bind(self, ifindex: int, endpoint_id: int) -> None:
+        libbpf.map_update(self._fd, abi.U32.pack(ifindex), abi.U32.pack(endpoint_id))
+
+    def unbind(self, ifindex: int) -> bool:
+        return libbpf.map_delete(self._fd, abi.U32.pack(ifindex))
+
+    def read(self) -> dict[int, int]:
+        return {
+            abi.U32.unpack(k)[0]: abi.U32.unpack(v)[0]
+            for k, v in libbpf.map_dump(self._fd, abi.U32.size, abi.U32.size)
+        }
+
+
 # --- the config map -----------------------------------------------------------------------------
 
 

@@ -16,7 +16,21 @@ from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
 from stockade.datapath import libbpf, maps
 from stockade.datapath.clang import Compiler
-from stockade.harness import testrun
+from stockade.harness import packets, testrun
+
+
+def bind_sender(pinned: maps.PinnedMaps | None, writer: maps.TableWriter, frame: bytes) -> None:
+    """Bind the device of a test run (the loopback) to the endpoint that owns the frame's source
+    address, as the agent binds a pod's interface, or unbind it when no endpoint does: a test
+    run then judges the frame as if the pod with that address had sent it."""
+    assert pinned is not None, "bind_sender() after close()"
+    bindings = maps.Bindings(pinned)
+    source = packets.source_address(frame)
+    value = writer.current("endpoints").get(ir.to_v6(source).packed) if source else None
+    if value is None:
+        bindings.unbind(maps.LOOPBACK_IFINDEX)
+    else:
+        bindings.bind(maps.LOOPBACK_IFINDEX, abi.ENDPOINT_VALUE.unpack(value)[0])
 
 
 class NodePrograms:
@@ -52,6 +66,8 @@ class NodePrograms:
         return self.writer.write(tables)
 
     def run(self, hook: Hook, frame: bytes) -> testrun.TcVerdict:
+        if hook is Hook.FROM_POD:
+            bind_sender(self.maps, self.writer, frame)
         return testrun.run(self.program(hook).fd, frame).verdict
 
     def reset(self) -> None:

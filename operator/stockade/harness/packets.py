@@ -177,6 +177,23 @@ def ip_frame(ip_packet: bytes, vlan: int | None = None) -> bytes:
     return ethernet(ip_packet, ethertype, vlan)
 
 
+def source_address(frame: bytes) -> Address | None:
+    """The IP source address of an Ethernet frame (after any VLAN tags), None for another
+    ethertype or a frame too short to hold one."""
+    offset, ethertype = 12, None
+    while len(frame) >= offset + 2:
+        ethertype = struct.unpack_from("!H", frame, offset)[0]
+        if ethertype not in (ETH_P_8021Q, ETH_P_8021AD):
+            break
+        offset += 4
+    start = offset + 2
+    if ethertype == ETH_P_IP and len(frame) >= start + 16:
+        return ipaddress.IPv4Address(frame[start + 12 : start + 16])
+    if ethertype == ETH_P_IPV6 and len(frame) >= start + 24:
+        return ipaddress.IPv6Address(frame[start + 8 : start + 24])
+    return None
+
+
 def ip(src: Address, dst: Address, proto: int, l4: bytes) -> bytes:
     return ipv4(src, dst, proto, l4) if src.version == 4 else ipv6(src, dst, proto, l4)
 
