@@ -75,19 +75,20 @@ def _go_env() -> dict[str, str]:
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
     """Run a go command, printing a progress line every 30 s (go build itself is silent)."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     out: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        reader.join(timeout=30)
-        if proc.poll() is None:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)
+        reader.start()
+        # Wait on the reader, not on poll(): once go closes its output the reader ends at once,
+        # and a loop on poll() would then spin (printing a line per turn) until go exits.
+        while True:
+            reader.join(timeout=30)
+            if not reader.is_alive():
+                break
             last = out[-1].strip()[:90] if out else ""
             _log(f"{what}: {time.monotonic() - start:.0f}s {last}")
-    reader.join()
     text = "".join(out)
     if proc.returncode != 0:
         hint = ""
