@@ -1,12 +1,16 @@
-"""Pinned Go-built binaries for the sandbox: kube-apiserver, kubectl, etcd and helm.
+"""Pinned Go-built binaries for the sandbox: the Kubernetes control-plane binaries (kube-apiserver,
+kube-controller-manager, kube-scheduler, kube-proxy, kubectl), etcd and helm.
 
 Each tool is built from the Go module proxy with the machine's Go into a cache outside the
-repository, keyed by tool and version, and rebuilt only when missing. The sandbox control plane,
-the chart tests and `make setup` call `ensure()`; `python -m stockade.sandbox.toolchain` builds all.
+repository, keyed by tool and version. Beside each tool's bin/ a stamp holds the digest of what
+was built (packages, binaries, ldflags), so a tool is rebuilt when it is missing or when its
+definition changed. The sandbox control plane, the chart tests and `make setup` call `ensure()`;
+`python -m stockade.sandbox.toolchain` builds all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -53,11 +57,34 @@ class GoTool:
     def bin_dir(self) -> Path:
         return cache_root() / f"{self.name}-{self.version}" / "bin"
 
+    @property
+    def stamp_path(self) -> Path:
+        """The file beside bin/ that records the digest of the build in that directory."""
+        return self.bin_dir.parent / "stamp"
+
+    @property
+    def digest(self) -> str:
+        """A digest of everything that shapes the binaries: a change to any of it means rebuild."""
+        spec = {
+            "module": self.module,
+            "version": self.version,
+            "binaries": list(self.binaries),
+            "packages": list(self.packages),
+            "ldflags": list(self.ldflags),
+            "extra_files": dict(sorted(self.extra_files.items())),
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
     def path(self, binary: str) -> Path:
         return self.bin_dir / binary
 
     def present(self) -> bool:
-        return all(
+        """Every binary is there and executable, and the stamp says it was built as defined now."""
+        try:
+            stamp = self.stamp_path.read_text().strip()
+        except OSError:
+            return False
+        return stamp == self.digest and all(
             self.path(b).is_file() and os.access(self.path(b), os.X_OK) for b in self.binaries
         )
 
@@ -238,13 +265,14 @@ def build(tool: GoTool) -> None:
         (staged / "bin").mkdir(parents=True)
         for b in tool.binaries:
             shutil.move(str(out / b), staged / "bin" / b)
+        (staged / "stamp").write_text(tool.digest + "\n")
         shutil.rmtree(tool.bin_dir.parent, ignore_errors=True)
         staged.rename(tool.bin_dir.parent)
     _log(f"built {tool.name} {tool.version} in {time.monotonic() - started:.0f}s")
 
 
 def ensure(tools: tuple[GoTool, ...] = TOOLS) -> None:
-    """Build every tool that is missing from the cache."""
+    """Build every tool that is missing from the cache or was built from another definition."""
     for tool in tools:
         if not tool.present():
             build(tool)
