@@ -16,10 +16,14 @@ import pytest
 
 from stockade.sandbox import toolchain
 from stockade.sandbox.toolchain import (
+    CNI_PLUGINS,
+    CNI_PLUGINS_VERSION,
     KUBERNETES,
     KUBERNETES_VERSION,
+    TOOLS,
     GoTool,
     build,
+    cni_bin_dir,
     ensure,
 )
 
@@ -181,6 +185,40 @@ def test_the_kubernetes_tool_builds_all_five_binaries_from_their_cmd_packages() 
     assert f"-X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION}" in (
         KUBERNETES.ldflags
     )
+
+
+def test_the_cni_tool_builds_the_four_reference_plugins_with_their_version_stamp() -> None:
+    assert CNI_PLUGINS in TOOLS
+    assert CNI_PLUGINS.module == "github.com/containernetworking/plugins"
+    assert CNI_PLUGINS.version == CNI_PLUGINS_VERSION
+    base = "github.com/containernetworking/plugins/plugins"
+    assert dict(zip(CNI_PLUGINS.binaries, CNI_PLUGINS.packages, strict=True)) == {
+        "ptp": f"{base}/main/ptp",
+        "bridge": f"{base}/main/bridge",
+        "host-local": f"{base}/ipam/host-local",
+        "loopback": f"{base}/main/loopback",
+    }
+    assert CNI_PLUGINS.ldflags == (
+        "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion="
+        f"{CNI_PLUGINS_VERSION}",
+    )
+    assert f"require github.com/containernetworking/plugins {CNI_PLUGINS_VERSION}" in (
+        CNI_PLUGINS.go_mod()
+    )
+    assert cni_bin_dir() == CNI_PLUGINS.bin_dir
+    assert cni_bin_dir().parent.name == f"cni-plugins-{CNI_PLUGINS_VERSION}"
+
+
+def test_main_prints_every_binary_path_once_all_are_present(
+    cache: Path, capsys: pytest.CaptureFixture[str], fake_go: FakeGo
+) -> None:
+    for tool in TOOLS:
+        install(tool, stamp=tool.digest)
+    assert toolchain.main() == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(t.path(b)) for t in TOOLS for b in t.binaries]
+    assert str(cni_bin_dir() / "ptp") in printed
+    assert fake_go.calls == []  # nothing rebuilt
 
 
 def test_a_command_that_closes_its_output_before_exiting_logs_no_progress_lines(

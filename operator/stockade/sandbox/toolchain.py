@@ -1,5 +1,6 @@
 """Pinned Go-built binaries for the sandbox: the Kubernetes control-plane binaries (kube-apiserver,
-kube-controller-manager, kube-scheduler, kube-proxy, kubectl), etcd and helm.
+kube-controller-manager, kube-scheduler, kube-proxy, kubectl), etcd, helm and the CNI reference
+plugins (ptp, bridge, host-local, loopback).
 
 Each tool is built from the Go module proxy with the machine's Go into a cache outside the
 repository, keyed by tool and version. Beside each tool's bin/ a stamp holds the digest of what
@@ -27,6 +28,7 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+CNI_PLUGINS_VERSION = "v1.10.0"
 
 
 class ToolchainError(RuntimeError):
@@ -220,7 +222,34 @@ HELM = GoTool(
     ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
 )
 
-TOOLS = (ETCD, KUBERNETES, HELM)
+CNI_PLUGINS = GoTool(
+    name="cni-plugins",
+    module="github.com/containernetworking/plugins",
+    version=CNI_PLUGINS_VERSION,
+    binaries=("ptp", "bridge", "host-local", "loopback"),
+    go_mod=lambda: (
+        "module stockade.local/toolchain/cni-plugins\n\ngo 1.26\n\n"
+        f"require github.com/containernetworking/plugins {CNI_PLUGINS_VERSION}\n"
+    ),
+    packages=(
+        "github.com/containernetworking/plugins/plugins/main/ptp",
+        "github.com/containernetworking/plugins/plugins/main/bridge",
+        "github.com/containernetworking/plugins/plugins/ipam/host-local",
+        "github.com/containernetworking/plugins/plugins/main/loopback",
+    ),
+    # The version the plugins' release workflow stamps (build_linux.sh -ldflags '... -X ...').
+    ldflags=(
+        "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion="
+        f"{CNI_PLUGINS_VERSION}",
+    ),
+)
+
+TOOLS = (ETCD, KUBERNETES, HELM, CNI_PLUGINS)
+
+
+def cni_bin_dir() -> Path:
+    """The directory holding the CNI plugins (what a runtime's CNI_PATH points at)."""
+    return CNI_PLUGINS.bin_dir
 
 
 def build(tool: GoTool) -> None:
