@@ -18,6 +18,8 @@ from stockade.sandbox import toolchain
 from stockade.sandbox.toolchain import (
     CNI_PLUGINS,
     CNI_PLUGINS_VERSION,
+    HELM,
+    HELM_VERSION,
     KUBERNETES,
     KUBERNETES_VERSION,
     TOOLS,
@@ -207,6 +209,16 @@ def test_the_cni_tool_builds_the_four_reference_plugins_with_their_version_stamp
     )
     assert cni_bin_dir() == CNI_PLUGINS.bin_dir
     assert cni_bin_dir().parent.name == f"cni-plugins-{CNI_PLUGINS_VERSION}"
+
+
+def test_helm_is_built_with_its_release_makefile_ldflags() -> None:
+    flags = dict(f.removeprefix("-X ").split("=", 1) for f in HELM.ldflags)
+    assert flags["helm.sh/helm/v3/internal/version.version"] == HELM_VERSION
+    assert flags["helm.sh/helm/v3/internal/version.gitTreeState"] == "clean"
+    assert len(flags["helm.sh/helm/v3/internal/version.gitCommit"]) == 40
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        assert flags[f"{pkg}.k8sVersionMajor"] == "1"
+        assert int(flags[f"{pkg}.k8sVersionMinor"]) >= 30  # the chart's kubeVersion floor
 
 
 def test_main_prints_every_binary_path_once_all_are_present(

@@ -30,6 +30,14 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 CNI_PLUGINS_VERSION = "v1.10.0"
 
+# What helm's release Makefile stamps into a v3.22.0 build. The commit is the v3.22.0 tag's, as
+# the released binary's `helm version` reports it (the module proxy carries no VCS data). The
+# default Kubernetes version is the Makefile's: from client-go v0.37.0 in helm's go.mod it takes
+# major 0+1 and minor 37 (without it helm assumes v1.20, below the chart's kubeVersion floor).
+HELM_GIT_COMMIT = "144ca65f8501953fa8b41cd1d37c7223051c85b7"
+HELM_K8S_MAJOR = "1"
+HELM_K8S_MINOR = "37"
+
 
 class ToolchainError(RuntimeError):
     """A tool could not be built; the message says which step failed and why."""
@@ -219,7 +227,17 @@ HELM = GoTool(
         f"require helm.sh/helm/v3 {HELM_VERSION}\n"
     ),
     packages=("helm.sh/helm/v3/cmd/helm",),
-    ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+    # The ldflags of helm's own Makefile for a tagged, clean build (metadata is empty for a tag).
+    ldflags=(
+        f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+        "-X helm.sh/helm/v3/internal/version.metadata=",
+        f"-X helm.sh/helm/v3/internal/version.gitCommit={HELM_GIT_COMMIT}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+        f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor={HELM_K8S_MAJOR}",
+        f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={HELM_K8S_MINOR}",
+        f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor={HELM_K8S_MAJOR}",
+        f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={HELM_K8S_MINOR}",
+    ),
 )
 
 CNI_PLUGINS = GoTool(
