@@ -104,8 +104,6 @@ def test_the_helm_test_pod_passes_server_side_validation(
         str(CHART),
         "--namespace",
         release.namespace,
-        "--kube-version",
-        "1.36.3",
         "--show-only",
         "templates/tests/test-operator-metrics.yaml",
     ).stdout

@@ -1,12 +1,17 @@
-"""Pinned Go-built binaries for the sandbox: kube-apiserver, kubectl, etcd and helm.
+"""Pinned Go-built binaries for the sandbox: the Kubernetes control-plane binaries (kube-apiserver,
+kube-controller-manager, kube-scheduler, kube-proxy, kubectl), etcd, helm and the CNI reference
+plugins (ptp, bridge, host-local, loopback).
 
 Each tool is built from the Go module proxy with the machine's Go into a cache outside the
-repository, keyed by tool and version, and rebuilt only when missing. The sandbox control plane,
-the chart tests and `make setup` call `ensure()`; `python -m stockade.sandbox.toolchain` builds all.
+repository, keyed by tool and version. Beside each tool's bin/ a stamp holds the digest of what
+was built (packages, binaries, ldflags), so a tool is rebuilt when it is missing or when its
+definition changed. The sandbox control plane, the chart tests and `make setup` call `ensure()`;
+`python -m stockade.sandbox.toolchain` builds all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +28,15 @@ from pathlib import Path
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
+CNI_PLUGINS_VERSION = "v1.10.0"
+
+# What helm's release Makefile stamps into a v3.22.0 build. The commit is the v3.22.0 tag's, as
+# the released binary's `helm version` reports it (the module proxy carries no VCS data). The
+# default Kubernetes version is the Makefile's: from client-go v0.37.0 in helm's go.mod it takes
+# major 0+1 and minor 37 (without it helm assumes v1.20, below the chart's kubeVersion floor).
+HELM_GIT_COMMIT = "144ca65f8501953fa8b41cd1d37c7223051c85b7"
+HELM_K8S_MAJOR = "1"
+HELM_K8S_MINOR = "37"
 
 
 class ToolchainError(RuntimeError):
@@ -53,11 +67,34 @@ class GoTool:
     def bin_dir(self) -> Path:
         return cache_root() / f"{self.name}-{self.version}" / "bin"
 
+    @property
+    def stamp_path(self) -> Path:
+        """The file beside bin/ that records the digest of the build in that directory."""
+        return self.bin_dir.parent / "stamp"
+
+    @property
+    def digest(self) -> str:
+        """A digest of everything that shapes the binaries: a change to any of it means rebuild."""
+        spec = {
+            "module": self.module,
+            "version": self.version,
+            "binaries": list(self.binaries),
+            "packages": list(self.packages),
+            "ldflags": list(self.ldflags),
+            "extra_files": dict(sorted(self.extra_files.items())),
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
     def path(self, binary: str) -> Path:
         return self.bin_dir / binary
 
     def present(self) -> bool:
-        return all(
+        """Every binary is there and executable, and the stamp says it was built as defined now."""
+        try:
+            stamp = self.stamp_path.read_text().strip()
+        except OSError:
+            return False
+        return stamp == self.digest and all(
             self.path(b).is_file() and os.access(self.path(b), os.X_OK) for b in self.binaries
         )
 
@@ -75,19 +112,20 @@ def _go_env() -> dict[str, str]:
 def _run(cmd: list[str], cwd: Path, what: str) -> str:
     """Run a go command, printing a progress line every 30 s (go build itself is silent)."""
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
     out: list[str] = []
-    assert proc.stdout is not None
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        reader.join(timeout=30)
-        if proc.poll() is None:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout or ()), daemon=True)
+        reader.start()
+        # Wait on the reader, not on poll(): once go closes its output the reader ends at once,
+        # and a loop on poll() would then spin (printing a line per turn) until go exits.
+        while True:
+            reader.join(timeout=30)
+            if not reader.is_alive():
+                break
             last = out[-1].strip()[:90] if out else ""
             _log(f"{what}: {time.monotonic() - start:.0f}s {last}")
-    reader.join()
     text = "".join(out)
     if proc.returncode != 0:
         hint = ""
@@ -141,9 +179,21 @@ KUBERNETES = GoTool(
     name="kubernetes",
     module="k8s.io/kubernetes",
     version=KUBERNETES_VERSION,
-    binaries=("kube-apiserver", "kubectl"),
+    binaries=(
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kube-proxy",
+        "kubectl",
+    ),
     go_mod=_kubernetes_go_mod,
-    packages=("k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl"),
+    packages=(
+        "k8s.io/kubernetes/cmd/kube-apiserver",
+        "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "k8s.io/kubernetes/cmd/kube-scheduler",
+        "k8s.io/kubernetes/cmd/kube-proxy",
+        "k8s.io/kubernetes/cmd/kubectl",
+    ),
     ldflags=_k8s_ldflags(),
 )
 
@@ -177,10 +227,47 @@ HELM = GoTool(
         f"require helm.sh/helm/v3 {HELM_VERSION}\n"
     ),
     packages=("helm.sh/helm/v3/cmd/helm",),
-    ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+    # The ldflags of helm's own Makefile for a tagged, clean build (metadata is empty for a tag).
+    ldflags=(
+        f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+        "-X helm.sh/helm/v3/internal/version.metadata=",
+        f"-X helm.sh/helm/v3/internal/version.gitCommit={HELM_GIT_COMMIT}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+        f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor={HELM_K8S_MAJOR}",
+        f"-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor={HELM_K8S_MINOR}",
+        f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor={HELM_K8S_MAJOR}",
+        f"-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor={HELM_K8S_MINOR}",
+    ),
 )
 
-TOOLS = (ETCD, KUBERNETES, HELM)
+CNI_PLUGINS = GoTool(
+    name="cni-plugins",
+    module="github.com/containernetworking/plugins",
+    version=CNI_PLUGINS_VERSION,
+    binaries=("ptp", "bridge", "host-local", "loopback"),
+    go_mod=lambda: (
+        "module stockade.local/toolchain/cni-plugins\n\ngo 1.26\n\n"
+        f"require github.com/containernetworking/plugins {CNI_PLUGINS_VERSION}\n"
+    ),
+    packages=(
+        "github.com/containernetworking/plugins/plugins/main/ptp",
+        "github.com/containernetworking/plugins/plugins/main/bridge",
+        "github.com/containernetworking/plugins/plugins/ipam/host-local",
+        "github.com/containernetworking/plugins/plugins/main/loopback",
+    ),
+    # The version the plugins' release workflow stamps (build_linux.sh -ldflags '... -X ...').
+    ldflags=(
+        "-X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion="
+        f"{CNI_PLUGINS_VERSION}",
+    ),
+)
+
+TOOLS = (ETCD, KUBERNETES, HELM, CNI_PLUGINS)
+
+
+def cni_bin_dir() -> Path:
+    """The directory holding the CNI plugins (what a runtime's CNI_PATH points at)."""
+    return CNI_PLUGINS.bin_dir
 
 
 def build(tool: GoTool) -> None:
@@ -225,13 +312,14 @@ def build(tool: GoTool) -> None:
         (staged / "bin").mkdir(parents=True)
         for b in tool.binaries:
             shutil.move(str(out / b), staged / "bin" / b)
+        (staged / "stamp").write_text(tool.digest + "\n")
         shutil.rmtree(tool.bin_dir.parent, ignore_errors=True)
         staged.rename(tool.bin_dir.parent)
     _log(f"built {tool.name} {tool.version} in {time.monotonic() - started:.0f}s")
 
 
 def ensure(tools: tuple[GoTool, ...] = TOOLS) -> None:
-    """Build every tool that is missing from the cache."""
+    """Build every tool that is missing from the cache or was built from another definition."""
     for tool in tools:
         if not tool.present():
             build(tool)
