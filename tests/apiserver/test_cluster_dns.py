@@ -1,8 +1,9 @@
 """The sandbox cluster DNS, run as its own process against a real API server with its sockets in
 a network namespace, answers from inside that namespace over UDP and TCP: a Service's ClusterIP
-(A), AAAA for none, a headless Service's ready EndpointSlice addresses, NXDOMAIN for unknown
-cluster names and REFUSED for names outside cluster.local; it follows changes through its
-watch; and `install` creates the kube-dns Service at 10.96.0.10 and its Deployment."""
+(A), AAAA for none, SRV for a named port, a headless Service's ready EndpointSlice addresses,
+NXDOMAIN for unknown cluster names and REFUSED for names outside cluster.local; it follows
+changes through its watch; and `install` creates the kube-dns Service at 10.96.0.10 and its
+Deployment."""
 
 from __future__ import annotations
 
@@ -117,7 +118,10 @@ def test_a_service_resolves_to_its_cluster_ip_from_inside_the_namespace_over_udp
     core = kubernetes.client.CoreV1Api(api_client)
     service = core.create_namespaced_service(
         k8s_namespace,
-        {"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}], "selector": {"a": "b"}}},
+        {
+            "metadata": {"name": "web"},
+            "spec": {"ports": [{"name": "http", "port": 80}], "selector": {"a": "b"}},
+        },
     )
     ip = service.spec.cluster_ip
     name = f"web.{k8s_namespace}.svc.cluster.local"
@@ -126,6 +130,8 @@ def test_a_service_resolves_to_its_cluster_ip_from_inside_the_namespace_over_udp
     assert ask(dns_netns, name, tcp=True) == expected
     assert ask(dns_netns, name, server="::1") == expected
     assert ask(dns_netns, name, RType.AAAA) == (Rcode.NOERROR, [])
+    srv = struct.pack("!HHH", 0, 100, 80) + encode_name(name)
+    assert ask(dns_netns, f"_http._tcp.{name}", RType.SRV) == (Rcode.NOERROR, [srv])
     assert ask(dns_netns, f"nope.{k8s_namespace}.svc.cluster.local") == (Rcode.NXDOMAIN, [])
     assert ask(dns_netns, "example.com") == (Rcode.REFUSED, [])
     assert ask(dns_netns, "example.com", tcp=True) == (Rcode.REFUSED, [])

@@ -41,7 +41,8 @@ ZONE = Zone(
     services={
         ("shop", "web"): ("10.96.0.7", "fd00:10:96::7"),
         ("shop", "db"): ("10.244.1.2", "10.244.2.3"),  # as a headless Service resolves
-    }
+    },
+    ports={("shop", "web"): (("http", "tcp", 80), ("dns", "udp", 53), ("metrics", "tcp", 9090))},
 )
 
 
@@ -127,6 +128,20 @@ def test_names_get_their_rcode(name: str, qtype: int, expected: Rcode, records: 
     reply = ask(query(name, qtype))
     assert rcode(reply) == expected
     assert len(answers(reply)) == records
+
+
+def test_srv_names_a_named_port_of_the_service_with_the_service_as_target() -> None:
+    target = encode_name("web.shop.svc.cluster.local")
+    assert answers(ask(query("_http._tcp.web.shop.svc.cluster.local", RType.SRV))) == [
+        (RType.SRV, struct.pack("!HHH", 0, 100, 80) + target)
+    ]
+    assert answers(ask(query("_dns._udp.web.shop.svc.cluster.local", RType.SRV))) == [
+        (RType.SRV, struct.pack("!HHH", 0, 100, 53) + target)
+    ]
+    for name in ("_dns._tcp.web.shop", "_http._tcp.nope.shop"):
+        assert rcode(ask(query(f"{name}.svc.cluster.local", RType.SRV))) == Rcode.NXDOMAIN
+    reply = ask(query("_http._tcp.web.shop.svc.cluster.local", RType.A))
+    assert (rcode(reply), answers(reply)) == (Rcode.NOERROR, [])
 
 
 def test_a_negative_answer_carries_the_zone_soa_for_negative_caching() -> None:
@@ -249,7 +264,12 @@ def test_near_queries_never_raise_and_stay_within_the_udp_limit(
 def _service(ns: str, name: str, cluster_ips: list[str] | None, kind: str = "ClusterIP") -> Any:
     return SimpleNamespace(
         metadata=SimpleNamespace(namespace=ns, name=name),
-        spec=SimpleNamespace(type=kind, cluster_ips=cluster_ips, cluster_ip=None),
+        spec=SimpleNamespace(
+            type=kind,
+            cluster_ips=cluster_ips,
+            cluster_ip=None,
+            ports=[SimpleNamespace(name="HTTP", protocol="TCP", port=80)],
+        ),
     )
 
 
@@ -274,6 +294,7 @@ def test_the_zone_follows_services_and_ready_endpoints_of_headless_services() ->
         ("shop", "web"): ("10.96.0.7",),
         ("shop", "db"): ("10.244.1.2", "10.244.2.4"),
     }
+    assert state.zone.ports[("shop", "web")] == (("http", "tcp", 80),)
     state.service_event("DELETED", _service("shop", "web", ["10.96.0.7"]))
     assert ("shop", "web") not in state.zone.services
 

@@ -85,6 +85,7 @@ class ZoneState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._services: dict[tuple[str, str], tuple[str, ...] | None] = {}  # None: headless
+        self._ports: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = {}
         self._slices: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
         self._serial = 0
         self.zone = Zone()
@@ -104,11 +105,13 @@ class ZoneState:
             else:
                 services[(ns, name)] = ips
         self._serial += 1
-        self.zone = Zone(services=services, serial=self._serial)
+        ports = {key: self._ports.get(key, ()) for key in services}
+        self.zone = Zone(services=services, ports=ports, serial=self._serial)
 
     def set_services(self, items: list[Any]) -> None:
         with self._lock:
             self._services = dict(_service_entry(obj) for obj in items)
+            self._ports = {_key(obj): _service_ports(obj) for obj in items}
             self._rebuild()
 
     def service_event(self, kind: str, obj: Any) -> None:
@@ -116,8 +119,10 @@ class ZoneState:
         with self._lock:
             if kind == "DELETED":
                 self._services.pop(key, None)
+                self._ports.pop(key, None)
             else:
                 self._services[key] = value
+                self._ports[key] = _service_ports(obj)
             self._rebuild()
 
     def set_slices(self, items: list[Any]) -> None:
@@ -135,8 +140,22 @@ class ZoneState:
             self._rebuild()
 
 
+def _key(obj: Any) -> tuple[str, str]:
+    return str(obj.metadata.namespace), str(obj.metadata.name)
+
+
+def _service_ports(obj: Any) -> tuple[tuple[str, str, int], ...]:
+    """(name, protocol in lower case, port) of each named port, for SRV answers."""
+    ports = (obj.spec.ports if obj.spec is not None else None) or []
+    return tuple(
+        (str(p.name).lower(), str(p.protocol or "TCP").lower(), int(p.port))
+        for p in ports
+        if p.name
+    )
+
+
 def _service_entry(obj: Any) -> tuple[tuple[str, str], tuple[str, ...] | None]:
-    key = (str(obj.metadata.namespace), str(obj.metadata.name))
+    key = _key(obj)
     spec = obj.spec
     if spec is None or spec.type == "ExternalName":
         return key, ()
@@ -147,7 +166,7 @@ def _service_entry(obj: Any) -> tuple[tuple[str, str], tuple[str, ...] | None]:
 
 
 def _slice_entry(obj: Any) -> tuple[tuple[str, str], tuple[str, tuple[str, ...]]]:
-    key = (str(obj.metadata.namespace), str(obj.metadata.name))
+    key = _key(obj)
     service = ((obj.metadata.labels or {}).get(SERVICE_NAME_LABEL)) or ""
     addresses: list[str] = []
     for endpoint in obj.endpoints or []:

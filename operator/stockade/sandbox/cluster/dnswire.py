@@ -219,6 +219,11 @@ def aaaa_record(ip: str, ttl: int) -> Record:
     return Record(RType.AAAA, ttl, ipaddress.IPv6Address(ip).packed)
 
 
+def srv_record(port: int, target: bytes, ttl: int) -> Record:
+    """Priority 0, weight 100, `port`, `target` (an encoded name, never compressed: RFC 2782)."""
+    return Record(RType.SRV, ttl, struct.pack("!HHH", 0, 100, port) + target)
+
+
 def soa_record(zone: str, ttl: int, serial: int) -> Record:
     """The zone's SOA, for the authority section of negative answers (RFC 2308)."""
     rdata = (

@@ -4,8 +4,12 @@ server and calls `answer()` for every query it reads.
 
 - `<svc>.<ns>.svc.cluster.local`: the Service's ClusterIPs (A for IPv4, AAAA for IPv6); for a
   headless Service (clusterIP None), the ready addresses of its EndpointSlices.
+- `_<port>._<proto>.<svc>.<ns>.svc.cluster.local`: SRV, one record per named port of that
+  protocol, whose target is the Service's name (also for a headless Service: no per-endpoint
+  names); no additional records, so a client asks for the target's address itself.
 - `<a-b-c-d>.<ns>.pod.cluster.local` (and IPv6 with `-` for `:`): that address, as kube-dns
   does without checking that a pod has it.
+- An ExternalName Service exists without records (nothing outside the zone is named).
 - Other names in `cluster.local`: NXDOMAIN, except the names between the zone and a Service
   (`svc.cluster.local`, `<ns>.svc.cluster.local`), which exist without records (NOERROR, empty).
 - Names outside `cluster.local`: REFUSED. Nothing is forwarded: no traffic leaves the machine.
@@ -26,8 +30,10 @@ from stockade.sandbox.cluster.dnswire import (
     a_record,
     aaaa_record,
     badvers_response,
+    encode_name,
     response,
     soa_record,
+    srv_record,
 )
 
 ZONE = "cluster.local"
@@ -40,6 +46,8 @@ class Zone:
     """The zone at one moment: (namespace, service name) -> addresses. Replaced, never changed."""
 
     services: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    # (namespace, service name) -> (port name, protocol in lower case, port) of its named ports
+    ports: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = field(default_factory=dict)
     serial: int = 1
 
     def namespaces(self) -> set[str]:
@@ -71,6 +79,24 @@ def lookup(zone: Zone, labels: tuple[str, ...]) -> tuple[Rcode, tuple[str, ...]]
     return Rcode.NXDOMAIN, ()
 
 
+def srv_records(zone: Zone, labels: tuple[str, ...]) -> tuple[Rcode, list[Record]] | None:
+    """SRV answers for `_<port>._<proto>.<svc>.<ns>.svc` (labels before the zone), or None if
+    the name is not of that form."""
+    if not (len(labels) == 5 and labels[4] == "svc" and labels[0][:1] == labels[1][:1] == "_"):
+        return None
+    key = (labels[3], labels[2])
+    if key not in zone.services:
+        return Rcode.NXDOMAIN, []
+    target = encode_name(f"{labels[2]}.{labels[3]}.svc.{ZONE}")
+    wanted = (labels[0][1:], labels[1][1:])
+    records = [
+        srv_record(port, target, TTL_S)
+        for name, proto, port in zone.ports.get(key, ())
+        if (name, proto) == wanted
+    ]
+    return (Rcode.NOERROR, records) if records else (Rcode.NXDOMAIN, [])
+
+
 def _records(addresses: tuple[str, ...], qtype: int) -> list[Record]:
     out: list[Record] = []
     for address in addresses:
@@ -95,7 +121,12 @@ def answer(zone: Zone, query: Query, *, tcp: bool = False) -> bytes:
         inner = tuple(label.decode("ascii") for label in lowered[:-2])
     except UnicodeDecodeError:
         inner = ("\x00",)  # no such name
-    rcode, addresses = lookup(zone, inner)
-    answers = _records(addresses, query.qtype)
+    srv = srv_records(zone, inner)
+    if srv is not None:
+        rcode, found = srv
+        answers = found if query.qtype in (RType.SRV, RType.ANY) else []
+    else:
+        rcode, addresses = lookup(zone, inner)
+        answers = _records(addresses, query.qtype)
     authority = [] if answers else [soa_record(ZONE, TTL_S, zone.serial)]
     return response(query, rcode, answers, authority, tcp=tcp)
