@@ -177,3 +177,35 @@ def test_install_creates_kube_dns_at_the_tenth_service_address(api_client: Any) 
         "coredns", "kube-system"
     )
     assert deployment.spec.template.spec.containers[0].image == dns.DNS_IMAGE
+
+
+def test_garbage_from_a_pod_neither_stops_the_resolver_nor_gets_more_than_a_header(
+    dns_netns: str,
+) -> None:
+    name = "kubernetes.default.svc.cluster.local"
+    with _socket_in(dns_netns, socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.connect(("127.0.0.1", PORT))
+        udp.settimeout(0.5)
+        for size in range(0, 600, 3):
+            udp.send(secrets.token_bytes(size))
+        # A pointer loop in the question: FORMERR, header only, with the query's id.
+        udp.send(HEADER.pack(0xBEEF, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c" + bytes(4))
+        replies = []
+        while True:
+            try:
+                replies.append(udp.recv(4096))
+            except TimeoutError:
+                break
+    assert HEADER.pack(0xBEEF, 0x8101, 0, 0, 0, 0) in replies
+    assert all(len(reply) == 12 for reply in replies)  # only FORMERR/NOTIMP for random bytes
+    with _socket_in(dns_netns, socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.settimeout(2.0)
+        tcp.connect(("127.0.0.1", PORT))
+        tcp.sendall(struct.pack("!H", 40) + b"\xff" * 10)  # a length it never completes
+    with _socket_in(dns_netns, socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.settimeout(2.0)
+        tcp.connect(("127.0.0.1", PORT))
+        tcp.sendall(struct.pack("!H", 5) + b"\x00" * 5)  # too short for a header: closed
+        assert tcp.recv(10) == b""
+    assert ask(dns_netns, name)[0] == Rcode.NOERROR
+    assert ask(dns_netns, name, tcp=True)[0] == Rcode.NOERROR
