@@ -486,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.port < 65536:
         parser.error(f"--port must be within 1..65535, got {args.port}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.kubeconfig.is_file():
+        parser.error(f"--kubeconfig {args.kubeconfig}: no such file")
     # The sockets first, while this is the only thread.
-    udp, tcp = open_sockets(args.netns, args.port)
+    try:
+        udp, tcp = open_sockets(args.netns, args.port)
+    except OSError as exc:
+        parser.exit(1, f"{parser.prog}: error: --netns/--port: {exc}\n")
     state = ZoneState()
     with _api_client(args.kubeconfig) as api, _watching(api, state):
         if not _wait_synced(state, 30.0):
