@@ -6,7 +6,8 @@ installs the CRDs, starts stockade itself (the operator and one agent per node,
 pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down` stops
 stockade first, then removes it all, and is idempotent. `up` first cleans what a crashed run left
 behind. The CLI (`stockade.cli`) wires `add_parser()`; `stockade demo` and the e2e conformance
-engine call `up` and `down` directly.
+engine call `up` and `down` directly. `add_parser()` also adds `exec` and `probe`, into the
+sandbox's pods (`stockade.sandbox.cluster.podcmd`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import kubernetes.client
 
 from stockade.sandbox import netns, stack
+from stockade.sandbox.cluster import podcmd
 from stockade.sandbox.controlplane import (
     ControlPlane,
     ControlPlaneRecord,
@@ -367,7 +369,7 @@ def _cmd_down(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Add `sandbox up|status|down` to the `stockade` command line."""
+    """Add `sandbox up|status|down|exec|probe` to the `stockade` command line."""
     sandbox = subparsers.add_parser(
         "sandbox",
         help="a local control plane and network-namespace nodes",
@@ -401,3 +403,9 @@ def add_parser(subparsers: Any) -> None:
         run=_cmd_status
     )
     commands.add_parser("down", help="remove the sandbox (idempotent)").set_defaults(run=_cmd_down)
+    podcmd.add_parsers(commands, _locate)
+
+
+def _locate(state_dir: Path) -> tuple[Path, Path]:
+    """(kubeconfig, topology file) of the sandbox in `state_dir`, for `exec` and `probe`."""
+    return kubeconfig_path(state_dir), state_dir / TOPOLOGY_FILE
