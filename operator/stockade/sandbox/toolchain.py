@@ -141,9 +141,21 @@ KUBERNETES = GoTool(
     name="kubernetes",
     module="k8s.io/kubernetes",
     version=KUBERNETES_VERSION,
-    binaries=("kube-apiserver", "kubectl"),
+    binaries=(
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kube-proxy",
+        "kubectl",
+    ),
     go_mod=_kubernetes_go_mod,
-    packages=("k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kubectl"),
+    packages=(
+        "k8s.io/kubernetes/cmd/kube-apiserver",
+        "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "k8s.io/kubernetes/cmd/kube-scheduler",
+        "k8s.io/kubernetes/cmd/kube-proxy",
+        "k8s.io/kubernetes/cmd/kubectl",
+    ),
     ldflags=_k8s_ldflags(),
 )
 
