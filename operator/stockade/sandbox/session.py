@@ -343,7 +343,10 @@ def _stray_processes(state_dir: Path) -> list[ProcessRecord]:
     of a run that crashed before it could record them."""
     binaries = {ETCD.path("etcd"), Path(sys.executable)}
     binaries |= {KUBERNETES.path(b) for b in KUBERNETES.binaries if b != "kubectl"}
-    return find_processes(binaries, state_dir)
+    # Clients before their servers: etcd last, so that nothing waits out its grace period.
+    order = ("kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+    found = find_processes(binaries, state_dir)
+    return sorted(found, key=lambda r: order.index(r.name) if r.name in order else -1)
 
 
 def down(state_dir: Path, progress: Progress) -> None:
@@ -353,13 +356,14 @@ def down(state_dir: Path, progress: Progress) -> None:
     except SandboxError as exc:
         progress(f"ignoring unreadable state: {exc}")
         state = None
-    # stockade first, while the API server still answers its last requests.
-    stack.stop_stack(state.stack if state is not None else None, state_dir, progress)
-    # kube-proxy and the forwarders next, while their API server still answers.
+    # kube-proxy and the forwarders first (before stack.stop_stack, whose search for leftover
+    # Python processes in `state_dir` would take a forwarder for a leftover), then stockade,
+    # while the API server still answers their last requests.
     for record in reversed(state.proxies if state is not None else ()):
         if is_alive(record):
             progress(f"stopping {record.name} (pid {record.pid})")
         stop_record(record)
+    stack.stop_stack(state.stack if state is not None else None, state_dir, progress)
     if state is not None and state.control_plane is not None:
         for record in reversed(state.control_plane.processes):
             if is_alive(record):
