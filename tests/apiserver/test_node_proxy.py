@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane import SERVICE_IP, ControlPlane
 from stockade.sandbox.kubelet import register_node, register_pod
 from stockade.sandbox.node.proxy import NodeProxies, ProxyMode
 from stockade.sandbox.processes import is_alive
@@ -40,11 +40,11 @@ def in_node(topo: Topology, node: str, *argv: str) -> str:
 
 
 def rules(topo: Topology, node: str, mode: ProxyMode, family: int) -> str:
-    """What kube-proxy wrote in the node: its nftables table, or the iptables nat table."""
+    """What kube-proxy wrote in the node: its nftables table, or the iptables tables."""
     if mode == "nftables":
         table_family = "ip" if family == 4 else "ip6"
         return in_node(topo, node, "nft", "list", "table", table_family, "kube-proxy")
-    return in_node(topo, node, "iptables-save" if family == 4 else "ip6tables-save", "-t", "nat")
+    return in_node(topo, node, "iptables-save" if family == 4 else "ip6tables-save")
 
 
 @pytest.fixture(params=["nftables", "iptables"])
@@ -69,6 +69,15 @@ def proxied(
         yield topo, proxies, before
     finally:
         proxies.stop()
+
+
+def test_kube_proxy_has_written_its_rules_when_started(
+    proxied: tuple[Topology, NodeProxies, str],
+) -> None:
+    """start() returns after the first sync: the `kubernetes` Service is already programmed."""
+    topo, proxies, _ = proxied
+    for node in topo.nodes:
+        assert SERVICE_IP in rules(topo, node.name, proxies.mode, 4)
 
 
 def test_kube_proxy_sends_a_pod_through_a_cluster_ip_to_another_nodes_pod(

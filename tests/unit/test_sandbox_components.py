@@ -30,6 +30,7 @@ from stockade.sandbox.node.proxy import (
     cluster_cidrs,
     forwarder_argv,
     proxy_argv,
+    synced_families,
 )
 from stockade.sandbox.pki import COMPONENT_USERS, PkiPaths, write_pki
 from stockade.sandbox.processes import ProcessRecord
@@ -135,6 +136,19 @@ def test_kube_proxy_runs_inside_its_node_namespace_as_that_node(mode: str) -> No
     assert got["kubeconfig"] == "/k/kp.kubeconfig"
     assert got["healthz-bind-address"].startswith("127.0.0.1:")
     assert got["metrics-bind-address"].startswith("127.0.0.1:")
+
+
+def test_kube_proxy_counts_as_synced_per_family_once_its_sync_timestamp_is_set() -> None:
+    metrics = "\n".join(
+        [
+            "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds [ALPHA] The last time",
+            'kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 1.79e+09',
+            'kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv6"} 0',
+            'kubeproxy_sync_full_proxy_rules_duration_seconds_count{ip_family="IPv6"} 1',
+        ]
+    )
+    assert synced_families(metrics) == {"IPv4"}
+    assert synced_families("") == set()
 
 
 def test_an_unknown_proxy_mode_is_named_in_the_error() -> None:

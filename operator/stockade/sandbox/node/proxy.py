@@ -146,14 +146,15 @@ class NodeProxies:
 
     def start(self) -> None:
         """Start every node's forwarder, then every kube-proxy; return once each kube-proxy
-        answers /healthz. On failure stop them all and raise ProxyError."""
+        answers /healthz and has written its rules for both families. On failure stop them all
+        and raise ProxyError."""
         self._progress(f"starting kube-proxy ({self.mode}) in {len(self.nodes)} node(s)")
         try:
             for node in self.nodes:
                 self._start_forwarder(node)
             proxies = [(node, self._start_proxy(node)) for node in self.nodes]
             for node, child in proxies:
-                self._wait(child, lambda n=node: _healthz_ok(n))  # type: ignore[misc]
+                self._wait(child, lambda n=node: _synced(n))  # type: ignore[misc]
         except BaseException:
             self.stop()
             raise
@@ -214,11 +215,34 @@ class NodeProxies:
         )
 
 
-def _healthz_ok(node: NodeNet) -> bool:
-    """Whether kube-proxy in `node` answers /healthz with 200 (asked from inside the node)."""
+SYNCED_METRIC = "kubeproxy_sync_proxy_rules_last_timestamp_seconds"
+
+
+def synced_families(metrics: str) -> set[str]:
+    """The IP families kube-proxy has written rules for, from its /metrics text."""
+    families: set[str] = set()
+    for line in metrics.splitlines():
+        if not line.startswith(SYNCED_METRIC + "{"):
+            continue
+        labels, _, value = line[len(SYNCED_METRIC) + 1 :].partition("} ")
+        for label in labels.split(","):
+            key, _, family = label.partition("=")
+            if key == "ip_family" and float(value or 0) > 0:
+                families.add(family.strip('"'))
+    return families
+
+
+def _synced(node: NodeNet) -> bool:
+    """Whether kube-proxy in `node` answers /healthz and has synced its rules for IPv4 and
+    IPv6 (its /healthz answers 200 before the first sync). Asked from inside the node."""
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with netns.entered(node.netns), direct.open(f"http://{HEALTHZ}/healthz", timeout=2) as r:
-            return bool(r.status == 200)
+        with netns.entered(node.netns):
+            with direct.open(f"http://{HEALTHZ}/healthz", timeout=2) as health:
+                if health.status != 200:
+                    return False
+            with direct.open(f"http://{METRICS}/metrics", timeout=2) as metrics:
+                text = metrics.read().decode(errors="replace")
     except (urllib.error.URLError, OSError):
         return False
+    return {"IPv4", "IPv6"} <= synced_families(text)
