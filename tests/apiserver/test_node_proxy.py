@@ -2,13 +2,16 @@
 real topology, reaching the session's API server through its node's forwarder, programs the
 ClusterIP of a Service whose EndpointSlices the controller manager made from a registered Pod,
 in nftables and in iptables mode; a pod then reaches another node's pod through the ClusterIP,
-over IPv4 and IPv6. Nothing appears in the machine's own netfilter tables, and stopping leaves no
-process behind."""
+over IPv4 and IPv6. Nothing appears in the machine's own netfilter tables, and stopping (or failing
+to start) leaves no process behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes.client as k8s
@@ -16,9 +19,10 @@ import pytest
 
 from stockade.sandbox.controlplane import SERVICE_IP, ControlPlane
 from stockade.sandbox.kubelet import register_node, register_pod
-from stockade.sandbox.node.proxy import NodeProxies, ProxyMode
-from stockade.sandbox.processes import is_alive
-from stockade.sandbox.topology import Topology
+from stockade.sandbox.node.proxy import NodeProxies, ProxyError, ProxyMode
+from stockade.sandbox.processes import find_processes, is_alive
+from stockade.sandbox.toolchain import KUBERNETES
+from stockade.sandbox.topology import Topology, node_net
 from stockade.sandbox.workload import Outcome
 from tests.fixtures.controlplane import wait_for
 from tests.fixtures.netns import MakeProcesses, MakeTopology
@@ -130,3 +134,20 @@ def test_kube_proxy_sends_a_pod_through_a_cluster_ip_to_another_nodes_pod(
     assert len(records) == 4  # a forwarder and a kube-proxy per node
     proxies.stop()
     assert not any(is_alive(r) for r in records)
+
+
+def test_a_forwarder_that_cannot_start_says_why_and_leaves_no_process(
+    control_plane: ControlPlane, tmp_path: Any
+) -> None:
+    missing = dataclasses.replace(node_net("cpx0", 1), netns="stk-cpx0-missing")
+    proxies = NodeProxies(tmp_path, control_plane.server, control_plane.pki, [missing])
+
+    with pytest.raises(ProxyError) as failed:
+        proxies.start()
+
+    message = str(failed.value)
+    assert "forwarder node-1 exited during start-up" in message
+    assert "stk-cpx0-missing" in message  # the forwarder's own words, from its log tail
+    assert proxies.records == ()
+    binaries = {Path(sys.executable), KUBERNETES.path("kube-proxy")}
+    assert find_processes(binaries, tmp_path) == []

@@ -323,8 +323,10 @@ def status(state_dir: Path) -> int:
     if state is None:
         print(f"no sandbox is running (no {STATE_FILE} in {state_dir})")
         return 3
+    proxy = f", kube-proxy {state.proxy_mode}" if state.proxy_mode else ""
     print(
-        f"sandbox {state.run_id}: {state.nodes} {state.topology} node(s), started {state.created}"
+        f"sandbox {state.run_id}: {state.nodes} {state.topology} node(s){proxy}, "
+        f"started {state.created}"
     )
     print(f"kubeconfig: {kubeconfig_path(state_dir)}")
     checks = _checks(state_dir, state)
