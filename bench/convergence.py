@@ -54,11 +54,7 @@ import kubernetes.client
 from stockade import handoff
 from stockade.sandbox import session, stack
 from stockade.sandbox.controlplane import free_port
-from stockade.sandbox.kubelet import (
-    ensure_default_service_account,
-    register_node,
-    set_pod_labels,
-)
+from stockade.sandbox.kubelet import create_pod, register_node, set_pod_labels
 from stockade.sandbox.processes import Child, is_alive, stop_record
 from stockade.sandbox.running import RunningSandbox
 from stockade.sandbox.topology import NodeNet
@@ -333,7 +329,6 @@ class Bench:
         core = kubernetes.client.CoreV1Api(self.api)
         for ns in namespaces:
             self.sandbox.ensure_namespace(ns, {"ns": ns, "tier": "t" + ns[-1]})
-            ensure_default_service_account(self.api, ns)
         jobs = [(namespaces[j % len(namespaces)], j // len(namespaces)) for j in range(total)]
         base = ipaddress.ip_address("10.128.0.10")
 
@@ -351,7 +346,7 @@ class Bench:
                     "containers": [{"name": "main", "image": "stockade.invalid/none"}],
                 },
             }
-            core.create_namespaced_pod(ns, kubernetes.client.V1Pod.model_validate(body))
+            create_pod(self.api, ns, body)
             status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
             core.patch_namespaced_pod_status(
                 name, ns, status, _content_type="application/merge-patch+json"

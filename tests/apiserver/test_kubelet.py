@@ -1,6 +1,7 @@
 """The sandbox kubelet stand-in registers Nodes and Pods that look to API clients as if a kubelet
-ran them: Ready nodes with dual-stack pod CIDRs and InternalIPs, Running and Ready pods bound to a
-node with their IPs and named container ports, label updates, and immediate deletion."""
+ran them: Ready, schedulable nodes with dual-stack pod CIDRs, InternalIPs and capacity, Running
+and Ready pods bound to a node with their IPs and named container ports, label updates, and
+immediate deletion."""
 
 from __future__ import annotations
 
@@ -45,11 +46,13 @@ def test_a_registered_node_is_ready_with_dual_stack_pod_cidrs_and_internal_ips(
     assert node.spec.pod_cidrs == ["10.244.7.0/24", "fd00:10:244:7::/64"]
     ready = [(c.type, c.status) for c in node.status.conditions or []]
     assert ready == [("Ready", "True")]
+    assert not node.spec.taints  # schedulable: the API server's not-ready taint is lifted
+    assert (node.status.allocatable or {}).get("pods") == "110"
     internal = [a.address for a in node.status.addresses or [] if a.type == "InternalIP"]
     assert internal == [NODE.ip_v4, NODE.ip_v6]
 
 
-def test_a_registered_pod_is_running_and_ready_on_its_node_without_a_controller_manager(
+def test_a_registered_pod_is_running_and_ready_on_its_node(
     api_client: Any, k8s_namespace: str
 ) -> None:
     register_node(api_client, NODE)

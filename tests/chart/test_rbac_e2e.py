@@ -157,8 +157,9 @@ def _remove_api_objects(stack: RbacStack, crds_found: bool) -> None:
 @pytest.fixture(scope="module")
 def private_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     """A control plane of this module's own. The scenario asserts that no component is refused
-    anything, so it must not see other tests' leftovers: without a controller manager their
-    namespaces stay Terminating, and the API server refuses new Events there with 403."""
+    anything, so it must not see other tests' leftovers: their namespaces may still be
+    Terminating (a Pod bound to a node waits for a kubelet to confirm its deletion), and the API
+    server refuses new Events there with 403."""
     plane = ControlPlane(tmp_path_factory.mktemp("rbac-plane"))
     plane.start()
     try:

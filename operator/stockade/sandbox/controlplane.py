@@ -1,12 +1,16 @@
-"""A real Kubernetes control plane for the sandbox: etcd and kube-apiserver on loopback.
+"""A real Kubernetes control plane for the sandbox: etcd, kube-apiserver, kube-controller-manager
+and kube-scheduler on loopback.
 
 Like controller-runtime's envtest, but with TLS serving, client-certificate authentication, RBAC
 authorization and ServiceAccount token signing turned on, so that permissions are really checked
-and tests can mint ServiceAccount tokens (TokenRequest). There is no kube-controller-manager, so
-the ServiceAccount admission plugin is off (it would reject every Pod in a namespace whose
-`default` ServiceAccount no controller created), as envtest does.
+and tests can mint ServiceAccount tokens (TokenRequest). The controller manager runs the
+controllers the sandbox needs (`CONTROLLERS`: EndpointSlices, namespace deletion, garbage
+collection, the workload controllers, `default` ServiceAccounts), each with its own ServiceAccount
+credentials; the scheduler binds Pods that name no node. Each component has its own client
+certificate and kubeconfig (pki.COMPONENT_USERS). Services get ClusterIPs from a dual-stack
+service range (SERVICE_CIDRS).
 
-Called by the test fixtures (`tests/fixtures/controlplane.py`, one API server per test session)
+Called by the test fixtures (`tests/fixtures/controlplane.py`, one control plane per test session)
 and by `stockade sandbox up` (session.py), which starts it detached and adopts it again later
 from its `ControlPlaneRecord`.
 """
@@ -31,12 +35,29 @@ from typing import Any
 import kubernetes.client
 import yaml
 
-from stockade.sandbox.pki import PkiPaths, write_pki, write_private
+from stockade.sandbox.pki import COMPONENT_USERS, PkiPaths, write_pki, write_private
 from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, log_tail
 from stockade.sandbox.toolchain import ETCD, KUBERNETES, ensure
 
 SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR_V6 = "fd00:10:96::/112"
+SERVICE_CIDRS = (SERVICE_CIDR, SERVICE_CIDR_V6)  # IPv4 first: single-stack Services get IPv4
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of SERVICE_CIDR
+# kube-controller-manager --controllers: only what the sandbox needs (no node lifecycle, IPAM,
+# certificates or cloud controllers: the sandbox kubelet stand-in writes Nodes itself).
+CONTROLLERS = (
+    "endpointslice-controller",
+    "endpointslice-mirroring-controller",
+    "namespace-controller",
+    "garbage-collector-controller",
+    "replicaset-controller",
+    "deployment-controller",
+    "daemonset-controller",
+    "job-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "service-cidr-controller",
+)
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CONTEXT = "stockade-sandbox"
 START_TIMEOUT = 120.0
@@ -102,8 +123,82 @@ def kubectl(
     return proc
 
 
+def write_kubeconfig(
+    path: Path, server: str, ca_cert: Path, cert: Path, key: Path, user: str
+) -> None:
+    """Write a kubeconfig (readable by its owner only) for `user` at `server`, with the CA, client
+    certificate and key embedded, so the file stands alone."""
+
+    def b64(source: Path) -> str:
+        return base64.b64encode(source.read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": CONTEXT,
+                "cluster": {"server": server, "certificate-authority-data": b64(ca_cert)},
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)},
+            }
+        ],
+        "contexts": [{"name": CONTEXT, "context": {"cluster": CONTEXT, "user": user}}],
+        "current-context": CONTEXT,
+    }
+    write_private(path, yaml.safe_dump(config, sort_keys=False).encode())
+
+
+def controller_manager_argv(
+    binary: Path, workdir: Path, pki: PkiPaths, kubeconfig: Path, port: int
+) -> list[str]:
+    """kube-controller-manager's command line: its own kubeconfig, no leader election, secure
+    serving (/healthz) on 127.0.0.1:`port`, one ServiceAccount per controller."""
+    return [
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        "--leader-elect=false",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={workdir / 'kube-controller-manager-certs'}",
+        f"--controllers={','.join(CONTROLLERS)}",
+        f"--service-account-private-key-file={pki.sa_signing_key}",
+        f"--root-ca-file={pki.ca_cert}",
+        "--use-service-account-credentials=true",
+        "--profiling=false",
+    ]
+
+
+def scheduler_config(kubeconfig: Path) -> dict[str, Any]:
+    """The KubeSchedulerConfiguration: its kubeconfig, no leader election (one scheduler)."""
+    return {
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": str(kubeconfig)},
+        "leaderElection": {"leaderElect": False},
+    }
+
+
+def scheduler_argv(binary: Path, workdir: Path, config: Path, port: int) -> list[str]:
+    """kube-scheduler's command line: its configuration file and secure serving (/healthz) on
+    127.0.0.1:`port`."""
+    return [
+        str(binary),
+        f"--config={config}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={port}",
+        f"--cert-dir={workdir / 'kube-scheduler-certs'}",
+        "--profiling=false",
+    ]
+
+
 class ControlPlane:
-    """etcd + kube-apiserver in `workdir` (certificates, data, logs, kubeconfig all live there)."""
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler in `workdir`
+    (certificates, data, logs, kubeconfigs all live there)."""
 
     def __init__(
         self, workdir: Path, *, detach: bool = False, progress: Progress | None = None
@@ -150,7 +245,8 @@ class ControlPlane:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start etcd then kube-apiserver, and return once the API server is ready."""
+        """Start etcd, kube-apiserver, then the controller manager and the scheduler; return
+        once each is healthy."""
         started = time.monotonic()
         if not (ETCD.present() and KUBERNETES.present()):
             self._progress("building the pinned etcd and Kubernetes binaries (first run only)")
@@ -161,6 +257,7 @@ class ControlPlane:
             self._start_etcd()
             self._start_apiserver()
             self._write_kubeconfig()
+            self._start_controllers()
         except BaseException:
             self.stop()
             raise
@@ -168,7 +265,7 @@ class ControlPlane:
         self._progress(f"control plane ready at {self._server} in {self.start_seconds:.1f}s")
 
     def stop(self) -> None:
-        """Stop kube-apiserver, then etcd (SIGTERM, then SIGKILL). Idempotent."""
+        """Stop every component, the last started first (SIGTERM, then SIGKILL). Idempotent."""
         for child in reversed(self._children):
             child.stop()
         self._children = []
@@ -232,10 +329,7 @@ class ControlPlane:
                 f"--service-account-issuer={SA_ISSUER}",
                 f"--service-account-key-file={pki.sa_public_key}",
                 f"--service-account-signing-key-file={pki.sa_signing_key}",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # No controller manager creates `default` ServiceAccounts, and this admission
-                # plugin rejects Pods without one (envtest disables it for the same reason).
-                "--disable-admission-plugins=ServiceAccount",
+                f"--service-cluster-ip-range={','.join(SERVICE_CIDRS)}",
                 "--allow-privileged=true",
                 # The `kubernetes` Service cannot point at a loopback address; nothing needs it.
                 "--endpoint-reconciler-type=none",
@@ -246,6 +340,48 @@ class ControlPlane:
         self._wait(
             child,
             lambda: all(self._http_ok(f"{self._server}/{p}", context) for p in ("livez", "readyz")),
+        )
+
+    def _component_kubeconfig(self, name: str) -> Path:
+        path = self.workdir / f"{name}.kubeconfig"
+        client = self.pki.component(name)
+        write_kubeconfig(
+            path, self.server, self.pki.ca_cert, client.cert, client.key, COMPONENT_USERS[name]
+        )
+        return path
+
+    def _start_controllers(self) -> None:
+        """Start kube-controller-manager and kube-scheduler together, then wait for both."""
+        cm_port, sched_port = free_port(), free_port()
+        self._progress(
+            f"starting kube-controller-manager (127.0.0.1:{cm_port}) and "
+            f"kube-scheduler (127.0.0.1:{sched_port})"
+        )
+        cm = self._spawn(
+            "kube-controller-manager",
+            controller_manager_argv(
+                KUBERNETES.path("kube-controller-manager"),
+                self.workdir,
+                self.pki,
+                self._component_kubeconfig("kube-controller-manager"),
+                cm_port,
+            ),
+        )
+        config = self.workdir / "kube-scheduler.yaml"
+        config.write_text(
+            yaml.safe_dump(scheduler_config(self._component_kubeconfig("kube-scheduler")))
+        )
+        scheduler = self._spawn(
+            "kube-scheduler",
+            scheduler_argv(KUBERNETES.path("kube-scheduler"), self.workdir, config, sched_port),
+        )
+        # Both serve a certificate of their own making: /healthz is checked, not who serves it.
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        self._wait(cm, lambda: self._http_ok(f"https://127.0.0.1:{cm_port}/healthz", insecure))
+        self._wait(
+            scheduler, lambda: self._http_ok(f"https://127.0.0.1:{sched_port}/healthz", insecure)
         )
 
     def _wait(self, child: Child, healthy: Callable[[], bool]) -> None:
@@ -280,7 +416,8 @@ class ControlPlane:
             return False
 
     def health(self) -> dict[str, bool]:
-        """Each component's liveness: processes running, etcd /health, API server /readyz."""
+        """Each component's liveness: processes running, etcd /health, API server /readyz (the
+        controller manager and scheduler count as their process running)."""
         result = {c.record.name: c.running() for c in self._children}
         result["etcd /health"] = self._http_ok(f"{self._etcd_url}/health", None)
         result["kube-apiserver /readyz"] = self._http_ok(
@@ -291,37 +428,11 @@ class ControlPlane:
     # -- clients ----------------------------------------------------------------------------
 
     def _write_kubeconfig(self) -> None:
-        def b64(path: Path) -> str:
-            return base64.b64encode(path.read_bytes()).decode()
-
         pki = self.pki
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": CONTEXT,
-                    "cluster": {
-                        "server": self.server,
-                        "certificate-authority-data": b64(pki.ca_cert),
-                    },
-                }
-            ],
-            "users": [
-                {
-                    "name": "stockade-admin",
-                    "user": {
-                        "client-certificate-data": b64(pki.admin_cert),
-                        "client-key-data": b64(pki.admin_key),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": CONTEXT, "context": {"cluster": CONTEXT, "user": "stockade-admin"}}
-            ],
-            "current-context": CONTEXT,
-        }
-        write_private(self.kubeconfig, yaml.safe_dump(config, sort_keys=False).encode())
+        admin = "stockade-admin"
+        write_kubeconfig(
+            self.kubeconfig, self.server, pki.ca_cert, pki.admin_cert, pki.admin_key, admin
+        )
 
     def api_client(self, token: str | None = None) -> Any:
         """A `kubernetes.client.ApiClient`: cluster admin, or the bearer of `token` (for example

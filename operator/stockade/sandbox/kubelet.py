@@ -1,18 +1,22 @@
 """The sandbox's stand-in for kubelet: it registers sandbox nodes and pods in the API server.
 
-There is no kubelet, scheduler or controller manager in the sandbox, so this module writes what
-they would: a Node with its pod CIDRs, InternalIPs and a Ready condition, and Pods bound to a node
-(spec.nodeName) whose status (phase Running, Ready, podIP/podIPs, hostIP) is written through the
-status subresource. Pods are deleted with grace period 0, since nothing would confirm a graceful
-stop. Called by the apiserver/e2e test fixtures, the e2e conformance engine and `stockade sandbox`.
+There is no kubelet in the sandbox, so this module writes what it would: a Node with its pod
+CIDRs, InternalIPs, capacity and a Ready condition, and Pods bound to a node (spec.nodeName) whose
+status (phase Running, Ready, podIP/podIPs, hostIP) is written through the status subresource.
+Pods are deleted with grace period 0, since nothing would confirm a graceful stop. The controller
+manager creates each namespace's `default` ServiceAccount shortly after the namespace; until then
+the ServiceAccount admission plugin rejects Pods, so `create_pod` retries that one refusal for a
+while. Called by the apiserver/e2e test fixtures, the e2e conformance engine, the benchmarks and
+`stockade sandbox`.
 """
 
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
-from kubernetes.client import ApiClient, CoreV1Api, V1Node, V1Pod, V1ServiceAccount
+from kubernetes.client import ApiClient, CoreV1Api, V1Node, V1Pod
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox.topology import NodeNet, PodNet
@@ -23,6 +27,12 @@ HTTP_NOT_FOUND = 404
 # Lists (conditions, addresses) are replaced whole, so registering again never duplicates entries.
 MERGE_PATCH = "application/merge-patch+json"
 HTTP_CONFLICT = 409
+HTTP_FORBIDDEN = 403
+# What a node offers the scheduler (a kubelet would report its machine's).
+CAPACITY = {"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+# How long a Pod waits for its namespace's `default` ServiceAccount (the controller manager's
+# serviceaccount controller makes it within a second or so of the namespace).
+SERVICE_ACCOUNT_WAIT = 30.0
 
 
 def _now() -> str:
@@ -49,7 +59,12 @@ def register_node(api: ApiClient, node: NodeNet) -> None:
     except ApiException as exc:
         if exc.status != HTTP_CONFLICT:
             raise
-        core.patch_node(node.name, {"metadata": {"labels": labels}, "spec": body["spec"]})
+    # The API server taints a new Node not-ready (TaintNodesByCondition); the node lifecycle
+    # controller, which the sandbox does not run, would lift it once the Node is Ready.
+    spec = {**body["spec"], "taints": []}
+    core.patch_node(
+        node.name, {"metadata": {"labels": labels}, "spec": spec}, _content_type=MERGE_PATCH
+    )
     now = _now()
     status = {
         "status": {
@@ -63,6 +78,8 @@ def register_node(api: ApiClient, node: NodeNet) -> None:
                     "lastTransitionTime": now,
                 }
             ],
+            "capacity": CAPACITY,
+            "allocatable": CAPACITY,
             "addresses": [
                 {"type": "InternalIP", "address": node.ip_v4},
                 {"type": "InternalIP", "address": node.ip_v6},
@@ -87,25 +104,26 @@ def node_internal_ips(api: ApiClient, node_name: str) -> list[str]:
     return [a.address for a in addresses if a.type == "InternalIP"]
 
 
-def ensure_default_service_account(api: ApiClient, namespace: str) -> None:
-    """Create ServiceAccount "default" in `namespace` if missing: the ServiceAccount admission
-    plugin rejects pods without it, and no controller manager creates it in the sandbox."""
+def _missing_service_account(exc: ApiException) -> bool:
+    """Whether the ServiceAccount admission plugin refused a Pod because its ServiceAccount does
+    not exist (yet)."""
+    body = str(exc.body or "")
+    return exc.status == HTTP_FORBIDDEN and "error looking up service account" in body
+
+
+def create_pod(api: ApiClient, namespace: str, body: dict[str, Any] | V1Pod) -> Any:
+    """Create a Pod; while its namespace's ServiceAccount is still missing (a namespace the
+    controller manager has not caught up with), retry for up to SERVICE_ACCOUNT_WAIT seconds."""
     core = CoreV1Api(api)
-    try:
-        core.read_namespaced_service_account("default", namespace)
-    except ApiException as exc:
-        if exc.status != HTTP_NOT_FOUND:
-            raise
+    pod = body if isinstance(body, V1Pod) else V1Pod.model_validate(body)
+    deadline = time.monotonic() + SERVICE_ACCOUNT_WAIT
+    while True:
         try:
-            core.create_namespaced_service_account(
-                namespace,
-                V1ServiceAccount.model_validate(
-                    {"metadata": {"name": "default", "namespace": namespace}}
-                ),
-            )
-        except ApiException as exc2:
-            if exc2.status != HTTP_CONFLICT:
+            return core.create_namespaced_pod(namespace, pod)
+        except ApiException as exc:
+            if not _missing_service_account(exc) or time.monotonic() > deadline:
                 raise
+        time.sleep(0.1)
 
 
 def _container_port(name: str | None, port: int, protocol: str) -> dict[str, Any]:
@@ -134,7 +152,6 @@ def register_pod(
     host-network pod (`host_network`) is given its node's addresses in `pod`."""
     core = CoreV1Api(api)
     host_ips = node_internal_ips(api, pod.node)
-    ensure_default_service_account(api, namespace)
     body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -154,7 +171,7 @@ def register_pod(
             ],
         },
     }
-    core.create_namespaced_pod(namespace, V1Pod.model_validate(body))
+    create_pod(api, namespace, body)
     now = _now()
     status: dict[str, Any] = {
         "phase": "Running",

@@ -1,5 +1,6 @@
 """The sandbox control plane's key material: one CA, the API server's serving certificate, an
-admin client certificate and the ServiceAccount token signing key.
+admin client certificate, one client certificate per Kubernetes component (controller manager,
+scheduler, kube-proxy: `COMPONENT_USERS`) and the ServiceAccount token signing key.
 
 `controlplane.ControlPlane` calls `write_pki()` once per work directory. Everything is generated
 fresh (ECDSA P-256, fast to make) and lives only as long as the sandbox does; nothing here is fit
@@ -30,6 +31,23 @@ SERVING_DNS = (
     "kubernetes.default.svc.cluster.local",
 )
 
+# The user each component authenticates as: the API server's bootstrap RBAC policy binds these
+# names to their roles (system:kube-controller-manager, system:kube-scheduler, and
+# system:node-proxier for system:kube-proxy).
+COMPONENT_USERS = {
+    "kube-controller-manager": "system:kube-controller-manager",
+    "kube-scheduler": "system:kube-scheduler",
+    "kube-proxy": "system:kube-proxy",
+}
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """A client certificate and its key (PEM files)."""
+
+    cert: Path
+    key: Path
+
 
 @dataclass(frozen=True)
 class PkiPaths:
@@ -57,6 +75,14 @@ class PkiPaths:
             sa_signing_key=directory / "sa.key",
             sa_public_key=directory / "sa.pub",
         )
+
+    def component(self, name: str) -> ClientCert:
+        """Where `write_pki` puts the client certificate of component `name` (a key of
+        COMPONENT_USERS)."""
+        if name not in COMPONENT_USERS:
+            raise ValueError(f"component {name!r} must be one of {sorted(COMPONENT_USERS)}")
+        directory = self.ca_cert.parent
+        return ClientCert(directory / f"{name}.crt", directory / f"{name}.key")
 
 
 @dataclass(frozen=True)
@@ -198,6 +224,10 @@ def write_pki(directory: Path, service_ip: str) -> PkiPaths:
     admin = _issue(
         ca, _name("stockade-admin", ("system:masters",)), ExtendedKeyUsageOID.CLIENT_AUTH
     )
+    components = {
+        name: _issue(ca, _name(user), ExtendedKeyUsageOID.CLIENT_AUTH)
+        for name, user in COMPONENT_USERS.items()
+    }
     sa_key = _new_key()
 
     _write(paths.ca_cert, _cert_pem(ca.cert), private=False)
@@ -206,6 +236,10 @@ def write_pki(directory: Path, service_ip: str) -> PkiPaths:
     _write(paths.serving_key, _key_pem(serving.key), private=True)
     _write(paths.admin_cert, _cert_pem(admin.cert), private=False)
     _write(paths.admin_key, _key_pem(admin.key), private=True)
+    for name, issued in components.items():
+        where = paths.component(name)
+        _write(where.cert, _cert_pem(issued.cert), private=False)
+        _write(where.key, _key_pem(issued.key), private=True)
     _write(paths.sa_signing_key, _key_pem(sa_key), private=True)
     _write(
         paths.sa_public_key,

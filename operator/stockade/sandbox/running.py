@@ -5,8 +5,8 @@ conformance engine.
 pod's network namespace on its node (or, for a host-network pod, uses the node's own namespace
 and addresses), registers the Pod as the sandbox kubelet would and records the pod in the
 sandbox's topology file, so that `stockade sandbox down` removes it; `remove_pod` undoes that.
-Namespaces are created once and kept: without a controller manager a deleted Namespace would stay
-Terminating for ever.
+Namespaces are created once and kept (deleting one takes the controller manager a while, and a
+case may reuse the name at once).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from stockade.model.kinds import POLICY_RESOURCES, PolicyResource, resource_for
 from stockade.runtime import replace_custom_object
 from stockade.sandbox import session
-from stockade.sandbox.kubelet import delete_pod, ensure_default_service_account, register_pod
+from stockade.sandbox.kubelet import delete_pod, register_pod
 from stockade.sandbox.stack import api_client
 from stockade.sandbox.topology import NodeNet, PodNet, Topology
 
@@ -100,7 +100,6 @@ class RunningSandbox:
             if exc.status != HTTP_CONFLICT:
                 raise
             self.set_namespace_labels(name, labels)
-        ensure_default_service_account(self.api, name)
 
     def set_namespace_labels(self, name: str, labels: Mapping[str, str]) -> None:
         """Replace the Namespace's labels with `labels` (its name label always stays)."""

@@ -1,13 +1,15 @@
 """`stockade sandbox up | status | down`: a long-lived sandbox that outlives the command.
 
-`up` starts the control plane detached, builds the node namespaces, registers the Nodes,
-installs the CRDs, starts stockade itself (the operator and one agent per node,
-`stockade.sandbox.stack`) and records everything (pids with start times, ports, paths, run id,
-pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down` stops
-stockade first, then removes it all, and is idempotent. `up` first cleans what a crashed run left
-behind. The CLI (`stockade.cli`) wires `add_parser()`; `stockade demo` and the e2e conformance
-engine call `up` and `down` directly. `add_parser()` also adds `exec` and `probe`, into the
-sandbox's pods (`stockade.sandbox.cluster.podcmd`).
+`up` starts the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)
+detached, builds the node namespaces, registers the Nodes, starts kube-proxy in every node
+(`stockade.sandbox.node.proxy`, nftables or iptables mode), installs the CRDs, starts stockade
+itself (the operator and one agent per node, `stockade.sandbox.stack`) and records everything
+(pids with start times, ports, paths, run id, pins) in a state directory, by default
+/run/stockade/sandbox; `status` reports on it; `down` stops stockade first, then removes it all,
+and is idempotent. `up` first cleans what a crashed run left behind. The CLI (`stockade.cli`)
+wires `add_parser()`; `stockade demo` and the e2e conformance engine call `up` and `down`
+directly. `add_parser()` also adds `exec` and `probe`, into the sandbox's pods
+(`stockade.sandbox.cluster.podcmd`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,13 @@ from stockade.sandbox.controlplane import (
 )
 from stockade.sandbox.crds import install_crds
 from stockade.sandbox.kubelet import register_node
+from stockade.sandbox.node.proxy import (
+    DEFAULT_MODE,
+    PROXY_MODES,
+    NodeProxies,
+    ProxyMode,
+    check_mode,
+)
 from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
 from stockade.sandbox.stack import StackRecord
 from stockade.sandbox.toolchain import ETCD, KUBERNETES
@@ -44,8 +54,9 @@ from stockade.sandbox.topology import Mode, Topology, cleanup_leftovers
 STATE_FILE = "state.json"
 TOPOLOGY_FILE = "topology.json"
 CONTROL_PLANE_DIR = "controlplane"
+PROXY_DIR = "proxy"
 # What `down` removes from the state directory, which it may share with other sandbox records.
-OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR, stack.STACK_DIR)
+OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR, PROXY_DIR, stack.STACK_DIR)
 NODES_READY_TIMEOUT = 60.0
 
 
@@ -69,6 +80,8 @@ class SandboxState:
     node_names: tuple[str, ...] = ()
     stack: StackRecord | None = None
     topology_run_id: str = ""
+    proxy_mode: str = ""
+    proxies: tuple[ProcessRecord, ...] = ()  # a forwarder and a kube-proxy per node
 
     def save(self, state_dir: Path) -> None:
         data: dict[str, Any] = {
@@ -80,6 +93,8 @@ class SandboxState:
             "node_names": list(self.node_names),
             "stack": self.stack.to_json() if self.stack else None,
             "topology_run_id": self.topology_run_id,
+            "proxy_mode": self.proxy_mode,
+            "proxies": [p.to_json() for p in self.proxies],
         }
         tmp = state_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -105,6 +120,8 @@ class SandboxState:
             node_names=tuple(data.get("node_names", ())),
             stack=StackRecord.from_json(recorded_stack) if recorded_stack else None,
             topology_run_id=str(data.get("topology_run_id", "")),
+            proxy_mode=str(data.get("proxy_mode", "")),
+            proxies=tuple(ProcessRecord.from_json(p) for p in data.get("proxies", ())),
         )
 
 
@@ -122,6 +139,7 @@ def up(
     progress: Progress,
     *,
     replicas: int = 1,
+    proxy_mode: ProxyMode = DEFAULT_MODE,
     detach: bool = True,
 ) -> Path:
     """Start a sandbox with stockade running in it (or find the one already running) and return
@@ -133,16 +151,21 @@ def up(
         raise SandboxError(f"--nodes must be at least 1, got {nodes}")
     if replicas not in (1, 2):
         raise SandboxError(f"--replicas must be 1 or 2, got {replicas}")
+    try:
+        check_mode(proxy_mode)
+    except ValueError as exc:
+        raise SandboxError(f"--proxy-mode: {exc}") from exc
     previous = SandboxState.load(state_dir)
     if previous is not None:
-        running = (previous.nodes, previous.topology, _replicas(previous))
-        if running == (nodes, mode, replicas) and _healthy(state_dir, previous):
+        running = (previous.nodes, previous.topology, _replicas(previous), previous.proxy_mode)
+        if running == (nodes, mode, replicas, proxy_mode) and _healthy(state_dir, previous):
             progress(f"sandbox {previous.run_id} is already running")
             return kubeconfig_path(state_dir)
         if _healthy(state_dir, previous):
             raise SandboxError(
-                f"a sandbox with {previous.nodes} {previous.topology} nodes and "
-                f"{_replicas(previous)} operator replica(s) is running; "
+                f"a sandbox with {previous.nodes} {previous.topology} nodes, kube-proxy in "
+                f"{previous.proxy_mode or 'no'} mode and {_replicas(previous)} operator "
+                "replica(s) is running; "
                 "run `stockade sandbox down` first"
             )
     if previous is not None or any((state_dir / name).exists() for name in OWNED):
@@ -156,6 +179,7 @@ def up(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         nodes=nodes,
         topology=mode,
+        proxy_mode=proxy_mode,
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     state.save(state_dir)
@@ -182,6 +206,18 @@ def up(
         state = dataclasses.replace(state, node_names=names)
         state.save(state_dir)
         progress(f"nodes ready: {', '.join(names)}")
+        proxies = NodeProxies(
+            state_dir / PROXY_DIR,
+            plane.server,
+            plane.pki,
+            topo.nodes,
+            proxy_mode,
+            detach=detach,
+            progress=progress,
+        )
+        proxies.start()
+        state = dataclasses.replace(state, proxies=proxies.records)
+        state.save(state_dir)
         record = stack.start_stack(
             state_dir,
             kubeconfig_path(state_dir),
@@ -265,6 +301,10 @@ def _checks(state_dir: Path, state: SandboxState) -> list[tuple[str, bool, str]]
             node = nodes.get(name)
             ready = node is not None and _node_ready(node)
             checks.append((f"node {name}", ready, "Ready" if ready else "not Ready or missing"))
+    for p in state.proxies:
+        checks.append((p.name, is_alive(p), f"pid {p.pid}, log {p.log}"))
+    if state.proxy_mode and len(state.proxies) < 2 * state.nodes:
+        checks.append(("kube-proxy", False, f"{len(state.proxies) // 2} of {state.nodes} started"))
     if len(state.node_names) < state.nodes:
         checks.append(("nodes", False, f"{len(state.node_names)} of {state.nodes} registered"))
     topology_file = state_dir / TOPOLOGY_FILE
@@ -285,8 +325,10 @@ def status(state_dir: Path) -> int:
     if state is None:
         print(f"no sandbox is running (no {STATE_FILE} in {state_dir})")
         return 3
+    proxy = f", kube-proxy {state.proxy_mode}" if state.proxy_mode else ""
     print(
-        f"sandbox {state.run_id}: {state.nodes} {state.topology} node(s), started {state.created}"
+        f"sandbox {state.run_id}: {state.nodes} {state.topology} node(s){proxy}, "
+        f"started {state.created}"
     )
     print(f"kubeconfig: {kubeconfig_path(state_dir)}")
     checks = _checks(state_dir, state)
@@ -301,10 +343,14 @@ def status(state_dir: Path) -> int:
 
 
 def _stray_processes(state_dir: Path) -> list[ProcessRecord]:
-    """Our etcd / kube-apiserver processes working in `state_dir`, also those of a run that
-    crashed before it could record them."""
-    binaries = {ETCD.path("etcd"), KUBERNETES.path("kube-apiserver")}
-    return find_processes(binaries, state_dir)
+    """Our control plane, kube-proxy and forwarder processes working in `state_dir`, also those
+    of a run that crashed before it could record them."""
+    binaries = {ETCD.path("etcd"), Path(sys.executable)}
+    binaries |= {KUBERNETES.path(b) for b in KUBERNETES.binaries if b != "kubectl"}
+    # Clients before their servers: etcd last, so that nothing waits out its grace period.
+    order = ("kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+    found = find_processes(binaries, state_dir)
+    return sorted(found, key=lambda r: order.index(r.name) if r.name in order else -1)
 
 
 def down(state_dir: Path, progress: Progress) -> None:
@@ -314,7 +360,13 @@ def down(state_dir: Path, progress: Progress) -> None:
     except SandboxError as exc:
         progress(f"ignoring unreadable state: {exc}")
         state = None
-    # stockade first, while the API server still answers its last requests.
+    # kube-proxy and the forwarders first (before stack.stop_stack, whose search for leftover
+    # Python processes in `state_dir` would take a forwarder for a leftover), then stockade,
+    # while the API server still answers their last requests.
+    for record in reversed(state.proxies if state is not None else ()):
+        if is_alive(record):
+            progress(f"stopping {record.name} (pid {record.pid})")
+        stop_record(record)
     stack.stop_stack(state.stack if state is not None else None, state_dir, progress)
     if state is not None and state.control_plane is not None:
         for record in reversed(state.control_plane.processes):
@@ -353,7 +405,14 @@ def down(state_dir: Path, progress: Progress) -> None:
 
 def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
     started = time.monotonic()
-    path = up(args.state_dir, args.nodes, args.topology, progress, replicas=args.replicas)
+    path = up(
+        args.state_dir,
+        args.nodes,
+        args.topology,
+        progress,
+        replicas=args.replicas,
+        proxy_mode=args.proxy_mode,
+    )
     progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
     print(path)
     return 0
@@ -397,6 +456,12 @@ def add_parser(subparsers: Any) -> None:
         choices=(1, 2),
         default=1,
         help="operator replicas; 2 run with leader election (default 1)",
+    )
+    cmd_up.add_argument(
+        "--proxy-mode",
+        choices=PROXY_MODES,
+        default=DEFAULT_MODE,
+        help=f"kube-proxy's mode in every node (default {DEFAULT_MODE})",
     )
     cmd_up.set_defaults(run=_cmd_up)
     commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(

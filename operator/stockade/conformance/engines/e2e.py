@@ -20,11 +20,11 @@ SCTP module: the pods' helper answers INIT itself). As upstream does, a check is
 observation matches the expectation or the deadline (10 s) passes; a denied check must time out,
 a refusal is a failure.
 
-Fresh namespaces between cases: without a controller manager a Namespace cannot be deleted, so
-the engine resets instead. `teardown` deletes every policy the case created and restores the
-labels of every namespace and pod the case relabelled to the model's; the next `setup` then
-probes every pod pair until all connect again (the reset has reached the datapath) before the
-case starts.
+Fresh namespaces between cases would be slow: the controller manager deletes a Namespace in the
+background while the next case wants the same name at once, so the engine resets instead.
+`teardown` deletes every policy the case created and restores the labels of every namespace and pod
+the case relabelled to the model's; the next `setup` then probes every pod pair until all connect
+again (the reset has reached the datapath) before the case starts.
 """
 
 from __future__ import annotations
