@@ -15,7 +15,7 @@ pytest_plugins = [
     "tests.fixtures.netns",
 ]
 
-TIERS = ("unit", "compile", "bpf", "apiserver", "e2e", "conformance", "chart")
+TIERS = ("unit", "compile", "bpf", "apiserver", "node", "e2e", "conformance", "chart")
 ROOT = Path(__file__).parent
 
 
