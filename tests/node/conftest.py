@@ -1,16 +1,24 @@
-"""Fixtures of the node tier: the CNI plugin binaries (required, not skipped), a node's CNI state
-below the test's own directory, and pod namespaces that are removed after the test."""
+"""Fixtures of the node tier: the CNI plugin binaries (required, not skipped), pod namespaces that
+are removed after the test, and two registered nodes with a kubelet stand-in each (`kubelets`),
+stopped and swept after the test."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stockade.sandbox import netns
+from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.kubelet import register_node
 from stockade.sandbox.node.cni import CniError, plugin_dir
+from stockade.sandbox.node.supervise import start_kubelets, sweep
+from stockade.sandbox.processes import Child
 from stockade.sandbox.topology import Topology
+from tests.fixtures.netns import MakeTopology
 
 REQUIRED = ("ptp", "bridge", "host-local", "loopback")
 POD_SYSCTLS = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
@@ -43,3 +51,63 @@ def pod_netns() -> Iterator[Callable[[Topology, str], str]]:
     yield make
     for name in made:
         netns.remove(name)
+
+
+@dataclass
+class Node:
+    """A two-node topology with its Nodes registered and one kubelet stand-in per node."""
+
+    topology: Topology
+    state_dir: Path
+    topology_file: Path
+    kubeconfig: Path
+    plugins: Path
+    kubelets: dict[str, Child]
+
+    def start(self, node: str) -> None:
+        (child,) = start_kubelets(
+            self.state_dir,
+            self.kubeconfig,
+            self.topology_file,
+            [node],
+            self.plugins,
+            _quiet,
+            detach=False,
+        )
+        self.kubelets[node] = child
+
+    def kill(self, node: str) -> None:
+        """SIGKILL: the kubelet leaves its pods wired, as a crash would."""
+        child = self.kubelets.pop(node)
+        assert child.popen is not None
+        child.popen.kill()
+        child.popen.wait()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture
+def kubelets(
+    tmp_path: Path,
+    cni_bin: Path,
+    control_plane: ControlPlane,
+    api_client: Any,
+    topology: MakeTopology,
+) -> Iterator[Node]:
+    """Two routed nodes, registered, each with a running kubelet; all stopped and swept after."""
+    topo = topology(nodes=2, mode="routed")
+    topo_file = tmp_path / "topology.json"
+    topo.save(topo_file)
+    for node in topo.nodes:
+        register_node(api_client, node)
+    made = Node(topo, tmp_path, topo_file, control_plane.kubeconfig, cni_bin, {})
+    try:
+        for node in topo.nodes:
+            made.start(node.name)
+        yield made
+    finally:
+        for child in made.kubelets.values():
+            child.stop(grace=30.0)  # SIGTERM: the kubelet unwires its pods
+        sweep(tmp_path, topo, cni_bin, _quiet)

@@ -15,6 +15,7 @@ from typing import Any
 from kubernetes.client import ApiClient, CoreV1Api, V1Node, V1Pod, V1ServiceAccount
 from kubernetes.client.exceptions import ApiException
 
+from stockade.sandbox.node.podspec import DIRECT_ANNOTATION
 from stockade.sandbox.topology import NodeNet, PodNet
 
 POD_IMAGE = "stockade.invalid/sandbox-pod:none"  # never pulled: nothing runs images here
@@ -138,7 +139,13 @@ def register_pod(
     body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            # wired here, not by the node's kubelet stand-in (stockade.sandbox.node.kubelet)
+            "annotations": {DIRECT_ANNOTATION: "true"},
+        },
         "spec": {
             "nodeName": pod.node,
             "automountServiceAccountToken": False,
