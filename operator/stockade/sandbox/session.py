@@ -34,6 +34,9 @@ from stockade.sandbox.controlplane import (
 )
 from stockade.sandbox.crds import install_crds
 from stockade.sandbox.kubelet import register_node
+from stockade.sandbox.node import supervise
+from stockade.sandbox.node.cni import CniError, plugin_dir
+from stockade.sandbox.node.kubelet import NODES_DIR
 from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
 from stockade.sandbox.stack import StackRecord
 from stockade.sandbox.toolchain import ETCD, KUBERNETES
@@ -43,7 +46,14 @@ STATE_FILE = "state.json"
 TOPOLOGY_FILE = "topology.json"
 CONTROL_PLANE_DIR = "controlplane"
 # What `down` removes from the state directory, which it may share with other sandbox records.
-OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR, stack.STACK_DIR)
+OWNED = (
+    STATE_FILE,
+    TOPOLOGY_FILE,
+    CONTROL_PLANE_DIR,
+    stack.STACK_DIR,
+    NODES_DIR,
+    supervise.LOG_DIR,
+)
 NODES_READY_TIMEOUT = 60.0
 
 
@@ -67,6 +77,8 @@ class SandboxState:
     node_names: tuple[str, ...] = ()
     stack: StackRecord | None = None
     topology_run_id: str = ""
+    kubelets: tuple[ProcessRecord, ...] = ()
+    cni_bin: str = ""
 
     def save(self, state_dir: Path) -> None:
         data: dict[str, Any] = {
@@ -78,6 +90,8 @@ class SandboxState:
             "node_names": list(self.node_names),
             "stack": self.stack.to_json() if self.stack else None,
             "topology_run_id": self.topology_run_id,
+            "kubelets": [k.to_json() for k in self.kubelets],
+            "cni_bin": self.cni_bin,
         }
         tmp = state_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -103,6 +117,8 @@ class SandboxState:
             node_names=tuple(data.get("node_names", ())),
             stack=StackRecord.from_json(recorded_stack) if recorded_stack else None,
             topology_run_id=str(data.get("topology_run_id", "")),
+            kubelets=tuple(ProcessRecord.from_json(k) for k in data.get("kubelets", ())),
+            cni_bin=str(data.get("cni_bin", "")),
         )
 
 
@@ -121,16 +137,26 @@ def up(
     *,
     replicas: int = 1,
     detach: bool = True,
+    kubelets: bool = True,
+    cni_bin: Path | None = None,
 ) -> Path:
     """Start a sandbox with stockade running in it (or find the one already running) and return
     its kubeconfig path.
 
     detach=False ties every process to this one (they die with it) and leaves the namespaces to
-    this process's exit cleanup: what a test engine wants for a sandbox of its own."""
+    this process's exit cleanup: what a test engine wants for a sandbox of its own.
+    kubelets=True starts a kubelet stand-in per node (`stockade.sandbox.node`) that runs the
+    Pods bound to its node, wired by the CNI plugins in `cni_bin` (default: `plugin_dir()`)."""
     if nodes < 1:
         raise SandboxError(f"--nodes must be at least 1, got {nodes}")
     if replicas not in (1, 2):
         raise SandboxError(f"--replicas must be 1 or 2, got {replicas}")
+    plugins: Path | None = None
+    if kubelets:
+        try:
+            plugins = plugin_dir(cni_bin)
+        except CniError as exc:
+            raise SandboxError(f"{exc} (or start without kubelets: --no-kubelets)") from exc
     previous = SandboxState.load(state_dir)
     if previous is not None:
         running = (previous.nodes, previous.topology, _replicas(previous))
@@ -180,6 +206,20 @@ def up(
         state = dataclasses.replace(state, node_names=names)
         state.save(state_dir)
         progress(f"nodes ready: {', '.join(names)}")
+        if plugins is not None:
+            state = dataclasses.replace(state, cni_bin=str(plugins))
+            state.save(state_dir)
+            children = supervise.start_kubelets(
+                state_dir,
+                kubeconfig_path(state_dir),
+                state_dir / TOPOLOGY_FILE,
+                [n.name for n in topo.nodes],
+                plugins,
+                progress,
+                detach=detach,
+            )
+            state = dataclasses.replace(state, kubelets=tuple(c.record for c in children))
+            state.save(state_dir)
         record = stack.start_stack(
             state_dir,
             kubeconfig_path(state_dir),
@@ -269,6 +309,7 @@ def _checks(state_dir: Path, state: SandboxState) -> list[tuple[str, bool, str]]
     if topology_file.exists():
         for name in Topology.load(topology_file).namespaces():
             checks.append((f"netns {name}", netns.exists(name), f"/var/run/netns/{name}"))
+    checks += [(k.name, is_alive(k), f"pid {k.pid}, log {k.log}") for k in state.kubelets]
     if state.stack is None:
         checks.append(("operator and agents", False, "never started"))
     else:
@@ -312,7 +353,10 @@ def down(state_dir: Path, progress: Progress) -> None:
     except SandboxError as exc:
         progress(f"ignoring unreadable state: {exc}")
         state = None
-    # stockade first, while the API server still answers its last requests.
+    # The kubelets first: each unwires its pods (CNI DEL) while the node namespaces exist.
+    supervise.stop_kubelets(state.kubelets if state is not None else (), progress)
+    supervise.stop_stray_kubelets(state_dir, progress)
+    # stockade next, while the API server still answers its last requests.
     stack.stop_stack(state.stack if state is not None else None, state_dir, progress)
     if state is not None and state.control_plane is not None:
         for record in reversed(state.control_plane.processes):
@@ -328,6 +372,8 @@ def down(state_dir: Path, progress: Progress) -> None:
         progress("removing the node and pod namespaces")
         topology = Topology.load(topology_file)
         topology_run_id = topology.run_id
+        plugins = Path(state.cni_bin) if state is not None and state.cni_bin else None
+        supervise.sweep(state_dir, topology, plugins, progress)
         topology.destroy()
     # The links went with the namespaces' interfaces; now the pins.
     if state is not None and state.stack is not None:
@@ -351,7 +397,15 @@ def down(state_dir: Path, progress: Progress) -> None:
 
 def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
     started = time.monotonic()
-    path = up(args.state_dir, args.nodes, args.topology, progress, replicas=args.replicas)
+    path = up(
+        args.state_dir,
+        args.nodes,
+        args.topology,
+        progress,
+        replicas=args.replicas,
+        kubelets=args.kubelets,
+        cni_bin=args.cni_bin,
+    )
     progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
     print(path)
     return 0
@@ -395,6 +449,18 @@ def add_parser(subparsers: Any) -> None:
         choices=(1, 2),
         default=1,
         help="operator replicas; 2 run with leader election (default 1)",
+    )
+    cmd_up.add_argument(
+        "--kubelets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a kubelet stand-in per node that runs the Pods bound to it (default on)",
+    )
+    cmd_up.add_argument(
+        "--cni-bin",
+        type=Path,
+        default=None,
+        help="directory of the CNI plugins the kubelets use (default: $STOCKADE_CNI_BIN)",
     )
     cmd_up.set_defaults(run=_cmd_up)
     commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(

@@ -29,6 +29,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import queue
 import signal
 import sys
@@ -389,8 +390,15 @@ def run(args: argparse.Namespace) -> int:
     cni = NodeCni(node_state_dir(args.state_dir, node.name), node, default_plugin_dir(args.cni_bin))
     cni.install(topology.mode, f"{topology.ifname_prefix}br")
     stop = threading.Event()
+    me = os.getpid()
 
     def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() != me:
+            # A forked helper (pyroute2 forks to create namespaces, and stops it with SIGTERM)
+            # must die as if untouched.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         log.info("signal %d: tearing every pod down", signum)
         stop.set()
 

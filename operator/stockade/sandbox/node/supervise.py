@@ -10,6 +10,7 @@ with `--kubeconfig=<state dir>/...`, so `stack.stray_processes` finds it too.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from stockade.sandbox.topology import PREFIX, Topology
 
 Progress = Callable[[str], None]
 LOG_DIR = "kubelet"  # below the state directory
+KUBELET_MODULE = "stockade.sandbox.node.kubelet"
 
 
 def kubelet_argv(
@@ -32,7 +34,7 @@ def kubelet_argv(
         sys.executable,
         "-u",
         "-m",
-        "stockade.sandbox.node.kubelet",
+        KUBELET_MODULE,
         f"--kubeconfig={kubeconfig}",
         f"--node={node}",
         f"--state-dir={state_dir}",
@@ -75,6 +77,31 @@ def stop_kubelets(records: Sequence[ProcessRecord], progress: Progress) -> None:
         if is_alive(record):
             progress(f"stopping {record.name} (pid {record.pid}): its pods are unwired")
         stop_record(record, grace=30.0)
+
+
+def stray_kubelets(state_dir: Path) -> list[ProcessRecord]:
+    """Kubelet stand-ins working for `state_dir`, also those no state recorded."""
+    marker = f"--state-dir={state_dir}"
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if KUBELET_MODULE in args and marker in args:
+            ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+            found.append(ProcessRecord("kubelet", int(entry), ticks, Path(os.devnull)))
+    return found
+
+
+def stop_stray_kubelets(state_dir: Path, progress: Progress) -> None:
+    for record in stray_kubelets(state_dir):
+        if is_alive(record):
+            progress(f"stopping leftover kubelet (pid {record.pid})")
+            stop_record(record, grace=30.0)
 
 
 def sweep(state_dir: Path, topology: Topology, plugins: Path | None, progress: Progress) -> None:
