@@ -5,7 +5,6 @@ stopped and swept after the test."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ from stockade.sandbox import netns
 from stockade.sandbox.controlplane import ControlPlane
 from stockade.sandbox.kubelet import register_node
 from stockade.sandbox.node.cni import CniError, plugin_dir
-from stockade.sandbox.node.supervise import start_kubelets, sweep
-from stockade.sandbox.processes import Child
+from stockade.sandbox.node.supervise import sweep
 from stockade.sandbox.topology import Topology
 from tests.fixtures.netns import MakeTopology
+from tests.node.kubelet_harness import Node, quiet
 
 REQUIRED = ("ptp", "bridge", "host-local", "loopback")
 POD_SYSCTLS = {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
@@ -53,41 +52,6 @@ def pod_netns() -> Iterator[Callable[[Topology, str], str]]:
         netns.remove(name)
 
 
-@dataclass
-class Node:
-    """A two-node topology with its Nodes registered and one kubelet stand-in per node."""
-
-    topology: Topology
-    state_dir: Path
-    topology_file: Path
-    kubeconfig: Path
-    plugins: Path
-    kubelets: dict[str, Child]
-
-    def start(self, node: str) -> None:
-        (child,) = start_kubelets(
-            self.state_dir,
-            self.kubeconfig,
-            self.topology_file,
-            [node],
-            self.plugins,
-            _quiet,
-            detach=False,
-        )
-        self.kubelets[node] = child
-
-    def kill(self, node: str) -> None:
-        """SIGKILL: the kubelet leaves its pods wired, as a crash would."""
-        child = self.kubelets.pop(node)
-        assert child.popen is not None
-        child.popen.kill()
-        child.popen.wait()
-
-
-def _quiet(_: str) -> None:
-    pass
-
-
 @pytest.fixture
 def kubelets(
     tmp_path: Path,
@@ -110,4 +74,4 @@ def kubelets(
     finally:
         for child in made.kubelets.values():
             child.stop(grace=30.0)  # SIGTERM: the kubelet unwires its pods
-        sweep(tmp_path, topo, cni_bin, _quiet)
+        sweep(tmp_path, topo, cni_bin, quiet)

@@ -24,7 +24,7 @@ from stockade.sandbox.node.kubelet import (
 from stockade.sandbox.node.podspec import DNS_IMAGE
 from stockade.sandbox.workload import Agent
 from tests.fixtures.controlplane import wait_for
-from tests.node.conftest import Node
+from tests.node.kubelet_harness import Node
 
 
 def _create(
@@ -205,3 +205,18 @@ def test_a_container_whose_runner_is_missing_is_not_ready_with_a_reason(
     else:
         assert main.ready
     assert pod.status.pod_ip == "10.244.1.128"  # the pod is wired all the same
+
+
+def test_a_stopped_kubelet_unwires_its_pods(
+    kubelets: Node, api_client: Any, k8s_namespace: str
+) -> None:
+    run_id, node1 = kubelets.topology.run_id, kubelets.topology.nodes[0]
+    uid = _create(api_client, k8s_namespace, "web", node1.name, [(80, "TCP")])
+    _running(api_client, k8s_namespace, "web")
+    assert _leases(kubelets, node1.name) and _veths(node1.netns)
+    kubelets.stop(node1.name)
+    assert not netns.exists(pod_netns_name(run_id, uid))
+    assert _veths(node1.netns) == []
+    assert _leases(kubelets, node1.name) == set()
+    cache = node_state_dir(kubelets.state_dir, node1.name) / "cache" / "results"
+    assert sorted(p.name for p in cache.iterdir()) == []
