@@ -1,10 +1,13 @@
 """The sandbox's stand-in for kubelet: it registers sandbox nodes and pods in the API server.
 
-There is no kubelet, scheduler or controller manager in the sandbox, so this module writes what
-they would: a Node with its pod CIDRs, InternalIPs and a Ready condition, and Pods bound to a node
-(spec.nodeName) whose status (phase Running, Ready, podIP/podIPs, hostIP) is written through the
-status subresource. Pods are deleted with grace period 0, since nothing would confirm a graceful
-stop. Called by the apiserver/e2e test fixtures, the e2e conformance engine and `stockade sandbox`.
+This module writes what kubelet, scheduler and controller manager would: a Node with its pod
+CIDRs, InternalIPs and a Ready condition, and Pods bound to a node (spec.nodeName) whose status
+(phase Running, Ready, podIP/podIPs, hostIP) is written through the status subresource. Such Pods
+are wired directly (`Topology.add_pod`) and carry `node.podspec.DIRECT_ANNOTATION`, so that the
+per-node kubelet stand-in (`stockade.sandbox.node.kubelet`), which runs the other Pods bound to
+its node, leaves them alone. Pods are deleted with grace period 0, since nothing would confirm a
+graceful stop. Called by the apiserver/e2e test fixtures, the e2e conformance engine and
+`stockade sandbox`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """`stockade sandbox up | status | down`: a long-lived sandbox that outlives the command.
 
 `up` starts the control plane detached, builds the node namespaces, registers the Nodes,
-installs the CRDs, starts stockade itself (the operator and one agent per node,
-`stockade.sandbox.stack`) and records everything (pids with start times, ports, paths, run id,
-pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down` stops
-stockade first, then removes it all, and is idempotent. `up` first cleans what a crashed run left
-behind. The CLI (`stockade.cli`) wires `add_parser()`; `stockade demo` and the e2e conformance
-engine call `up` and `down` directly.
+installs the CRDs, starts a kubelet stand-in per node (`stockade.sandbox.node`: it runs the Pods
+bound to its node, wired by the CNI plugins; `--no-kubelets` leaves it out), starts stockade
+itself (the operator and one agent per node, `stockade.sandbox.stack`) and records everything
+(pids with start times, ports, paths, run id, pins) in a state directory, by default
+/run/stockade/sandbox; `status` reports on it; `down` stops the kubelets first (they unwire their
+pods with CNI DEL), then stockade, then removes it all, and is idempotent. `up` first cleans
+what a crashed run left behind. The CLI (`stockade.cli`) wires `add_parser()`; `stockade demo`
+and the e2e conformance engine call `up` and `down` directly.
 """
 
 from __future__ import annotations

@@ -173,7 +173,9 @@ class Kubelet:
             self.start(pod)
         except Exception as exc:
             self.failed.add(uid)
-            log.error("pod %s could not start: %s", _key(pod), exc)
+            log.error(
+                "pod %s could not start (tried again at the next full list): %s", _key(pod), exc
+            )
             self._patch_status(
                 pod, podspec.pending_status("FailedCreatePodSandBox", str(exc), podspec.now())
             )
@@ -418,10 +420,15 @@ def run(args: argparse.Namespace) -> int:
                     kind, obj = events.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if kind == "LIST":
-                    kubelet.resync(obj)
-                else:
-                    kubelet.handle(kind, obj)
+                try:
+                    if kind == "LIST":
+                        kubelet.resync(obj)
+                    else:
+                        kubelet.handle(kind, obj)
+                except Exception:  # one pod's trouble (an API error) must not stop the node
+                    log.exception(
+                        "handling %s %s failed", kind, "pods" if kind == "LIST" else _key(obj)
+                    )
         finally:
             kubelet.shutdown()
     log.info("kubelet for %s stopped", node.name)
