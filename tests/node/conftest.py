@@ -54,14 +54,16 @@ def pod_netns() -> Iterator[Callable[[Topology, str], str]]:
 
 @pytest.fixture
 def kubelets(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     cni_bin: Path,
     control_plane: ControlPlane,
     api_client: Any,
     topology: MakeTopology,
 ) -> Iterator[Node]:
-    """Two routed nodes, registered, each with a running kubelet; all stopped and swept after."""
-    topo = topology(nodes=2, mode="routed")
+    """Two nodes (routed, or the topology given by indirect parametrization), registered, each
+    with a running kubelet; all stopped and swept after."""
+    topo = topology(nodes=2, mode=getattr(request, "param", "routed"))
     topo_file = tmp_path / "topology.json"
     topo.save(topo_file)
     for node in topo.nodes:

@@ -11,6 +11,7 @@ import subprocess
 from typing import Any
 
 import kubernetes.client
+import pytest
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox import netns
@@ -102,6 +103,7 @@ def _veths(node_netns: str) -> list[str]:
     return [str(x["ifname"]) for x in json.loads(out.stdout) if str(x["ifname"]).startswith("veth")]
 
 
+@pytest.mark.parametrize("kubelets", ["routed", "bridge"], indirect=True)
 def test_a_pod_runs_serves_its_ports_and_is_unwired_when_deleted(
     kubelets: Node, api_client: Any, k8s_namespace: str
 ) -> None:

@@ -174,3 +174,15 @@ def test_the_plugin_directory_comes_from_the_argument_or_the_environment(
     monkeypatch.delenv("STOCKADE_CNI_BIN")
     with pytest.raises(CniError, match="STOCKADE_CNI_BIN"):
         cni.plugin_dir()
+
+
+def test_a_list_with_disable_check_is_not_checked(tmp_path: Path) -> None:
+    net = NetworkList.of(
+        {"cniVersion": "1.0.0", "name": "n", "disableCheck": True, "plugins": [{"type": "a"}]}
+    )
+    # No cached result and no plugin binary: a CHECK that ran would fail.
+    Runtime(tmp_path, tmp_path / "cache", "stk-node").check(net, RuntimeConf("c", "p", "eth0"))
+    with pytest.raises(CniError, match="'disableCheck'"):
+        NetworkList.of(
+            {"cniVersion": "1.0.0", "name": "n", "disableCheck": "yes", "plugins": [{"type": "a"}]}
+        )

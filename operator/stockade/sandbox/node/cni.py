@@ -132,6 +132,7 @@ class NetworkList:
     cni_version: str
     plugins: tuple[dict[str, Any], ...]
     raw: bytes
+    disable_check: bool = False
 
     @classmethod
     def parse(cls, raw: bytes, source: str) -> NetworkList:
@@ -151,7 +152,10 @@ class NetworkList:
         for i, plugin in enumerate(plugins):
             if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str):
                 raise CniError(f"{source}: field 'plugins[{i}].type' must be a plugin name")
-        return cls(name, version, tuple(plugins), raw)
+        disable_check = data.get("disableCheck", False)
+        if not isinstance(disable_check, bool):
+            raise CniError(f"{source}: field 'disableCheck' must be true or false")
+        return cls(name, version, tuple(plugins), raw, disable_check)
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> NetworkList:
@@ -379,7 +383,9 @@ class Runtime:
         return result if isinstance(result, dict) else None
 
     def check(self, net: NetworkList, rt: RuntimeConf) -> None:
-        """CHECK every plugin in order against the cached result."""
+        """CHECK every plugin in order against the cached result (none if `disableCheck`)."""
+        if net.disable_check:
+            return
         cached = self.cached(net.name, rt)
         if cached is None:
             raise CniError(

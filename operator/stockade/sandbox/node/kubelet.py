@@ -226,9 +226,9 @@ class Kubelet:
         running = RunningPod(uid, key, where, host_network, ips)
         self.pods[uid] = running
         states = self._run_containers(running, found)
-        status = podspec.pod_status(
-            uid, ips, (self.node.ip_v4, self.node.ip_v6), states, podspec.now()
-        )
+        # A pod adopted after a restart keeps the start time an earlier run wrote.
+        started = str((pod.get("status") or {}).get("startTime") or podspec.now())
+        status = podspec.pod_status(uid, ips, (self.node.ip_v4, self.node.ip_v6), states, started)
         self._patch_status(pod, status)
         log.info("pod %s running in %s with %s", key, where, ", ".join(ips))
 
