@@ -172,6 +172,7 @@ class Kubelet:
         try:
             self.start(pod)
         except Exception as exc:
+            self.teardown(uid)  # whatever part of it started
             self.failed.add(uid)
             log.error(
                 "pod %s could not start (tried again at the next full list): %s", _key(pod), exc
