@@ -371,6 +371,7 @@ def _watch(
                     field_selector=f"spec.nodeName={node}",
                     resource_version=version,
                     timeout_seconds=WATCH_TIMEOUT_S,
+                    allow_watch_bookmarks=True,  # keeps `version` fresh: fewer expired watches
                 ):
                     obj = event["raw_object"]
                     version = str(_meta(obj).get("resourceVersion") or version)
