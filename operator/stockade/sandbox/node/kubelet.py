@@ -34,7 +34,7 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,16 +356,25 @@ def _list(core: Any, node: str) -> tuple[list[dict[str, Any]], str]:
     return list(data.get("items") or []), str(data["metadata"]["resourceVersion"])
 
 
-def _watch(
-    core: Any, node: str, events: queue.Queue[tuple[str, Any]], stop: threading.Event
+def _new_watch() -> Any:
+    return kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+
+
+def watch_pods(
+    core: Any,
+    node: str,
+    events: queue.Queue[tuple[str, Any]],
+    stop: threading.Event,
+    new_watch: Callable[[], Any] = _new_watch,
 ) -> None:
-    """List, then watch from the list's version; list again when the watch expires (410)."""
+    """List, then watch from the list's version; list again when the watch expires (410) or
+    fails. Puts ("LIST", pods) and (event type, pod) on `events` until `stop` is set."""
     while not stop.is_set():
         try:
             pods, version = _list(core, node)
             events.put(("LIST", pods))
             while not stop.is_set():
-                watch: Any = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+                watch = new_watch()
                 for event in watch.stream(
                     core.list_pod_for_all_namespaces,
                     field_selector=f"spec.nodeName={node}",
@@ -413,7 +422,9 @@ def run(args: argparse.Namespace) -> int:
         kubelet = Kubelet(api, topology, node, cni, args.kubeconfig)
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         core = kubernetes.client.CoreV1Api(api)
-        watcher = threading.Thread(target=_watch, args=(core, node.name, events, stop), daemon=True)
+        watcher = threading.Thread(
+            target=watch_pods, args=(core, node.name, events, stop), daemon=True
+        )
         watcher.start()
         log.info("kubelet for %s (netns %s) watching its pods", node.name, node.netns)
         try:
