@@ -25,7 +25,6 @@ from typing import Any
 
 from stockade.sandbox import netns
 from stockade.sandbox.node.cni import (
-    NodeCni,
     PodRef,
     RuntimeConf,
     parse_result,
@@ -33,6 +32,7 @@ from stockade.sandbox.node.cni import (
     pod_args,
 )
 from stockade.sandbox.node.kubelet import POD_SYSCTLS, pod_netns_name
+from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.topology import Mode, Topology
 
 RESULTS = Path(__file__).parent / "results" / "cni.json"

@@ -14,12 +14,12 @@ import pytest
 from stockade.sandbox.node.cni import (
     CniError,
     NetworkList,
-    NodeCni,
     PodRef,
     RuntimeConf,
     parse_result,
     pod_args,
 )
+from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.topology import Mode, Topology
 from tests.fixtures.netns import MakeTopology
 

@@ -20,11 +20,11 @@ from stockade.sandbox.node.cni import (
     build_one_config,
     cni_args,
     describe_error,
-    node_conflist,
     parse_result,
     plugin_env,
     pod_args,
 )
+from stockade.sandbox.node.network import node_conflist
 from stockade.sandbox.topology import node_net
 
 NODE = node_net("ut0", 3)

@@ -1,9 +1,8 @@
 """The container-runtime side of CNI for sandbox nodes, as libcni (containernetworking/cni
 `libcni/api.go`) does it, over the real plugin binaries.
 
-Each node has a directory with its network configuration list (`*.conflist`, cniVersion 1.0.0;
-the runtime reads the first one by name, so plugins can be chained in later), a result cache and
-the host-local IPAM data, all below the sandbox run's own state directory. For ADD every plugin of
+A node's network is a configuration list (`*.conflist`, cniVersion 1.0.0; the runtime reads the
+first one in the directory by name, so plugins can be chained in later). For ADD every plugin of
 the list runs in order with its own config on stdin plus `name`, `cniVersion` and `prevResult`
 (the previous plugin's result) injected, as libcni's `buildOneConfig` does; the final result is
 cached (`<cache>/results/<network>-<container id>-<ifname>`, libcni's `cniCacheV1` record).
@@ -13,11 +12,8 @@ DEL then drops the cache entry. Plugins run with the NODE namespace as their hos
 error object (`{code, msg, details}` on stdout, non-zero exit) becomes a `CniError` naming the
 plugin, the command and the pod.
 
-The routed topology uses `ptp`, the bridge topology the `bridge` plugin on the node's bridge; both
-take their addresses from `host-local` with the node's v4 and v6 pod CIDRs as two range sets.
-`loopback` brings up `lo` as its own single-plugin network, as containerd does.
-
-Called by `stockade.sandbox.node.kubelet` (pods it runs), `bench/cni.py` and the node tests.
+What the sandbox's nodes configure (ptp or bridge, host-local, loopback) and where their CNI
+state lives is `stockade.sandbox.node.network`, which calls this module; so do the node tests.
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,19 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from stockade.sandbox.netns import NETNS_DIR
-from stockade.sandbox.topology import Mode, NodeNet
 
 CNI_VERSION = "1.0.0"
-NETWORK_NAME = "stockade"
-LOOPBACK_NETWORK = "cni-loopback"
 CONFLIST_FILE = "10-stockade.conflist"
 CACHE_KIND = "cniCacheV1"
 EXEC_TIMEOUT_S = 60.0
 PLUGIN_DIR_ENV = "STOCKADE_CNI_BIN"
-# host-local hands out the upper half of each node's pod CIDRs (v4 .128-.254, v6 ::1:1-::1:ffff),
-# so that pods wired directly by `Topology.add_pod` (from .2 upwards) never collide with them.
-V4_RANGE_FIRST, V4_RANGE_LAST = 128, 254
-V6_RANGE_FIRST, V6_RANGE_LAST = 0x10001, 0x1FFFF
 _ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")  # libcni utils.ValidateContainerID
 
 
@@ -66,64 +54,7 @@ def plugin_dir(explicit: Path | str | None = None) -> Path:
     return Path(chosen)
 
 
-# -- configuration --------------------------------------------------------------------------------
-
-
-def _nth(cidr: str, k: int) -> str:
-    net = ipaddress.ip_network(cidr)
-    return str(net.network_address + k)
-
-
-def host_local_ipam(node: NodeNet, data_dir: Path) -> dict[str, Any]:
-    """host-local with the node's v4 and v6 pod CIDRs as two range sets (one address each)."""
-    return {
-        "type": "host-local",
-        "dataDir": str(data_dir),
-        "ranges": [
-            [
-                {
-                    "subnet": node.pod_cidr_v4,
-                    "rangeStart": _nth(node.pod_cidr_v4, V4_RANGE_FIRST),
-                    "rangeEnd": _nth(node.pod_cidr_v4, V4_RANGE_LAST),
-                    "gateway": _nth(node.pod_cidr_v4, 1),
-                }
-            ],
-            [
-                {
-                    "subnet": node.pod_cidr_v6,
-                    "rangeStart": _nth(node.pod_cidr_v6, V6_RANGE_FIRST),
-                    "rangeEnd": _nth(node.pod_cidr_v6, V6_RANGE_LAST),
-                    "gateway": _nth(node.pod_cidr_v6, 1),
-                }
-            ],
-        ],
-        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-    }
-
-
-def node_conflist(
-    node: NodeNet, mode: Mode, data_dir: Path, bridge: str | None = None
-) -> dict[str, Any]:
-    """The node's network configuration list: ptp (routed) or bridge (bridge), host-local IPAM."""
-    ipam = host_local_ipam(node, data_dir)
-    if mode == "routed":
-        main: dict[str, Any] = {"type": "ptp", "ipam": ipam}
-    elif mode == "bridge":
-        if not bridge:
-            raise CniError(f"node {node.name}: the bridge topology needs the bridge's name")
-        main = {"type": "bridge", "bridge": bridge, "isGateway": True, "ipam": ipam}
-    else:
-        raise CniError(f"node {node.name}: mode {mode!r} must be 'routed' or 'bridge'")
-    return {"cniVersion": CNI_VERSION, "name": NETWORK_NAME, "plugins": [main]}
-
-
-LOOPBACK_CONF: dict[str, Any] = {
-    "cniVersion": CNI_VERSION,
-    "name": LOOPBACK_NETWORK,
-    "plugins": [{"type": "loopback"}],
-}
-
-
+# -- configuration lists --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NetworkList:
     """A parsed network configuration list, with the bytes it was read from (cached by ADD)."""
@@ -476,49 +407,3 @@ def describe_error(stdout: bytes, stderr: bytes, returncode: int) -> str:
         return text
     tail = (stderr or stdout).decode(errors="replace").strip()[-500:]
     return f"exit status {returncode}: {tail or 'no output'}"
-
-
-# -- a node's CNI state ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeCni:
-    """One node's CNI directories below the run's state directory, and how to run plugins."""
-
-    root: Path
-    node: NodeNet
-    plugins: Path
-
-    @property
-    def conf_dir(self) -> Path:
-        return self.root / "net.d"
-
-    @property
-    def ipam_dir(self) -> Path:
-        return self.root / "ipam"
-
-    @property
-    def runtime(self) -> Runtime:
-        return Runtime(self.plugins, self.root / "cache", self.node.netns)
-
-    def install(self, mode: Mode, bridge: str | None) -> Path:
-        """Write the node's conflist (and its directories)."""
-        return write_conflist(self.conf_dir, node_conflist(self.node, mode, self.ipam_dir, bridge))
-
-    def network(self) -> NetworkList:
-        return load_conflist(self.conf_dir)
-
-    def add(self, rt: RuntimeConf) -> dict[str, Any]:
-        """loopback on `lo`, then the node's network on `rt.ifname`; the latter's result."""
-        lo = RuntimeConf(rt.container_id, rt.netns, "lo", rt.args, rt.pod)
-        self.runtime.add(NetworkList.of(LOOPBACK_CONF), lo)
-        return self.runtime.add(self.network(), rt)
-
-    def delete(self, rt: RuntimeConf) -> None:
-        """DEL the node's network, then loopback (reverse of `add`)."""
-        self.runtime.delete(self.network(), rt)
-        lo = RuntimeConf(rt.container_id, rt.netns, "lo", rt.args, rt.pod)
-        self.runtime.delete(NetworkList.of(LOOPBACK_CONF), lo)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)

@@ -46,8 +46,9 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox import netns
 from stockade.sandbox.node import podspec
-from stockade.sandbox.node.cni import CniError, NodeCni, PodRef, RuntimeConf, parse_result, pod_args
+from stockade.sandbox.node.cni import CniError, PodRef, RuntimeConf, parse_result, pod_args
 from stockade.sandbox.node.cni import plugin_dir as default_plugin_dir
+from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.processes import Child
 from stockade.sandbox.topology import POD_IFNAME, PREFIX, NodeNet, Topology
 from stockade.sandbox.workload import Agent, AgentError

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from stockade.sandbox import netns
-from stockade.sandbox.node.cni import CniError, NodeCni
+from stockade.sandbox.node.cni import CniError
 from stockade.sandbox.node.kubelet import NODES_DIR, node_state_dir
+from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, is_alive, stop_record
 from stockade.sandbox.topology import PREFIX, Topology
 
