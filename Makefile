@@ -34,7 +34,7 @@ lint: venv
 	bash hack/chart-crds.sh --check
 	$(PY) hack/values-table.py --check
 
-## test: every tier (unit, compile, bpf, apiserver, e2e, conformance, chart); needs root
+## test: every tier (unit, compile, bpf, apiserver, node, e2e, conformance, chart); needs root
 test: venv
 	$(PY) -m pytest tests
 

@@ -15,7 +15,7 @@ pytest_plugins = [
     "tests.fixtures.netns",
 ]
 
-TIERS = ("unit", "compile", "bpf", "attacks", "apiserver", "e2e", "conformance", "chart")
+TIERS = ("unit", "compile", "bpf", "attacks", "apiserver", "node", "e2e", "conformance", "chart")
 ROOT = Path(__file__).parent
 
 

@@ -1,12 +1,15 @@
 """The sandbox's stand-in for kubelet: it registers sandbox nodes and pods in the API server.
 
-There is no kubelet in the sandbox, so this module writes what it would: a Node with its pod
-CIDRs, InternalIPs, capacity and a Ready condition, and Pods bound to a node (spec.nodeName) whose
+It writes what a kubelet would for Pods the sandbox wires itself: a Node with its pod CIDRs,
+InternalIPs, capacity and a Ready condition, and Pods bound to a node (spec.nodeName) whose
 status (phase Running, Ready, podIP/podIPs, hostIP) is written through the status subresource.
-Pods are deleted with grace period 0, since nothing would confirm a graceful stop. The controller
-manager creates each namespace's `default` ServiceAccount shortly after the namespace; until then
-the ServiceAccount admission plugin rejects Pods, so `create_pod` retries that one refusal for a
-while. Called by the apiserver/e2e test fixtures, the e2e conformance engine, the benchmarks and
+Such Pods are wired directly (`Topology.add_pod`) and carry `node.podspec.DIRECT_ANNOTATION`, so
+that the per-node kubelet stand-in (`stockade.sandbox.node.kubelet`), which runs the other Pods
+bound to its node, leaves them alone. Pods are deleted with grace period 0, since nothing would
+confirm a graceful stop. The controller manager creates each namespace's `default`
+ServiceAccount shortly after the namespace; until then the ServiceAccount admission plugin
+rejects Pods, so `create_pod` retries that one refusal for a while. Called by the apiserver/e2e
+test fixtures, the e2e conformance engine, the benchmarks and
 `stockade sandbox`.
 """
 
@@ -19,6 +22,7 @@ from typing import Any
 from kubernetes.client import ApiClient, CoreV1Api, V1Node, V1Pod
 from kubernetes.client.exceptions import ApiException
 
+from stockade.sandbox.node.podspec import DIRECT_ANNOTATION
 from stockade.sandbox.topology import NodeNet, PodNet
 
 POD_IMAGE = "stockade.invalid/sandbox-pod:none"  # never pulled: nothing runs images here
@@ -155,7 +159,13 @@ def register_pod(
     body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": dict(labels),
+            # wired here, not by the node's kubelet stand-in (stockade.sandbox.node.kubelet)
+            "annotations": {DIRECT_ANNOTATION: "true"},
+        },
         "spec": {
             "nodeName": pod.node,
             "automountServiceAccountToken": False,

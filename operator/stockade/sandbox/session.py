@@ -2,13 +2,15 @@
 
 `up` starts the control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler)
 detached, builds the node namespaces, registers the Nodes, starts kube-proxy in every node
-(`stockade.sandbox.node.proxy`, nftables or iptables mode), installs the CRDs, starts stockade
-itself (the operator and one agent per node, `stockade.sandbox.stack`) and records everything
-(pids with start times, ports, paths, run id, pins) in a state directory, by default
-/run/stockade/sandbox; `status` reports on it; `down` stops stockade first, then removes it all,
-and is idempotent. `up` first cleans what a crashed run left behind. The CLI (`stockade.cli`)
-wires `add_parser()`; `stockade demo` and the e2e conformance engine call `up` and `down`
-directly. `add_parser()` also adds `exec` and `probe`, into the sandbox's pods
+(`stockade.sandbox.node.proxy`, nftables or iptables mode), installs the CRDs, starts a kubelet
+stand-in per node (`stockade.sandbox.node`: it runs the Pods bound to its node, wired by the CNI
+plugins; `--no-kubelets` leaves it out), starts stockade itself (the operator and one agent per
+node, `stockade.sandbox.stack`) and records everything (pids with start times, ports, paths, run
+id, pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down`
+stops the kubelets first (they unwire their pods with CNI DEL), then kube-proxy and stockade,
+then removes it all, and is idempotent. `up` first cleans what a crashed run left behind. The CLI
+(`stockade.cli`) wires `add_parser()`; `stockade demo` and the e2e conformance engine call `up`
+and `down` directly. `add_parser()` also adds `exec` and `probe`, into the sandbox's pods
 (`stockade.sandbox.cluster.podcmd`).
 """
 
@@ -39,6 +41,9 @@ from stockade.sandbox.controlplane import (
 )
 from stockade.sandbox.crds import install_crds
 from stockade.sandbox.kubelet import register_node
+from stockade.sandbox.node import supervise
+from stockade.sandbox.node.cni import CniError, plugin_dir
+from stockade.sandbox.node.kubelet import NODES_DIR
 from stockade.sandbox.node.proxy import (
     DEFAULT_MODE,
     PROXY_MODES,
@@ -56,7 +61,15 @@ TOPOLOGY_FILE = "topology.json"
 CONTROL_PLANE_DIR = "controlplane"
 PROXY_DIR = "proxy"
 # What `down` removes from the state directory, which it may share with other sandbox records.
-OWNED = (STATE_FILE, TOPOLOGY_FILE, CONTROL_PLANE_DIR, PROXY_DIR, stack.STACK_DIR)
+OWNED = (
+    STATE_FILE,
+    TOPOLOGY_FILE,
+    CONTROL_PLANE_DIR,
+    PROXY_DIR,
+    stack.STACK_DIR,
+    NODES_DIR,
+    supervise.LOG_DIR,
+)
 NODES_READY_TIMEOUT = 60.0
 
 
@@ -82,6 +95,8 @@ class SandboxState:
     topology_run_id: str = ""
     proxy_mode: str = ""
     proxies: tuple[ProcessRecord, ...] = ()  # a forwarder and a kube-proxy per node
+    kubelets: tuple[ProcessRecord, ...] = ()
+    cni_bin: str = ""
 
     def save(self, state_dir: Path) -> None:
         data: dict[str, Any] = {
@@ -95,6 +110,8 @@ class SandboxState:
             "topology_run_id": self.topology_run_id,
             "proxy_mode": self.proxy_mode,
             "proxies": [p.to_json() for p in self.proxies],
+            "kubelets": [k.to_json() for k in self.kubelets],
+            "cni_bin": self.cni_bin,
         }
         tmp = state_dir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -122,6 +139,8 @@ class SandboxState:
             topology_run_id=str(data.get("topology_run_id", "")),
             proxy_mode=str(data.get("proxy_mode", "")),
             proxies=tuple(ProcessRecord.from_json(p) for p in data.get("proxies", ())),
+            kubelets=tuple(ProcessRecord.from_json(k) for k in data.get("kubelets", ())),
+            cni_bin=str(data.get("cni_bin", "")),
         )
 
 
@@ -141,12 +160,16 @@ def up(
     replicas: int = 1,
     proxy_mode: ProxyMode = DEFAULT_MODE,
     detach: bool = True,
+    kubelets: bool = True,
+    cni_bin: Path | None = None,
 ) -> Path:
     """Start a sandbox with stockade running in it (or find the one already running) and return
     its kubeconfig path.
 
     detach=False ties every process to this one (they die with it) and leaves the namespaces to
-    this process's exit cleanup: what a test engine wants for a sandbox of its own."""
+    this process's exit cleanup: what a test engine wants for a sandbox of its own.
+    kubelets=True starts a kubelet stand-in per node (`stockade.sandbox.node`) that runs the
+    Pods bound to its node, wired by the CNI plugins in `cni_bin` (default: `plugin_dir()`)."""
     if nodes < 1:
         raise SandboxError(f"--nodes must be at least 1, got {nodes}")
     if replicas not in (1, 2):
@@ -155,6 +178,12 @@ def up(
         check_mode(proxy_mode)
     except ValueError as exc:
         raise SandboxError(f"--proxy-mode: {exc}") from exc
+    plugins: Path | None = None
+    if kubelets:
+        try:
+            plugins = plugin_dir(cni_bin)
+        except CniError as exc:
+            raise SandboxError(f"{exc} (or start without kubelets: --no-kubelets)") from exc
     previous = SandboxState.load(state_dir)
     if previous is not None:
         running = (previous.nodes, previous.topology, _replicas(previous), previous.proxy_mode)
@@ -218,6 +247,20 @@ def up(
         proxies.start()
         state = dataclasses.replace(state, proxies=proxies.records)
         state.save(state_dir)
+        if plugins is not None:
+            state = dataclasses.replace(state, cni_bin=str(plugins))
+            state.save(state_dir)
+            children = supervise.start_kubelets(
+                state_dir,
+                kubeconfig_path(state_dir),
+                state_dir / TOPOLOGY_FILE,
+                [n.name for n in topo.nodes],
+                plugins,
+                progress,
+                detach=detach,
+            )
+            state = dataclasses.replace(state, kubelets=tuple(c.record for c in children))
+            state.save(state_dir)
         record = stack.start_stack(
             state_dir,
             kubeconfig_path(state_dir),
@@ -311,6 +354,7 @@ def _checks(state_dir: Path, state: SandboxState) -> list[tuple[str, bool, str]]
     if topology_file.exists():
         for name in Topology.load(topology_file).namespaces():
             checks.append((f"netns {name}", netns.exists(name), f"/var/run/netns/{name}"))
+    checks += [(k.name, is_alive(k), f"pid {k.pid}, log {k.log}") for k in state.kubelets]
     if state.stack is None:
         checks.append(("operator and agents", False, "never started"))
     else:
@@ -360,7 +404,10 @@ def down(state_dir: Path, progress: Progress) -> None:
     except SandboxError as exc:
         progress(f"ignoring unreadable state: {exc}")
         state = None
-    # kube-proxy and the forwarders first (before stack.stop_stack, whose search for leftover
+    # The kubelets first: each unwires its pods (CNI DEL) while the node namespaces exist.
+    supervise.stop_kubelets(state.kubelets if state is not None else (), progress)
+    supervise.stop_stray_kubelets(state_dir, progress)
+    # kube-proxy and the forwarders next (before stack.stop_stack, whose search for leftover
     # Python processes in `state_dir` would take a forwarder for a leftover), then stockade,
     # while the API server still answers their last requests.
     for record in reversed(state.proxies if state is not None else ()):
@@ -382,6 +429,8 @@ def down(state_dir: Path, progress: Progress) -> None:
         progress("removing the node and pod namespaces")
         topology = Topology.load(topology_file)
         topology_run_id = topology.run_id
+        plugins = Path(state.cni_bin) if state is not None and state.cni_bin else None
+        supervise.sweep(state_dir, topology, plugins, progress)
         topology.destroy()
     # The links went with the namespaces' interfaces; now the pins.
     if state is not None and state.stack is not None:
@@ -412,6 +461,8 @@ def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
         progress,
         replicas=args.replicas,
         proxy_mode=args.proxy_mode,
+        kubelets=args.kubelets,
+        cni_bin=args.cni_bin,
     )
     progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
     print(path)
@@ -462,6 +513,18 @@ def add_parser(subparsers: Any) -> None:
         choices=PROXY_MODES,
         default=DEFAULT_MODE,
         help=f"kube-proxy's mode in every node (default {DEFAULT_MODE})",
+    )
+    cmd_up.add_argument(
+        "--kubelets",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a kubelet stand-in per node that runs the Pods bound to it (default on)",
+    )
+    cmd_up.add_argument(
+        "--cni-bin",
+        type=Path,
+        default=None,
+        help="directory of the CNI plugins the kubelets use (default: $STOCKADE_CNI_BIN, else the toolchain's)",
     )
     cmd_up.set_defaults(run=_cmd_up)
     commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(

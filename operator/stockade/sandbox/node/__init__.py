@@ -1,2 +1,3 @@
-"""What runs for each sandbox node inside or beside its network namespace (kube-proxy and the
-forwarder that lets it reach the API server)."""
+"""A sandbox node as a runtime sees it: pods wired by the real CNI plugins (`cni`, `network`), a
+kubelet stand-in that runs the Pods bound to the node (`kubelet`, `podspec`, `supervise`), and
+kube-proxy (`proxy`) with the forwarder that lets it reach the API server (`forwarder`)."""
