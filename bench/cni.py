@@ -5,7 +5,8 @@ one-node sandbox topology is built, then `--pods` pods (default 20) are wired on
 other: netns creation, ADD (loopback + the node's network, each plugin run through
 `ip netns exec <node netns>`), then unwired (DEL + netns removal). The figures are the mean and
 median ADD and DEL per pod in milliseconds; results go to bench/results/cni.json. Everything is
-removed at the end, also on failure. Needs root; the plugins are the toolchain's (or $STOCKADE_CNI_BIN, or --cni-bin).
+removed at the end, also on failure. Needs root; the plugins are the toolchain's (or
+$STOCKADE_CNI_BIN, or --cni-bin).
 
     .venv/bin/python bench/cni.py [--pods 20] [--cni-bin DIR]
 """

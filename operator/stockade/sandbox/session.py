@@ -524,7 +524,8 @@ def add_parser(subparsers: Any) -> None:
         "--cni-bin",
         type=Path,
         default=None,
-        help="directory of the CNI plugins the kubelets use (default: $STOCKADE_CNI_BIN, else the toolchain's)",
+        help="directory of the CNI plugins the kubelets use "
+        "(default: $STOCKADE_CNI_BIN, else the toolchain's)",
     )
     cmd_up.set_defaults(run=_cmd_up)
     commands.add_parser("status", help="say what runs and whether it is healthy").set_defaults(
