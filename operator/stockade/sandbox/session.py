@@ -4,7 +4,8 @@
 detached, builds the node namespaces, registers the Nodes, starts kube-proxy in every node
 (`stockade.sandbox.node.proxy`, nftables or iptables mode), installs the CRDs, starts a kubelet
 stand-in per node (`stockade.sandbox.node`: it runs the Pods bound to its node, wired by the CNI
-plugins; `--no-kubelets` leaves it out), starts stockade itself (the operator and one agent per
+plugins; `--no-kubelets` leaves it out) and the cluster DNS (`stockade.sandbox.cluster.dns`, a
+Deployment the kubelets run), starts stockade itself (the operator and one agent per
 node, `stockade.sandbox.stack`) and records everything (pids with start times, ports, paths, run
 id, pins) in a state directory, by default /run/stockade/sandbox; `status` reports on it; `down`
 stops the kubelets first (they unwire their pods with CNI DEL), then kube-proxy and stockade,
@@ -33,7 +34,7 @@ from typing import Any
 import kubernetes.client
 
 from stockade.sandbox import netns, stack
-from stockade.sandbox.cluster import podcmd
+from stockade.sandbox.cluster import dns, podcmd
 from stockade.sandbox.controlplane import (
     ControlPlane,
     ControlPlaneRecord,
@@ -261,6 +262,10 @@ def up(
             )
             state = dataclasses.replace(state, kubelets=tuple(c.record for c in children))
             state.save(state_dir)
+            progress(f"starting the cluster DNS ({dns.SERVICE_NAME} at {dns.CLUSTER_IP})")
+            with plane.api_client() as client:
+                dns.install(client)
+                dns.wait_available(client)
         record = stack.start_stack(
             state_dir,
             kubeconfig_path(state_dir),

@@ -56,6 +56,12 @@ WATCH_TIMEOUT_S = 60
 RELIST_BACKOFF_S = 1.0
 HTTP_CONFLICT = 409
 HTTP_NOT_FOUND = 404
+
+
+class DnsError(RuntimeError):
+    """The cluster DNS could not be installed or did not come up; the message says what."""
+
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
 log = logging.getLogger("stockade.sandbox.dns")
@@ -432,6 +438,24 @@ def install(api: Any) -> None:
             NAMESPACE, V1Deployment.model_validate(deployment)
         ),
     )
+
+
+def wait_available(api: Any, timeout: float = 90.0) -> None:
+    """Wait until the DNS Deployment has an available replica (the scheduler placed its pod, a
+    kubelet stand-in runs it and reported it Ready); DnsError naming what is missing if not."""
+    apps = kubernetes.client.AppsV1Api(api)
+    name = deployment_body()["metadata"]["name"]
+    deadline = time.monotonic() + timeout
+    while True:
+        status = apps.read_namespaced_deployment(name, NAMESPACE).status
+        if status is not None and (status.available_replicas or 0) >= 1:
+            return
+        if time.monotonic() > deadline:
+            raise DnsError(
+                f"deployment {NAMESPACE}/{name} has no available replica after {timeout:.0f}s: "
+                "is a kubelet stand-in running on some node?"
+            )
+        time.sleep(0.25)
 
 
 def _ensure(read: Callable[[], object], create: Callable[[], object]) -> None:
