@@ -22,11 +22,7 @@ from stockade.sandbox.cluster import dns
 from stockade.sandbox.cluster.dnswire import RType
 from stockade.sandbox.cluster.pods import PodError, kubelet_netns, lookup, pod_netns
 from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.kubelet import (
-    ensure_default_service_account,
-    register_node,
-    register_pod,
-)
+from stockade.sandbox.kubelet import create_pod, register_node, register_pod
 from stockade.sandbox.topology import PodNet, Topology
 from stockade.sandbox.workload import PodProcesses
 from tests.fixtures.controlplane import wait_for
@@ -187,8 +183,8 @@ def test_pods_that_are_missing_not_running_or_kubelet_run_are_told_apart(
     with pytest.raises(PodError, match=f"pod {bed.namespace}/ghost not found"):
         pod_netns(api_client, bed.topo, bed.namespace, "ghost")
     core = kubernetes.client.CoreV1Api(api_client)
-    ensure_default_service_account(api_client, bed.namespace)
-    core.create_namespaced_pod(
+    create_pod(
+        api_client,
         bed.namespace,
         {"metadata": {"name": "waiting"}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
     )

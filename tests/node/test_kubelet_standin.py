@@ -15,7 +15,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox import netns
-from stockade.sandbox.kubelet import ensure_default_service_account
+from stockade.sandbox.kubelet import create_pod
 from stockade.sandbox.node.kubelet import (
     DNS_MODULE,
     module_available,
@@ -39,7 +39,6 @@ def _create(
     image: str = "stockade.invalid/echo:1",
     grace: int | None = None,
 ) -> str:
-    ensure_default_service_account(api, namespace)
     spec: dict[str, Any] = {
         "nodeName": node,
         "hostNetwork": host_network,
@@ -55,9 +54,7 @@ def _create(
     if grace is not None:
         spec["terminationGracePeriodSeconds"] = grace
     body = {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
-    pod = kubernetes.client.CoreV1Api(api).create_namespaced_pod(
-        namespace, kubernetes.client.V1Pod.model_validate(body)
-    )
+    pod = create_pod(api, namespace, body)
     assert pod.metadata is not None and pod.metadata.uid is not None
     return str(pod.metadata.uid)
 
