@@ -53,12 +53,12 @@ import kubernetes.client
 
 from stockade import handoff
 from stockade.sandbox import session, stack
-from stockade.sandbox.controlplane import free_port
-from stockade.sandbox.kubelet import create_pod, register_node, set_pod_labels
+from stockade.sandbox.controlplane.server import free_port
+from stockade.sandbox.node.registration import create_pod, register_node, set_pod_labels
 from stockade.sandbox.processes import Child, is_alive, stop_record
-from stockade.sandbox.running import RunningSandbox
 from stockade.sandbox.topology import NodeNet
-from stockade.sandbox.workload import PodProcesses
+from stockade.sandbox.workloads.running import RunningSandbox
+from stockade.sandbox.workloads.traffic import PodProcesses
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 80

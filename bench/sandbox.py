@@ -28,9 +28,9 @@ from typing import Any
 
 from stockade.sandbox import session
 from stockade.sandbox.cluster.pods import pod_netns
-from stockade.sandbox.controlplane import kubectl
-from stockade.sandbox.running import RunningSandbox
-from stockade.sandbox.workload import Agent
+from stockade.sandbox.controlplane.server import kubectl
+from stockade.sandbox.workloads.running import RunningSandbox
+from stockade.sandbox.workloads.traffic import Agent
 
 RESULTS = Path(__file__).parent / "results" / "sandbox.json"
 NAMESPACE = "bench"

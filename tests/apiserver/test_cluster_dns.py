@@ -22,7 +22,7 @@ import pytest
 from stockade.sandbox import netns
 from stockade.sandbox.cluster import dns
 from stockade.sandbox.cluster.dnswire import HEADER, Rcode, RType, encode_name
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.fixtures.controlplane import wait_for
 
 PORT = 5353

@@ -16,8 +16,8 @@ import kubernetes.client as k8s
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from stockade.sandbox.controlplane import ControlPlane, ControlPlaneError
-from stockade.sandbox.kubelet import create_pod, register_node
+from stockade.sandbox.controlplane.server import ControlPlane, ControlPlaneError
+from stockade.sandbox.node.registration import create_pod, register_node
 from stockade.sandbox.processes import find_processes
 from stockade.sandbox.toolchain import ETCD, KUBERNETES, KUBERNETES_VERSION
 from stockade.sandbox.topology import node_net

@@ -20,7 +20,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from stockade.model.crd import API_VERSION, CRD_KINDS, parse_policy
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.fixtures.controlplane import wait_for_crd
 from tests.unit.test_crd_cases import BAD, GOOD, Bad, Obj, names_field, snp_block
 

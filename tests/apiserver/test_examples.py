@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from stockade.model.crd import parse_policy
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.apiserver.test_crd_validation import create, delete, install_crds
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))

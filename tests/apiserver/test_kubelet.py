@@ -11,7 +11,12 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from stockade.sandbox.kubelet import delete_pod, register_node, register_pod, set_pod_labels
+from stockade.sandbox.node.registration import (
+    delete_pod,
+    register_node,
+    register_pod,
+    set_pod_labels,
+)
 from stockade.sandbox.topology import PodNet, node_net
 
 NODE = node_net("kt0", 7)

@@ -17,13 +17,13 @@ from typing import Any
 import kubernetes.client as k8s
 import pytest
 
-from stockade.sandbox.controlplane import SERVICE_IP, ControlPlane
-from stockade.sandbox.kubelet import register_node, register_pod
+from stockade.sandbox.controlplane.server import SERVICE_IP, ControlPlane
 from stockade.sandbox.node.proxy import NodeProxies, ProxyError, ProxyMode
+from stockade.sandbox.node.registration import register_node, register_pod
 from stockade.sandbox.processes import find_processes, is_alive
 from stockade.sandbox.toolchain import KUBERNETES
 from stockade.sandbox.topology import Topology, node_net
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.workloads.traffic import Outcome
 from tests.fixtures.controlplane import wait_for
 from tests.fixtures.netns import MakeProcesses, MakeTopology
 

@@ -29,8 +29,8 @@ from stockade.control.objects import namespace_from_api, node_from_api, pod_from
 from stockade.control.policies import parse_record
 from stockade.model.cluster import ClusterState
 from stockade.model.crd_schema import GROUP, VERSION
-from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.kubelet import register_node, register_pod, set_pod_labels
+from stockade.sandbox.controlplane.server import ControlPlane
+from stockade.sandbox.node.registration import register_node, register_pod, set_pod_labels
 from stockade.sandbox.topology import NodeNet, PodNet, node_net
 from tests.apiserver.test_crd_validation import install_crds
 from tests.fixtures.controlplane import wait_for

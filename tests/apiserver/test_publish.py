@@ -24,7 +24,7 @@ from stockade.control.plan import Plan, plan
 from stockade.control.publish import Publisher
 from stockade.handoff import Assembler, IncompleteError, TableObject
 from stockade.model.crd_schema import GROUP, VERSION
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.apiserver.test_crd_validation import install_crds
 from tests.fixtures.handoff_tables import same, tables
 

@@ -21,10 +21,10 @@ from stockade.sandbox import netns
 from stockade.sandbox.cluster import dns
 from stockade.sandbox.cluster.dnswire import RType
 from stockade.sandbox.cluster.pods import PodError, kubelet_netns, lookup, pod_netns
-from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.kubelet import create_pod, register_node, register_pod
+from stockade.sandbox.controlplane.server import ControlPlane
+from stockade.sandbox.node.registration import create_pod, register_node, register_pod
 from stockade.sandbox.topology import PodNet, Topology
-from stockade.sandbox.workload import PodProcesses
+from stockade.sandbox.workloads.traffic import PodProcesses
 from tests.fixtures.controlplane import wait_for
 from tests.fixtures.netns import MakeTopology
 

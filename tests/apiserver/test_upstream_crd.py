@@ -17,7 +17,7 @@ import kubernetes.client
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from stockade.sandbox.upstream import (
     CHANNEL,
     CRD_NAMES,

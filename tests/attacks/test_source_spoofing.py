@@ -30,7 +30,7 @@ from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
 from stockade.harness import packets as pk
 from stockade.model.parse import parse_policy
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import (
     CACHE_DIR,
     POLICY,

@@ -33,7 +33,7 @@ from stockade.handoff import TableObject
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 from stockade.sandbox.topology import Topology
-from stockade.sandbox.workload import Outcome, PodProcesses, Probe
+from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 from tests.fixtures.netns import MakeProcesses, MakeTopology
 
 BPFFS = Path("/sys/fs/bpf")

@@ -14,7 +14,7 @@ import pytest
 from stockade.compiler.render import Hook
 from stockade.compiler.shape import Shape
 from stockade.datapath import libbpf
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import (
     Cluster,
     pin_root,

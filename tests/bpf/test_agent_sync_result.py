@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from stockade import handoff
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import pin_root, probe_web, running_syncer, serving_scenario
 from tests.fixtures.netns import MakeProcesses, MakeTopology
 

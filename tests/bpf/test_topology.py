@@ -17,7 +17,7 @@ import pytest
 
 from stockade.sandbox import netns
 from stockade.sandbox.topology import Topology, cleanup_leftovers
-from stockade.sandbox.workload import Outcome, Probe
+from stockade.sandbox.workloads.traffic import Outcome, Probe
 from tests.fixtures.netns import MakeProcesses, MakeTopology
 
 MODES = ["routed", "bridge"]
@@ -194,7 +194,7 @@ _OWNER = textwrap.dedent(
     """
     import json, sys, time
     from stockade.sandbox.topology import Topology
-    from stockade.sandbox.workload import PodProcesses
+    from stockade.sandbox.workloads.traffic import PodProcesses
     topo = Topology.create(nodes=2, mode=sys.argv[1])
     topo.add_pod("x/a", "node-1")
     procs = PodProcesses(topo)

@@ -26,10 +26,10 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade import handoff
 from stockade.datapath.netns import NetnsExecutor
-from stockade.sandbox.controlplane import SA_ISSUER, ControlPlane
+from stockade.sandbox.controlplane.server import SA_ISSUER, ControlPlane
 from stockade.sandbox.processes import Child
 from stockade.sandbox.topology import NodeNet, Topology
-from stockade.sandbox.workload import Outcome, PodProcesses, Probe
+from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 from tests.bpf.agent_harness import CACHE_DIR, private_pin_root, remove_pin_root, tcx_programs
 from tests.chart.access import Access, Scope
 from tests.chart.chart import NAMESPACED, render

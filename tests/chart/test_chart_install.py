@@ -17,7 +17,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.chart.access import AGENT, FORBIDDEN, OPERATOR, Access, Scope, required
 from tests.chart.chart import CHART, default_values, helm, roles_of
 from tests.chart.rbac import VERBS, allowed

@@ -20,7 +20,7 @@ from stockade.conformance.engine import Addresses, Outcome
 from stockade.conformance.engines import create_engine
 from stockade.conformance.engines.cluster import AGNHOST, ClusterEngine
 from stockade.model.policy import Protocol
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from stockade.sandbox.toolchain import KUBERNETES
 
 

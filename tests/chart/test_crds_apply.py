@@ -7,7 +7,7 @@ import subprocess
 
 import yaml
 
-from stockade.sandbox.controlplane import ControlPlane
+from stockade.sandbox.controlplane.server import ControlPlane
 from tests.chart.chart import CHART
 from tests.fixtures.controlplane import wait_for_crd
 from tests.paths import ROOT

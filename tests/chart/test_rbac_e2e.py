@@ -30,11 +30,11 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.kubelet import register_node, register_pod
+from stockade.sandbox.controlplane.server import ControlPlane
+from stockade.sandbox.node.registration import register_node, register_pod
 from stockade.sandbox.topology import Topology
 from stockade.sandbox.upstream import CRD_NAMES, install_upstream_crds, upstream_crd_manifests
-from stockade.sandbox.workload import Outcome, PodProcesses
+from stockade.sandbox.workloads.traffic import Outcome, PodProcesses
 from tests.chart.rbac_stack import (
     GROUP,
     PORT,

@@ -25,7 +25,7 @@ from stockade.control.plan import plan
 from stockade.control.publish import Publisher
 from stockade.model.crd_schema import GROUP, VERSION
 from stockade.sandbox import stack
-from stockade.sandbox.controlplane import free_port
+from stockade.sandbox.controlplane.server import free_port
 from tests.bpf.agent_harness import CACHE_DIR, Cluster
 from tests.fixtures.controlplane import wait_for
 

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from stockade.sandbox import session, stack
-from stockade.sandbox.controlplane import free_port
-from stockade.sandbox.kubelet import set_pod_labels
+from stockade.sandbox.controlplane.server import free_port
+from stockade.sandbox.node.registration import set_pod_labels
 from stockade.sandbox.processes import Child, ProcessRecord, is_alive
-from stockade.sandbox.running import RunningSandbox
 from stockade.sandbox.topology import PodNet
-from stockade.sandbox.workload import Outcome, PodProcesses, Probe
+from stockade.sandbox.workloads.running import RunningSandbox
+from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 
 CLI_TIMEOUT_S = 600  # `stockade sandbox up` starts a control plane, nodes, operator and agents
 PORT = 80

@@ -22,10 +22,10 @@ from stockade.control.plan import plan
 from stockade.datapath import libbpf
 from stockade.datapath.netns import NetnsExecutor
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.crds import install_crds
-from stockade.sandbox.kubelet import register_node, register_pod
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.controlplane.crds import install_crds
+from stockade.sandbox.controlplane.server import ControlPlane
+from stockade.sandbox.node.registration import register_node, register_pod
+from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import (
     Cluster,
     pin_root,

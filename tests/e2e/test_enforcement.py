@@ -24,7 +24,7 @@ from stockade.compiler import abi, ir
 from stockade.datapath import layout, libbpf
 from stockade.datapath.maps import PinnedMaps
 from stockade.datapath.netns import NetnsExecutor
-from stockade.sandbox.kubelet import delete_pod
+from stockade.sandbox.node.registration import delete_pod
 from tests.bpf.agent_harness import tcx_programs
 from tests.e2e.stack_fixtures import Pair, Stack, running_stack
 from tests.fixtures.controlplane import wait_for

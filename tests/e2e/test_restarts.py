@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from stockade.sandbox.workload import Outcome, Probe
+from stockade.sandbox.workloads.traffic import Outcome, Probe
 from tests.e2e.stack_fixtures import PORT, Stack, running_stack
 from tests.fixtures.controlplane import wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import kubectl
+from stockade.sandbox.controlplane.server import kubectl
 from stockade.sandbox.processes import find_processes, is_alive
 from stockade.sandbox.session import STATE_FILE, TOPOLOGY_FILE, SandboxState
 from stockade.sandbox.toolchain import ETCD, KUBERNETES

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import kubectl
+from stockade.sandbox.controlplane.server import kubectl
 from stockade.sandbox.processes import is_alive
 from stockade.sandbox.session import TOPOLOGY_FILE, SandboxState
 from stockade.sandbox.topology import Topology

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import ControlPlane
-from stockade.sandbox.kubelet import register_node
+from stockade.sandbox.controlplane.server import ControlPlane
 from stockade.sandbox.node.cni import CniError, plugin_dir
+from stockade.sandbox.node.registration import register_node
 from stockade.sandbox.node.supervise import sweep
 from stockade.sandbox.topology import Topology
 from tests.fixtures.netns import MakeTopology

@@ -15,7 +15,6 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox import netns
-from stockade.sandbox.kubelet import create_pod
 from stockade.sandbox.node.kubelet import (
     DNS_MODULE,
     module_available,
@@ -23,7 +22,8 @@ from stockade.sandbox.node.kubelet import (
     pod_netns_name,
 )
 from stockade.sandbox.node.podspec import DNS_IMAGE
-from stockade.sandbox.workload import Agent
+from stockade.sandbox.node.registration import create_pod
+from stockade.sandbox.workloads.traffic import Agent
 from tests.fixtures.controlplane import wait_for
 from tests.node.kubelet_harness import Node
 

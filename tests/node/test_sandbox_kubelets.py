@@ -15,8 +15,8 @@ from typing import Any
 import kubernetes.client
 
 from stockade.sandbox import netns, session, stack
-from stockade.sandbox.kubelet import create_pod
 from stockade.sandbox.node.kubelet import pod_netns_name
+from stockade.sandbox.node.registration import create_pod
 from stockade.sandbox.processes import is_alive
 from tests.fixtures.controlplane import wait_for
 

@@ -15,8 +15,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes.client.exceptions import ApiException
 
-from stockade.sandbox import kubelet, session
-from stockade.sandbox.controlplane import (
+from stockade.sandbox import session
+from stockade.sandbox.controlplane.pki import COMPONENT_USERS, PkiPaths, write_pki
+from stockade.sandbox.controlplane.server import (
     CONTROLLERS,
     SERVICE_CIDRS,
     controller_manager_argv,
@@ -24,6 +25,7 @@ from stockade.sandbox.controlplane import (
     scheduler_config,
     write_kubeconfig,
 )
+from stockade.sandbox.node import registration as kubelet
 from stockade.sandbox.node.proxy import (
     FORWARDER_SCRIPT,
     check_mode,
@@ -32,7 +34,6 @@ from stockade.sandbox.node.proxy import (
     proxy_argv,
     synced_families,
 )
-from stockade.sandbox.pki import COMPONENT_USERS, PkiPaths, write_pki
 from stockade.sandbox.processes import ProcessRecord
 from stockade.sandbox.topology import node_net
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stockade.sandbox import pki
-from stockade.sandbox.pki import write_pki
+from stockade.sandbox.controlplane import pki
+from stockade.sandbox.controlplane.pki import write_pki
 
 PRIVATE = ("ca_key", "serving_key", "admin_key", "sa_signing_key")
 PUBLIC = ("ca_cert", "serving_cert", "admin_cert", "sa_public_key")

@@ -12,7 +12,7 @@ from stockade import cli
 from stockade.sandbox.cluster import podcmd
 from stockade.sandbox.cluster.dnswire import HEADER, RType
 from stockade.sandbox.cluster.pods import kubelet_netns, parse_reply
-from stockade.sandbox.workload import Outcome
+from stockade.sandbox.workloads.traffic import Outcome
 
 
 def test_exec_takes_the_command_after_double_dash_with_its_own_options() -> None:

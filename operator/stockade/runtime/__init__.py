@@ -4,7 +4,7 @@ and the one way the tools that write policies for a user (the sandbox, the confo
 replace a whole object. Beside it: `runner` (the rate-limited runner of the operator's reconcile
 and of the agent's sync) and `command` (the command-line and process plumbing of both).
 
-Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.running` and
+Called by `stockade.control.app`, `stockade.agent.app`, `stockade.sandbox.workloads.running` and
 `stockade.conformance.engines.cluster`.
 """
 

@@ -31,9 +31,9 @@ from stockade.model.evaluator import evaluate
 from stockade.model.flow import Flow
 from stockade.model.policy import Policy, Protocol
 from stockade.sandbox import session
-from stockade.sandbox.running import RunningSandbox
 from stockade.sandbox.stack import published_generations, wait_applied
-from stockade.sandbox.workload import Outcome, PodProcesses, Probe
+from stockade.sandbox.workloads.running import RunningSandbox
+from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 
 Progress = Callable[[str], None]
 DEMO_DIR = Path(__file__).resolve().parents[3] / "examples" / "demo"

@@ -35,13 +35,12 @@ import kubernetes.client
 
 from stockade.sandbox import netns, stack
 from stockade.sandbox.cluster import dns, podcmd
-from stockade.sandbox.controlplane import (
+from stockade.sandbox.controlplane.crds import install_crds
+from stockade.sandbox.controlplane.server import (
     ControlPlane,
     ControlPlaneRecord,
     Progress,
 )
-from stockade.sandbox.crds import install_crds
-from stockade.sandbox.kubelet import register_node
 from stockade.sandbox.node import supervise
 from stockade.sandbox.node.cni import CniError, plugin_dir
 from stockade.sandbox.node.kubelet import NODES_DIR
@@ -52,6 +51,7 @@ from stockade.sandbox.node.proxy import (
     ProxyMode,
     check_mode,
 )
+from stockade.sandbox.node.registration import register_node
 from stockade.sandbox.processes import ProcessRecord, find_processes, is_alive, stop_record
 from stockade.sandbox.stack import StackRecord
 from stockade.sandbox.toolchain import ETCD, KUBERNETES

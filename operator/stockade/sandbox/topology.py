@@ -17,7 +17,8 @@ remove it once its owner has died (`cleanup_leftovers()`). The machine's own nam
 link, address or route.
 
 Called by the test fixtures (`tests/fixtures/netns.py`), `stockade sandbox up/down` and the e2e
-conformance engine; `stockade.sandbox.workload` runs processes inside the namespaces made here.
+conformance engine; `stockade.sandbox.workloads.traffic` runs processes inside the namespaces
+made here.
 """
 
 from __future__ import annotations

@@ -58,11 +58,11 @@ from stockade.conformance.engines.apiserver import ApiServerActions, call_api
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress, Protocol
 from stockade.sandbox import session
-from stockade.sandbox.running import Port, RunningSandbox, UnknownPolicyKindError
 from stockade.sandbox.stack import published_generations, wait_applied
 from stockade.sandbox.topology import PodNet
-from stockade.sandbox.workload import Outcome as Seen
-from stockade.sandbox.workload import PodProcesses, Probe, ProbeResult
+from stockade.sandbox.workloads.running import Port, RunningSandbox, UnknownPolicyKindError
+from stockade.sandbox.workloads.traffic import Outcome as Seen
+from stockade.sandbox.workloads.traffic import PodProcesses, Probe, ProbeResult
 
 SANDBOX_ENV = "STOCKADE_E2E_SANDBOX"
 DEADLINE_S = 10.0

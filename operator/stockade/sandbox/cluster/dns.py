@@ -42,7 +42,7 @@ from stockade.runtime import load_client_configuration
 from stockade.sandbox import netns
 from stockade.sandbox.cluster.dnswire import Malformed, error_response, parse_query
 from stockade.sandbox.cluster.names import Zone, answer
-from stockade.sandbox.controlplane import SERVICE_CIDR
+from stockade.sandbox.controlplane.server import SERVICE_CIDR
 
 DNS_IMAGE = "stockade.invalid/sandbox-dns"
 NAMESPACE = "kube-system"

@@ -10,7 +10,7 @@ inside a sandbox pod's network namespace, as `kubectl exec` into the pod would.
 TARGET is an IP address, `NS/POD` (that pod's IP, from the API server), or a Service name
 (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local`) that is resolved by asking the cluster DNS
 (10.96.0.10) from inside the pod, as a process of the pod would. The probe is the pod helper's
-(`stockade/sandbox/podagent.py`): TCP connect and echo, UDP echo, SCTP INIT / INIT-ACK.
+(`stockade/sandbox/workloads/podagent.py`): TCP connect and echo, UDP echo, SCTP INIT / INIT-ACK.
 `stockade.sandbox.session` adds these subcommands next to `up`, `status` and `down`.
 """
 
@@ -30,7 +30,7 @@ from stockade.sandbox.cluster.dns import CLUSTER_IP
 from stockade.sandbox.cluster.dnswire import Rcode, RType
 from stockade.sandbox.cluster.pods import PodError, lookup, pod_ip, pod_netns
 from stockade.sandbox.topology import Topology
-from stockade.sandbox.workload import Agent, Outcome
+from stockade.sandbox.workloads.traffic import Agent, Outcome
 
 ZONE_SUFFIX = ("svc", "cluster", "local")
 PROBE_EXIT = {

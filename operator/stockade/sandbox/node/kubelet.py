@@ -17,9 +17,9 @@ exists and passes CNI CHECK keeps its namespace and addresses (its containers ar
 they end with the process that ran them); cached sandboxes of pods that are gone are torn down
 with DEL. SIGTERM (`stockade sandbox down`) tears every pod down with DEL, then exits.
 
-Pods that `stockade.sandbox.kubelet.register_pod` wires itself carry `podspec.DIRECT_ANNOTATION`
-and are left alone. Started by `stockade.sandbox.node.supervise` (for `stockade sandbox up`) and
-by the node tests.
+Pods that `stockade.sandbox.node.registration.register_pod` wires itself carry
+`podspec.DIRECT_ANNOTATION` and are left alone. Started by `stockade.sandbox.node.supervise` (for
+`stockade sandbox up`) and by the node tests.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from stockade.sandbox.node.cni import plugin_dir as default_plugin_dir
 from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.processes import Child
 from stockade.sandbox.topology import POD_IFNAME, PREFIX, NodeNet, Topology
-from stockade.sandbox.workload import Agent, AgentError
+from stockade.sandbox.workloads.traffic import Agent, AgentError
 
-log = logging.getLogger("stockade.sandbox.kubelet")
+log = logging.getLogger("stockade.sandbox.node.registration")
 
 NODES_DIR = "nodes"  # below the sandbox state directory: one CNI state directory per node
 DNS_MODULE = "stockade.sandbox.cluster.dns"

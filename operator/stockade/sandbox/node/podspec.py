@@ -19,7 +19,8 @@ Kind = Literal["echo", "dns"]
 DNS_IMAGE = "stockade.invalid/sandbox-dns"
 # image (without tag or digest) -> how its container runs; anything else is the echo helper.
 IMAGES: dict[str, Kind] = {DNS_IMAGE: "dns"}
-# Set on Pods that `stockade.sandbox.kubelet.register_pod` wires itself: the kubelet leaves them.
+# Set on Pods that `stockade.sandbox.node.registration.register_pod` wires itself: the kubelet
+# leaves them.
 DIRECT_ANNOTATION = "stockade.io/sandbox-direct"
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 CONDITION_TYPES = ("PodScheduled", "Initialized", "ContainersReady", "Ready")

@@ -30,8 +30,8 @@ from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from stockade.sandbox import netns
-from stockade.sandbox.controlplane import write_kubeconfig
-from stockade.sandbox.pki import COMPONENT_USERS, PkiPaths
+from stockade.sandbox.controlplane.pki import COMPONENT_USERS, PkiPaths
+from stockade.sandbox.controlplane.server import write_kubeconfig
 from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, log_tail
 from stockade.sandbox.toolchain import KUBERNETES
 from stockade.sandbox.topology import NodeNet

@@ -1,9 +1,9 @@
 """The helper process that runs inside one sandbox pod (or node) network namespace.
 
-`stockade.sandbox.workload` starts one per namespace with `ip netns exec NS python podagent.py`
-and talks to it over stdin/stdout, one JSON object per line. The agent serves TCP and UDP echo
-ports and runs probes (TCP connect + echo, UDP echo, ICMP echo) concurrently with asyncio, so a
-batch of probes costs about one probe timeout. It exits when its stdin closes.
+`stockade.sandbox.workloads.traffic` starts one per namespace with `ip netns exec NS python
+podagent.py` and talks to it over stdin/stdout, one JSON object per line. The agent serves TCP and
+UDP echo ports and runs probes (TCP connect + echo, UDP echo, ICMP echo) concurrently with asyncio,
+so a batch of probes costs about one probe timeout. It exits when its stdin closes.
 
 SCTP ("sctp"): the kernel here has no SCTP module, so the agent crafts the handshake's first two
 packets over raw IP sockets (protocol 132): a probe sends INIT (resent every 0.25 s) and waits for

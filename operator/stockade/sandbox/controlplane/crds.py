@@ -13,7 +13,7 @@ import yaml
 
 from stockade.sandbox.upstream import install_upstream_crds, upstream_crd_manifests
 
-CRD_DIR = Path(__file__).resolve().parents[3] / "crds"
+CRD_DIR = Path(__file__).resolve().parents[4] / "crds"
 
 
 def stockade_crd_manifests() -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from stockade.model.kinds import POLICY_RESOURCES, PolicyResource, resource_for
 from stockade.runtime import replace_custom_object
 from stockade.sandbox import session
-from stockade.sandbox.kubelet import delete_pod, register_pod
+from stockade.sandbox.node.registration import delete_pod, register_pod
 from stockade.sandbox.stack import api_client
 from stockade.sandbox.topology import NodeNet, PodNet, Topology
 

@@ -1,8 +1,8 @@
 """Servers and probes inside sandbox pods: the traffic side of the test bed.
 
-One long-lived helper process (`stockade/sandbox/podagent.py`) runs in each pod namespace that is
-used, or in a node namespace standing in for host-network pods. `PodProcesses` starts them, asks
-them to serve TCP/UDP echo ports and to probe, and matches replies to requests, so a batch of
+One long-lived helper process (`stockade/sandbox/workloads/podagent.py`) runs in each pod namespace
+that is used, or in a node namespace standing in for host-network pods. `PodProcesses` starts them,
+asks them to serve TCP/UDP echo ports and to probe, and matches replies to requests, so a batch of
 probes (`probe_many`) runs concurrently across and within pods and costs about one timeout.
 
 Called by the bpf/e2e tests and the e2e conformance engine; `Topology` provides the namespaces.

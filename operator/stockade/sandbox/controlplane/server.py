@@ -35,7 +35,7 @@ from typing import Any
 import kubernetes.client
 import yaml
 
-from stockade.sandbox.pki import COMPONENT_USERS, PkiPaths, write_pki, write_private
+from stockade.sandbox.controlplane.pki import COMPONENT_USERS, PkiPaths, write_pki, write_private
 from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, log_tail
 from stockade.sandbox.toolchain import ETCD, KUBERNETES, ensure
 
@@ -455,7 +455,8 @@ class ControlPlane:
 
 
 def main() -> int:
-    """`python -m stockade.sandbox.controlplane DIR`: start one, print its record, wait for ^C."""
+    """`python -m stockade.sandbox.controlplane.server DIR`: start one, print its record, and
+    wait for ^C."""
     plane = ControlPlane(Path(sys.argv[1]), progress=lambda m: print(m, file=sys.stderr))
     with plane:
         print(json.dumps(plane.record.to_json(), indent=2))
