@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as _netns
+
+T = TypeVar("T")
 
 NETNS_DIR = Path("/var/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -107,6 +109,28 @@ def entered(name: str) -> Iterator[None]:
             _setns(saved)
     finally:
         os.close(saved)
+
+
+def made_inside(name: str, make: Callable[[], T]) -> T:
+    """`make()` run by a thread of its own inside namespace `name`, for what must be created
+    there (a socket stays in the namespace it was made in): setns is per thread, so the calling
+    thread never changes namespace. Its exception, if any, is raised here."""
+    made: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with entered(name):
+                made.append(make())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name=f"in-netns-{name}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]
 
 
 def set_sysctls(name: str, sysctls: Mapping[str, str]) -> None:

@@ -260,22 +260,10 @@ def start_watches(api: Any, state: ZoneState, stop: threading.Event) -> list[thr
 def open_sockets(netns_name: str, port: int) -> tuple[socket.socket, socket.socket]:
     """(udp, tcp) bound to [::]:port, dual stack, created inside namespace `netns_name` by a
     thread of their own, so that no other thread ever runs in that namespace."""
-    result: list[tuple[socket.socket, socket.socket]] = []
-    failure: list[BaseException] = []
-
-    def create() -> None:
-        try:
-            with netns.entered(netns_name):
-                result.append(_bind(port))
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=create, name=f"sockets-in-{netns_name}")
-    thread.start()
-    thread.join()
-    if failure:
-        raise OSError(f"cannot listen on port {port} in netns {netns_name!r}: {failure[0]}")
-    return result[0]
+    try:
+        return netns.made_inside(netns_name, lambda: _bind(port))
+    except Exception as exc:
+        raise OSError(f"cannot listen on port {port} in netns {netns_name!r}: {exc}") from exc
 
 
 def _bind(port: int) -> tuple[socket.socket, socket.socket]:

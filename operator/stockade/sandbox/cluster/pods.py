@@ -14,7 +14,6 @@ import ipaddress
 import secrets
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
@@ -113,22 +112,10 @@ def pod_ip(api: Any, namespace: str, name: str, family: int = 4) -> str:
 def socket_in(ns: str, family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
     """A socket created inside namespace `ns` by a thread of its own: setns is per thread, so
     the calling thread never changes namespace."""
-    made: list[socket.socket] = []
-    failed: list[BaseException] = []
-
-    def create() -> None:
-        try:
-            with netns.entered(ns):
-                made.append(socket.socket(family, kind))
-        except BaseException as exc:
-            failed.append(exc)
-
-    thread = threading.Thread(target=create, name=f"socket-in-{ns}")
-    thread.start()
-    thread.join()
-    if failed:
-        raise OSError(f"cannot open a socket in netns {ns!r}: {failed[0]}")
-    return made[0]
+    try:
+        return netns.made_inside(ns, lambda: socket.socket(family, kind))
+    except Exception as exc:
+        raise OSError(f"cannot open a socket in netns {ns!r}: {exc}") from exc
 
 
 # -- a small DNS client ------------------------------------------------------------------------
