@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -23,8 +22,8 @@ from stockade.sandbox.processes import is_alive
 from stockade.sandbox.session import TOPOLOGY_FILE, SandboxState
 from stockade.sandbox.topology import Topology
 from tests.e2e.stack_fixtures import sandbox_state_dir, stockade
+from tests.fixtures.controlplane import wait_for
 
-T = TypeVar("T")
 NAMESPACE = "shop"
 REPLICAS = 3
 APP = f"""
@@ -72,17 +71,6 @@ spec:
 """
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 90.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still not true after {timeout:.0f}s")
-        time.sleep(0.5)
-
-
 def get(kubeconfig: Path, *args: str) -> Any:
     return json.loads(kubectl(kubeconfig, "get", *args, "-o", "json").stdout)
 
@@ -113,7 +101,7 @@ def test_an_app_applied_with_kubectl_runs_is_reachable_by_service_name_and_is_en
         ready = [p for p in pods if p["status"].get("phase") == "Running" and p["status"]["podIP"]]
         return ready if len(ready) == REPLICAS else None
 
-    web = wait_for(f"{REPLICAS} web pods Running", running_web)
+    web = wait_for(f"{REPLICAS} web pods Running", running_web, timeout=90)
     assert len({p["spec"]["nodeName"] for p in web}) == 2, "spread over both nodes"
     ips = {p["status"]["podIP"] for p in web}
 
@@ -124,7 +112,7 @@ def test_an_app_applied_with_kubectl_runs_is_reachable_by_service_name_and_is_en
         }
         return found if found == ips else None
 
-    wait_for("an EndpointSlice lists the web pods", listed)
+    wait_for("an EndpointSlice lists the web pods", listed, timeout=60)
     wait_for(
         "the client runs",
         lambda: (
