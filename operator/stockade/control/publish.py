@@ -36,7 +36,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi, V1DeleteOptions, V1Pr
 from kubernetes.client.exceptions import ApiException
 
 from stockade import handoff
-from stockade.control.drift import Stamp, drifted, holds
+from stockade.control.drift import Stamp, drifted, labelled
 from stockade.control.plan import NodeParts, Plan
 from stockade.control.plan import plan as plan_changes
 from stockade.handoff import HandoffError, TableHead, TableObject
@@ -122,14 +122,15 @@ class Publisher:
         items = listed.get("items", []) if isinstance(listed, dict) else []
         for item in items:
             try:
-                record = TableObject.from_api(item).head()
+                table = TableObject.from_api(item)
             except HandoffError as exc:
                 log.warning("ignoring a DatapathTable that is not ours: %s", exc)
                 continue
+            record = table.head()
             stamp = Stamp.from_api(item)
             if stamp is not None:
                 stamps[record.name] = stamp
-            if not holds(record, item):
+            if table.content_digest != table.digest or not labelled(record, item):
                 log.warning("DatapathTable %s does not match its digest: rewriting it", record.name)
                 continue
             found[record.name] = record
