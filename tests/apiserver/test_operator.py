@@ -471,3 +471,48 @@ def test_only_the_leader_publishes_and_the_other_takes_over_when_it_stops(
     set_pod_labels(api_client, cluster.namespace, "c", {"role": "client"})
     wait_for("two publishes the change", lambda: converged(api_client, cluster.nodes))
     assert two.writes > 0
+
+
+def hand_edit(api: Any, node: str, recompute: bool) -> tuple[str, list[str]]:
+    """Drop the last entry of one of the node's table shards, as someone with write access to
+    DatapathTables might, recomputing the digest or not; the shard's name and its entries
+    before the edit."""
+    shard = next(
+        i
+        for i in tables_of(api, node)
+        if i["spec"]["part"] != handoff.PROGRAM and len(i["spec"]["entries"]) > 1
+    )
+    name, entries = shard["metadata"]["name"], list(shard["spec"]["entries"])
+    edited = entries[:-1]
+    spec: dict[str, Any] = {"entries": edited}
+    if recompute:
+        spec["digest"] = handoff.digest(edited)
+    kubernetes.client.CustomObjectsApi(api).patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"spec": spec}, _content_type="application/merge-patch+json"
+    )
+    return name, entries
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["digest-recomputed", "digest-stale"])
+def test_a_hand_edited_table_is_restored_on_the_next_pass(
+    control_plane: ControlPlane,
+    operators: list[OperatorThread],
+    cluster: Cluster,
+    api_client: Any,
+    recompute: bool,
+) -> None:
+    op = start(control_plane, operators, lease_name(), "one")
+    apply_snp(api_client, snp(cluster.namespace, "allow-web", **ALLOW_WEB_FROM_CLIENT))
+    wait_for("tables published", lambda: converged(api_client, cluster.nodes))
+    writes = op.writes
+    name, entries = hand_edit(api_client, cluster.nodes[0].name, recompute)
+
+    def restored() -> bool:
+        obj = kubernetes.client.CustomObjectsApi(api_client).get_cluster_custom_object(
+            GROUP, VERSION, PLURAL, name
+        )
+        return bool(obj["spec"]["entries"] == entries)
+
+    wait_for(f"{name} restored", restored)
+    wait_for("tables converged again", lambda: converged(api_client, cluster.nodes))
+    assert op.writes > writes  # the operator wrote it back; nothing else changed

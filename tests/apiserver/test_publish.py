@@ -111,3 +111,31 @@ def test_a_refused_shard_leaves_its_node_incomplete_until_the_next_publish(
     publisher.apply(plan(publisher.published, desired, 3))
     _, got = assembled(api_client, broken)
     assert same(got, tables(443))
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["digest-recomputed", "digest-stale"])
+def test_a_listing_finds_a_hand_edited_table_and_the_next_publish_restores_it(
+    api_client: Any, nodes: list[str], recompute: bool
+) -> None:
+    publisher = Publisher(api_client)
+    desired = {n: handoff.encode(tables(80), inline_max=0) for n in nodes}
+    publisher.apply(plan(publisher.published, desired, 1))
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    name = handoff.object_name(nodes[0], handoff.POLICY, 0)
+    entries = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["spec"]["entries"]
+    spec: dict[str, Any] = {"entries": entries[:-1]}
+    if recompute:
+        spec["digest"] = handoff.digest(entries[:-1])
+    custom.patch_cluster_custom_object(
+        GROUP, VERSION, PLURAL, name, {"spec": spec}, _content_type="application/merge-patch+json"
+    )
+    assert publisher.plan(desired).empty  # no watch here: only a listing shows the edit
+    publisher.resync()
+    restore = publisher.plan(desired)
+    assert [w.name for w in restore.writes] == [name]
+    publisher.apply(restore)
+    assert custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["spec"]["entries"] == (
+        entries
+    )
+    generation, got = assembled(api_client, nodes[0])
+    assert generation == 1 and same(got, tables(80))

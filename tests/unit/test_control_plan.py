@@ -55,3 +55,21 @@ def test_objects_of_a_node_that_is_gone_are_deleted() -> None:
     parts = _parts(("1 0 64 1 0 0 1 0 0 0",))
     result = plan(_published("gone", parts, 2), {}, 3)
     assert result.deletes == ("gone.policy.0", "gone.program.0") and not result.writes
+
+
+def test_a_shard_written_back_keeps_the_nodes_generation() -> None:
+    parts = _parts(("1 0 64 1 0 0 1 0 0 0",))
+    published = _published("a", parts, 4)
+    del published["a.policy.0"]  # deleted, or edited, by someone else: forgotten
+    result = plan(published, {"a": parts}, 5)
+    assert [(w.name, w.generation) for w in result.writes] == [("a.policy.0", 4)]
+    assert result.generations == {"a": 4}  # the manifest the agent applied is unchanged
+
+
+def test_a_program_object_written_back_gets_the_new_generation() -> None:
+    parts = _parts(("1 0 64 1 0 0 1 0 0 0",))
+    published = _published("a", parts, 4)
+    del published["a.program.0"]
+    result = plan(published, {"a": parts}, 5)
+    assert [(w.name, w.generation) for w in result.writes] == [("a.program.0", 5)]
+    assert result.generations == {"a": 5}

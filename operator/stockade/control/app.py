@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -80,9 +81,10 @@ class Operator:
             is_leader=self.is_leader,
             upstream_cnp=config.upstream_cnp,
             inline_entries=config.inline_entries,
+            again=lambda: self.runner.request(True),
         )
         self.registry = build_registry(
-            self.store, self._table_deleted, upstream_cnp=config.upstream_cnp
+            self.store, self._table_event, upstream_cnp=config.upstream_cnp
         )
         self.ready = threading.Event()
 
@@ -100,8 +102,8 @@ class Operator:
     def _reconcile(self, tables: bool) -> None:
         self.reconciler.run(tables)
 
-    def _table_deleted(self, name: str) -> None:
-        if self.reconciler.forget(name):
+    def _table_event(self, obj: Mapping[str, Any], deleted: bool) -> None:
+        if self.reconciler.observe(obj, deleted):
             self.runner.request(True)
 
     def gauges(self) -> dict[str, float]:
@@ -119,6 +121,7 @@ class Operator:
             "stockade_operator_generation": self.reconciler.publisher.generation,
             "stockade_operator_tables_written_total": self.reconciler.publisher.writes,
             "stockade_operator_tables_deleted_total": self.reconciler.publisher.deletes,
+            "stockade_operator_write_conflicts_total": self.reconciler.publisher.conflicts,
             "stockade_operator_status_writes_total": self.reconciler.reporter.status_writes,
             "stockade_operator_events_total": self.reconciler.reporter.events,
         }

@@ -34,10 +34,14 @@ def _object(event: Mapping[str, Any]) -> tuple[bool, Mapping[str, Any]]:
 
 
 def build_registry(
-    store: Store, on_table_deleted: Callable[[str], None], *, upstream_cnp: bool = True
+    store: Store,
+    on_table: Callable[[Mapping[str, Any], bool], None],
+    *,
+    upstream_cnp: bool = True,
 ) -> kopf.OperatorRegistry:
-    """A kopf registry whose handlers feed `store`; `on_table_deleted(name)` is told when a
-    DatapathTable disappears (the reconciler republishes it if it was still wanted)."""
+    """A kopf registry whose handlers feed `store`; `on_table(obj, deleted)` is told of every
+    DatapathTable event, so that the reconciler writes back what was deleted or changed by
+    someone else (it compares with what it published: no round trip)."""
     registry = kopf.OperatorRegistry()
 
     async def policy_event(event: Mapping[str, Any], **_: Any) -> None:
@@ -76,9 +80,7 @@ def build_registry(
     @kopf.on.event("stockade.io", "v1alpha1", "datapathtables", registry=registry)
     async def table_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
-        name = object_key(obj)
-        if deleted:
-            on_table_deleted(name)
+        on_table(obj, deleted)
         program = handoff.program_report(obj)
         if program is not None:
             node, report = program

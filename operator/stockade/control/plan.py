@@ -34,7 +34,8 @@ def plan(
     generation: int,
 ) -> Plan:
     """Objects to write (at `generation`) and to delete, so that the API server holds exactly
-    `desired`; nodes whose content is unchanged keep their generation. Compares the digests the
+    `desired`; nodes whose content is unchanged keep their generation, also when one of their
+    shards is written back. Compares the digests the
     shards carry: nothing is hashed here."""
     tables: list[TableObject] = []
     programs: list[TableObject] = []
@@ -50,12 +51,17 @@ def plan(
                 if have is None or have.digest != shard.digest:
                     changed.append((part, number, len(shards), shard))
         program = published.get(handoff.program_name(node))
-        generations[node] = program.generation if program is not None and not changed else 0
+        generations[node] = program.generation if program is not None else 0
         if not changed:
             continue
-        generations[node] = generation
+        # The program object's manifest names every shard's digest: while it is unchanged, so is
+        # the node's content, and a shard written anyway (deleted or edited by someone else) is
+        # restored at the node's generation, which its agent applied or is applying.
+        restored = program is not None and all(c[0] != handoff.PROGRAM for c in changed)
+        at = generations[node] if restored else generation
+        generations[node] = at
         for part, number, count, shard in changed:
             target = programs if part == handoff.PROGRAM else tables
-            target.append(TableObject.build(node, part, number, count, generation, shard))
+            target.append(TableObject.build(node, part, number, count, at, shard))
     deletes = tuple(sorted(n for n in published if n not in wanted))
     return Plan(tuple(tables + programs), deletes, generations)

@@ -9,6 +9,17 @@ needed for safety: an agent applies a set only when every shard its program obje
 is there with the manifest's digest (`stockade.handoff.assemble`), so a manifest that arrives before
 its shards, or whose shard the server refused, leaves the agent on the set it applied last until the
 rest arrives. Stale shards are deleted last, after every write succeeded.
+
+Fencing: a replica that lost the lease must not write over the new leader. The publisher asks
+`is_leader()` before each wave (the writes, then the deletes), and every write of an object it
+knows carries the resourceVersion it last saw (its own write's, the listing's, or a watched
+status write's, `stockade.control.drift.Stamp`), so a write planned on a view the new leader has
+since changed is refused by the server (409) instead of landing. A refused object is forgotten
+and the next pass lists the tables again (`stale`); only when the server's copy differs from ours
+in nothing but its status (the agent reported meanwhile) is the write retried at once, with the
+new resourceVersion. Drift: `observe()` is given every watched DatapathTable and forgets one that
+no longer holds what was published, so that the next plan writes it back; `resync()` forgets
+those whose entries do not match their digest.
 """
 
 from __future__ import annotations
@@ -18,12 +29,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client import ApiClient, CustomObjectsApi, V1DeleteOptions, V1Preconditions
 from kubernetes.client.exceptions import ApiException
 
 from stockade import handoff
+from stockade.control.drift import Stamp, drifted, labelled
 from stockade.control.plan import NodeParts, Plan
 from stockade.control.plan import plan as plan_changes
 from stockade.handoff import HandoffError, TableHead, TableObject
@@ -61,35 +74,68 @@ def run_all(
     return [f.exception() or f.result() for f in futures]
 
 
-class Publisher:
-    """Owns the DatapathTables on the API server and the publish generations; `writes` and
-    `deletes` count API calls."""
+class NotLeaderError(Exception):
+    """This replica no longer leads: nothing of the wave was written."""
 
-    def __init__(self, api: ApiClient) -> None:
+
+class WriteConflictError(Exception):
+    """The server refused writes planned on a view that someone else has since changed (409);
+    those objects are forgotten and the next pass lists the tables again."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(f"{len(names)} DatapathTables changed by someone else: {', '.join(names)}")
+        self.names = tuple(names)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """One write refused by its precondition (inside `apply`)."""
+
+    name: str
+
+
+class Publisher:
+    """Owns the DatapathTables on the API server and the publish generations; `writes`,
+    `deletes` and `conflicts` count API calls (a conflict is a write the server refused)."""
+
+    def __init__(self, api: ApiClient, *, is_leader: Callable[[], bool] = lambda: True) -> None:
         self._objects = CustomObjectsApi(api)
+        self._is_leader = is_leader
         self.published: dict[str, TableHead] = {}
+        self.stamps: dict[str, Stamp] = {}  # name -> the version last seen of what we published
+        self.stale = False  # a write was refused: list again before the next plan
         self.generation = 0  # the latest publish generation
         self.generations: dict[str, int] = {}  # node -> its current program generation
         self.writes = 0
         self.deletes = 0
+        self.conflicts = 0
         self._lock = threading.Lock()  # writes run on several threads at once
 
     def resync(self) -> int:
         """List every DatapathTable and take the generations from them; returns the highest
-        generation found (0 if none)."""
+        generation found (0 if none). An object whose entries do not hash to its digest, or that
+        lacks its labels, is not taken as published, so the next plan writes it again."""
         listed = self._objects.list_cluster_custom_object(
             GROUP, VERSION, DATAPATH_TABLE.plural, label_selector=handoff.PART_LABEL
         )
-        found = {}
+        found, stamps = {}, {}
         items = listed.get("items", []) if isinstance(listed, dict) else []
         for item in items:
             try:
-                record = TableObject.from_api(item).head()
+                table = TableObject.from_api(item)
             except HandoffError as exc:
                 log.warning("ignoring a DatapathTable that is not ours: %s", exc)
                 continue
+            record = table.head()
+            stamp = Stamp.from_api(item)
+            if stamp is not None:
+                stamps[record.name] = stamp
+            if table.content_digest != table.digest or not labelled(record, item):
+                log.warning("DatapathTable %s does not match its digest: rewriting it", record.name)
+                continue
             found[record.name] = record
-        self.published = found
+        with self._lock:
+            self.published, self.stamps, self.stale = found, stamps, False
         highest = max((r.generation for r in found.values()), default=0)
         self.generation = max(self.generation, highest)
         self.generations = {
@@ -103,29 +149,49 @@ class Publisher:
 
     def forget(self, name: str) -> None:
         """Someone else deleted `name`: the next plan writes it again."""
-        self.published.pop(name, None)
+        with self._lock:
+            self.published.pop(name, None)
+            self.stamps.pop(name, None)
+
+    def observe(self, obj: Mapping[str, Any]) -> bool:
+        """A watched DatapathTable (kopf's event, no round trip): True when it is one we
+        published and it no longer holds what we published. It is then forgotten, its version
+        kept, so that the next plan writes it back over exactly that version. Our own writes,
+        late events of them and the agent's status writes are not drift; a status write's
+        version is kept for the next write's precondition."""
+        name = str((obj.get("metadata") or {}).get("name", ""))
+        seen = Stamp.from_api(obj)
+        with self._lock:
+            have = self.published.get(name)
+            if have is None:
+                return False
+            stamp = self.stamps.get(name)
+            if drifted(have, stamp, obj):
+                del self.published[name]
+                if seen is not None:
+                    self.stamps[name] = seen
+                return True
+            if seen is not None and (
+                stamp is None or not stamp.covers(seen) or seen.generation == stamp.generation
+            ):
+                self.stamps[name] = seen  # what we published, at its latest version
+            return False
 
     def apply(self, plan: Plan) -> None:
         """Write `plan`: every changed object at once (at most MAX_CONCURRENT_WRITES in flight),
-        the deletes after every write succeeded. Raises the first failure once nothing is in
-        flight; what failed is not recorded as published, so the next plan writes it again.
-        Once everything succeeded, the nodes' generations are the plan's."""
+        the deletes after every write succeeded, each wave only while `is_leader()` (else
+        NotLeaderError). Raises the first failure once nothing is in flight; what failed is not
+        recorded as published, so the next plan writes it again, and refused writes raise
+        WriteConflictError. Once everything succeeded, the nodes' generations are the plan's."""
         began = time.monotonic()
+        if plan.writes:
+            self._check_leader()
         self.generation = max([self.generation, *(w.generation for w in plan.writes)])
         results = run_all(self._write, plan.writes, "stockade-publish")
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
-        for name in plan.deletes:
-            try:
-                self._objects.delete_cluster_custom_object(
-                    GROUP, VERSION, DATAPATH_TABLE.plural, name
-                )
-            except ApiException as exc:
-                if exc.status != NOT_FOUND:
-                    raise
-            self.deletes += 1
-            self.published.pop(name, None)
+        self._settle(results)
+        if plan.deletes:
+            self._check_leader()
+        self._settle([self._delete(name) for name in plan.deletes])
         self.generations = dict(plan.generations)
         if plan.writes or plan.deletes:
             log.debug(
@@ -135,37 +201,134 @@ class Publisher:
                 (time.monotonic() - began) * 1e3,
             )
 
-    def _write(self, table: TableObject) -> None:
-        name, obj = table.name, table.body()
-        plural = DATAPATH_TABLE.plural
-        if name in self.published:
+    def _check_leader(self) -> None:
+        if not self._is_leader():
+            raise NotLeaderError("no longer the leader: the wave was not written")
+
+    def _settle(self, results: Sequence[object]) -> None:
+        """Forget the refused objects of one wave and raise its first failure."""
+        refused = [r.name for r in results if isinstance(r, _Refused)]
+        for name in refused:
+            self.forget(name)
+        if refused:
+            with self._lock:
+                self.conflicts += len(refused)
+                self.stale = True
+        errors = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, _Refused)
+        ]
+        if errors:
+            raise errors[0]
+        if refused:
+            raise WriteConflictError(refused)
+
+    def _delete(self, name: str) -> _Refused | None:
+        """Delete `name` on the precondition that it is the version we know."""
+        stamp = self.stamps.get(name)
+        try:
+            self._delete_at(name, stamp)
+        except ApiException as exc:
+            if exc.status == CONFLICT and stamp is not None:
+                fresh = self._status_only(name, stamp)
+                if fresh is None:
+                    return _Refused(name)
+                try:
+                    self._delete_at(name, fresh)
+                except ApiException as again:
+                    if again.status == CONFLICT:
+                        return _Refused(name)
+                    if again.status != NOT_FOUND:
+                        raise
+            elif exc.status != NOT_FOUND:
+                raise
+        self.deletes += 1
+        self.forget(name)
+        return None
+
+    def _delete_at(self, name: str, stamp: Stamp | None) -> None:
+        options = None
+        if stamp is not None:
+            options = V1DeleteOptions(
+                preconditions=V1Preconditions(uid=stamp.uid, resource_version=stamp.version)
+            )
+        self._objects.delete_cluster_custom_object(
+            GROUP, VERSION, DATAPATH_TABLE.plural, name, body=options
+        )
+
+    def _status_only(self, name: str, stamp: Stamp) -> Stamp | None:
+        """After a refused write: the server's version when it differs from `stamp` in its status
+        only (the agent reported meanwhile), checked that we still lead; None when someone else
+        changed the spec, or the object is gone."""
+        try:
+            current = Stamp.from_api(self._get(name))
+        except ApiException as exc:
+            if exc.status != NOT_FOUND:
+                raise
+            return None
+        if current is None or current.uid != stamp.uid or current.generation != stamp.generation:
+            return None
+        self._check_leader()
+        return current
+
+    def _get(self, name: str) -> Mapping[str, Any]:
+        got = self._objects.get_cluster_custom_object(GROUP, VERSION, DATAPATH_TABLE.plural, name)
+        return got if isinstance(got, Mapping) else {}
+
+    def _patch(self, table: TableObject, stamp: Stamp) -> object:
+        obj = table.body()
+        metadata = {**obj["metadata"], "resourceVersion": stamp.version}
+        return self._objects.patch_cluster_custom_object(
+            GROUP,
+            VERSION,
+            DATAPATH_TABLE.plural,
+            table.name,
+            {"metadata": metadata, "spec": obj["spec"]},
+            _content_type=MERGE_PATCH,
+        )
+
+    def _create(self, table: TableObject) -> object:
+        return self._objects.create_cluster_custom_object(
+            GROUP, VERSION, DATAPATH_TABLE.plural, table.body()
+        )
+
+    def _write(self, table: TableObject) -> _Refused | None:
+        """Create `table`, or patch it over the version we know (one that exists but that we
+        do not know is read first, and patched over what is there)."""
+        name = table.name
+        stamp = self.stamps.get(name)
+        if stamp is None:
             try:
-                self._objects.patch_cluster_custom_object(
-                    GROUP,
-                    VERSION,
-                    plural,
-                    name,
-                    {"metadata": obj["metadata"], "spec": obj["spec"]},
-                    _content_type=MERGE_PATCH,
-                )
-            except ApiException as exc:
-                if exc.status != NOT_FOUND:
-                    raise
-                self._objects.create_cluster_custom_object(GROUP, VERSION, plural, obj)
-        else:
-            try:
-                self._objects.create_cluster_custom_object(GROUP, VERSION, plural, obj)
+                stored = self._create(table)
             except ApiException as exc:
                 if exc.status != CONFLICT:
                     raise
-                self._objects.patch_cluster_custom_object(
-                    GROUP,
-                    VERSION,
-                    plural,
-                    name,
-                    {"metadata": obj["metadata"], "spec": obj["spec"]},
-                    _content_type=MERGE_PATCH,
-                )
+                stamp = Stamp.from_api(self._get(name))
+                if stamp is None:
+                    return _Refused(name)
+        if stamp is not None:
+            try:
+                stored = self._patch(table, stamp)
+            except ApiException as exc:
+                if exc.status == NOT_FOUND:
+                    stored = self._create(table)  # deleted meanwhile
+                elif exc.status != CONFLICT:
+                    raise
+                else:
+                    fresh = self._status_only(name, stamp)
+                    if fresh is None:
+                        return _Refused(name)
+                    try:
+                        stored = self._patch(table, fresh)
+                    except ApiException as again:
+                        if again.status != CONFLICT:
+                            raise
+                        return _Refused(name)
+        written = Stamp.from_api(stored) if isinstance(stored, Mapping) else None
         with self._lock:
             self.writes += 1
             self.published[name] = table.head()
+            if written is not None:
+                self.stamps[name] = written
+            else:
+                self.stamps.pop(name, None)
+        return None

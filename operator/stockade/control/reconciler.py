@@ -6,15 +6,18 @@ Level-triggered: whatever happened, a pass recomputes every node's tables from t
 (`stockade.control.reporter`) write the policy statuses that change. This module only sequences
 them: priming the Store before the first pass as leader (`stockade.control.prime`), the leader
 checks and the pass's timings. The `Runner` calls `run(tables)`; nothing here runs unless this
-replica is the leader.
+replica is the leader. Drift: `observe()` hands every watched DatapathTable to the publisher,
+which forgets what someone else changed; the publisher lists the tables again every `relist`
+seconds and after a write was refused, so that a pass also repairs what no event showed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubernetes.client import ApiClient
 
@@ -22,11 +25,13 @@ from stockade import handoff
 from stockade.compiler.shape import Shape
 from stockade.control.lowering import Lowerer
 from stockade.control.prime import prime
-from stockade.control.publish import Publisher
+from stockade.control.publish import NotLeaderError, Publisher, WriteConflictError
 from stockade.control.reporter import StatusReporter
 from stockade.control.store import Snapshot, Store
 
 log = logging.getLogger(__name__)
+
+RELIST = 300.0  # seconds between listings of the DatapathTables, to repair unseen drift
 
 
 @dataclass
@@ -52,26 +57,35 @@ class Reconciler:
         shape: Shape | None = None,
         upstream_cnp: bool = True,
         inline_entries: int = handoff.INLINE_ENTRIES,
+        again: Callable[[], None] = lambda: None,
+        relist: float = RELIST,
     ) -> None:
         self._upstream_cnp = upstream_cnp
         self._store = store
         self._api = api
         self._is_leader = is_leader
         self.lowerer = Lowerer(shape, inline_entries)
-        self.publisher = Publisher(api)
+        self.publisher = Publisher(api, is_leader=is_leader)
         self.reporter = StatusReporter(api, is_leader)
         self._synced = False
+        self._again = again  # asks for another pass (after a refused write)
+        self._relist = relist
+        self._listed_at = 0.0
         self.stats = Stats()
 
     def became_leader(self) -> None:
         """Forget what we believe is published: the next pass lists it again."""
         self._synced = False
 
-    def forget(self, name: str) -> bool:
-        """A DatapathTable was deleted behind our back; True when it was one of ours."""
-        known = name in self.publisher.published
-        self.publisher.forget(name)
-        return known
+    def observe(self, obj: Mapping[str, Any], deleted: bool) -> bool:
+        """A watched DatapathTable: True when it was one of ours and was deleted, or changed by
+        someone else, so that the next pass writes it back."""
+        if deleted:
+            name = str((obj.get("metadata") or {}).get("name", ""))
+            known = name in self.publisher.published
+            self.publisher.forget(name)
+            return known
+        return self.publisher.observe(obj)
 
     def run(self, tables: bool) -> None:
         if not self._is_leader():
@@ -80,7 +94,13 @@ class Reconciler:
         if not self._synced:
             # Never publish from a partial picture.
             prime(self._store, self._api, upstream_cnp=self._upstream_cnp)
+        if (
+            not self._synced
+            or self.publisher.stale
+            or time.monotonic() - self._listed_at >= self._relist
+        ):
             self.publisher.resync()
+            self._listed_at = time.monotonic()
             self._synced, tables = True, True
         snap = self._store.snapshot()
         stages = {"lower": 0.0, "publish": 0.0}
@@ -109,7 +129,15 @@ class Reconciler:
         stages = {"lower": lowered - began, "publish": 0.0}
         if not self._is_leader():
             return stages
-        self.publisher.apply(planned)
+        try:
+            self.publisher.apply(planned)
+        except NotLeaderError:
+            log.info("lost the lease during a publish; stopped before the next wave")
+            return stages
+        except WriteConflictError as exc:
+            log.warning("%s; listing the tables again", exc)
+            self._again()
+            return stages
         stages["publish"] = time.monotonic() - lowered
         self.stats.table_passes += 1
         self.reporter.carried(snap, self.publisher.generations)
