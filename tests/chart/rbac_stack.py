@@ -1,13 +1,15 @@
 """The real operator and node agents running as the chart's ServiceAccounts, for
-tests/chart/test_rbac_e2e.py.
+tests/chart/test_rbac_e2e.py (its token helpers serve tests/chart/test_agent_scope.py too).
 
 The chart is rendered with `helm template` (tests/chart/chart.py); only its RBAC objects and
-CRDs are applied to the sandbox API server. Each component gets a kubeconfig carrying a token
-minted for its ServiceAccount (TokenRequest), so every request it makes is authorized by the
-chart's roles and nothing else. `RbacStack` starts and restarts the processes (one log file per
-start, which is where the tests read a component's own account of a refused request), changes
-one role's rules, and reads what the scenario produced: the Lease, the published tables, policy
-status, Events, agent reports, attached programs and probe outcomes.
+CRDs are applied to the sandbox API server, with the agent's ValidatingAdmissionPolicy and its
+binding. Each component gets a kubeconfig carrying a token minted for its ServiceAccount
+(TokenRequest), so every request it makes is authorized by the chart's roles and nothing else;
+each node's agent gets a token bound to an agent Pod on its node, as kubelet mints it, so that the
+token carries the node name the admission policy checks. `RbacStack` starts and restarts the
+processes (one log file per start, which is where the tests read a component's own account of a
+refused request), changes one role's rules, and reads what the scenario produced: the Lease, the
+published tables, policy status, Events, agent reports, attached programs and probe outcomes.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from kubernetes.client.exceptions import ApiException
 from stockade import handoff
 from stockade.datapath.netns import NetnsExecutor
 from stockade.sandbox.controlplane.server import SA_ISSUER, ControlPlane
+from stockade.sandbox.node.registration import register_pod
 from stockade.sandbox.processes import Child
-from stockade.sandbox.topology import NodeNet, Topology
+from stockade.sandbox.topology import NodeNet, PodNet, Topology
 from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 from tests.bpf.agent_harness import CACHE_DIR, private_pin_root, remove_pin_root, tcx_programs
 from tests.chart.access import Access, Scope
@@ -37,6 +40,7 @@ from tests.chart.rbac import allowed
 from tests.fixtures.controlplane import wait_for
 
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+ADMISSION_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 GROUP, VERSION = "stockade.io", "v1alpha1"
 UPSTREAM_GROUP, UPSTREAM_VERSION = "policy.networking.k8s.io", "v1alpha2"
 MERGE_PATCH = "application/merge-patch+json"
@@ -53,21 +57,45 @@ def k8s(api_class: str, client: Any) -> Any:
 def chart_objects(
     release: str, namespace: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(RBAC objects, CRDs) of the chart rendered with its default values."""
+    """(RBAC and admission policy objects, CRDs) of the chart rendered with its default
+    values."""
     objects = render(release=release, namespace=namespace, extra=["--include-crds"])
-    rbac = [o for o in objects if o["kind"] in RBAC_KINDS]
+    rbac = [o for o in objects if o["kind"] in RBAC_KINDS + ADMISSION_KINDS]
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
     return rbac, crds
 
 
-def mint_kubeconfig(plane: ControlPlane, namespace: str, sa: str, path: Path) -> Path:
-    """A kubeconfig whose user is ServiceAccount `namespace`/`sa` (a TokenRequest token)."""
+def register_agent_pod(admin: Any, namespace: str, name: str, node: NodeNet, sa: str) -> str:
+    """Register a host-network agent Pod of ServiceAccount `sa` on Node `node.name` (which must
+    be registered) and return its uid, to bind an agent's token to it as kubelet does."""
+    pod = PodNet(f"{namespace}/{name}", node.name, node.netns, node.ip_v4, node.ip_v6, "", "")
+    labels = {"app.kubernetes.io/component": "agent"}
+    register_pod(admin, namespace, name, pod, labels, [], host_network=True, service_account=sa)
+    uid: str = k8s("CoreV1Api", admin).read_namespaced_pod(name, namespace).metadata.uid
+    return uid
+
+
+def mint_token(admin: Any, namespace: str, sa: str, pod: tuple[str, str] | None = None) -> str:
+    """A TokenRequest token of ServiceAccount `namespace`/`sa`; with `pod` (name, uid) bound to
+    that Pod, as kubelet mints a pod's projected token (the API server then adds the Pod's node
+    to the token's user extra)."""
+    spec: dict[str, Any] = {"audiences": [SA_ISSUER], "expirationSeconds": TOKEN_SECONDS}
+    if pod is not None:
+        spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": pod[0], "uid": pod[1]}
+    request = k8s("CoreV1Api", admin).create_namespaced_service_account_token(
+        sa, namespace, {"spec": spec}
+    )
+    token: str = request.status.token
+    return token
+
+
+def mint_kubeconfig(
+    plane: ControlPlane, namespace: str, sa: str, path: Path, pod: tuple[str, str] | None = None
+) -> Path:
+    """A kubeconfig whose user is ServiceAccount `namespace`/`sa` (a TokenRequest token, bound
+    to Pod `pod` (name, uid) when given)."""
     with plane.api_client() as admin:
-        request = k8s("CoreV1Api", admin).create_namespaced_service_account_token(
-            sa,
-            namespace,
-            {"spec": {"audiences": [SA_ISSUER], "expirationSeconds": TOKEN_SECONDS}},
-        )
+        token = mint_token(admin, namespace, sa, pod)
     ca = base64.b64encode(plane.pki.ca_cert.read_bytes()).decode()
     config = {
         "apiVersion": "v1",
@@ -78,7 +106,7 @@ def mint_kubeconfig(plane: ControlPlane, namespace: str, sa: str, path: Path) ->
                 "cluster": {"server": plane.server, "certificate-authority-data": ca},
             }
         ],
-        "users": [{"name": sa, "user": {"token": request.status.token}}],
+        "users": [{"name": sa, "user": {"token": token}}],
         "contexts": [{"name": sa, "context": {"cluster": "sandbox", "user": sa}}],
         "current-context": sa,
     }
@@ -128,7 +156,8 @@ class RbacStack:
     topology: Topology
     procs: PodProcesses
     node_names: dict[str, str]  # topology node -> Node name in the API
-    kubeconfigs: dict[str, Path] = field(default_factory=dict)  # component -> kubeconfig
+    # "operator", and "agent/<topology node>" (a token bound to an agent Pod on that node)
+    kubeconfigs: dict[str, Path] = field(default_factory=dict)
     lease_name: str = "stockade-operator"
     operator: Process | None = None
     agents: dict[str, Process] = field(default_factory=dict)  # topology node -> its agent
@@ -188,7 +217,7 @@ class RbacStack:
             "-u",
             "-m",
             "stockade.agent",
-            f"--kubeconfig={self.kubeconfigs['agent']}",
+            f"--kubeconfig={self.kubeconfigs[f'agent/{node}']}",
             f"--node={self.node_names[node]}",
             f"--netns={self.topology.node(node).netns}",
             f"--pin-root={self.pins[node]}",

@@ -45,11 +45,21 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         },
         "agent": {"serviceAccount": {"create": False, "name": "nodes"}},
     },
+    "agent node scope policy off": {"agent": {"nodeScopePolicy": False}},
     "bpffs mounted by the chart, custom lease": {
         "agent": {"bpffs": {"mountIfMissing": True}},
         "operator": {"leaderElection": {"leaseName": "elect-me"}},
     },
 }
+
+
+CLUSTER_KINDS = (
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
+POLICY = "stockade-agent-node-scope"
 
 
 def service_account(objects: list[dict[str, Any]], component: str) -> str | None:
@@ -85,7 +95,7 @@ def test_every_object_is_labelled_and_namespaced_in_the_release(overrides: dict[
     for obj in render(overrides):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == "stockade", kinds([obj])
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in CLUSTER_KINDS:
             assert obj["metadata"]["namespace"] == NAMESPACE, kinds([obj])
 
 
@@ -152,6 +162,36 @@ def test_agent_runs_on_every_node_with_only_bpf_net_admin_and_perfmon() -> None:
         "type": "RollingUpdate",
         "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
     }
+
+
+def test_agent_writes_are_scoped_to_its_node_by_an_admission_policy_by_default() -> None:
+    objects = render()
+    policy = find(objects, "ValidatingAdmissionPolicy", POLICY)["spec"]
+    binding = find(objects, "ValidatingAdmissionPolicyBinding", POLICY)["spec"]
+    assert binding == {"policyName": POLICY, "validationActions": ["Deny"]}
+    assert policy["failurePolicy"] == "Fail"
+    (condition,) = policy["matchConditions"]
+    user = "system:serviceaccount:stockade-system:stockade-agent"
+    assert condition["expression"] == f'request.userInfo.username == "{user}"'
+    (rule,) = policy["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["datapathtables", "datapathtables/status"]
+    assert all(v["reason"] == "Forbidden" for v in policy["validations"])
+    # kubelet binds the token it mounts to the pod: the agent's token names its node
+    ds = find(objects, "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    assert ds.get("automountServiceAccountToken", True) is True
+
+
+def test_the_node_scope_policy_names_an_existing_agent_service_account() -> None:
+    objects = render(SCENARIOS["existing service accounts and digests"])
+    policy = find(objects, "ValidatingAdmissionPolicy", POLICY)["spec"]
+    user = "system:serviceaccount:stockade-system:nodes"
+    assert policy["matchConditions"][0]["expression"] == f'request.userInfo.username == "{user}"'
+
+
+@pytest.mark.parametrize("overrides", ["agent node scope policy off", "operator only"])
+def test_no_node_scope_policy_when_it_or_the_agent_is_off(overrides: str) -> None:
+    rendered = kinds(render(SCENARIOS[overrides]))
+    assert not [k for k in rendered if k.startswith("ValidatingAdmissionPolicy")]
 
 
 def test_agent_mounts_the_node_bpffs_with_host_to_container_propagation() -> None:

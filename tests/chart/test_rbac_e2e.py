@@ -1,15 +1,17 @@
 """The chart's RBAC, proven with the real operator and agents: with exactly the chart's roles
 they run the whole scenario, and without any one rule some step of it fails.
 
-Only the chart's RBAC objects and CRDs are applied (helm template); the operator and one agent
-per node run as processes whose kubeconfigs carry TokenRequest tokens of the chart's
-ServiceAccounts. The scenario (2-node topology; web and a ghost pod without an interface on
-node 1, client and other on node 2): the operator takes its Lease in the release namespace,
-publishes DatapathTables for a standard NetworkPolicy, a stockade NetworkPolicy and an upstream
-ClusterNetworkPolicy (whose CRD is installed after the operator started), writes Accepted and
-Programmed, and posts the Programmed Event of the standard policy; each agent attaches its
-programs and reports on `<node>.program.0`; node 1's agent posts an Event on the ghost pod; a
-probe shows that only client reaches web.
+Only the chart's RBAC objects, its agent admission policy and CRDs are applied (helm template);
+the operator and one agent per node run as processes whose kubeconfigs carry TokenRequest tokens
+of the chart's ServiceAccounts (each agent's bound to an agent Pod on its node, as kubelet binds
+it, so that the admission policy lets it write its own node's tables). The scenario (2-node
+topology; web and a ghost pod without an interface on node 1, client and other on node 2): the
+operator takes its Lease in the release namespace, publishes DatapathTables for a standard
+NetworkPolicy, a stockade NetworkPolicy and an upstream ClusterNetworkPolicy (whose CRD is
+installed after the operator started), writes Accepted and Programmed, and posts the Programmed
+Event of the standard policy; each agent attaches its programs and reports on
+`<node>.program.0`; node 1's agent posts an Event on the ghost pod; a probe shows that only
+client reaches web.
 
 Then each rule of the chart's roles is removed in turn, the component that holds it restarted,
 and the step that needs the rule fails as it should, while the component itself says why (a
@@ -45,6 +47,7 @@ from tests.chart.rbac_stack import (
     chart_objects,
     k8s,
     mint_kubeconfig,
+    register_agent_pod,
     sample_access,
     wait_equal,
     wait_logged,
@@ -114,6 +117,13 @@ def _remove_api_objects(stack: RbacStack, crds_found: bool) -> None:
     rbac = k8s("RbacAuthorizationV1Api", admin)
     for pod in PODS:
         _delete_quietly(core.delete_namespaced_pod, pod, ns, grace_period_seconds=0)
+    for node in stack.topology.nodes:
+        _delete_quietly(
+            core.delete_namespaced_pod,
+            f"agent-{node.name}",
+            stack.release_namespace,
+            grace_period_seconds=0,
+        )
     for obj in objects.list_namespaced_custom_object(GROUP, VERSION, ns, "networkpolicies")[
         "items"
     ]:
@@ -146,6 +156,11 @@ def _remove_api_objects(stack: RbacStack, crds_found: bool) -> None:
         rbac.delete_cluster_role(role.metadata.name)
     for binding in rbac.list_cluster_role_binding(label_selector=selector).items:
         rbac.delete_cluster_role_binding(binding.metadata.name)
+    admission = k8s("AdmissionregistrationV1Api", admin)
+    for vapb in admission.list_validating_admission_policy_binding(label_selector=selector).items:
+        admission.delete_validating_admission_policy_binding(vapb.metadata.name)
+    for vap in admission.list_validating_admission_policy(label_selector=selector).items:
+        admission.delete_validating_admission_policy(vap.metadata.name)
     for namespace in (ns, stack.release_namespace):
         _delete_quietly(core.delete_namespace, namespace)
     if crds_found:
@@ -201,14 +216,25 @@ def stack(
             node_names={n.name: f"rbac-{suffix}-{n.index}" for n in topology.nodes},
         )
         try:
-            for component in ("operator", "agent"):
-                stack.kubeconfigs[component] = mint_kubeconfig(
+            stack.kubeconfigs["operator"] = mint_kubeconfig(
+                control_plane,
+                release_namespace,
+                f"{release}-operator",
+                workdir / "operator.kubeconfig",
+            )
+            _build(stack)
+            agent_sa = f"{release}-agent"
+            for node in topology.nodes:
+                in_api = dataclasses.replace(node, name=stack.node_names[node.name])
+                pod = f"agent-{node.name}"
+                uid = register_agent_pod(admin, release_namespace, pod, in_api, agent_sa)
+                stack.kubeconfigs[f"agent/{node.name}"] = mint_kubeconfig(
                     control_plane,
                     release_namespace,
-                    f"{release}-{component}",
-                    workdir / f"{component}.kubeconfig",
+                    agent_sa,
+                    workdir / f"agent-{node.name}.kubeconfig",
+                    pod=(pod, uid),
                 )
-            _build(stack)
             yield stack
         finally:
             stack.close()

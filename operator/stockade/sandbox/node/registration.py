@@ -148,12 +148,15 @@ def register_pod(
     labels: dict[str, str],
     ports: list[tuple[str | None, int, str]],
     host_network: bool = False,
+    service_account: str | None = None,
 ) -> None:
     """Create Pod `namespace/name` bound to `pod.node` and set its status to Running and Ready.
 
     `ports` are (name or None, number, protocol) container ports. hostIP/hostIPs are the
     InternalIPs of the pod's Node object, which `register_node` must have created. A
-    host-network pod (`host_network`) is given its node's addresses in `pod`."""
+    host-network pod (`host_network`) is given its node's addresses in `pod`. The pod runs as
+    ServiceAccount `service_account` when given (tokens can then be bound to it), else the
+    namespace's `default`."""
     core = CoreV1Api(api)
     host_ips = node_internal_ips(api, pod.node)
     body: dict[str, Any] = {
@@ -181,6 +184,8 @@ def register_pod(
             ],
         },
     }
+    if service_account is not None:
+        body["spec"]["serviceAccountName"] = service_account
     create_pod(api, namespace, body)
     now = _now()
     status: dict[str, Any] = {
