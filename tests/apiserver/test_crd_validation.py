@@ -10,7 +10,6 @@ verdicts. `install_crds()` is also used by tests/apiserver/test_examples.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,6 @@ def install_crds(api_client: Any) -> None:
             ext.replace_custom_resource_definition(kind.name, body)
     for kind in CRD_KINDS:
         wait_for_crd(api_client, kind.name)
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> Iterator[None]:
-    with control_plane.api_client() as client:
-        install_crds(client)
-    yield
 
 
 def create(api_client: Any, namespace: str, obj: Obj) -> dict[str, Any]:

@@ -10,16 +10,9 @@ import pytest
 import yaml
 
 from stockade.model.crd import parse_policy
-from stockade.sandbox.controlplane.server import ControlPlane
-from tests.apiserver.test_crd_validation import create, delete, install_crds
+from tests.apiserver.test_crd_validation import create, delete
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    with control_plane.api_client() as client:
-        install_crds(client)
 
 
 def test_there_are_examples() -> None:

@@ -24,31 +24,11 @@ from stockade.control.lease import LeaseElector
 from stockade.control.plan import NodeParts
 from stockade.control.publish import Publisher
 from stockade.model.crd_schema import GROUP, VERSION
-from stockade.sandbox.controlplane.server import ControlPlane
-from tests.apiserver.test_crd_validation import install_crds
 from tests.apiserver.test_publish import PLURAL, assembled
 from tests.fixtures.controlplane import wait_for
 from tests.fixtures.handoff_tables import same, tables
 
 DURATION = 1.0  # seconds: the takeover waits this out
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    with control_plane.api_client() as client:
-        install_crds(client)
-
-
-@pytest.fixture
-def nodes(crds: None, api_client: Any) -> Iterator[list[str]]:
-    """Two node names of this test; their DatapathTables are deleted afterwards."""
-    names = [f"fence-{secrets.token_hex(3)}-{i}" for i in range(2)]
-    yield names
-    custom = kubernetes.client.CustomObjectsApi(api_client)
-    for node in names:
-        custom.delete_collection_cluster_custom_object(
-            GROUP, VERSION, PLURAL, label_selector=f"{handoff.NODE_LABEL}={node}"
-        )
 
 
 @pytest.fixture
@@ -92,17 +72,17 @@ def take_over(two: LeaseElector) -> None:
 
 
 def test_a_write_checked_before_the_takeover_is_refused_by_its_resource_version(
-    api_client: Any, nodes: list[str], electors: tuple[LeaseElector, LeaseElector]
+    api_client: Any, table_nodes: list[str], electors: tuple[LeaseElector, LeaseElector]
 ) -> None:
     _, two = electors
     first = Publisher(api_client)  # its wave's leader check passed: it led when it checked
-    first.apply(first.plan(desired(nodes, 80)))
-    late = first.plan(desired(nodes, 443))  # planned while one led, lands after the takeover
+    first.apply(first.plan(desired(table_nodes, 80)))
+    late = first.plan(desired(table_nodes, 443))  # planned while one led, lands after the takeover
     take_over(two)
     second = Publisher(api_client)  # two leads now
     second.resync()
-    second.apply(second.plan(desired(nodes, 8080)))
-    for node in nodes:
+    second.apply(second.plan(desired(table_nodes, 8080)))
+    for node in table_nodes:
         generation, got = assembled(api_client, node)
         assert generation == 2 and same(got, tables(8080))
 
@@ -111,7 +91,7 @@ def test_a_write_checked_before_the_takeover_is_refused_by_its_resource_version(
         refused: Exception | None = None
     except Exception as exc:  # what it raised is checked below
         refused = exc
-    for node in nodes:
+    for node in table_nodes:
         generation, got = assembled(api_client, node)
         assert generation == 2 and same(got, tables(8080)), "the late write landed"
     assert isinstance(refused, publish.WriteConflictError), refused
@@ -121,33 +101,33 @@ def test_a_write_checked_before_the_takeover_is_refused_by_its_resource_version(
 
 
 def test_a_deposed_leader_writes_nothing_once_it_knows_it_no_longer_leads(
-    api_client: Any, nodes: list[str], electors: tuple[LeaseElector, LeaseElector]
+    api_client: Any, table_nodes: list[str], electors: tuple[LeaseElector, LeaseElector]
 ) -> None:
     one, two = electors
     first = Publisher(api_client, is_leader=lambda: one.is_leader)
-    first.apply(first.plan(desired(nodes, 80)))
-    late = first.plan(desired(nodes, 443))
+    first.apply(first.plan(desired(table_nodes, 80)))
+    late = first.plan(desired(table_nodes, 443))
     take_over(two)
     assert not one.is_leader  # its last renewal is older than two thirds of the duration
     second = Publisher(api_client, is_leader=lambda: two.is_leader)
     second.resync()
-    second.apply(second.plan(desired(nodes, 8080)))
+    second.apply(second.plan(desired(table_nodes, 8080)))
     writes = first.writes
     with pytest.raises(publish.NotLeaderError):
         first.apply(late)
     assert first.writes == writes
-    for node in nodes:
+    for node in table_nodes:
         generation, got = assembled(api_client, node)
         assert generation == 2 and same(got, tables(8080))
 
 
 def test_an_agents_status_write_does_not_make_the_next_write_a_conflict(
-    api_client: Any, nodes: list[str]
+    api_client: Any, table_nodes: list[str]
 ) -> None:
     publisher = Publisher(api_client)
-    publisher.apply(publisher.plan(desired(nodes, 80)))
+    publisher.apply(publisher.plan(desired(table_nodes, 80)))
     custom = kubernetes.client.CustomObjectsApi(api_client)
-    program = handoff.program_name(nodes[0])
+    program = handoff.program_name(table_nodes[0])
     before = publisher.stamps[program]
     custom.patch_cluster_custom_object_status(  # the agent reports; no watch tells the publisher
         GROUP,
@@ -157,9 +137,9 @@ def test_an_agents_status_write_does_not_make_the_next_write_a_conflict(
         {"status": {"appliedGeneration": 1, "endpointsAttached": 0, "errors": []}},
         _content_type="application/merge-patch+json",
     )
-    publisher.apply(publisher.plan(desired(nodes, 443)))
+    publisher.apply(publisher.plan(desired(table_nodes, 443)))
     assert publisher.conflicts == 0 and not publisher.stale
     assert publisher.stamps[program].version != before.version
-    for node in nodes:
+    for node in table_nodes:
         generation, got = assembled(api_client, node)
         assert generation == 2 and same(got, tables(443))

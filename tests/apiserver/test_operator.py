@@ -32,16 +32,9 @@ from stockade.model.crd_schema import GROUP, VERSION
 from stockade.sandbox.controlplane.server import ControlPlane
 from stockade.sandbox.node.registration import register_node, register_pod, set_pod_labels
 from stockade.sandbox.topology import NodeNet, PodNet, node_net
-from tests.apiserver.test_crd_validation import install_crds
 from tests.fixtures.controlplane import wait_for
 
 PLURAL = "datapathtables"
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    with control_plane.api_client() as client:
-        install_crds(client)
 
 
 class OperatorThread:

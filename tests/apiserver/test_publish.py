@@ -10,8 +10,6 @@ The tables are published in shards (`inline_max=0`), as a large node's are.
 from __future__ import annotations
 
 import dataclasses
-import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import kubernetes.client
@@ -24,30 +22,10 @@ from stockade.control.plan import Plan, plan
 from stockade.control.publish import Publisher
 from stockade.handoff import Assembler, IncompleteError, TableObject
 from stockade.model.crd_schema import GROUP, VERSION
-from stockade.sandbox.controlplane.server import ControlPlane
-from tests.apiserver.test_crd_validation import install_crds
 from tests.fixtures.handoff_tables import same, tables
 
 PLURAL = "datapathtables"
 UNPROCESSABLE = 422
-
-
-@pytest.fixture(scope="module")
-def crds(control_plane: ControlPlane) -> None:
-    with control_plane.api_client() as client:
-        install_crds(client)
-
-
-@pytest.fixture
-def nodes(crds: None, api_client: Any) -> Iterator[list[str]]:
-    """Two node names of this test; their DatapathTables are deleted afterwards."""
-    names = [f"publish-{secrets.token_hex(3)}-{i}" for i in range(2)]
-    yield names
-    custom = kubernetes.client.CustomObjectsApi(api_client)
-    for node in names:
-        custom.delete_collection_cluster_custom_object(
-            GROUP, VERSION, PLURAL, label_selector=f"{handoff.NODE_LABEL}={node}"
-        )
 
 
 def listed(api_client: Any, node: str) -> dict[str, TableObject]:
@@ -72,32 +50,38 @@ def refusing(planned: Plan, node: str) -> Plan:
 
 
 def test_a_publish_writes_every_changed_object_and_each_node_assembles_the_new_set(
-    api_client: Any, nodes: list[str]
+    api_client: Any, table_nodes: list[str]
 ) -> None:
     publisher = Publisher(api_client)
     for generation, port in ((1, 80), (2, 443)):  # creates, then patches
-        desired = {node: handoff.encode(tables(port), inline_max=0) for node in nodes}
+        desired = {node: handoff.encode(tables(port), inline_max=0) for node in table_nodes}
         planned = plan(publisher.published, desired, generation)
         publisher.apply(planned)
-        for node in nodes:
+        for node in table_nodes:
             got_generation, got = assembled(api_client, node)
             assert got_generation == generation
             assert same(got, tables(port))
-    assert set(publisher.published) == {name for node in nodes for name in listed(api_client, node)}
+    assert set(publisher.published) == {
+        name for node in table_nodes for name in listed(api_client, node)
+    }
     writes = publisher.writes
     publisher.apply(plan(publisher.published, desired, 3))
     assert publisher.writes == writes  # nothing changed, nothing written
 
 
 def test_a_refused_shard_leaves_its_node_incomplete_until_the_next_publish(
-    api_client: Any, nodes: list[str]
+    api_client: Any, table_nodes: list[str]
 ) -> None:
     publisher = Publisher(api_client)
     publisher.apply(
-        plan(publisher.published, {n: handoff.encode(tables(80), inline_max=0) for n in nodes}, 1)
+        plan(
+            publisher.published,
+            {n: handoff.encode(tables(80), inline_max=0) for n in table_nodes},
+            1,
+        )
     )
-    broken, fine = nodes
-    desired = {n: handoff.encode(tables(443), inline_max=0) for n in nodes}
+    broken, fine = table_nodes
+    desired = {n: handoff.encode(tables(443), inline_max=0) for n in table_nodes}
     with pytest.raises(ApiException) as refused:
         publisher.apply(refusing(plan(publisher.published, desired, 2), broken))
     assert refused.value.status == UNPROCESSABLE
@@ -115,13 +99,13 @@ def test_a_refused_shard_leaves_its_node_incomplete_until_the_next_publish(
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["digest-recomputed", "digest-stale"])
 def test_a_listing_finds_a_hand_edited_table_and_the_next_publish_restores_it(
-    api_client: Any, nodes: list[str], recompute: bool
+    api_client: Any, table_nodes: list[str], recompute: bool
 ) -> None:
     publisher = Publisher(api_client)
-    desired = {n: handoff.encode(tables(80), inline_max=0) for n in nodes}
+    desired = {n: handoff.encode(tables(80), inline_max=0) for n in table_nodes}
     publisher.apply(plan(publisher.published, desired, 1))
     custom = kubernetes.client.CustomObjectsApi(api_client)
-    name = handoff.object_name(nodes[0], handoff.POLICY, 0)
+    name = handoff.object_name(table_nodes[0], handoff.POLICY, 0)
     entries = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["spec"]["entries"]
     spec: dict[str, Any] = {"entries": entries[:-1]}
     if recompute:
@@ -137,5 +121,5 @@ def test_a_listing_finds_a_hand_edited_table_and_the_next_publish_restores_it(
     assert custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["spec"]["entries"] == (
         entries
     )
-    generation, got = assembled(api_client, nodes[0])
+    generation, got = assembled(api_client, table_nodes[0])
     assert generation == 1 and same(got, tables(80))
