@@ -8,10 +8,10 @@ import ipaddress
 import pytest
 
 from stockade import handoff
-from stockade.handoff import codec
 from stockade.compiler import ir
 from stockade.compiler.lower import lower_node
 from stockade.compiler.shape import FragmentPolicy, Shape
+from stockade.handoff import codec
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 
@@ -169,7 +169,7 @@ def test_an_unknown_fragment_policy_is_refused_naming_the_field() -> None:
 
 
 def test_a_fragments_map_size_past_its_limit_is_refused_naming_the_field() -> None:
-    with pytest.raises(handoff.HandoffError, match="shape.fragments_max: 2097152 is outside"):
+    with pytest.raises(handoff.HandoffError, match=r"shape\.fragments_max: 2097152 is outside"):
         handoff.decode_program([f"shape fragments_max {1 << 21}"])
 
 
