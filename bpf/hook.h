@@ -18,9 +18,19 @@
  * ethertype, VLAN tags it does not walk, IPv6 without STOCKADE_IPV6; parse.h says why), and
  * frames whose IP header cannot be parsed (REASON_MALFORMED).
  * Dropped whatever the policy, when the local address is an endpoint: packets whose transport
- * header cannot be parsed (one split across fragments included), and non-first fragments unless
- * STOCKADE_FRAGMENTS_PASS (their first fragment carries the ports and is judged; without it the
- * destination cannot reassemble the datagram).
+ * header cannot be parsed (one split across fragments included).
+ *
+ * Non-first fragments carry no ports; only a datagram's first fragment does, and it is judged
+ * like any packet. What happens to the others, when the local address is an endpoint:
+ * - STOCKADE_FRAGMENTS_TRACK (the default): the verdict on the first fragment is recorded in the
+ *   `fragments` map under the datagram (addresses, protocol, identification, hook direction);
+ *   the non-first fragments of that datagram follow it: allowed ones pass, denied ones drop with
+ *   REASON_FRAGMENT and the first fragment's rule. A non-first fragment with no recorded first
+ *   fragment (reordered before it, expired, or crafted) drops with REASON_FRAGMENT, rule 0.
+ *   Only a first fragment the hook judged is recorded: from a pod after the source check, to a
+ *   pod only when its destination is an endpoint (conntrack entries belong to endpoints' flows).
+ * - STOCKADE_FRAGMENTS_PASS: they pass unjudged.
+ * - neither: they drop (REASON_FRAGMENT), and no fragmented datagram arrives.
  */
 #pragma once
 
@@ -33,8 +43,59 @@
 #define VERDICT_PASS (-1)
 #define VERDICT_DROP 2
 
-#ifndef STOCKADE_FRAGMENTS_PASS
-#error "STOCKADE_FRAGMENTS_PASS must be defined by the rendered program"
+#if !defined(STOCKADE_FRAGMENTS_PASS) || !defined(STOCKADE_FRAGMENTS_TRACK)
+#error "STOCKADE_FRAGMENTS_PASS and STOCKADE_FRAGMENTS_TRACK must be defined by the rendered program"
+#endif
+
+#if STOCKADE_FRAGMENTS_TRACK
+static __always_inline void frag_key_set(struct frag_key *k, const struct flow *f, __u32 dir)
+{
+	__builtin_memcpy(k->saddr, f->t.saddr, 16);
+	__builtin_memcpy(k->daddr, f->t.daddr, 16);
+	k->id = f->frag_id;
+	k->proto = f->t.proto;
+	k->dir = dir;
+	k->pad = 0;
+}
+
+/* Record the verdict on a first fragment for the rest of its datagram; other packets, nothing. */
+static __always_inline void frag_record(const struct flow *f, __u32 dir, __u8 action,
+					__u32 rule_id)
+{
+	struct frag_key k;
+	struct frag_entry e = {};
+
+	if (f->frag != FRAG_FIRST)
+		return;
+	frag_key_set(&k, f, dir);
+	e.expires_ns = bpf_ktime_get_coarse_ns() + FRAG_TIMEOUT_NS;
+	e.rule_id = rule_id;
+	e.action = action;
+	bpf_map_update_elem(&fragments, &k, &e, BPF_ANY);
+}
+
+/* The live verdict recorded for a non-first fragment's datagram, or NULL. */
+static __always_inline struct frag_entry *frag_find(const struct flow *f, __u32 dir)
+{
+	struct frag_key k;
+	struct frag_entry *e;
+
+	frag_key_set(&k, f, dir);
+	e = bpf_map_lookup_elem(&fragments, &k);
+	if (!e)
+		return NULL;
+	if (e->expires_ns < bpf_ktime_get_coarse_ns()) {
+		bpf_map_delete_elem(&fragments, &k);
+		return NULL;
+	}
+	return e;
+}
+#else
+static __always_inline void frag_record(const struct flow *f, __u32 dir, __u8 action,
+					__u32 rule_id)
+{
+	(void)f, (void)dir, (void)action, (void)rule_id;
+}
 #endif
 
 /* The endpoint a packet leaving a pod comes from, or NULL when its source address is not one of
@@ -96,8 +157,10 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 
 	if (cfg && r == PARSE_IP) {
 		now = bpf_ktime_get_coarse_ns();
-		if (ct_lookup(&f, dir, cfg, now) != CT_NEW)
+		if (ct_lookup(&f, dir, cfg, now) != CT_NEW) {
+			frag_record(&f, dir, ACTION_ALLOW, 0);
 			return VERDICT_PASS;
+		}
 	}
 #endif
 	if (dir != DIR_EGRESS)
@@ -105,9 +168,21 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	if (!ep)
 		return VERDICT_PASS;
 	if (r == PARSE_FRAGMENT) {
+		__u32 frag_rule = 0;
+
+#if STOCKADE_FRAGMENTS_TRACK
+		struct frag_entry *fe = frag_find(&f, dir);
+
+		if (fe) {
+			if (fe->action == ACTION_ALLOW)
+				return VERDICT_PASS;
+			frag_rule = fe->rule_id;
+		}
+#else
 		if (STOCKADE_FRAGMENTS_PASS)
 			return VERDICT_PASS;
-		emit_drop(skb, &f, dir, REASON_FRAGMENT, 0, ep->id);
+#endif
+		emit_drop(skb, &f, dir, REASON_FRAGMENT, frag_rule, ep->id);
 		return VERDICT_DROP;
 	}
 	if (r == PARSE_L4_MALFORMED) {
@@ -122,9 +197,11 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 			       dir, &d);
 	account_decision(skb, &f, dir, &d);
 	if (d.action == ACTION_DENY) {
+		frag_record(&f, dir, ACTION_DENY, d.rule_id);
 		emit_drop(skb, &f, dir, REASON_POLICY, d.rule_id, d.endpoint_id);
 		return VERDICT_DROP;
 	}
+	frag_record(&f, dir, ACTION_ALLOW, d.rule_id);
 #if STOCKADE_CONNTRACK
 	ct_create(&f, dir, &d, cfg, now);
 #endif

@@ -210,6 +210,39 @@ struct {
 } conntrack SEC(".maps");
 #endif
 
+#if STOCKADE_FRAGMENTS_TRACK
+/* fragments: the verdict on a fragmented datagram's first fragment (the one with the ports),
+ * which its non-first fragments follow (hook.h). Keyed by what identifies a datagram (RFC 791,
+ * RFC 8200: addresses, protocol, identification) plus the direction of the hook that judged it.
+ * An entry lives FRAG_TIMEOUT_NS, the kernel's ipfrag_time: a datagram not reassembled by then
+ * is gone from the destination's reassembly queue anyway. */
+struct frag_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u32 id;		/* IPv4 identification (16 bits) or IPv6 fragment identification */
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+struct frag_entry {
+	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which the entry is dead */
+	__u32 rule_id;		/* the rule that decided the first fragment; 0 for conntrack */
+	__u8 action;		/* ACTION_ALLOW or ACTION_DENY */
+	__u8 pad[3];
+};
+
+#define FRAG_TIMEOUT_NS 30000000000ULL /* 30 s */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STOCKADE_FRAGMENTS_MAX);
+	__type(key, struct frag_key);
+	__type(value, struct frag_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fragments SEC(".maps");
+#endif
+
 static __always_inline struct config *config_get(void)
 {
 	__u32 zero = 0;

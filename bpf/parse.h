@@ -78,12 +78,22 @@ struct tuple {
 	__u16 pad;
 };
 
+/* Where a packet stands among the fragments of its datagram. */
+enum frag_kind {
+	FRAG_NONE = 0,		/* not fragmented (an IPv6 atomic fragment included) */
+	FRAG_FIRST = 1,		/* offset 0, more fragments: carries the transport header */
+	FRAG_LATER = 2,		/* a non-first fragment: no transport header */
+};
+
 struct flow {
 	struct tuple t;
 	struct tuple inner;	/* the packet an ICMP error is about, as that packet was sent */
 	__u16 port;		/* the policy port (host order) */
 	__u8 tcp_flags;
 	__u8 family;		/* 4 or 6 */
+	__u32 frag_id;		/* IPv4 identification or IPv6 fragment identification */
+	__u8 frag;		/* enum frag_kind */
+	__u8 pad[3];
 };
 
 #define TCP_FLAG_FIN 0x01
@@ -149,9 +159,10 @@ static __always_inline int icmpv6_is_control(__u8 type)
 
 /* Parse the IPv4 header at `off`; returns the transport offset or a negative parse_result. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct tuple *t,
-				      __u8 *fragment)
+				      __u8 *fragment, __u32 *frag_id)
 {
 	struct iphdr ip;
+	__u16 frag_off;
 
 	if (pkt_load(skb, off, &ip, sizeof(ip)) < 0)
 		return -PARSE_MALFORMED;
@@ -160,7 +171,14 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct t
 	addr_set_v4(t->saddr, ip.saddr);
 	addr_set_v4(t->daddr, ip.daddr);
 	t->proto = ip.protocol;
-	*fragment = (bpf_ntohs(ip.frag_off) & 0x1fff) != 0;
+	frag_off = bpf_ntohs(ip.frag_off);
+	if (frag_off & 0x1fff)
+		*fragment = FRAG_LATER;
+	else if (frag_off & 0x2000)
+		*fragment = FRAG_FIRST;
+	else
+		*fragment = FRAG_NONE;
+	*frag_id = bpf_ntohs(ip.id);
 	return off + ip.ihl * 4;
 }
 
@@ -168,11 +186,13 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct t
 /* Parse the IPv6 header at `off` and walk at most STOCKADE_IPV6_EXT_MAX extension headers;
  * returns the transport offset or a negative parse_result. */
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct tuple *t,
-				      __u8 *fragment)
+				      __u8 *fragment, __u32 *frag_id)
 {
 	struct ipv6hdr ip6;
 	__u8 ext[8];
 	__u8 next;
+	__u16 frag_field = 0;	/* offset and M flag of the fragment headers seen, or-ed */
+	__be32 id = 0;
 	int i;
 
 	if (pkt_load(skb, off, &ip6, sizeof(ip6)) < 0)
@@ -193,8 +213,9 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct t
 		if (pkt_load(skb, off, ext, sizeof(ext)) < 0)
 			return -PARSE_MALFORMED;
 		if (next == IPV6_NEXTHDR_FRAGMENT) {
-			if ((((__u16)ext[2] << 8 | ext[3]) & 0xfff8) != 0)
-				*fragment = 1;
+			/* classified after the walk: fewer states for the verifier in the loop */
+			frag_field |= (__u16)ext[2] << 8 | ext[3];
+			__builtin_memcpy(&id, ext + 4, 4);
 			off += 8;
 		} else if (next == IPV6_NEXTHDR_AH) {
 			off += ((__u32)ext[1] + 2) * 4;
@@ -206,6 +227,11 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct t
 	if (next == IPV6_NEXTHDR_HOP || next == IPV6_NEXTHDR_ROUTING || next == IPV6_NEXTHDR_DEST ||
 	    next == IPV6_NEXTHDR_FRAGMENT || next == IPV6_NEXTHDR_AH)
 		return -PARSE_MALFORMED; /* more extension headers than the walk allows */
+	if (frag_field & 0xfff8)
+		*fragment = FRAG_LATER;
+	else if (frag_field & 1)
+		*fragment = FRAG_FIRST;
+	*frag_id = bpf_ntohl(id);
 	t->proto = next;
 	return off;
 }
@@ -274,11 +300,12 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, __u32 off, __
 {
 	__u16 port;
 	__u8 type, frag;
+	__u32 frag_id;
 	int l4;
 
 	off += 8;
 	if (family == 4) {
-		l4 = parse_ipv4(skb, off, inner, &frag);
+		l4 = parse_ipv4(skb, off, inner, &frag, &frag_id);
 	} else {
 #if STOCKADE_IPV6
 		struct ipv6hdr ip6;
@@ -328,11 +355,11 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 #endif
 	if (proto == bpf_htons(ETH_P_IP)) {
 		f->family = 4;
-		l4 = parse_ipv4(skb, off, &f->t, &fragment);
+		l4 = parse_ipv4(skb, off, &f->t, &fragment, &f->frag_id);
 #if STOCKADE_IPV6
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		f->family = 6;
-		l4 = parse_ipv6(skb, off, &f->t, &fragment);
+		l4 = parse_ipv6(skb, off, &f->t, &fragment, &f->frag_id);
 #endif
 	} else if (proto == bpf_htons(ETH_P_ARP_)) {
 		return PARSE_PASS;
@@ -341,7 +368,8 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 	}
 	if (l4 < 0)
 		return PARSE_MALFORMED;
-	if (fragment)
+	f->frag = fragment;
+	if (fragment == FRAG_LATER)
 		return PARSE_FRAGMENT;
 	if (parse_l4(skb, l4, &f->t, &f->port, &icmp_type) < 0)
 		return PARSE_L4_MALFORMED;

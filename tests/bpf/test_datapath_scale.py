@@ -35,6 +35,7 @@ SHAPES = {
     "vlan": Shape(vlan=True),
     "ipv6-ext-8": Shape(ipv6_ext_headers=8),
     "fragments-drop": Shape(fragments=FragmentPolicy.DROP),
+    "fragments-pass": Shape(fragments=FragmentPolicy.PASS),
     "everything": Shape(vlan=True, ipv6_ext_headers=8),
 }
 RULES_PER_DIRECTION = 10_000

@@ -24,8 +24,8 @@ from stockade.compiler.render import Hook, render
 from stockade.compiler.shape import Shape
 from stockade.datapath.clang import Compiler
 
-# Conntrack and both kinds of events on, so that every map and struct is declared; map sizes
-# that differ from each other, so that each map's size names its Shape field.
+# Conntrack, fragment tracking and both kinds of events on, so that every map and struct is
+# declared; map sizes that differ from each other, so that each map's size names its Shape field.
 SHAPE = Shape(
     endpoints_max=1001,
     classes_max=1_000_002,
@@ -34,6 +34,7 @@ SHAPE = Shape(
     policy_exact_max=1005,
     conntrack_max=1006,
     rules_max=1007,
+    fragments_max=1008,
     events_bytes=8192,
 )
 PROBE = "abi_probe.c"
@@ -58,6 +59,7 @@ DEFINES = {
     "POLICY_EXACT_PORT": abi.POLICY_EXACT_PORT,
     "POLICY_EXACT_CLASS": abi.POLICY_EXACT_CLASS,
     "POLICY_FLAG_LONGER": abi.POLICY_FLAG_LONGER,
+    "FRAG_TIMEOUT_NS": abi.FRAG_TIMEOUT_NS,
 }
 
 
@@ -194,4 +196,4 @@ def test_every_enum_has_the_names_and_values_of_the_c(
 def test_every_constant_has_the_value_of_its_define(
     compiled: Compiled, name: str, value: int
 ) -> None:
-    assert int(compiled.macros[name]) == value
+    assert int(compiled.macros[name].removesuffix("ULL")) == value

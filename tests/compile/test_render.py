@@ -23,10 +23,13 @@ SHAPES = {
     "audit events only": Shape(drop_events=False),
     "vlan": Shape(vlan=True),
     "fragments dropped": Shape(fragments=FragmentPolicy.DROP),
+    "fragments passed": Shape(fragments=FragmentPolicy.PASS),
     "no ipv6 extension walk": Shape(ipv6_ext_headers=0),
     "everything on": Shape(vlan=True, ipv6_ext_headers=8),
     "everything off": Shape(ipv6=False, conntrack=False, drop_events=False, audit_events=False),
-    "small maps": Shape(endpoints_max=16, conntrack_max=16, rules_max=16, events_bytes=4096),
+    "small maps": Shape(
+        endpoints_max=16, conntrack_max=16, rules_max=16, fragments_max=16, events_bytes=4096
+    ),
 }
 
 
@@ -111,6 +114,7 @@ def test_clang_errors_are_reported_with_the_file_name(tmp_path: Path) -> None:
         ("ipv6_ext_headers", 9, "shape.ipv6_ext_headers: 9 is outside 0..8"),
         ("fragments", 1, "shape.fragments: expected a FragmentPolicy"),
         ("conntrack_max", 0, "shape.conntrack_max: 0 is outside"),
+        ("fragments_max", 1 << 21, "shape.fragments_max: 2097152 is outside 1..1048576"),
     ],
     ids=lambda v: str(v)[:20],
 )

@@ -11,6 +11,7 @@ from stockade import handoff
 from stockade.compiler import ir
 from stockade.compiler.lower import lower_node
 from stockade.compiler.shape import FragmentPolicy, Shape
+from stockade.handoff import codec
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 
@@ -143,6 +144,33 @@ def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() ->
 def test_a_malformed_entry_is_refused_naming_it(decoder, entry: str, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(handoff.HandoffError, match=message):
         decoder(entry)
+
+
+@pytest.mark.parametrize("policy", list(FragmentPolicy), ids=lambda p: p.name)
+def test_every_fragment_policy_and_the_fragments_map_size_round_trip(
+    policy: FragmentPolicy,
+) -> None:
+    shape = Shape(fragments=policy, fragments_max=1234)
+    entries = codec.encode_shape(shape)
+    assert f"shape fragments {int(policy)}" in entries
+    assert "shape fragments_max 1234" in entries
+    assert handoff.decode_program(entries).shape == shape
+
+
+def test_fragment_policy_numbers_are_stable() -> None:
+    """The numbers travel in program objects between operator and agents of other versions."""
+    assert {p.name: int(p) for p in FragmentPolicy} == {"PASS": 1, "DROP": 0, "TRACK": 2}
+    assert Shape().fragments is FragmentPolicy.TRACK
+
+
+def test_an_unknown_fragment_policy_is_refused_naming_the_field() -> None:
+    with pytest.raises(handoff.HandoffError, match=r"shape.fragments 3 is none of \[0, 1, 2\]"):
+        handoff.decode_program(["shape fragments 3"])
+
+
+def test_a_fragments_map_size_past_its_limit_is_refused_naming_the_field() -> None:
+    with pytest.raises(handoff.HandoffError, match=r"shape\.fragments_max: 2097152 is outside"):
+        handoff.decode_program([f"shape fragments_max {1 << 21}"])
 
 
 def test_an_unknown_shape_field_is_refused() -> None:

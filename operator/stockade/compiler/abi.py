@@ -130,6 +130,22 @@ CT_ENTRY = Layout(
     ("closing", "B"),
     ("pad", "5x"),
 )
+FRAG_KEY = Layout(
+    "frag_key",
+    ("saddr", "16s"),
+    ("daddr", "16s"),
+    ("id", "I"),
+    ("proto", "B"),
+    ("dir", "B"),
+    ("pad", "H"),
+)
+FRAG_ENTRY = Layout(
+    "frag_entry",
+    ("expires_ns", "Q"),
+    ("rule_id", "I"),
+    ("action", "B"),
+    ("pad", "3x"),
+)
 # The ring buffer's record (bpf/events.h).
 EVENT = Layout(
     "event",
@@ -159,6 +175,8 @@ STRUCTS = (
     CONFIG,
     CT_KEY,
     CT_ENTRY,
+    FRAG_KEY,
+    FRAG_ENTRY,
     EVENT,
 )
 
@@ -212,6 +230,8 @@ MAPS = {
         MapSpec("config", MapType.ARRAY, U32, CONFIG, None),
         # Only with STOCKADE_CONNTRACK.
         MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY, "conntrack_max"),
+        # Only with STOCKADE_FRAGMENTS_TRACK.
+        MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
     )
 }
 
@@ -235,6 +255,7 @@ POLICY_EXACT_PORT = POLICY_KEY_BITS
 POLICY_EXACT_CLASS = PREFIX_CLASS
 POLICY_EXACT_LEVELS = (POLICY_EXACT_PORT, POLICY_EXACT_CLASS)
 POLICY_FLAG_LONGER = 1  # policy_exact: the trie holds longer entries beneath this one
+FRAG_TIMEOUT_NS = 30 * 1_000_000_000  # how long a first fragment's verdict is kept (ipfrag_time)
 
 
 class Direction(IntEnum):

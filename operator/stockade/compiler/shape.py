@@ -23,10 +23,11 @@ PAGE_SIZE = 4096
 
 
 class FragmentPolicy(IntEnum):
-    """What happens to non-first IP fragments (they carry no ports to judge)."""
+    """What happens to non-first IP fragments (they carry no ports to judge; bpf/hook.h)."""
 
-    PASS = 1  # the first fragment is judged; without it nothing reassembles
-    DROP = 0
+    PASS = 1  # passed unjudged: only the first fragment, with the ports, is judged
+    DROP = 0  # dropped: no fragmented datagram arrives
+    TRACK = 2  # they follow the verdict on their datagram's first fragment; orphans drop
 
 
 # The largest map each Shape field may ask for. A Shape arrives at the agent from the API
@@ -41,6 +42,7 @@ SIZE_LIMITS = {
     "hosts_max": 1 << 23,
     "policy_exact_max": 1 << 23,
     "conntrack_max": 1 << 22,
+    "fragments_max": 1 << 20,
     "rules_max": 1 << 20,
     "events_bytes": 1 << 28,
 }
@@ -55,7 +57,7 @@ class Shape:
     conntrack: bool = True
     drop_events: bool = True
     audit_events: bool = True
-    fragments: FragmentPolicy = FragmentPolicy.PASS
+    fragments: FragmentPolicy = FragmentPolicy.TRACK
     ipv6_ext_headers: int = 4  # extension headers walked before the transport header
     endpoints_max: int = 65_536
     classes_max: int = 1 << 21  # LPM trie without preallocation: a large bound costs nothing
@@ -65,6 +67,9 @@ class Shape:
     hosts_max: int = 1 << 21
     policy_exact_max: int = 1 << 20
     conntrack_max: int = 1 << 17  # LRU hash: preallocated, sized for the node's flows
+    # LRU hash of fragmented datagrams in flight (fragments: TRACK), preallocated (64 bytes
+    # an entry with its overhead); an entry lives 30 s.
+    fragments_max: int = 1 << 13
     rules_max: int = 1 << 16  # per-CPU counters indexed by rule id
     events_bytes: int = 1 << 20  # ring buffer of drop and audit events
 
@@ -105,6 +110,8 @@ class Shape:
             "STOCKADE_DROP_EVENTS": int(self.drop_events),
             "STOCKADE_AUDIT_EVENTS": int(self.audit_events),
             "STOCKADE_FRAGMENTS_PASS": int(self.fragments is FragmentPolicy.PASS),
+            "STOCKADE_FRAGMENTS_TRACK": int(self.fragments is FragmentPolicy.TRACK),
+            "STOCKADE_FRAGMENTS_MAX": int(self.fragments_max),
             "STOCKADE_IPV6_EXT_MAX": int(self.ipv6_ext_headers),
             "STOCKADE_ENDPOINTS_MAX": int(self.endpoints_max),
             "STOCKADE_CLASSES_MAX": int(self.classes_max),

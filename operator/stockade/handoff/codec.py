@@ -338,6 +338,11 @@ def decode_program(entries: Iterable[str]) -> Program:
             if types[name] in ("bool", bool):
                 values[name] = bool(number)
             elif name == "fragments":
+                known = sorted(int(p) for p in FragmentPolicy)
+                if number not in known:
+                    raise HandoffError(
+                        f"program entry {entry!r}: shape.fragments {number} is none of {known}"
+                    )
                 values[name] = FragmentPolicy(number)
             else:
                 values[name] = number
