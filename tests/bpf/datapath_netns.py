@@ -70,6 +70,22 @@ def namespaces() -> Iterator[Namespaces]:
 NODE_IP, POD_IP = "10.200.0.1", "10.200.0.2"
 
 
+def wait_carrier(*links: tuple[str, str], timeout: float = 10.0) -> None:
+    """Until each (namespace, interface) has its carrier (LOWER_UP): a veth set up a moment ago
+    may not pass packets yet on a loaded machine, and a test's first datagrams would be lost."""
+    deadline = time.monotonic() + timeout
+    for ns, ifname in links:
+        while True:
+            out = subprocess.run(
+                ["ip", "-n", ns, "link", "show", ifname], capture_output=True, text=True, check=True
+            ).stdout
+            if "LOWER_UP" in out:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{ns}/{ifname} has no carrier after {timeout:.0f}s: {out}")
+            time.sleep(0.02)
+
+
 @contextmanager
 def routed_pod() -> Iterator[Namespaces]:
     """`node` holds vh0 (NODE_IP) with a route to the pod; `pod` holds vp0 (POD_IP)."""
@@ -85,6 +101,7 @@ def routed_pod() -> Iterator[Namespaces]:
             f"ip -n {pod} route add {NODE_IP}/32 dev vp0",
             f"ip -n {pod} route add default via {NODE_IP} dev vp0",
         )
+        wait_carrier((node, "vh0"), (pod, "vp0"))
         yield spaces
 
 
