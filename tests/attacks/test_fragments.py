@@ -16,29 +16,17 @@ while every fragment of `client`'s datagrams still arrives.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from stockade import handoff
-from stockade.agent.attachments import Attachments
-from stockade.agent.programs import Programs
-from stockade.agent.sync import Syncer
-from stockade.compiler.lower import lower_node
 from stockade.compiler.shape import FragmentPolicy, Shape
-from stockade.datapath.clang import Compiler
 from stockade.datapath.events import DropReason, Event, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.handoff import TableObject
 from stockade.harness import packets as pk
-from stockade.model.parse import parse_policy
 from stockade.sandbox.workloads.traffic import Outcome
+from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import (
-    CACHE_DIR,
-    POLICY,
     PORT,
     Cluster,
     pin_root,
@@ -51,33 +39,6 @@ DATAGRAMS = 5  # whole fragmented datagrams per sender, three fragments each
 ORPHANS = 10  # non-first fragments of datagrams whose first fragment is never sent
 CHUNK = 512
 FIRST_ID, ORPHAN_ID, CLIENT_ID = 0x5100, 0x5200, 0x5300
-
-
-def _objects(cluster: Cluster, node: str, shape: Shape) -> dict[str, TableObject]:
-    name = cluster._node(node)
-    lowered = lower_node(cluster.state(), [parse_policy(POLICY)], name, None)
-    built = [
-        TableObject.build(name, part, number, len(shards), 1, shard)
-        for part, shards in handoff.encode(lowered.tables, shape).items()
-        for number, shard in shards.items()
-    ]
-    return {b.name: b for b in built}
-
-
-@contextlib.contextmanager
-def _agent(cluster: Cluster, node: str, root: Path, shape: Shape) -> Iterator[Syncer]:
-    executor = NetnsExecutor.named(cluster.topo.node(node).netns)
-    objects = _objects(cluster, node, shape)
-    programs = Programs(Compiler(CACHE_DIR), root)
-    syncer = Syncer(
-        cluster._node(node), lambda: objects, programs, Attachments(root, executor), None, root
-    )
-    try:
-        syncer.sync()
-        yield syncer
-    finally:
-        syncer.close()
-        executor.close()
 
 
 def _fragments(src: str, dst: str, ident: int) -> list[bytes]:
@@ -175,8 +136,8 @@ def test_with_fragments_pass_a_refused_peers_fragments_reach_the_victim(
     with (
         pin_root() as root1,
         pin_root() as root2,
-        _agent(cluster, "node-1", root1, shape),
-        _agent(cluster, "node-2", root2, shape),
+        node_agent(cluster, "node-1", root1, shape),
+        node_agent(cluster, "node-2", root2, shape),
     ):
         assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}
         seen = _attack(cluster)
@@ -196,8 +157,8 @@ def test_with_fragments_track_no_fragment_of_a_refused_peer_reaches_the_victim(
     with (
         pin_root() as root1,
         pin_root() as root2,
-        _agent(cluster, "node-1", root1, shape) as node1,
-        _agent(cluster, "node-2", root2, shape) as node2,
+        node_agent(cluster, "node-1", root1, shape) as node1,
+        node_agent(cluster, "node-2", root2, shape) as node2,
     ):
         assert node1.maps is not None and node2.maps is not None
         reader1 = EventReader(node1.maps.fd("events"))

@@ -11,29 +11,17 @@ the real client still connects.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from stockade import handoff
-from stockade.agent.attachments import Attachments
-from stockade.agent.programs import Programs
-from stockade.agent.sync import Syncer
-from stockade.compiler.lower import lower_node
 from stockade.datapath import maps
-from stockade.datapath.clang import Compiler
 from stockade.datapath.events import DropReason, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.handoff import TableObject
 from stockade.harness import packets as pk
-from stockade.model.parse import parse_policy
 from stockade.sandbox.workloads.traffic import Outcome
+from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import (
-    CACHE_DIR,
-    POLICY,
     PORT,
     Cluster,
     pin_root,
@@ -44,34 +32,6 @@ from tests.fixtures.netns import MakeProcesses, MakeTopology
 
 SYNS = 20
 ATTACKER_PORT = 40_404
-
-
-def _objects(cluster: Cluster, node: str) -> dict[str, TableObject]:
-    """The published objects of `node` ("node-1" or "node-2") of the scenario."""
-    name = cluster._node(node)
-    lowered = lower_node(cluster.state(), [parse_policy(POLICY)], name, None)
-    built = [
-        TableObject.build(name, part, number, len(shards), 1, shard)
-        for part, shards in handoff.encode(lowered.tables).items()
-        for number, shard in shards.items()
-    ]
-    return {b.name: b for b in built}
-
-
-@contextlib.contextmanager
-def _agent(cluster: Cluster, node: str, root: Path) -> Iterator[Syncer]:
-    executor = NetnsExecutor.named(cluster.topo.node(node).netns)
-    objects = _objects(cluster, node)
-    programs = Programs(Compiler(CACHE_DIR), root)
-    syncer = Syncer(
-        cluster._node(node), lambda: objects, programs, Attachments(root, executor), None, root
-    )
-    try:
-        syncer.sync()
-        yield syncer
-    finally:
-        syncer.close()
-        executor.close()
 
 
 def _send_spoofed_syns(src: str, dst: str) -> None:
@@ -122,7 +82,7 @@ def test_source_spoofing_without_the_binding_reaches_the_victim(
     # The attack is real: with only web's node enforcing (no hook on other's interface), web's
     # ingress judges the SYNs as client's and lets them in.
     _, cluster, procs = serving_scenario(topology, pod_processes)
-    with pin_root() as root, _agent(cluster, "node-1", root):
+    with pin_root() as root, node_agent(cluster, "node-1", root):
         assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}
         assert _attack(cluster) == SYNS
 
@@ -134,8 +94,8 @@ def test_source_spoofing_is_dropped_at_the_senders_own_interface(
     with (
         pin_root() as root1,
         pin_root() as root2,
-        _agent(cluster, "node-1", root1),
-        _agent(cluster, "node-2", root2) as node2,
+        node_agent(cluster, "node-1", root1),
+        node_agent(cluster, "node-2", root2) as node2,
     ):
         assert node2.maps is not None
         bound = maps.Bindings(node2.maps).read()
