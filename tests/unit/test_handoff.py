@@ -130,6 +130,26 @@ def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() ->
     assert sum(old[i] != new[i] for i in old) == 1
 
 
+def test_one_endpoint_with_many_entries_spreads_over_every_shard() -> None:
+    """A pod under a large policy: its entries are not one shard past the object size limit."""
+    big = tuple(
+        ir.PolicyEntry(1, ir.Direction.INGRESS, 96, c, 6, port, ir.Action.ALLOW)
+        for c in range(1, 11)
+        for port in range(1, 2001)
+    )
+    small = tuple(
+        ir.PolicyEntry(ep, ir.Direction.INGRESS, 96, 1, 6, 80, ir.Action.ALLOW)
+        for ep in range(2, 50)
+    )
+    shards = handoff.encode_tables(ir.NodeTables(policy=big + small))[handoff.POLICY]
+    assert len(shards) == 16
+    assert max(len(s.entries) for s in shards.values()) < 2 * handoff.SHARD_ENTRIES
+    # every small endpoint still lives in exactly one shard
+    for ep in range(2, 50):
+        holding = [i for i, s in shards.items() if any(e.startswith(f"{ep} ") for e in s.entries)]
+        assert len(holding) == 1
+
+
 @pytest.mark.parametrize(
     ("decoder", "entry", "message"),
     [

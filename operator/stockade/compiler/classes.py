@@ -1,9 +1,12 @@
 """Peer classes: a node's remote address space cut into regions that policy cannot tell apart.
 
-Two remote addresses are in the same class when every peer that any policy of the node's
-endpoints names (pod sets, CIDRs with `except`, node selectors) contains both or neither, their
-named ports agree where egress rules name ports, and both or neither are the node's own. Then no
-rule can treat them differently, so one policy entry per class is exact.
+Two remote addresses are in the same class when every rule of the node's endpoints' policies
+matches both or neither by its peers (a rule matches when any of its peers, pod sets, CIDRs with
+`except` or node selectors, contains the address: rules with the same peers are one peer group),
+their named ports agree where egress rules name ports, and both or neither are the node's own.
+Then no rule can treat them differently, so one policy entry per class is exact; and a rule with a
+few hundred ipBlocks is one class, not one per block, so the policy entries stay linear in the
+rule's size (`stockade.compiler.lower`).
 
 The classes become the `peer_classes` LPM trie: every CIDR and `except` of a peer, each pod and
 node address whose class differs from the region around it, and the two default routes (::/0 and
@@ -30,7 +33,8 @@ from stockade.model.policy import (
     Protocol,
 )
 
-# (family, indices of the peers that contain it, named ports of the remote pod, is the local node)
+# (family, indices of the peer groups that contain it, named ports of the remote pod, is the local
+# node)
 Signature = tuple[int, tuple[int, ...], tuple[tuple[str, int, str], ...], bool]
 
 DEFAULT_ROUTES: tuple[IPNetwork, ...] = (
@@ -99,10 +103,10 @@ class Addresses:
             if isinstance(peer, PodPeer | NodePeer):
                 for address in self.members(peer):
                     found.setdefault(address, []).append(i)
-        cidrs = [(i, p) for i, p in enumerate(peers) if isinstance(p, CidrPeer)]
+        cidrs = CidrIndex(peers)
         for address, indices in found.items():
-            indices.extend(i for i, p in cidrs if p.contains(address))
-        return {address: tuple(sorted(indices)) for address, indices in found.items()}
+            indices.extend(cidrs.containing(_host_network(address), address))
+        return {address: tuple(sorted(set(indices))) for address, indices in found.items()}
 
     def region_inputs(
         self, node: str, peers: Sequence[Peer], egress_port_names: frozenset[str]
@@ -134,19 +138,72 @@ def _contains_net(outer: IPNetwork, inner: IPNetwork) -> bool:
     return outer.version == inner.version and inner.subnet_of(outer)  # type: ignore[arg-type]
 
 
-def _region_signature(network: IPNetwork, peers: Sequence[Peer]) -> tuple[int, ...]:
+class CidrIndex:
+    """The CIDR peers of a peer list by block: the peers whose block contains a prefix are found
+    with one dict look-up per prefix length in use, not a scan of every peer, so that a rule
+    with thousands of ipBlocks costs linear time to cut into regions."""
+
+    def __init__(self, peers: Sequence[Peer]) -> None:
+        self._blocks: dict[tuple[int, int, int], list[int]] = {}
+        self._lengths: dict[int, list[int]] = {4: [], 6: []}
+        self._peers = peers
+        for i, peer in enumerate(peers):
+            if isinstance(peer, CidrPeer):
+                net = peer.cidr
+                key = (net.version, net.prefixlen, int(net.network_address))
+                self._blocks.setdefault(key, []).append(i)
+        for version, length, _ in self._blocks:
+            if length not in self._lengths[version]:
+                self._lengths[version].append(length)
+
+    def containing(self, network: IPNetwork, address: IPAddress | None = None) -> list[int]:
+        """Indices (ascending) of the CIDR peers that contain `network` whole and none of whose
+        `except`s contains it (for a host, `address`: the peer contains the address)."""
+        bits, start = network.max_prefixlen, int(network.network_address)
+        out: list[int] = []
+        for length in self._lengths[network.version]:
+            if length > network.prefixlen:
+                continue
+            mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+            for i in self._blocks.get((network.version, length, start & mask), ()):
+                peer = self._peers[i]
+                assert isinstance(peer, CidrPeer)
+                if address is not None:
+                    if peer.contains(address):
+                        out.append(i)
+                elif not any(_contains_net(e, network) for e in peer.excepts):
+                    out.append(i)
+        return sorted(out)
+
+
+def _region_signature(network: IPNetwork, cidrs: CidrIndex) -> tuple[int, ...]:
     """Membership of the generic point of a CIDR region: only address blocks can contain it.
 
     A CIDR peer contains the region when its block contains the whole prefix and no `except`
     does; a longer prefix inside the region is its own trie entry, so it does not count here.
     """
-    return tuple(
-        i
-        for i, peer in enumerate(peers)
-        if isinstance(peer, CidrPeer)
-        and _contains_net(peer.cidr, network)
-        and not any(_contains_net(e, network) for e in peer.excepts)
-    )
+    return tuple(cidrs.containing(network))
+
+
+def peer_groups(
+    rules_peers: Iterable[Sequence[Peer]], peers: Sequence[Peer]
+) -> list[frozenset[int]]:
+    """The distinct peer sets of the rules (each as indices into `peers`), in first-seen order:
+    a rule matches an address when any of its peers contains it, so rules with the same peers
+    can never tell two addresses apart that the other can't."""
+    index = {peer: i for i, peer in enumerate(peers)}
+    seen: dict[frozenset[int], None] = {}
+    for rule_peers in rules_peers:
+        if rule_peers:
+            seen.setdefault(frozenset(index[p] for p in rule_peers), None)
+    return list(seen)
+
+
+def _grouped(indices: tuple[int, ...], groups: Sequence[frozenset[int]] | None) -> tuple[int, ...]:
+    if groups is None:
+        return indices
+    inside = set(indices)
+    return tuple(g for g, members in enumerate(groups) if not members.isdisjoint(inside))
 
 
 def _named_ports(
@@ -162,29 +219,39 @@ def _named_ports(
     )
 
 
-def _representative(
-    key: _OrderKey, network: IPNetwork, ordered: list[tuple[_OrderKey, IPNetwork]]
-) -> IPAddress | None:
-    """The first address of `network` (at `key` in `ordered`) outside every longer prefix in
-    `ordered`, if any."""
-    version, prefixlen, first = key
-    bits = network.max_prefixlen
-    last = first + (1 << (bits - prefixlen)) - 1
-    # Longer prefixes inside the network, as [start, end] spans in address order; the walk stops
-    # at the first gap, which on a real network comes after a handful of spans.
-    spans = sorted(
-        (start, start + (1 << (bits - length)) - 1)
-        for (v, length, start), _ in ordered
-        if v == version and length > prefixlen and first <= start <= last
-    )
-    candidate = first
-    for start, end in spans:
-        if start > candidate:
-            break
-        candidate = max(candidate, end + 1)
-    if candidate > last:
-        return None
-    return ipaddress.IPv4Address(candidate) if version == 4 else ipaddress.IPv6Address(candidate)
+class _Prefixes:
+    """The trie prefixes by (family, length) -> their starts, to find the first address of a
+    prefix outside every longer one without scanning the whole list per prefix."""
+
+    def __init__(self, ordered: list[tuple[_OrderKey, IPNetwork]]) -> None:
+        self._starts: dict[tuple[int, int], set[int]] = {}
+        for (version, length, start), _ in ordered:
+            self._starts.setdefault((version, length), set()).add(start)
+
+    def representative(self, key: _OrderKey, network: IPNetwork) -> IPAddress | None:
+        """The first address of `network` (at `key`) outside every longer prefix, if any: walk
+        from the first address, past the longest prefix that holds the candidate, until none
+        does; each step passes one prefix."""
+        version, prefixlen, first = key
+        bits = network.max_prefixlen
+        last = first + (1 << (bits - prefixlen)) - 1
+        lengths = sorted(n for (v, n) in self._starts if v == version and n > prefixlen)
+        candidate = first
+        moved = True
+        while moved and candidate <= last:
+            moved = False
+            for length in lengths:  # the shortest first: it skips the most
+                mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+                start = candidate & mask
+                if start in self._starts[(version, length)]:
+                    candidate = start + (1 << (bits - length))
+                    moved = True
+                    break
+        if candidate > last:
+            return None
+        if version == 4:
+            return ipaddress.IPv4Address(candidate)
+        return ipaddress.IPv6Address(candidate)
 
 
 def build_regions(
@@ -192,8 +259,11 @@ def build_regions(
     node: str,
     peers: Sequence[Peer],
     egress_port_names: frozenset[str],
+    groups: Sequence[frozenset[int]] | None = None,
 ) -> list[Region]:
-    """Every trie prefix for one node with its signature (see the module docstring)."""
+    """Every trie prefix for one node with its signature (see the module docstring); with
+    `groups` (`peer_groups`), a signature holds the indices of the groups that contain the
+    region, else those of the peers."""
     state = addresses.state
     local_ips = set(state.node_ips(node))
     # Only a host in a pod or node peer, with a named port that egress rules name, or of the
@@ -217,6 +287,8 @@ def build_regions(
         )
     )
 
+    cidrs = CidrIndex(peers)
+    prefixes = _Prefixes(ordered)
     regions: list[Region] = []
     kept: dict[_OrderKey, int] = {}  # trie prefix -> index in regions
     lengths: dict[int, set[int]] = {4: set(), 6: set()}  # prefix lengths kept, per family
@@ -225,14 +297,14 @@ def build_regions(
         if net.prefixlen == net.max_prefixlen and address in hosts:
             signature: Signature = (
                 address.version,
-                hits[address],
+                _grouped(hits[address], groups),
                 _named_ports(state, address, egress_port_names),
                 address in local_ips,
             )
             region = Region(net, signature, address)
         else:
-            signature = (net.version, _region_signature(net, peers), (), False)
-            region = Region(net, signature, _representative(key, net, ordered))
+            signature = (net.version, _grouped(_region_signature(net, cidrs), groups), (), False)
+            region = Region(net, signature, prefixes.representative(key, net))
         around = _enclosing(kept, lengths[net.version], key, net.max_prefixlen)
         if around is not None and regions[around].signature == signature:
             # The prefix around it already says the same; its addresses fall to that prefix.

@@ -13,18 +13,27 @@ Called by the operator (per node) and by the `datapath` conformance engine and b
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 from stockade.compiler import abi, ir
-from stockade.compiler.classes import Addresses, Signature, build_regions, protocols_for
+from stockade.compiler.classes import (
+    Addresses,
+    Signature,
+    build_regions,
+    peer_groups,
+    protocols_for,
+)
 from stockade.compiler.ids import IdTable
 from stockade.model.cluster import ClusterState, Pod
 from stockade.model.evaluator import DirectionJudgement, judge
 from stockade.model.flow import Flow
+from stockade.model.matching import peer_matches
 from stockade.model.policy import (
+    AnyPeer,
     AnyPort,
     Direction,
     IcmpMatch,
@@ -33,7 +42,9 @@ from stockade.model.policy import (
     Peer,
     Policy,
     PortRange,
+    PortSpec,
     Protocol,
+    Rule,
     RuleRef,
 )
 
@@ -104,6 +115,113 @@ def _flow(
     return Flow(src, dst, proto, None, at >> 8, at & 0xFF)
 
 
+def _for_remote(
+    state: ClusterState, policies: Sequence[Policy], direction: Direction, remote: IPAddress
+) -> list[Policy]:
+    """The policies as one remote address sees them in `direction`: the rules none of whose
+    peers holds it are gone (they cannot match it, whatever the port), and the peers of the
+    others are every address (one of them holds it). The evaluator decides every flow with that
+    remote as with the policies given, the pieces are cut only at the edges of rules that can
+    apply, and each decision reads no peer list: with a rule of n ipBlocks and m ports, a
+    class's entries and decisions grow with m, not n x m."""
+    inside: dict[Peer, bool] = {}
+
+    def matching(peers: tuple[Peer, ...]) -> bool:
+        for peer in peers:
+            found = inside.get(peer)
+            if found is None:
+                found = isinstance(peer, AnyPeer) or peer_matches(peer, remote, state)
+                inside[peer] = found
+            if found:
+                return True
+        return False
+
+    out = []
+    for p in policies:
+        rules = tuple(
+            replace(r, peers=(AnyPeer(),)) for r in p.rules(direction) if matching(r.peers)
+        )
+        if direction is Direction.INGRESS:
+            out.append(replace(p, ingress=rules))
+        else:
+            out.append(replace(p, egress=rules))
+    return out
+
+
+def _span(spec: PortSpec, protocol: Protocol, dst_pod: Pod | None) -> Piece | None:
+    """The part of `protocol`'s port space that `spec` can match (a superset: the evaluator
+    still decides with the spec itself), or None when it matches none of it."""
+    if isinstance(spec, PortRange):
+        if spec.protocol is not protocol:
+            return None
+        if not spec.start:
+            return (0, PORT_SPACE - 1)
+        return (spec.start, spec.end if spec.end is not None else spec.start)
+    if isinstance(spec, IcmpMatch):
+        if spec.protocol is not protocol:
+            return None
+        low = ir.icmp_port(spec.type, spec.code or 0)
+        return (low, low if spec.code is not None else low + 255)
+    if isinstance(spec, NamedPort):
+        found = dst_pod.named_ports.get(spec.name) if dst_pod is not None else None
+        if found is None or found[1] is not protocol:
+            return None
+        return (found[0], found[0])
+    return (0, PORT_SPACE - 1)  # AnyPort, and anything else: everywhere
+
+
+def _by_piece(
+    policies: Sequence[Policy],
+    direction: Direction,
+    protocol: Protocol,
+    dst_pod: Pod | None,
+    pieces: Sequence[Piece],
+) -> Iterable[tuple[Piece, list[Policy]]]:
+    """Each piece with the policies as a flow to it sees them: every rule keeps only the port
+    specs that can match the piece, and a rule left with none is gone. The pieces are cut at
+    every edge of every spec, so a spec covers a piece whole or not at all; a sweep over the
+    pieces in order keeps the specs that cover the current one, so that deciding a piece reads
+    only those instead of every port of every rule."""
+    spans: list[tuple[int, int, int, int, PortSpec]] = []  # (start, end, rule, spec order, spec)
+    rules: list[tuple[int, Rule]] = []  # (policy index, rule), in order
+    for pi, policy in enumerate(policies):
+        for rule in policy.rules(direction):
+            ri = len(rules)
+            rules.append((pi, rule))
+            for si, spec in enumerate(rule.ports):
+                span = _span(spec, protocol, dst_pod)
+                if span is not None:
+                    spans.append((span[0], span[1], ri, si, spec))
+    spans.sort(key=lambda s: (s[0], s[2], s[3]))
+    active: dict[tuple[int, int], tuple[int, PortSpec]] = {}  # (rule, spec order) -> (end, spec)
+    ending: list[tuple[int, int, int]] = []  # heap of (end, rule, spec order)
+    at = 0
+    for piece in pieces:
+        start = piece[0]
+        while at < len(spans) and spans[at][0] <= start:
+            _, s1, ri, si, spec = spans[at]
+            active[(ri, si)] = (s1, spec)
+            heapq.heappush(ending, (s1, ri, si))
+            at += 1
+        while ending and ending[0][0] < start:
+            _, ri, si = heapq.heappop(ending)
+            active.pop((ri, si), None)
+        kept: dict[int, list[tuple[int, PortSpec]]] = {}
+        for (ri, si), (_, spec) in active.items():
+            kept.setdefault(ri, []).append((si, spec))
+        per_policy: list[list[Rule]] = [[] for _ in policies]
+        for ri in sorted(kept):
+            pi, rule = rules[ri]
+            per_policy[pi].append(replace(rule, ports=tuple(sp for _, sp in sorted(kept[ri]))))
+        judged = [
+            replace(p, ingress=tuple(r))
+            if direction is Direction.INGRESS
+            else replace(p, egress=tuple(r))
+            for p, r in zip(policies, per_policy, strict=True)
+        ]
+        yield piece, judged
+
+
 def _other_protocols(policies: Sequence[Policy]) -> list[Policy]:
     """The policies as a protocol without ports sees them: only rules for every port remain."""
     out = []
@@ -131,6 +249,27 @@ def _peers(policies: Iterable[Policy]) -> list[Peer]:
             for peer in rule.peers:
                 seen.setdefault(peer, None)
     return list(seen)
+
+
+def affecting_policies(affecting: dict[tuple[str, Direction], list[Policy]]) -> list[Policy]:
+    """The distinct policies of `affecting`, in first-seen order."""
+    return list({id(p): p for ps in affecting.values() for p in ps}.values())
+
+
+def _rule_peers(policies: Iterable[Policy]) -> list[tuple[Peer, ...]]:
+    return [rule.peers for policy in policies for rule in (*policy.ingress, *policy.egress)]
+
+
+def _runs(outcomes: list[tuple[Piece, Outcome]]) -> list[tuple[Piece, Outcome]]:
+    """Adjacent pieces with the same outcome merged into one: a list of single ports becomes
+    the ranges it covers, each a few prefixes."""
+    out: list[tuple[Piece, Outcome]] = []
+    for (a, b), o in outcomes:
+        if out and out[-1][1] == o and out[-1][0][1] + 1 == a:
+            out[-1] = ((out[-1][0][0], b), o)
+        else:
+            out.append(((a, b), o))
+    return out
 
 
 def _egress_port_names(policies: Iterable[Policy]) -> frozenset[str]:
@@ -287,7 +426,8 @@ class Lowering:
         peers: list[Peer],
         port_names: frozenset[str],
     ) -> Lowered:
-        regions = build_regions(self.addresses, node, peers, port_names)
+        groups = peer_groups(_rule_peers(affecting_policies(affecting)), peers)
+        regions = build_regions(self.addresses, node, peers, port_names, groups)
         endpoint_ids = ids.endpoints.assign(p.key for p in pods)
         class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
         representatives: dict[Signature, IPAddress] = {}
@@ -296,6 +436,7 @@ class Lowering:
                 representatives.setdefault(region.signature, region.representative)
         classes = sorted(representatives.items(), key=lambda kv: class_ids[kv[0]])
         peer_index = {peer: i for i, peer in enumerate(peers)}
+        group_index = {group: i for i, group in enumerate(groups)}
 
         # (endpoint id, class id, template) per entry; rule ids are given in one pass below.
         entries: list[tuple[int, ir.Direction, int, Template]] = []
@@ -315,7 +456,7 @@ class Lowering:
                 )
                 if profile not in profiles:
                     profiles[profile] = self._profile_entries(
-                        pod, direction, chosen, classes, class_ids, peer_index
+                        pod, direction, chosen, classes, class_ids, peer_index, group_index
                     )
                 endpoint_id, dir_ = endpoint_ids[pod.key], _DIRECTIONS[direction]
                 entries += [(endpoint_id, dir_, cid, t) for cid, t in profiles[profile]]
@@ -375,6 +516,7 @@ class Lowering:
         classes: list[tuple[Signature, IPAddress]],
         class_ids: IdTable[Signature],
         peer_index: dict[Peer, int],
+        group_index: dict[frozenset[int], int],
     ) -> list[tuple[int, Template]]:
         """The (class id, entry template) pairs of `pod`'s profile, through the verdicts kept
         across nodes and passes."""
@@ -383,7 +525,7 @@ class Lowering:
             tuple(id(p) for p in chosen),
             tuple(sorted(pod.named_ports.items())),
         )
-        seen = [peer_index[peer] for peer in _peers(chosen)]
+        seen = [group_index[g] for g in peer_groups(_rule_peers(chosen), list(peer_index))]
         out: list[tuple[int, Template]] = []
         for signature, remote in classes:
             local = next((ip for ip in pod.ips if ip.version == remote.version), None)
@@ -428,6 +570,7 @@ def _templates(
     """The entries of one endpoint for one remote class, decided by the evaluator's `judge`."""
     out: list[Template] = []
     dst_pod = pod if direction is Direction.INGRESS else state.pod_at(remote)
+    policies = _for_remote(state, policies, direction, remote)
     # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
     base_flow = _flow(local, remote, direction, Protocol.TCP, 0)
     base = _outcome(judge(state, _other_protocols(policies), base_flow, direction))
@@ -439,12 +582,13 @@ def _templates(
                 piece,
                 _outcome(
                     judge(
-                        state, policies, _flow(local, remote, direction, proto, piece[0]), direction
+                        state, judged, _flow(local, remote, direction, proto, piece[0]), direction
                     )
                 ),
             )
-            for piece in pieces
+            for piece, judged in _by_piece(policies, direction, proto, dst_pod, pieces)
         ]
+        outcomes = _runs(outcomes)
         widths = Counter[Outcome]()
         for (a, b), o in outcomes:
             widths[o] += b - a + 1

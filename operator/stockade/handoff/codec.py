@@ -26,8 +26,12 @@ time from a label change to the map update). The inline entries are bounded like
 
 A table part splits into `shard_count(n)` shards (a power of two, about `SHARD_ENTRIES` entries
 each) and an entry goes to the shard its key hashes to: endpoints and policy by endpoint id (a
-change on one pod rewrites only the shard that holds it), classes by network, rules by id. The
-shard count changes only when a part doubles or halves, so write volume follows the change.
+change on one pod rewrites only the shard that holds it), classes by network, rules by id. An
+endpoint with more than `ENDPOINT_SHARD_ENTRIES` policy entries (a pod under a large policy) has
+them keyed each by itself, spread over every shard, so that no shard grows past about twice
+`SHARD_ENTRIES` (a few hundred kB, far under the API server's object size limit) whatever one
+policy holds. The shard count changes only when a part doubles or halves, so write volume follows
+the change.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +56,8 @@ TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES)
 PARTS = (PROGRAM, *TABLE_PARTS)
 
 SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
+# An endpoint with more policy entries than this has them spread over every policy shard.
+ENDPOINT_SHARD_ENTRIES = SHARD_ENTRIES // 8
 INLINE_ENTRIES = 256  # a node with at most this many table entries publishes them in `program`
 NO_NAMESPACE = "-"  # cluster-scoped rules: "-" is never a namespace name
 
@@ -249,12 +256,26 @@ def _shard(keyed: Iterable[tuple[str, str]]) -> Shards:
     return {i: Shard(tuple(sorted(entries))) for i, entries in buckets.items()}
 
 
+def _policy_keyed(policy: Sequence[ir.PolicyEntry]) -> Iterable[tuple[str, str]]:
+    """Policy entries keyed by endpoint id (a pod's change rewrites the one shard that holds
+    it), except for an endpoint with more than `ENDPOINT_SHARD_ENTRIES` entries, whose entries
+    are keyed each by itself and spread over every shard: one endpoint under a large policy
+    never makes one shard larger than the others (nor than the API server takes)."""
+    per_endpoint = Counter(p.endpoint_id for p in policy)
+    for p in policy:
+        entry = encode_policy(p)
+        yield (
+            (entry if per_endpoint[p.endpoint_id] > ENDPOINT_SHARD_ENTRIES else str(p.endpoint_id)),
+            entry,
+        )
+
+
 def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
     """The table parts of `tables`, sharded: part -> shard number -> sorted entries."""
     return {
         ENDPOINTS: _shard((str(e.endpoint_id), encode_endpoint(e)) for e in tables.endpoints),
         CLASSES: _shard((str(c.network), encode_class(c)) for c in tables.classes),
-        POLICY: _shard((str(p.endpoint_id), encode_policy(p)) for p in tables.policy),
+        POLICY: _shard(_policy_keyed(tables.policy)),
         RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
     }
 
