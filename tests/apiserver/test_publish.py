@@ -85,6 +85,9 @@ def test_a_refused_shard_leaves_its_node_incomplete_until_the_next_publish(
     with pytest.raises(ApiException) as refused:
         publisher.apply(refusing(plan(publisher.published, desired, 2), broken))
     assert refused.value.status == UNPROCESSABLE
+    # The refusal holds back its own node only: the other node's generation goes on (the
+    # policies there can be reported Programmed), the broken one's stays.
+    assert publisher.generations == {fine: 2, broken: 1}
     # The broken node's manifest may be new, but the shard it lists is not there: its agent
     # finds the set incomplete and keeps enforcing what it applied (generation 1).
     with pytest.raises(IncompleteError, match=handoff.object_name(broken, handoff.POLICY, 0)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from stockade.control.policies import parse_record
 from stockade.control.status import Progress, desired_status, progress, status_differs
+from stockade.model.admission import POLICY_SIZE_LIMIT
 
 GOOD = {
     "apiVersion": "stockade.io/v1alpha1",
@@ -31,6 +32,31 @@ def test_an_invalid_policy_says_which_field_is_wrong() -> None:
     accepted, programmed = desired_status(record, None, NOW)["conditions"]
     assert accepted["status"] == "False" and accepted["reason"] == "Invalid"
     assert accepted["message"].startswith("spec.podSelector.matchLabels")
+    assert programmed["reason"] == "NotAccepted"
+
+
+def _sized(peers: int, ports: int) -> dict[str, object]:
+    rule = {
+        "from": [{"ipBlock": {"cidr": f"10.{i >> 8 & 255}.{i & 255}.1/32"}} for i in range(peers)],
+        "ports": [{"port": 1 + i} for i in range(ports)],
+    }
+    # The standard NetworkPolicy: stockade's own kinds bound their lists in the schema.
+    return {
+        **GOOD,
+        "apiVersion": "networking.k8s.io/v1",
+        "spec": {"podSelector": {}, "ingress": [rule]},
+    }
+
+
+def test_a_policy_past_the_size_limit_is_not_accepted_with_a_reason_naming_the_limit() -> None:
+    at_limit = parse_record(_sized(POLICY_SIZE_LIMIT - 100, 100))
+    assert at_limit is not None and at_limit.accepted
+    record = parse_record(_sized(POLICY_SIZE_LIMIT - 100, 101))
+    assert record is not None and not record.accepted
+    accepted, programmed = desired_status(record, None, NOW)["conditions"]
+    assert (accepted["status"], accepted["reason"]) == ("False", "TooLarge")
+    assert f"policy size limit of {POLICY_SIZE_LIMIT}" in accepted["message"]
+    assert f"{POLICY_SIZE_LIMIT + 1} peers" in accepted["message"]
     assert programmed["reason"] == "NotAccepted"
 
 

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from stockade.model.admission import admit
-from stockade.model.errors import PolicyParseError
+from stockade.model.errors import PolicyParseError, PolicyTooLargeError
 from stockade.model.kinds import RESOURCE_OF, resource_for
 from stockade.model.policy import Policy, PolicyKind
+
+INVALID = "Invalid"
+TOO_LARGE = "TooLarge"  # past stockade.model.admission.POLICY_SIZE_LIMIT
 
 PolicyKey = tuple[str, str, str]  # (PolicyKind value, namespace or "", name)
 
@@ -31,6 +34,7 @@ class PolicyRecord:
     policy: Policy | None  # None when the object is not accepted
     problems: tuple[str, ...] = ()  # "<field path>: <message>", in field order
     status: Mapping[str, Any] = field(default_factory=dict)  # as last seen on the object
+    reason: str = "Invalid"  # why it is not accepted: Invalid, or TooLarge (past the size limit)
 
     @property
     def key(self) -> PolicyKey:
@@ -60,11 +64,13 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _problems(obj: Mapping[str, Any]) -> tuple[Policy | None, tuple[str, ...]]:
+def _problems(obj: Mapping[str, Any]) -> tuple[Policy | None, tuple[str, ...], str]:
     try:
-        return admit(obj), ()
+        return admit(obj), (), INVALID
+    except PolicyTooLargeError as exc:
+        return None, tuple(str(p) for p in exc.problems), TOO_LARGE
     except PolicyParseError as exc:
-        return None, tuple(str(p) for p in exc.problems)
+        return None, tuple(str(p) for p in exc.problems), INVALID
 
 
 def parse_record(
@@ -91,8 +97,9 @@ def parse_record(
     before = known((kind.value, namespace, name)) if known is not None else None
     if before is not None and generation and (before.uid, before.generation) == (uid, generation):
         return replace(before, status=status)
+    reason = INVALID
     try:
-        policy, problems = _problems(obj)
+        policy, problems, reason = _problems(obj)
     except Exception as exc:  # the operator never crashes on an object
         policy, problems = None, (f"spec: could not be parsed ({type(exc).__name__}: {exc})",)
     return PolicyRecord(
@@ -104,4 +111,5 @@ def parse_record(
         policy=policy,
         problems=problems,
         status=status,
+        reason=reason,
     )

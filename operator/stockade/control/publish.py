@@ -8,7 +8,9 @@ the API server, so a second wave for the program objects would add one to every 
 needed for safety: an agent applies a set only when every shard its program object's manifest lists
 is there with the manifest's digest (`stockade.handoff.assemble`), so a manifest that arrives before
 its shards, or whose shard the server refused, leaves the agent on the set it applied last until the
-rest arrives. Stale shards are deleted last, after every write succeeded.
+rest arrives. Stale shards are deleted last, for the nodes all of whose writes succeeded: one
+object the server refuses (too large, invalid) holds back its own node only, never the other
+nodes' generations or the policy statuses (`stockade.control.reconciler`).
 
 Fencing: a replica that lost the lease must not write over the new leader. The publisher asks
 `is_leader()` before each wave (the writes, then the deletes), and every write of an object it
@@ -179,20 +181,27 @@ class Publisher:
 
     def apply(self, plan: Plan) -> None:
         """Write `plan`: every changed object at once (at most MAX_CONCURRENT_WRITES in flight),
-        the deletes after every write succeeded, each wave only while `is_leader()` (else
-        NotLeaderError). Raises the first failure once nothing is in flight; what failed is not
-        recorded as published, so the next plan writes it again, and refused writes raise
-        WriteConflictError. Once everything succeeded, the nodes' generations are the plan's."""
+        then the deletes of the nodes all of whose writes succeeded, each wave only while
+        `is_leader()` (else NotLeaderError). Raises the first failure once nothing is in flight;
+        what failed is not recorded as published, so the next plan writes it again, and refused
+        writes raise WriteConflictError. A failed object holds back only its own node: every
+        node whose writes succeeded takes the plan's generation, the others keep theirs."""
         began = time.monotonic()
         if plan.writes:
             self._check_leader()
         self.generation = max([self.generation, *(w.generation for w in plan.writes)])
         results = run_all(self._write, plan.writes, "stockade-publish")
-        self._settle(results)
-        if plan.deletes:
+        # A node one of whose objects failed keeps its generation and its stale shards (its
+        # agent may still read them); every other node goes on.
+        failed = {w.node for w, r in zip(plan.writes, results, strict=True) if r is not None}
+        self.generations = {
+            node: self.generations.get(node, 0) if node in failed else generation
+            for node, generation in plan.generations.items()
+        }
+        deletes = [n for n in plan.deletes if self._node_of(n) not in failed]
+        if deletes:
             self._check_leader()
-        self._settle([self._delete(name) for name in plan.deletes])
-        self.generations = dict(plan.generations)
+        self._settle([*results, *(self._delete(name) for name in deletes)])
         if plan.writes or plan.deletes:
             log.debug(
                 "published %d objects, deleted %d in %.1f ms",
@@ -200,6 +209,11 @@ class Publisher:
                 len(plan.deletes),
                 (time.monotonic() - began) * 1e3,
             )
+
+    def _node_of(self, name: str) -> str | None:
+        with self._lock:
+            head = self.published.get(name)
+        return head.node if head is not None else None
 
     def _check_leader(self) -> None:
         if not self._is_leader():

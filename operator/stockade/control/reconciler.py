@@ -104,8 +104,9 @@ class Reconciler:
             self._synced, tables = True, True
         snap = self._store.snapshot()
         stages = {"lower": 0.0, "publish": 0.0}
+        failure: Exception | None = None
         if tables:
-            stages = self._publish(snap)
+            stages, failure = self._publish(snap)
         began = time.monotonic()
         self.reporter.report(snap, self.publisher.generations)
         stages["status"] = time.monotonic() - began
@@ -120,25 +121,35 @@ class Reconciler:
             self.stats.last_seconds,
             ", ".join(f"{k} {v:.3f}s" for k, v in stages.items()),
         )
+        if failure is not None:
+            raise failure  # the runner runs the pass again: what failed is written then
 
-    def _publish(self, snap: Snapshot) -> dict[str, float]:
-        """Lower, plan and write; the seconds each took."""
+    def _publish(self, snap: Snapshot) -> tuple[dict[str, float], Exception | None]:
+        """Lower, plan and write; the seconds each took, and a write's failure, raised by `run`
+        once the statuses are written: one object the server refuses holds back its own node,
+        not the other nodes or the policy statuses."""
         began = time.monotonic()
         planned = self.publisher.plan(self.lowerer.desired(snap))
         lowered = time.monotonic()
         stages = {"lower": lowered - began, "publish": 0.0}
         if not self._is_leader():
-            return stages
+            return stages, None
+        failure: Exception | None = None
         try:
             self.publisher.apply(planned)
         except NotLeaderError:
             log.info("lost the lease during a publish; stopped before the next wave")
-            return stages
+            return stages, None
         except WriteConflictError as exc:
             log.warning("%s; listing the tables again", exc)
             self._again()
-            return stages
+            return stages, None
+        except Exception as exc:  # the other nodes went on: their policies' statuses are due
+            log.warning("a publish failed for some nodes, the others went on: %s", exc)
+            failure = exc
         stages["publish"] = time.monotonic() - lowered
         self.stats.table_passes += 1
-        self.reporter.carried(snap, self.publisher.generations)
-        return stages
+        # A node that failed carries the policies at the plan's generation, which its agent
+        # has not applied: they stay Pending there until a later publish lands.
+        self.reporter.carried(snap, planned.generations)
+        return stages, failure

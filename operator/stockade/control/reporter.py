@@ -77,7 +77,7 @@ class StatusReporter:
         if writes and self._is_leader():
             for record, status in writes:  # the Event first: whoever sees the status finds it
                 if not record.accepted:
-                    self._event_once(record, "Warning", "Invalid", status)
+                    self._event_once(record, "Warning", record.reason, status)
             self._write_statuses(writes)
         for key in set(self._reported) - set(snap.policies):
             del self._reported[key]
@@ -99,7 +99,7 @@ class StatusReporter:
             raise errors[0]
 
     def _event_once(self, record: PolicyRecord, kind: str, reason: str, status: Any) -> None:
-        message = status["conditions"][0]["message"] if reason == "Invalid" else ""
+        message = status["conditions"][0]["message"] if not record.accepted else ""
         if reason == "Programmed":
             message = status["conditions"][1]["message"]
         said = (record.uid, record.generation, reason, message)
@@ -114,7 +114,7 @@ class StatusReporter:
         its generation is programmed on every selected endpoint."""
         accepted, programmed = status["conditions"]
         if accepted["status"] == "False":
-            self._event_once(record, "Warning", "Invalid", status)
+            self._event_once(record, "Warning", record.reason, status)
         elif programmed["status"] == "True":
             self._event_once(record, "Normal", "Programmed", status)
 

@@ -78,7 +78,7 @@ def desired_status(record: PolicyRecord, done: Progress | None, now: str) -> dic
         accepted = _condition(ACCEPTED, True, "Accepted", "valid", gen, now, old.get(ACCEPTED))
     else:
         message = "; ".join(record.problems) or "invalid"
-        accepted = _condition(ACCEPTED, False, "Invalid", message, gen, now, old.get(ACCEPTED))
+        accepted = _condition(ACCEPTED, False, record.reason, message, gen, now, old.get(ACCEPTED))
     if done is None:
         programmed = _condition(
             PROGRAMMED, False, "NotAccepted", "not accepted", gen, now, old.get(PROGRAMMED)

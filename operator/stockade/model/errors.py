@@ -38,3 +38,8 @@ class PolicyParseError(ValueError):
     def only_unsupported(self) -> bool:
         """True when the object is well-formed but uses features stockade does not implement."""
         return bool(self.problems) and all(p.unsupported for p in self.problems)
+
+
+class PolicyTooLargeError(PolicyParseError):
+    """A well-formed policy past stockade's size limit (`stockade.model.admission`): reported
+    with the reason `TooLarge` instead of `Invalid`."""

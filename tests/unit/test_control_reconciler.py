@@ -1,0 +1,58 @@
+"""A pass whose publish fails for one object still writes the policy statuses, carries the
+policies at the plan's generations (so the failed node stays Pending), and then fails, so that
+the runner runs it again. Before, the failure left the pass before the statuses: one object the
+API server refused (too large) stopped every status write in the cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import pytest
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from stockade.control.plan import Plan
+from stockade.control.reconciler import Reconciler
+from stockade.control.store import Snapshot, Store
+
+TOO_LARGE = 413
+
+
+class Publisher:
+    generations: Mapping[str, int] = {"fine": 2, "broken": 1}
+    stale = False
+
+    def plan(self, desired: object) -> Plan:
+        return Plan((), (), {"fine": 2, "broken": 2})
+
+    def apply(self, plan: Plan) -> None:
+        raise ApiException(status=TOO_LARGE, reason="Request entity too large")
+
+
+class Reporter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, int]]] = []
+
+    def carried(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+        self.calls.append(("carried", dict(generations)))
+
+    def report(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+        self.calls.append(("report", dict(generations)))
+
+
+def test_a_failed_write_still_writes_the_statuses_then_fails_the_pass() -> None:
+    reconciler = Reconciler(Store(), ApiClient())
+    reporter = Reporter()
+    reconciler.publisher = Publisher()  # type: ignore[assignment]
+    reconciler.reporter = reporter  # type: ignore[assignment]
+    reconciler._synced, reconciler._listed_at = True, time.monotonic()
+    reconciler.lowerer.desired = lambda snap: {}  # type: ignore[method-assign]
+    with pytest.raises(ApiException) as failed:
+        reconciler.run(tables=True)
+    assert failed.value.status == TOO_LARGE
+    # The broken node carries the policies at the generation it did not get: Pending there.
+    assert reporter.calls == [
+        ("carried", {"fine": 2, "broken": 2}),
+        ("report", {"fine": 2, "broken": 1}),
+    ]
