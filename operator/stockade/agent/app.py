@@ -67,6 +67,7 @@ class Agent:
             self.api, config.node, self.runner.request, timeout_seconds=config.watch_timeout
         )
         self.flowlog: FlowLog | None = None
+        self._events_fd: int | None = None
         self._lock = threading.Lock()
 
     def _objects(self) -> Mapping[str, TableObject]:
@@ -76,9 +77,14 @@ class Agent:
         with self._lock:
             applied = self.syncer.sync()
             maps = self.syncer.maps
-            if self.flowlog is None and maps is not None and "events" in maps.fds:
-                self.flowlog = FlowLog(maps.fd("events"), lambda: self.syncer.rules)
+            events = maps.fds.get("events") if maps is not None else None
+            if self.flowlog is not None and events != self._events_fd:
+                self.flowlog.stop()  # the ring buffer was migrated to a new size
+                self.flowlog = None
+            if self.flowlog is None and events is not None:
+                self.flowlog = FlowLog(events, lambda: self.syncer.rules)
                 self.flowlog.start()
+                self._events_fd = events
         return applied
 
     def gauges(self) -> dict[str, float]:
@@ -98,6 +104,7 @@ class Agent:
             "stockade_agent_last_sync_seconds": stats.last_sync_seconds,
             "stockade_agent_compile_cache_misses_total": pstats.compile_misses,
             "stockade_agent_compile_cache_hits_total": pstats.compile_hits,
+            "stockade_agent_map_migrations_total": pstats.migrations,
             "stockade_agent_program_loads_total": pstats.loads,
             "stockade_agent_watch_connected": float(self.watch.connected),
             "stockade_agent_watch_errors_total": self.watch.errors,

@@ -14,6 +14,7 @@ resync period; it is safe to call at any time and does only what differs:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -95,6 +96,7 @@ class Syncer:
         self.writer: TableWriter | None = None
         self.current: HandoffSet | None = None
         self.stats = SyncStats()
+        self.retired_fds: list[int] = []  # old maps' fds, closed on the next sync
 
     @property
     def applied(self) -> bool:
@@ -143,7 +145,15 @@ class Syncer:
         return not (same and unchanged and not self.stats.last_write.total)
 
     def _apply(self, wanted: HandoffSet) -> AttachResult:
+        self._close_retired()
         changed = self.programs.ensure(wanted.program.shape)
+        migration = self.programs.migration
+        if migration is not None and self.maps is not None and not migration.reopened:
+            # New maps under the old pins: write the tables into those, before any link moves.
+            self.retired_fds += self.maps.reopen(sorted(migration.old))
+            self.writer = TableWriter(self.maps)  # adopts what was copied over
+        if migration is not None:
+            migration.reopened = True
         if self.maps is None:
             self.maps = PinnedMaps.open(self.pin_root)
             self.writer = TableWriter(self.maps)  # adopts what the maps hold
@@ -177,9 +187,22 @@ class Syncer:
         self.stats.applied_generation = wanted.generation
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
+        if migration is not None and not result.failures:
+            again = migration.settle()
+            self.programs.migration = None
+            log.info(
+                "map migration done: %s; %d live entries copied again after the swap",
+                migration.describe(),
+                again,
+            )
         if changed:
             self.programs.retire()
         return result
+
+    def _close_retired(self) -> None:
+        for fd in self.retired_fds:
+            os.close(fd)
+        self.retired_fds = []
 
     def _report_problem(self, message: str) -> None:
         if self.reporter is None:
@@ -198,6 +221,10 @@ class Syncer:
             log.warning("could not report %r: %s", message, exc)
 
     def close(self) -> None:
+        self._close_retired()
+        if self.programs.migration is not None and self.programs.migration.swapped:
+            self.programs.migration.close()
+            self.programs.migration = None
         if self.maps is not None:
             self.maps.close()
             self.maps = None

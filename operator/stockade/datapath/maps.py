@@ -90,6 +90,18 @@ class PinnedMaps:
         except KeyError:
             raise KeyError(f"map {name!r} is not pinned under {self.pin_root}") from None
 
+    def reopen(self, names: Sequence[str]) -> list[int]:
+        """Open the maps now pinned as `names` (after their pins moved to new maps); the fds of
+        the maps they replace are returned to the caller, who closes them once nothing reads
+        them (the event reader holds the ring buffer's)."""
+        old = []
+        for name in names:
+            fd = libbpf.obj_get(self.pin_root / name)
+            if name in self.fds:
+                old.append(self.fds[name])
+            self.fds[name] = fd
+        return old
+
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
