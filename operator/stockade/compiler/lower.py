@@ -8,6 +8,13 @@ the most common verdict and port prefixes for the rest. The datapath then decide
 two lookups whatever the number of rules, and the lowering is exact because every input that could
 change a verdict is either part of the class or a boundary of the port pieces.
 
+Cost: linear in a policy's size. Classes follow the rules' peer sets (`classes.peer_groups`), so
+the n ipBlocks of one rule are one class; a class is cut only at the ports of the rules that can
+match it, each piece is decided reading only the port specs that cover it (`_for_remote`,
+`_by_piece`), and adjacent pieces with the same verdict merge before they become prefixes. One
+rule of n ipBlocks by m ports gives about n class entries and m policy entries per endpoint
+(tests/unit/test_lower_linear.py); `stockade.model.admission.POLICY_SIZE_LIMIT` bounds n + m.
+
 Called by the operator (per node) and by the `datapath` conformance engine and benchmarks.
 """
 
