@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from stockade.model.cluster import ClusterState
@@ -186,12 +186,11 @@ def _region_signature(network: IPNetwork, cidrs: CidrIndex) -> tuple[int, ...]:
 
 
 def peer_groups(
-    rules_peers: Iterable[Sequence[Peer]], peers: Sequence[Peer]
+    rules_peers: Iterable[Sequence[Peer]], index: Mapping[Peer, int]
 ) -> list[frozenset[int]]:
-    """The distinct peer sets of the rules (each as indices into `peers`), in first-seen order:
-    a rule matches an address when any of its peers contains it, so rules with the same peers
-    can never tell two addresses apart that the other can't."""
-    index = {peer: i for i, peer in enumerate(peers)}
+    """The distinct peer sets of the rules (each as indices, by `index`, of the peers), in
+    first-seen order: a rule matches an address when any of its peers contains it, so two
+    addresses that every peer set holds both or neither of are the same to every rule."""
     seen: dict[frozenset[int], None] = {}
     for rule_peers in rules_peers:
         if rule_peers:

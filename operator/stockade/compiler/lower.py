@@ -433,7 +433,9 @@ class Lowering:
         peers: list[Peer],
         port_names: frozenset[str],
     ) -> Lowered:
-        groups = peer_groups(_rule_peers(affecting_policies(affecting)), peers)
+        groups = peer_groups(
+            _rule_peers(affecting_policies(affecting)), {peer: i for i, peer in enumerate(peers)}
+        )
         regions = build_regions(self.addresses, node, peers, port_names, groups)
         endpoint_ids = ids.endpoints.assign(p.key for p in pods)
         class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
@@ -532,7 +534,7 @@ class Lowering:
             tuple(id(p) for p in chosen),
             tuple(sorted(pod.named_ports.items())),
         )
-        seen = [group_index[g] for g in peer_groups(_rule_peers(chosen), list(peer_index))]
+        seen = [group_index[g] for g in peer_groups(_rule_peers(chosen), peer_index)]
         out: list[tuple[int, Template]] = []
         for signature, remote in classes:
             local = next((ip for ip in pod.ips if ip.version == remote.version), None)
