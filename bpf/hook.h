@@ -5,12 +5,16 @@
  * that programs after stockade's (the CNI's) still run; TC_ACT_OK would skip them. Deny returns
  * TC_ACT_SHOT.
  *
- * Always allowed: ARP, ICMPv6 neighbour discovery and link-local control, packets toward a pod
- * whose destination is no endpoint of this node, traffic from the node itself on INGRESS
- * (policy.h), replies and related ICMP errors of allowed flows (conntrack.h).
- * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects. A pod
- * is no router; a redirect from one can only be spoofing (RFC 4861 §8: only the first-hop router
- * sends them). Redirects toward a pod are never related to a flow: they are judged by policy.
+ * Always allowed: ARP, packets toward a pod whose destination is no endpoint of this node,
+ * traffic from the node itself on INGRESS (policy.h), replies and related ICMP errors of allowed
+ * flows (conntrack.h).
+ * ICMPv6 neighbour discovery and MLD are never judged by policy: what RFC 4861 and RFC 3810 let
+ * through on-link passes, the rest drops with REASON_NOT_ON_LINK (parse.h,
+ * icmpv6_control_check: hop limit 255 for ND, 1 for MLD, link-local sources where required).
+ * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects and
+ * ICMPv6 router advertisements. A pod is no router; a redirect or advertisement from one can
+ * only be spoofing (RFC 4861 §6, §8: only routers send them). ICMP redirects toward a pod are
+ * never related to a flow: they are judged by policy.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
  * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h).
  * Always dropped, before any lookup (there may be no addresses to look up), with their own
@@ -134,7 +138,16 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		emit_drop(skb, &f, dir, REASON_NOT_A_ROUTER, 0, 0);
 		return VERDICT_DROP;
 	}
-	if (r == PARSE_PASS || r == PARSE_CONTROL)
+	if (r == PARSE_CONTROL) {
+		enum control_check c = icmpv6_control_check(&f, dir == DIR_EGRESS);
+
+		if (c == CONTROL_OK)
+			return VERDICT_PASS;
+		emit_drop(skb, &f, dir,
+			  c == CONTROL_NOT_A_ROUTER ? REASON_NOT_A_ROUTER : REASON_NOT_ON_LINK, 0, 0);
+		return VERDICT_DROP;
+	}
+	if (r == PARSE_PASS)
 		return VERDICT_PASS;
 	if (r == PARSE_UNPARSED) {
 		emit_drop(skb, &f, dir, REASON_UNPARSED, 0, 0);

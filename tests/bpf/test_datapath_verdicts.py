@@ -140,14 +140,14 @@ CASES = [
         100,
     ),
     Case(
-        "icmpv6 neighbour solicitation always passes",
+        "icmpv6 neighbour solicitation with hop limit 255 passes",
         _p(CLIENT6, A6, ICMP6, ir.icmp_port(135, 0)),
         IN,
         ALLOW,
     ),
     Case(
-        "icmpv6 router advertisement always passes",
-        _p(CLIENT6, A6, ICMP6, ir.icmp_port(134, 0)),
+        "icmpv6 router advertisement from a link-local router passes",
+        _p("fe80::1", A6, ICMP6, ir.icmp_port(134, 0)),
         IN,
         ALLOW,
     ),

@@ -302,5 +302,6 @@ class DropReason(IntEnum):
     MALFORMED = 1
     FRAGMENT = 2
     UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h
-    NOT_A_ROUTER = 4  # a pod sent a redirect: see bpf/hook.h
+    NOT_A_ROUTER = 4  # a pod sent a redirect or router advertisement: see bpf/hook.h
     SPOOFED = 5  # a pod sent from an address not its own: see bpf/hook.h
+    NOT_ON_LINK = 6  # ND or MLD that is not valid on-link: see bpf/parse.h

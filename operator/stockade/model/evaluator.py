@@ -116,9 +116,45 @@ class _Context:
 Stage = Callable[[_Context], StageResult]
 
 
-# ICMPv6 control that stays allowed whatever the policies: multicast listener discovery (130-132,
-# 143), router and neighbour discovery and redirect (133-137). The datapath passes the same types.
+# ICMPv6 link control, never judged by policies: multicast listener discovery (130-132, 143),
+# router and neighbour discovery and redirect (133-137). What the on-link rules let through
+# (`link_control`) passes; the rest is dropped. The datapath applies the same rules.
 ICMPV6_CONTROL_TYPES = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
+ICMPV6_ND_TYPES = frozenset({133, 134, 135, 136, 137})
+# Only routers send these (RFC 4861 §6, §8): a router advertisement and a redirect.
+ICMPV6_ROUTER_TYPES = frozenset({134, 137})
+ND_HOP_LIMIT, MLD_HOP_LIMIT = 255, 1
+
+
+def on_link_hop_limit(icmp_type: int) -> int:
+    """The hop limit an on-link sender gives ICMPv6 control of `icmp_type`: 255 for router and
+    neighbour discovery (RFC 4861), 1 for MLD (RFC 3810)."""
+    return ND_HOP_LIMIT if icmp_type in ICMPV6_ND_TYPES else MLD_HOP_LIMIT
+
+
+class LinkControl(Enum):
+    OK = "ok"
+    NOT_A_ROUTER = "not_a_router"
+    NOT_ON_LINK = "not_on_link"
+
+
+def link_control(icmp_type: int, src: IPAddress, hop_limit: int, from_pod: bool) -> LinkControl:
+    """The on-link rules for ICMPv6 control of `icmp_type` (in ICMPV6_CONTROL_TYPES), as
+    `icmpv6_control_check` in bpf/parse.h: ND needs hop limit 255 (no router forwards it, so it
+    can only come from the link), and a router advertisement or redirect toward a pod needs a
+    link-local source; a pod sending one is no router. MLD needs hop limit 1 and a link-local
+    (or the unspecified) source."""
+    if icmp_type in ICMPV6_ND_TYPES:
+        if from_pod and icmp_type in ICMPV6_ROUTER_TYPES:
+            return LinkControl.NOT_A_ROUTER
+        if hop_limit != ND_HOP_LIMIT:
+            return LinkControl.NOT_ON_LINK
+        if icmp_type in ICMPV6_ROUTER_TYPES and not src.is_link_local:
+            return LinkControl.NOT_ON_LINK
+        return LinkControl.OK
+    if hop_limit != MLD_HOP_LIMIT or not (src.is_link_local or src.is_unspecified):
+        return LinkControl.NOT_ON_LINK
+    return LinkControl.OK
 
 
 # Redirects, by protocol: ICMP type 5, ICMPv6 type 137. Only a router sends one (RFC 1122
@@ -142,10 +178,17 @@ def _not_a_router(ctx: _Context) -> StageResult:
 
 def _link_control(ctx: _Context) -> StageResult:
     """DESIGN.md §2: "Always allowed, whatever the policies: ... ARP and IPv6 neighbour
-    discovery"."""
-    if ctx.flow.protocol is Protocol.ICMPV6 and ctx.flow.icmp_type in ICMPV6_CONTROL_TYPES:
-        return StageResult(Verdict.ALLOW, f"ICMPv6 type {ctx.flow.icmp_type} is link control")
-    return StageResult(Verdict.NEXT, "")
+    discovery", as far as it is valid on-link (`link_control`; a flow's first packet is taken
+    to carry the on-link hop limit of its type)."""
+    icmp_type = ctx.flow.icmp_type
+    if ctx.flow.protocol is not Protocol.ICMPV6 or icmp_type not in ICMPV6_CONTROL_TYPES:
+        return StageResult(Verdict.NEXT, "")
+    check = link_control(
+        icmp_type, ctx.flow.src_ip, on_link_hop_limit(icmp_type), ctx.direction is Direction.EGRESS
+    )
+    if check is LinkControl.OK:
+        return StageResult(Verdict.ALLOW, f"ICMPv6 type {icmp_type} is link control")
+    return StageResult(Verdict.DENY, f"ICMPv6 type {icmp_type} is link control: {check.value}")
 
 
 def _node_traffic(ctx: _Context) -> StageResult:
