@@ -23,6 +23,8 @@
  * frames whose IP header cannot be parsed (REASON_MALFORMED).
  * Dropped whatever the policy, when the local address is an endpoint: packets whose transport
  * header cannot be parsed (one split across fragments included).
+ * Dropped after the policy allowed it, with REASON_CT_BUDGET and the allowing rule: the first
+ * packet of a new flow whose endpoint holds its budget of conntrack entries (conntrack.h).
  *
  * Non-first fragments carry no ports; only a datagram's first fragment does, and it is judged
  * like any packet. What happens to the others, when the local address is an endpoint:
@@ -214,9 +216,13 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		emit_drop(skb, &f, dir, REASON_POLICY, d.rule_id, d.endpoint_id);
 		return VERDICT_DROP;
 	}
-	frag_record(&f, dir, ACTION_ALLOW, d.rule_id);
 #if STOCKADE_CONNTRACK
-	ct_create(&f, dir, &d, cfg, now);
+	if (ct_create(&f, dir, &d, cfg, now) < 0) {
+		frag_record(&f, dir, ACTION_DENY, d.rule_id);
+		emit_drop(skb, &f, dir, REASON_CT_BUDGET, d.rule_id, d.endpoint_id);
+		return VERDICT_DROP;
+	}
 #endif
+	frag_record(&f, dir, ACTION_ALLOW, d.rule_id);
 	return VERDICT_PASS;
 }

@@ -100,6 +100,7 @@ struct flow {
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 /* Offsets past this are read through the helper only, which keeps the verifier's range small. */
 #define PKT_DIRECT_MAX 512
