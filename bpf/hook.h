@@ -6,8 +6,8 @@
  * TC_ACT_SHOT.
  *
  * Always allowed: ARP, packets toward a pod whose destination is no endpoint of this node,
- * traffic from the node itself on INGRESS (policy.h), replies and related ICMP errors of allowed
- * flows (conntrack.h).
+ * traffic the node's own stack sends from one of its addresses on INGRESS (policy.h,
+ * from_host), replies and related ICMP errors of allowed flows (conntrack.h).
  * ICMPv6 neighbour discovery and MLD are never judged by policy: what RFC 4861 and RFC 3810 let
  * through on-link passes, the rest drops with REASON_NOT_ON_LINK (parse.h,
  * icmpv6_control_check: hop limit 255 for ND, 1 for MLD, link-local sources where required).
@@ -103,6 +103,13 @@ static __always_inline void frag_record(const struct flow *f, __u32 dir, __u8 ac
 	(void)f, (void)dir, (void)action, (void)rule_id;
 }
 #endif
+
+/* Whether the node's own network stack sent the packet: it arrived on no interface (a
+ * forwarded packet, SNATed to a node address or not, carries the interface it came in on). */
+static __always_inline __u8 from_host(const struct __sk_buff *skb)
+{
+	return skb->ingress_ifindex == 0;
+}
 
 /* The endpoint a packet leaving a pod comes from, or NULL when its source address is not one of
  * the endpoint its interface is bound to: a spoofed source would borrow another pod's egress
@@ -209,7 +216,7 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		return VERDICT_DROP;
 #endif
 	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr, f.t.proto, f.port,
-			       dir, &d);
+			       dir, from_host(skb), &d);
 	account_decision(skb, &f, dir, &d);
 	if (d.action == ACTION_DENY) {
 		frag_record(&f, dir, ACTION_DENY, d.rule_id);

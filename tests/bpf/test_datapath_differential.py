@@ -189,7 +189,8 @@ def packet(draw: st.DrawFn, tables: ir.NodeTables) -> tuple[ir.Packet, Direction
     hop_limit = None  # on-link for ND (255) and MLD (1), 64 for the rest
     if proto == ir.PROTO_ICMPV6 and port >> 8 in ir.ICMPV6_CONTROL_TYPES:
         hop_limit = draw(st.sampled_from([None, 255, 64, 1]))
-    return ir.Packet(src, dst, proto, port, hop_limit), direction
+    forwarded = draw(st.booleans())  # arrived on an interface, or sent by the node itself
+    return ir.Packet(src, dst, proto, port, hop_limit, forwarded), direction
 
 
 @st.composite
@@ -216,7 +217,7 @@ def test_the_kernel_decides_as_ir_lookup(
     for probe, direction in probes:
         maps.flush_conntrack(dp.maps)
         want = ir.lookup(tables, probe, direction)
-        got = dp.run(pk.packet_frame(probe), direction)
+        got = dp.run(pk.packet_frame(probe), direction, forwarded=probe.forwarded)
         seen = [(e.kind, e.rule_id) for e in dp.events()]
         expected = TcVerdict.DENY if want.action is Action.DENY else TcVerdict.ALLOW
         assert got is expected, (probe, direction, want)

@@ -195,6 +195,9 @@ class Packet:
     # The IPv6 hop limit; None: what an on-link sender gives ICMPv6 link control of this type
     # (evaluator.on_link_hop_limit), 64 for everything else.
     hop_limit: int | None = None
+    # Arrived at the node on an interface (forwarded), rather than sent by the node's own stack:
+    # only the latter skips ingress policy from a node address (ClassFlag.LOCAL_NODE).
+    forwarded: bool = False
 
     @property
     def effective_hop_limit(self) -> int:
@@ -296,7 +299,7 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
         )
     cls = classify(tables, remote)
     class_id, flags = (cls.class_id, cls.flags) if cls else (0, 0)
-    if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE:
+    if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE and not packet.forwarded:
         return ALLOW_BY_DEFAULT
     key = int.from_bytes(
         policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[

@@ -430,7 +430,9 @@ def _templates(
     dst_pod = pod if direction is Direction.INGRESS else state.pod_at(remote)
     # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
     base_flow = _flow(local, remote, direction, Protocol.TCP, 0)
-    base = _outcome(judge(state, _other_protocols(policies), base_flow, direction))
+    # from_node=False: the node's own traffic is exempted by the class flag (LOCAL_NODE) in the
+    # datapath, which still judges what the node forwards from its addresses by these entries.
+    base = _outcome(judge(state, _other_protocols(policies), base_flow, direction, False))
     out.append((abi.PREFIX_CLASS, 0, 0, base))
     for proto in protocols_for(remote.version):
         pieces = _boundaries(policies, direction, proto, dst_pod)
@@ -439,7 +441,11 @@ def _templates(
                 piece,
                 _outcome(
                     judge(
-                        state, policies, _flow(local, remote, direction, proto, piece[0]), direction
+                        state,
+                        policies,
+                        _flow(local, remote, direction, proto, piece[0]),
+                        direction,
+                        False,
                     )
                 ),
             )

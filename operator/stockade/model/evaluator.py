@@ -101,6 +101,7 @@ class _Context:
     pod: Pod  # the pod whose policies are judged
     remote: IPAddress  # the other end of the connection
     dst_pod: Pod | None  # where named ports resolve
+    from_node: bool = True  # a flow from a node address was sent by that node's own stack
 
     def selecting(self, tier: Tier) -> list[Policy]:
         """Policies of `tier` that select the pod and affect this direction, by precedence."""
@@ -192,8 +193,14 @@ def _link_control(ctx: _Context) -> StageResult:
 
 
 def _node_traffic(ctx: _Context) -> StageResult:
-    """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)"."""
-    if ctx.direction is Direction.INGRESS and ctx.remote in ctx.state.node_ips(ctx.pod.node):
+    """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)":
+    what that node's own stack sends from one of its addresses, not what it forwards with one
+    (SNAT, masquerade) (`from_node`)."""
+    if (
+        ctx.from_node
+        and ctx.direction is Direction.INGRESS
+        and ctx.remote in ctx.state.node_ips(ctx.pod.node)
+    ):
         return StageResult(Verdict.ALLOW, f"from {ctx.pod.key}'s own node {ctx.pod.node}")
     return StageResult(Verdict.NEXT, "")
 
@@ -331,11 +338,18 @@ class DirectionJudgement:
 
 
 def judge(
-    state: ClusterState, policies: Iterable[Policy], flow: Flow, direction: Direction
+    state: ClusterState,
+    policies: Iterable[Policy],
+    flow: Flow,
+    direction: Direction,
+    from_node: bool = True,
 ) -> DirectionJudgement:
     """The verdict of one direction alone: the egress hook of the flow's source pod, or the
     ingress hook of its destination pod. The compiler lowers policies by calling this at one
     point of every region that policy cannot tell apart, so the datapath agrees by construction.
+    `from_node` False: a flow from an address of the pod's node was forwarded by the node, not
+    sent by its own stack, and is judged by policy like any other (the lowering judges so; the
+    datapath exempts the node's own packets by ClassFlag.LOCAL_NODE, bpf/policy.h).
     """
     pod = state.pod_at(flow.dst_ip if direction is Direction.INGRESS else flow.src_ip)
     if pod is None:
@@ -344,10 +358,10 @@ def judge(
     dst_pod = state.pod_at(flow.dst_ip)
     every = _precedence(policies)
     enforced = tuple(p for p in every if p.mode is Mode.ENFORCE)
-    now = _judge(_Context(state, enforced, flow, direction, pod, remote, dst_pod))
+    now = _judge(_Context(state, enforced, flow, direction, pod, remote, dst_pod, from_node))
     if len(enforced) == len(every):
         return DirectionJudgement(now.verdict is Verdict.ALLOW, now.rule, None, None)
-    would = _judge(_Context(state, every, flow, direction, pod, remote, dst_pod))
+    would = _judge(_Context(state, every, flow, direction, pod, remote, dst_pod, from_node))
     return DirectionJudgement(
         now.verdict is Verdict.ALLOW, now.rule, would.verdict is Verdict.ALLOW, would.rule
     )
