@@ -6,11 +6,13 @@ config map), and policy changes either re-judge established flows or keep them, 
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from stockade.agent.conntrack import ConntrackRecount
 from stockade.compiler import abi, ir
 from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
@@ -324,7 +326,9 @@ def test_the_budget_follows_deletions_and_the_agents_recount() -> None:
         assert maps.conntrack_owned(d.maps) == {1: 2}  # one deleted, one created
         assert d.run(udp(A4, CLIENT4, 5002, 53), OUT) is DENY  # 5001 is dead, but nobody knows
         time.sleep(0.05)
-        assert maps.recount_conntrack(d.maps, time.clock_gettime_ns(time.CLOCK_MONOTONIC)) == {}
+        recount = ConntrackRecount(lambda: d.maps, threading.Lock(), 10.0)  # the agent's
+        assert recount.recount()
+        assert recount.gauges()["stockade_agent_conntrack_entries"] == 0
         assert maps.conntrack_owned(d.maps) == {}
         assert maps.conntrack_entries(d.maps) == []
         assert d.run(udp(A4, CLIENT4, 5002, 53), OUT) is ALLOW
