@@ -16,7 +16,9 @@
  * only be spoofing (RFC 4861 §6, §8: only routers send them). ICMP redirects toward a pod are
  * never related to a flow: they are judged by policy.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
- * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h).
+ * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h); for
+ * ICMPv6 link control, one whose source is neither that nor link-local nor unspecified (a
+ * neighbour solicitation or advertisement from another pod's address).
  * Always dropped, before any lookup (there may be no addresses to look up), with their own
  * reason: frames that are neither ARP nor IP this program parses (REASON_UNPARSED: another
  * ethertype, VLAN tags it does not walk, IPv6 without STOCKADE_IPV6; parse.h says why), and
@@ -150,6 +152,11 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	if (r == PARSE_CONTROL) {
 		enum control_check c = icmpv6_control_check(&f, dir == DIR_EGRESS);
 
+		if (c == CONTROL_OK && dir == DIR_EGRESS && !addr_is_link_local(f.t.saddr) &&
+		    !addr_is_unspecified(f.t.saddr) && !bound_sender(skb, &f)) {
+			emit_drop(skb, &f, dir, REASON_SPOOFED, 0, 0);
+			return VERDICT_DROP;
+		}
 		if (c == CONTROL_OK)
 			return VERDICT_PASS;
 		emit_drop(skb, &f, dir,

@@ -3,14 +3,16 @@ would (CAP_NET_RAW is in every runtime's default set). Link control is never jud
 so were these types passed whatever they look like, they would be a payload channel across
 nodes into a pod whose policy refuses the sender, and a pod could advertise itself as a router.
 
-Scenario (tests/bpf/agent_harness.py): `web` on node-1 admits only `client` on TCP 8080; `client`
-and `other` live on node-2, routed to node-1. `other` sends to web's IPv6 address neighbour
-solicitations and MLD reports carrying a payload, with the hop limit a routed packet has (64, so
-63 at web's hook: RFC 4861 wants 255 and RFC 3810 wants 1, which no router forwards), and a
-router advertisement. With only web's node enforcing, web's hook drops the routed ones with
+Scenario (tests/bpf/agent_harness.py): `web` on node-1 admits only `client` on TCP 8080;
+`client` and `other` live on node-2, routed to node-1. `other` sends to web's IPv6 address
+neighbour solicitations and MLD reports carrying a payload, with the hop limit a routed packet
+has (64, so 63 at web's hook: RFC 4861 wants 255 and RFC 3810 wants 1, which no router
+forwards), and a router advertisement, and a neighbour advertisement from web's own address (hop
+limit 255, as if on-link). With only web's node enforcing, web's hook drops the routed ones with
 reason NOT_ON_LINK, where before they all reached web's interface. With both nodes enforcing,
-`other`'s own hook drops them (NOT_ON_LINK) and the advertisement (NOT_A_ROUTER). Real on-link
-neighbour discovery still works: IPv6 between the pods' kernels and their gateways needs it.
+`other`'s own hook drops them (NOT_ON_LINK), the router advertisement (NOT_A_ROUTER) and the
+spoofed neighbour advertisement (SPOOFED). Real on-link neighbour discovery still works: IPv6
+between the pods' kernels and their gateways needs it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import Cluster, pin_root, probe_web, serving_scenario
 from tests.fixtures.netns import MakeProcesses, MakeTopology
 
-NS, RA, MLD2_REPORT = 135, 134, 143
+NS, RA, NA, MLD2_REPORT = 135, 134, 136, 143
 ROUTED = (NS, MLD2_REPORT)
 MESSAGES = 5  # of each routed type
 MARK = b"stockade-covert-"
@@ -71,6 +73,7 @@ def _attack(cluster: Cluster) -> set[tuple[int, int]]:
     web, other = topo.pods["demo/web"], topo.pods["demo/other"]
     packets = [_message(other.ip_v6, web.ip_v6, t, n, 64) for t in ROUTED for n in range(MESSAGES)]
     packets.append(_message("fe80::1", web.ip_v6, RA, 0, 255))
+    packets.append(_message(web.ip_v6, web.ip_v6, NA, 0, 255))  # web's address: spoofed
     with (
         NetnsExecutor.named(web.netns) as in_web,
         NetnsExecutor.named(other.netns) as in_other,
@@ -99,7 +102,8 @@ def test_neighbour_discovery_off_link_is_dropped_at_the_receivers_hook(
             reasons = _reasons(reader)
         finally:
             reader.close()
-        assert reasons.count(DropReason.NOT_ON_LINK) == len(ROUTED) * MESSAGES
+        # the spoofed advertisement too: routed, it arrives with hop limit 254
+        assert reasons.count(DropReason.NOT_ON_LINK) == len(ROUTED) * MESSAGES + 1
         assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}
 
 
@@ -123,4 +127,5 @@ def test_neighbour_discovery_off_link_is_dropped_at_the_senders_own_hook(
             reader.close()
         assert reasons.count(DropReason.NOT_ON_LINK) == len(ROUTED) * MESSAGES
         assert reasons.count(DropReason.NOT_A_ROUTER) == 1
+        assert reasons.count(DropReason.SPOOFED) == 1  # an advertisement from web's address
         assert probe_web(procs, cluster) == {"client": Outcome.CONNECTED, "other": Outcome.TIMEOUT}

@@ -1,7 +1,8 @@
 """ICMPv6 neighbour discovery and MLD in the compiled programs: never judged by policy, passed
 only as RFC 4861 and RFC 3810 allow on-link (hop limit 255 for ND, 1 and a link-local source
 for MLD, a link-local router for advertisements and redirects), dropped otherwise with reason
-NOT_ON_LINK; a pod sending a router advertisement or a redirect drops with NOT_A_ROUTER. Every
+NOT_ON_LINK; a pod sending a router advertisement or a redirect drops with NOT_A_ROUTER, and one
+sending from a global address that is not its own drops with SPOOFED. Every
 case is checked against `ir.lookup` too, and generated ones against it in
 test_datapath_differential.py.
 """
@@ -74,6 +75,9 @@ CASES = [
     Case("mld report with hop limit 64", LINK_LOCAL, A6, MLD_REPORT, 64, OUT, R.NOT_ON_LINK),
     Case("mld done from a global source", A6, CLIENT6, MLD_DONE, 1, OUT, R.NOT_ON_LINK),
     Case("mld query from a global source", CLIENT6, A6, MLD_QUERY, 1, IN, R.NOT_ON_LINK),
+    # from a pod, a global source must be the pod's own
+    Case("neighbour advertisement from another's address", CLIENT6, A6, NA, 255, OUT, R.SPOOFED),
+    Case("neighbour solicitation from another's address", CLIENT6, A6, NS, 255, OUT, R.SPOOFED),
 ]
 
 

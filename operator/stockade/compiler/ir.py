@@ -272,7 +272,8 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     (EGRESS) is dropped first, whatever the addresses (`bpf/hook.h`, reason NOT_A_ROUTER; rule
     RULE_NONE). ICMPv6 neighbour discovery and MLD (ICMPV6_CONTROL_TYPES) are never judged by
     policy: valid on-link (`evaluator.link_control`) they pass, else they drop (reason
-    NOT_A_ROUTER or NOT_ON_LINK; rule RULE_NONE). A packet leaving a pod whose source is no
+    NOT_A_ROUTER or NOT_ON_LINK; rule RULE_NONE); a pod's from a source that is neither its own
+    nor link-local nor unspecified drops as SPOOFED. A packet leaving a pod whose source is no
     endpoint's address is dropped (reason SPOOFED; rule RULE_NONE): a pod's interface is bound
     to its endpoint, so such a source is never the pod's own. Toward a pod (INGRESS), a
     destination that is no endpoint of this node passes unjudged.
@@ -286,9 +287,16 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
             packet.effective_hop_limit,
             direction is Direction.EGRESS,
         )
-        if check is evaluator.LinkControl.OK:
-            return ALLOW_BY_DEFAULT
-        return Verdict(Action.DENY, RULE_NONE)
+        if check is not evaluator.LinkControl.OK:
+            return Verdict(Action.DENY, RULE_NONE)
+        src = packet.src
+        if (
+            direction is Direction.EGRESS
+            and not (src.is_link_local or src.is_unspecified)
+            and not any(to_v6(e.address) == to_v6(src) for e in tables.endpoints)
+        ):
+            return Verdict(Action.DENY, RULE_NONE)  # spoofed: no endpoint has that address
+        return ALLOW_BY_DEFAULT
     local, remote = (
         (packet.dst, packet.src) if direction is Direction.INGRESS else (packet.src, packet.dst)
     )
