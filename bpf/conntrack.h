@@ -15,9 +15,28 @@
  *   those ICMP types from those sources. Without this check any address could reach a pod with an
  *   allowed flow by quoting that flow's tuple in front of an arbitrary payload.
  *   Redirects are no errors (parse.h) and never related.
- * - Entries expire after the timeout of their protocol (config map, 0 = built-in default);
- *   a TCP FIN or RST switches the flow to the short closing timeout. The LRU evicts the
- *   least recently used entries when the table is full.
+ * - Entries expire after the timeout of their protocol (config map, 0 = built-in default).
+ * - TCP state, enough that one side's crafted segments cannot shape an entry:
+ *   - A TCP entry has the long timeout only once the other side has replied (CT_TCP_REPLIED;
+ *     an RST is no answer):
+ *     until then (a SYN, or a mid-stream segment the policy allowed) the short closing timeout
+ *     applies, refreshed by each packet. A bare ACK is thus judged as new, and if allowed makes
+ *     a short-lived entry that a real peer's answer turns into an established one.
+ *   - A SYN without ACK is never a reply: it is a new connection toward the side that sent the
+ *     flow's first packet, judged by policy.
+ *   - An RST opens nothing. An RST on an entry switches it to the closing timeout until the next
+ *     packet without RST in either direction: a real reset ends the flow, so nothing comes
+ *     after it and the entry expires; a forged one is undone by the flow's next packet.
+ *   - FIN: the closing timeout once both sides have sent one (CT_TCP_FIN_ORIG and _REPLY); a
+ *     FIN from one side (a half-close, or a forged one) changes nothing.
+ * - Per-endpoint budget (STOCKADE_CONNTRACK_PER_ENDPOINT, 0 = none): an entry belongs to the
+ *   endpoint whose hook created it (`owner`, the local endpoint). An endpoint holding its budget
+ *   of entries creates no more: the packet of an allowed new flow is dropped (the hook's
+ *   REASON_CT_BUDGET), so a pod that opens many flows fills its own budget and cannot make the
+ *   LRU evict the other pods' entries. The counts (`ct_owned`) follow the programs' own
+ *   creations and deletions; the LRU's evictions and expired entries nobody looked up again are
+ *   recounted by the agent (operator/stockade/agent/conntrack.py).
+ * - The LRU evicts the least recently used entries when the table is full.
  *
  * Policy changes (config.ct_mode):
  * - CT_MODE_REVALIDATE (0, the default): every entry carries the policy epoch it was judged in.
@@ -53,6 +72,63 @@ enum ct_state {
 #define CT_DEFAULT_UDP_NS (60ULL * 1000000000ULL)
 #define CT_DEFAULT_ICMP_NS (30ULL * 1000000000ULL)
 #define CT_DEFAULT_OTHER_NS (60ULL * 1000000000ULL)
+
+#ifndef STOCKADE_CONNTRACK_PER_ENDPOINT
+#error "STOCKADE_CONNTRACK_PER_ENDPOINT must be defined by the rendered program"
+#endif
+
+/* ct_entry.tcp */
+#define CT_TCP_REPLIED 1	/* the other side answered (not with a bare SYN nor an RST) */
+#define CT_TCP_FIN_ORIG 2	/* FIN seen from the flow's originator */
+#define CT_TCP_FIN_REPLY 4	/* FIN seen from the other side */
+#define CT_TCP_RST 8		/* the last packet carried RST */
+
+/* Whether a TCP entry in state `s` has the short timeout. */
+static __always_inline __u8 ct_tcp_closing(__u8 s)
+{
+	return !(s & CT_TCP_REPLIED) || (s & CT_TCP_RST) ||
+	       (s & (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY)) == (CT_TCP_FIN_ORIG | CT_TCP_FIN_REPLY);
+}
+
+/* The TCP state after a packet with `flags`, in the flow's `reply` direction or not. */
+static __always_inline __u8 ct_tcp_next(__u8 s, __u8 flags, int reply)
+{
+	if (reply && !(flags & TCP_FLAG_RST))
+		s |= CT_TCP_REPLIED;
+	if (flags & TCP_FLAG_RST)
+		s |= CT_TCP_RST;
+	else
+		s &= ~CT_TCP_RST;
+	if (flags & TCP_FLAG_FIN)
+		s |= reply ? CT_TCP_FIN_REPLY : CT_TCP_FIN_ORIG;
+	return s;
+}
+
+/* A bare SYN (no ACK): the opening of a connection, never a reply. */
+static __always_inline int tcp_is_bare_syn(const struct flow *f)
+{
+	return f->t.proto == IPPROTO_TCP &&
+	       (f->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
+static __always_inline void ct_owned_add(__u32 owner, __s64 delta)
+{
+	__s64 *n = bpf_map_lookup_elem(&ct_owned, &owner);
+
+	if (n) {
+		__sync_fetch_and_add(n, delta);
+	} else if (delta > 0) {
+		bpf_map_update_elem(&ct_owned, &owner, &delta, BPF_NOEXIST);
+	}
+}
+
+static __always_inline void ct_delete(struct ct_key *k, const struct ct_entry *e)
+{
+	__u32 owner = e->owner;
+
+	if (bpf_map_delete_elem(&conntrack, k) == 0)
+		ct_owned_add(owner, -1);
+}
 
 static __always_inline __u64 ct_timeout(const struct config *cfg, __u8 proto, __u8 closing)
 {
@@ -101,13 +177,13 @@ static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct c
 	if (!e)
 		return NULL;
 	if (e->expires_ns < now) {
-		bpf_map_delete_elem(&conntrack, k);
+		ct_delete(k, e);
 		return NULL;
 	}
 	if (cfg->ct_mode != CT_MODE_KEEP && e->epoch != cfg->epoch) {
 		policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
 		if (d.action == ACTION_DENY) {
-			bpf_map_delete_elem(&conntrack, k);
+			ct_delete(k, e);
 			return NULL;
 		}
 		e->epoch = cfg->epoch;
@@ -117,10 +193,14 @@ static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct c
 }
 
 static __always_inline void ct_refresh(struct ct_entry *e, const struct flow *f,
-				       const struct config *cfg, __u64 now)
+				       const struct config *cfg, __u64 now, int reply)
 {
-	if (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		e->closing = 1;
+	if (f->t.proto == IPPROTO_TCP) {
+		__u8 s = ct_tcp_next(e->tcp, f->tcp_flags, reply);
+
+		e->tcp = s;
+		e->closing = ct_tcp_closing(s);
+	}
 	e->expires_ns = now + ct_timeout(cfg, f->t.proto, e->closing);
 }
 
@@ -150,42 +230,59 @@ static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
 		e = ct_find(&k, cfg, now);
 		if (!e)
 			return CT_NEW;
-		ct_refresh(e, f, cfg, now);
+		ct_refresh(e, f, cfg, now, 1);
 		return CT_REPLY;
 	}
 	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
 	e = ct_find(&k, cfg, now);
 	if (e) {
-		ct_refresh(e, f, cfg, now);
+		ct_refresh(e, f, cfg, now, 0);
 		return CT_ESTABLISHED;
 	}
-	if (t->icmp_kind == ICMP_KIND_ECHO_REQUEST)
+	if (t->icmp_kind == ICMP_KIND_ECHO_REQUEST || tcp_is_bare_syn(f))
 		return CT_NEW;
 	ct_key_set(&k, t->daddr, t->saddr, t->dport, t->sport, t->proto, dir ^ 1);
 	e = ct_find(&k, cfg, now);
 	if (!e)
 		return CT_NEW;
-	ct_refresh(e, f, cfg, now);
+	ct_refresh(e, f, cfg, now, 1);
 	return CT_REPLY;
 }
 
-/* Record an allowed new flow. Echo replies and ICMP errors start no flow. */
-static __always_inline void ct_create(const struct flow *f, __u32 dir, const struct decision *d,
-				      const struct config *cfg, __u64 now)
+/* Record an allowed new flow, against the budget of the endpoint that judged it (`d`). Echo
+ * replies, ICMP errors and TCP resets start no flow. Returns -1 when the endpoint holds its
+ * budget of entries already (the flow is then not recorded), else 0. */
+static __always_inline int ct_create(const struct flow *f, __u32 dir, const struct decision *d,
+				     const struct config *cfg, __u64 now)
 {
 	const struct tuple *t = &f->t;
 	struct ct_key k;
 	struct ct_entry e = {};
+	__u32 owner = d->endpoint_id;
 
 	if (t->icmp_kind == ICMP_KIND_ECHO_REPLY || t->icmp_kind == ICMP_KIND_ERROR)
-		return;
+		return 0;
+	if (t->proto == IPPROTO_TCP && (f->tcp_flags & TCP_FLAG_RST))
+		return 0;
+#if STOCKADE_CONNTRACK_PER_ENDPOINT
+	__s64 *held = bpf_map_lookup_elem(&ct_owned, &owner);
+
+	if (held && *held >= STOCKADE_CONNTRACK_PER_ENDPOINT)
+		return -1;
+#endif
 	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
-	e.closing = (f->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) != 0;
+	if (t->proto == IPPROTO_TCP) {
+		e.tcp = ct_tcp_next(0, f->tcp_flags, 0);
+		e.closing = ct_tcp_closing(e.tcp);
+	}
 	e.expires_ns = now + ct_timeout(cfg, t->proto, e.closing);
 	e.epoch = cfg->epoch;
 	e.rule_id = d->rule_id;
 	e.port = f->port;
-	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
+	e.owner = owner;
+	if (bpf_map_update_elem(&conntrack, &k, &e, BPF_NOEXIST) == 0)
+		ct_owned_add(owner, 1);
+	return 0;
 }
 
 #endif /* STOCKADE_CONNTRACK */

@@ -26,8 +26,12 @@ enum drop_reason {
 	REASON_UNPARSED = 3,	/* neither ARP nor IP the program parses (parse.h): another
 				 * ethertype, unwalked VLAN tags, IPv6 when disabled */
 	REASON_NOT_A_ROUTER = 4,	/* a pod sent what only a router may send: an ICMP or
-					 * ICMPv6 redirect */
+					 * ICMPv6 redirect, an ICMPv6 router advertisement */
 	REASON_SPOOFED = 5,	/* a pod sent from an address that is not its own */
+	REASON_NOT_ON_LINK = 6,	/* ICMPv6 neighbour discovery or MLD that RFC 4861 / RFC 3810
+				 * do not let through on-link (parse.h) */
+	REASON_CT_BUDGET = 7,	/* a new flow of an endpoint that holds its budget of conntrack
+				 * entries (conntrack.h) */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

@@ -5,20 +5,28 @@
  * that programs after stockade's (the CNI's) still run; TC_ACT_OK would skip them. Deny returns
  * TC_ACT_SHOT.
  *
- * Always allowed: ARP, ICMPv6 neighbour discovery and link-local control, packets toward a pod
- * whose destination is no endpoint of this node, traffic from the node itself on INGRESS
- * (policy.h), replies and related ICMP errors of allowed flows (conntrack.h).
- * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects. A pod
- * is no router; a redirect from one can only be spoofing (RFC 4861 §8: only the first-hop router
- * sends them). Redirects toward a pod are never related to a flow: they are judged by policy.
+ * Always allowed: ARP, packets toward a pod whose destination is no endpoint of this node,
+ * traffic the node's own stack sends from one of its addresses on INGRESS (policy.h,
+ * from_host), replies and related ICMP errors of allowed flows (conntrack.h).
+ * ICMPv6 neighbour discovery and MLD are never judged by policy: what RFC 4861 and RFC 3810 let
+ * through on-link passes, the rest drops with REASON_NOT_ON_LINK (parse.h,
+ * icmpv6_control_check: hop limit 255 for ND, 1 for MLD, link-local sources where required).
+ * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects and
+ * ICMPv6 router advertisements. A pod is no router; a redirect or advertisement from one can
+ * only be spoofing (RFC 4861 §6, §8: only routers send them). ICMP redirects toward a pod are
+ * never related to a flow: they are judged by policy.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
- * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h).
+ * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h); for
+ * ICMPv6 link control, one whose source is neither that nor link-local nor unspecified (a
+ * neighbour solicitation or advertisement from another pod's address).
  * Always dropped, before any lookup (there may be no addresses to look up), with their own
  * reason: frames that are neither ARP nor IP this program parses (REASON_UNPARSED: another
  * ethertype, VLAN tags it does not walk, IPv6 without STOCKADE_IPV6; parse.h says why), and
  * frames whose IP header cannot be parsed (REASON_MALFORMED).
  * Dropped whatever the policy, when the local address is an endpoint: packets whose transport
  * header cannot be parsed (one split across fragments included).
+ * Dropped after the policy allowed it, with REASON_CT_BUDGET and the allowing rule: the first
+ * packet of a new flow whose endpoint holds its budget of conntrack entries (conntrack.h).
  *
  * Non-first fragments carry no ports; only a datagram's first fragment does, and it is judged
  * like any packet. What happens to the others, when the local address is an endpoint:
@@ -98,6 +106,13 @@ static __always_inline void frag_record(const struct flow *f, __u32 dir, __u8 ac
 }
 #endif
 
+/* Whether the node's own network stack sent the packet: it arrived on no interface (a
+ * forwarded packet, SNATed to a node address or not, carries the interface it came in on). */
+static __always_inline __u8 from_host(const struct __sk_buff *skb)
+{
+	return skb->ingress_ifindex == 0;
+}
+
 /* The endpoint a packet leaving a pod comes from, or NULL when its source address is not one of
  * the endpoint its interface is bound to: a spoofed source would borrow another pod's egress
  * policy (or escape any, with an address that is no endpoint) and could plant a conntrack entry
@@ -134,7 +149,21 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		emit_drop(skb, &f, dir, REASON_NOT_A_ROUTER, 0, 0);
 		return VERDICT_DROP;
 	}
-	if (r == PARSE_PASS || r == PARSE_CONTROL)
+	if (r == PARSE_CONTROL) {
+		enum control_check c = icmpv6_control_check(&f, dir == DIR_EGRESS);
+
+		if (c == CONTROL_OK && dir == DIR_EGRESS && !addr_is_link_local(f.t.saddr) &&
+		    !addr_is_unspecified(f.t.saddr) && !bound_sender(skb, &f)) {
+			emit_drop(skb, &f, dir, REASON_SPOOFED, 0, 0);
+			return VERDICT_DROP;
+		}
+		if (c == CONTROL_OK)
+			return VERDICT_PASS;
+		emit_drop(skb, &f, dir,
+			  c == CONTROL_NOT_A_ROUTER ? REASON_NOT_A_ROUTER : REASON_NOT_ON_LINK, 0, 0);
+		return VERDICT_DROP;
+	}
+	if (r == PARSE_PASS)
 		return VERDICT_PASS;
 	if (r == PARSE_UNPARSED) {
 		emit_drop(skb, &f, dir, REASON_UNPARSED, 0, 0);
@@ -194,16 +223,20 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		return VERDICT_DROP;
 #endif
 	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr, f.t.proto, f.port,
-			       dir, &d);
+			       dir, from_host(skb), &d);
 	account_decision(skb, &f, dir, &d);
 	if (d.action == ACTION_DENY) {
 		frag_record(&f, dir, ACTION_DENY, d.rule_id);
 		emit_drop(skb, &f, dir, REASON_POLICY, d.rule_id, d.endpoint_id);
 		return VERDICT_DROP;
 	}
-	frag_record(&f, dir, ACTION_ALLOW, d.rule_id);
 #if STOCKADE_CONNTRACK
-	ct_create(&f, dir, &d, cfg, now);
+	if (ct_create(&f, dir, &d, cfg, now) < 0) {
+		frag_record(&f, dir, ACTION_DENY, d.rule_id);
+		emit_drop(skb, &f, dir, REASON_CT_BUDGET, d.rule_id, d.endpoint_id);
+		return VERDICT_DROP;
+	}
 #endif
+	frag_record(&f, dir, ACTION_ALLOW, d.rule_id);
 	return VERDICT_PASS;
 }

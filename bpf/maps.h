@@ -197,8 +197,9 @@ struct ct_entry {
 	__u32 epoch;		/* config.epoch when the entry was last judged */
 	__u32 rule_id;		/* the rule that allowed it */
 	__u16 port;		/* the policy port of the flow, to judge it again */
-	__u8 closing;		/* TCP FIN or RST seen: the short timeout applies */
-	__u8 pad[5];
+	__u8 closing;		/* the short timeout applies (TCP: see conntrack.h) */
+	__u8 tcp;		/* CT_TCP_* flags of a TCP flow (conntrack.h) */
+	__u32 owner;		/* the endpoint whose budget holds the entry (ct_owned) */
 };
 
 struct {
@@ -208,6 +209,17 @@ struct {
 	__type(value, struct ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conntrack SEC(".maps");
+
+/* ct_owned: endpoint id -> how many conntrack entries it holds, against the Shape's
+ * STOCKADE_CONNTRACK_PER_ENDPOINT (conntrack.h). The programs count their own creations and
+ * deletions; the LRU's evictions are silent, so the agent recounts from the table now and then. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, __s64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ct_owned SEC(".maps");
 #endif
 
 #if STOCKADE_FRAGMENTS_TRACK

@@ -93,12 +93,14 @@ struct flow {
 	__u8 family;		/* 4 or 6 */
 	__u32 frag_id;		/* IPv4 identification or IPv6 fragment identification */
 	__u8 frag;		/* enum frag_kind */
-	__u8 pad[3];
+	__u8 hop_limit;		/* IPv6 hop limit (IPv4: 0, unused) */
+	__u8 pad[2];
 };
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
 
 /* Offsets past this are read through the helper only, which keeps the verifier's range small. */
 #define PKT_DIRECT_MAX 512
@@ -150,11 +152,56 @@ static __always_inline int addr_equal(const __u32 *a, const __u32 *b)
 	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
-/* ICMPv6 types that stay allowed whatever the policy: MLD (130-132, 143), router and
- * neighbour discovery and redirect (133-137). */
+/* ICMPv6 link control, judged by the on-link rules of icmpv6_control_check() and never by
+ * policy: MLD (130-132, 143), router and neighbour discovery and redirect (133-137). */
 static __always_inline int icmpv6_is_control(__u8 type)
 {
 	return (type >= 130 && type <= 137) || type == 143;
+}
+
+enum control_check {
+	CONTROL_OK = 0,		/* passes, whatever the policy */
+	CONTROL_NOT_A_ROUTER = 1,	/* a pod sent a router advertisement or a redirect */
+	CONTROL_NOT_ON_LINK = 2,	/* not what RFC 4861 / RFC 3810 let through on-link */
+};
+
+static __always_inline int addr_is_link_local(const __u32 *a)
+{
+	return (bpf_ntohl(a[0]) & 0xffc00000) == 0xfe800000;
+}
+
+static __always_inline int addr_is_unspecified(const __u32 *a)
+{
+	return (a[0] | a[1] | a[2] | a[3]) == 0;
+}
+
+/* The on-link rules for ICMPv6 link control (`f` parsed as PARSE_CONTROL; `from_pod` on the
+ * hook of packets a pod sends):
+ * - Router and neighbour discovery (133-137, RFC 4861 §6.1, §7.1, §8.1): hop limit 255, which
+ *   no router forwards, so only an on-link sender can produce it. A router advertisement (134)
+ *   or a redirect (137) from a pod: CONTROL_NOT_A_ROUTER (a pod is never a router). Toward a
+ *   pod they need a link-local source too (only the node's router sends them).
+ * - MLD (130-132, 143, RFC 3810 §5, RFC 2710 §3): hop limit 1 and a link-local source, or the
+ *   unspecified address (a report sent before the interface has a link-local address).
+ * Anything else of these types: CONTROL_NOT_ON_LINK, dropped. */
+static __always_inline enum control_check icmpv6_control_check(const struct flow *f, int from_pod)
+{
+	__u8 type = f->port >> 8;
+
+	if (type >= 133 && type <= 137) {
+		if (from_pod && (type == 134 || type == 137))
+			return CONTROL_NOT_A_ROUTER;
+		if (f->hop_limit != 255)
+			return CONTROL_NOT_ON_LINK;
+		if ((type == 134 || type == 137) && !addr_is_link_local(f->t.saddr))
+			return CONTROL_NOT_ON_LINK;
+		return CONTROL_OK;
+	}
+	if (f->hop_limit != 1)
+		return CONTROL_NOT_ON_LINK;
+	if (!addr_is_link_local(f->t.saddr) && !addr_is_unspecified(f->t.saddr))
+		return CONTROL_NOT_ON_LINK;
+	return CONTROL_OK;
 }
 
 /* Parse the IPv4 header at `off`; returns the transport offset or a negative parse_result. */
@@ -186,7 +233,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, __u32 off, struct t
 /* Parse the IPv6 header at `off` and walk at most STOCKADE_IPV6_EXT_MAX extension headers;
  * returns the transport offset or a negative parse_result. */
 static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct tuple *t,
-				      __u8 *fragment, __u32 *frag_id)
+				      __u8 *fragment, __u32 *frag_id, __u8 *hop_limit)
 {
 	struct ipv6hdr ip6;
 	__u8 ext[8];
@@ -201,6 +248,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, __u32 off, struct t
 		return -PARSE_MALFORMED;
 	addr_copy(t->saddr, ip6.saddr.in6_u.u6_addr8);
 	addr_copy(t->daddr, ip6.daddr.in6_u.u6_addr8);
+	*hop_limit = ip6.hop_limit;
 	next = ip6.nexthdr;
 	off += sizeof(ip6);
 	*fragment = 0;
@@ -359,7 +407,7 @@ static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, str
 #if STOCKADE_IPV6
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		f->family = 6;
-		l4 = parse_ipv6(skb, off, &f->t, &fragment, &f->frag_id);
+		l4 = parse_ipv6(skb, off, &f->t, &fragment, &f->frag_id, &f->hop_limit);
 #endif
 	} else if (proto == bpf_htons(ETH_P_ARP_)) {
 		return PARSE_PASS;

@@ -4,8 +4,12 @@
  * Precedence (highest first):
  *   1. The local address (source on the EGRESS hook, destination on the INGRESS hook) is not an
  *      endpoint of this node: allowed, unjudged (rule 0).
- *   2. INGRESS and the remote address's class carries CLASS_FLAG_LOCAL_NODE (kubelet probes,
- *      the node's own traffic): allowed (rule 0).
+ *   2. INGRESS, the packet was sent by this node's own network stack (`from_host`: it arrived
+ *      on no interface, hook.h) and the remote address's class carries CLASS_FLAG_LOCAL_NODE
+ *      (an address of the node: its Node addresses from the lowering, and the addresses its
+ *      stack uses toward pods, such as a CNI gateway, added by the agent): allowed (rule 0).
+ *      Kubelet probes and the node's own traffic are; a packet forwarded by the node with a
+ *      node address as source (SNAT, masquerade) is not, and is judged like any other.
  *   3. The longest-prefix policy entry for (endpoint, direction, class, protocol, port) decides:
  *      its action and rule id, plus the Audit-mode opinion (audit action and rule id). Tier
  *      order (Admin, namespace, Baseline) is already folded into the entries by the lowering.
@@ -79,7 +83,7 @@ static __always_inline struct policy_value *policy_lookup(struct policy_key *pk)
 /* Steps 2-4 for a known endpoint. */
 static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u32 *remote,
 						   __u8 proto, __u16 port, __u32 dir,
-						   struct decision *d)
+						   __u8 from_host, struct decision *d)
 {
 	struct class_value *cls;
 	struct policy_key pk;
@@ -98,7 +102,7 @@ static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u3
 		class_id = cls->class_id;
 		class_flags = cls->flags;
 	}
-	if (dir == DIR_INGRESS && (class_flags & CLASS_FLAG_LOCAL_NODE))
+	if (dir == DIR_INGRESS && from_host && (class_flags & CLASS_FLAG_LOCAL_NODE))
 		return;
 
 	pk.endpoint_dir = bpf_htonl(endpoint_id << 1 | dir);
@@ -114,7 +118,9 @@ static __always_inline void policy_decide_endpoint(__u32 endpoint_id, const __u3
 	d->audit_rule_id = pv->audit_rule_id;
 }
 
-/* The whole decision for a tuple, steps 1-4. */
+/* The whole decision for a tuple, steps 1-4, when a recorded flow is judged again: the packet
+ * that opened it is gone, so a flow from a node address counts as sent by the node (a flow a
+ * forwarded packet opened was judged by policy then, and allowed). */
 static __always_inline void policy_decide(const __u32 *saddr, const __u32 *daddr, __u8 proto,
 					  __u16 port, __u32 dir, struct decision *d)
 {
@@ -129,5 +135,5 @@ static __always_inline void policy_decide(const __u32 *saddr, const __u32 *daddr
 		d->endpoint_id = 0;
 		return;
 	}
-	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? daddr : saddr, proto, port, dir, d);
+	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? daddr : saddr, proto, port, dir, 1, d);
 }

@@ -65,10 +65,14 @@ class Datapath:
     def write(self, tables: ir.NodeTables) -> maps.WriteStats:
         return self.writer.write(tables)
 
-    def run(self, frame: bytes, direction: ir.Direction) -> testrun.TcVerdict:
+    def run(
+        self, frame: bytes, direction: ir.Direction, forwarded: bool = False
+    ) -> testrun.TcVerdict:
+        """`forwarded`: the frame arrived on an interface (see `testrun.run`)."""
         if direction is ir.Direction.EGRESS:
             bind_sender(self.maps, self.writer, frame)
-        return testrun.run(self.program(self.hook_for(direction)).fd, frame).verdict
+        fd = self.program(self.hook_for(direction)).fd
+        return testrun.run(fd, frame, forwarded=forwarded).verdict
 
     def events(self) -> list[events.Event]:
         assert self.reader is not None

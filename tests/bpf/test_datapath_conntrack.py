@@ -6,14 +6,17 @@ config map), and policy changes either re-judge established flows or keep them, 
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from stockade.compiler import ir
+from stockade.agent.conntrack import ConntrackRecount
+from stockade.compiler import abi, ir
 from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
+from stockade.compiler.shape import Shape
 from stockade.datapath import events, maps
 from stockade.datapath.maps import DatapathConfig
 from stockade.harness.testrun import TcVerdict
@@ -190,19 +193,74 @@ def test_entries_expire_after_the_configured_timeout(dp: Datapath) -> None:
     assert maps.conntrack_entries(dp.maps) == []  # the dead entry was removed
 
 
-def test_fin_and_rst_switch_a_tcp_flow_to_the_closing_timeout(dp: Datapath) -> None:
+def _open(dp: Datapath, sport: int) -> None:
+    """A's connection from `sport` to a client's 443, through its handshake."""
+    assert dp.run(tcp(A4, CLIENT4, sport, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, sport, SYNACK), IN) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, sport, 443, ACK), OUT) is ALLOW
+
+
+def _entry(dp: Datapath, sport: int) -> maps.ConntrackEntry:
+    (entry,) = [e for e in maps.conntrack_entries(dp.maps) if e.sport == sport]  # type: ignore[arg-type]
+    return entry
+
+
+def test_fin_both_ways_and_rst_switch_a_tcp_flow_to_the_closing_timeout(dp: Datapath) -> None:
     assert dp.maps is not None
     maps.write_config(dp.maps, DatapathConfig(tcp_closing_timeout_ns=5 * MS))
-    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
-    assert dp.run(tcp(A4, CLIENT4, 40002, 443, SYN), OUT) is ALLOW
+    for sport in (40001, 40002, 40003, 40004):
+        _open(dp, sport)
     assert dp.run(tcp(A4, CLIENT4, 40001, 443, FIN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, FIN), IN) is ALLOW  # closed both ways
     assert dp.run(tcp(CLIENT4, A4, 443, 40002, pk.TCP_RST), IN) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40003, 443, FIN), OUT) is ALLOW  # a half-close only
     time.sleep(0.05)
     assert dp.run(tcp(CLIENT4, A4, 443, 40001, ACK), IN) is DENY
     assert dp.run(tcp(CLIENT4, A4, 443, 40002, ACK), IN) is DENY
-    assert dp.run(tcp(A4, CLIENT4, 40003, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40003, ACK), IN) is ALLOW  # established: long timeout
+    assert dp.run(tcp(CLIENT4, A4, 443, 40004, ACK), IN) is ALLOW
+
+
+def test_a_flow_without_a_reply_keeps_the_short_timeout(dp: Datapath) -> None:
+    # A bare ACK (or a SYN) the policy allows is recorded, but only with the closing timeout,
+    # refreshed by each packet: until the other side answers, nothing is established.
+    assert dp.maps is not None
+    maps.write_config(dp.maps, DatapathConfig(tcp_closing_timeout_ns=5 * MS))
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, ACK), OUT) is ALLOW
+    assert dp.run(tcp(A4, CLIENT4, 40002, 443, SYN), OUT) is ALLOW
+    assert _entry(dp, 40001).closing and _entry(dp, 40001).tcp == 0
+    assert _entry(dp, 40002).closing
     time.sleep(0.05)
-    assert dp.run(tcp(CLIENT4, A4, 443, 40003, SYNACK), IN) is ALLOW  # established: long timeout
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, ACK), IN) is DENY
+    assert dp.run(tcp(CLIENT4, A4, 443, 40002, SYNACK), IN) is DENY
+    # a mid-stream flow the peer answers is established like one opened by a handshake
+    assert dp.run(tcp(A4, CLIENT4, 40003, 443, ACK), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40003, ACK), IN) is ALLOW
+    entry = _entry(dp, 40003)
+    assert not entry.closing and entry.tcp == abi.CT_TCP_REPLIED
+
+
+def test_a_bare_syn_is_never_a_reply(dp: Datapath) -> None:
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, SYN), OUT) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYN), IN) is DENY  # a new connection toward A
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is ALLOW
+    assert not _entry(dp, 40001).closing
+
+
+def test_an_rst_opens_nothing_and_a_forged_one_is_undone_by_the_next_packet(
+    dp: Datapath,
+) -> None:
+    assert dp.maps is not None
+    maps.write_config(dp.maps, DatapathConfig(tcp_closing_timeout_ns=5 * MS))
+    assert dp.run(tcp(A4, CLIENT4, 40009, 443, pk.TCP_RST), OUT) is ALLOW
+    assert maps.conntrack_entries(dp.maps) == []
+    _open(dp, 40001)
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, pk.TCP_RST), IN) is ALLOW  # forged
+    assert _entry(dp, 40001).closing
+    assert dp.run(tcp(A4, CLIENT4, 40001, 443, ACK), OUT) is ALLOW  # the flow goes on
+    assert not _entry(dp, 40001).closing
+    time.sleep(0.05)
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, ACK), IN) is ALLOW
 
 
 def test_revalidate_mode_cuts_established_flows_that_policy_now_denies(dp: Datapath) -> None:
@@ -233,3 +291,45 @@ def test_keep_mode_lets_established_flows_outlive_a_new_deny(dp: Datapath) -> No
     assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is ALLOW
     assert dp.run(tcp(A4, CLIENT4, 40001, 443, ACK), OUT) is ALLOW
     assert dp.run(tcp(A4, CLIENT4, 40002, 443, SYN), OUT) is DENY  # new flows see the deny
+
+
+def test_an_endpoint_at_its_budget_opens_no_new_flow_and_cannot_evict_others() -> None:
+    with datapath(Shape(conntrack_per_endpoint=3)) as d:
+        assert d.maps is not None
+        d.write(_tables())
+        for sport in range(5000, 5003):
+            assert d.run(udp(A4, CLIENT4, sport, 53), OUT) is ALLOW
+        assert maps.conntrack_owned(d.maps) == {1: 3}
+        d.events()
+        assert d.run(udp(A4, CLIENT4, 5003, 53), OUT) is DENY  # allowed, but over A's budget
+        (event,) = d.events()
+        assert (event.reason, event.endpoint_id, event.rule_id) == (
+            events.DropReason.CT_BUDGET,
+            1,
+            ir.RULE_NONE,
+        )
+        assert d.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW  # its established flows go on
+        assert d.run(udp(B4, CLIENT4, 6000, 53), OUT) is ALLOW  # B has its own budget
+        assert d.run(udp(CLIENT4, B4, 53, 6000), IN) is ALLOW  # and B's replies still pass
+        assert maps.conntrack_owned(d.maps) == {1: 3, 2: 1}
+
+
+def test_the_budget_follows_deletions_and_the_agents_recount() -> None:
+    with datapath(Shape(conntrack_per_endpoint=2)) as d:
+        assert d.maps is not None
+        d.write(_tables())
+        maps.write_config(d.maps, DatapathConfig(udp_timeout_ns=5 * MS))
+        assert d.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW
+        assert d.run(udp(A4, CLIENT4, 5001, 53), OUT) is ALLOW
+        time.sleep(0.05)
+        assert d.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW  # dead: deleted, counted anew
+        assert maps.conntrack_owned(d.maps) == {1: 2}  # one deleted, one created
+        assert d.run(udp(A4, CLIENT4, 5002, 53), OUT) is DENY  # 5001 is dead, but nobody knows
+        time.sleep(0.05)
+        recount = ConntrackRecount(lambda: d.maps, threading.Lock(), 10.0)  # the agent's
+        assert recount.recount()
+        assert recount.gauges()["stockade_agent_conntrack_entries"] == 0
+        assert maps.conntrack_owned(d.maps) == {}
+        assert maps.conntrack_entries(d.maps) == []
+        assert d.run(udp(A4, CLIENT4, 5002, 53), OUT) is ALLOW
+        assert maps.conntrack_owned(d.maps) == {1: 1}

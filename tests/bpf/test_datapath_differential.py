@@ -53,6 +53,7 @@ V6 = [
         "2001:db8::1",
         "2001:db8::2",
         "fd00::fe",
+        "fe80::1",  # a link-local source: what a router and MLD use
     )
 ]
 ALL: list[ir.IPAddress] = [*V4, *V6]
@@ -95,6 +96,11 @@ PORTS = [
     ir.icmp_port(129, 0),
     ir.icmp_port(1, 4),
     ir.icmp_port(135, 0),
+    ir.icmp_port(134, 0),
+    ir.icmp_port(136, 0),
+    ir.icmp_port(137, 0),
+    ir.icmp_port(130, 0),
+    ir.icmp_port(143, 0),
 ]
 ENDPOINT_IDS = st.integers(1, 5)
 CLASS_IDS = st.integers(0, 6)
@@ -180,7 +186,11 @@ def packet(draw: st.DrawFn, tables: ir.NodeTables) -> tuple[ir.Packet, Direction
     if proto == 47:
         port = 0
     src, dst = (remote, local) if direction is Direction.INGRESS else (local, remote)
-    return ir.Packet(src, dst, proto, port), direction
+    hop_limit = None  # on-link for ND (255) and MLD (1), 64 for the rest
+    if proto == ir.PROTO_ICMPV6 and port >> 8 in ir.ICMPV6_CONTROL_TYPES:
+        hop_limit = draw(st.sampled_from([None, 255, 64, 1]))
+    forwarded = draw(st.booleans())  # arrived on an interface, or sent by the node itself
+    return ir.Packet(src, dst, proto, port, hop_limit, forwarded), direction
 
 
 @st.composite
@@ -207,7 +217,7 @@ def test_the_kernel_decides_as_ir_lookup(
     for probe, direction in probes:
         maps.flush_conntrack(dp.maps)
         want = ir.lookup(tables, probe, direction)
-        got = dp.run(pk.packet_frame(probe), direction)
+        got = dp.run(pk.packet_frame(probe), direction, forwarded=probe.forwarded)
         seen = [(e.kind, e.rule_id) for e in dp.events()]
         expected = TcVerdict.DENY if want.action is Action.DENY else TcVerdict.ALLOW
         assert got is expected, (probe, direction, want)

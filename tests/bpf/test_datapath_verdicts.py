@@ -140,14 +140,14 @@ CASES = [
         100,
     ),
     Case(
-        "icmpv6 neighbour solicitation always passes",
+        "icmpv6 neighbour solicitation with hop limit 255 passes",
         _p(CLIENT6, A6, ICMP6, ir.icmp_port(135, 0)),
         IN,
         ALLOW,
     ),
     Case(
-        "icmpv6 router advertisement always passes",
-        _p(CLIENT6, A6, ICMP6, ir.icmp_port(134, 0)),
+        "icmpv6 router advertisement from a link-local router passes",
+        _p("fe80::1", A6, ICMP6, ir.icmp_port(134, 0)),
         IN,
         ALLOW,
     ),
@@ -334,3 +334,18 @@ def test_every_case_agrees_with_ir_lookup() -> None:
             port = 0
         want = ir.lookup(TABLES, ir.Packet(src, dst, proto, port), case.direction)
         assert (want.action is Action.DENY) == (case.verdict is DENY), case.id
+
+
+@pytest.mark.parametrize(("node", "pod"), [(NODE4, A4), (NODE6, A6)], ids=["ipv4", "ipv6"])
+def test_only_the_nodes_own_stack_skips_ingress_policy(dp: Datapath, node: str, pod: str) -> None:
+    # Sent by the node (kubelet probes): allowed. Forwarded with a node address as source
+    # (SNAT, masquerade): judged like any other packet, and A is isolated.
+    assert dp.maps is not None
+    frame = _p(node, pod, TCP, 81)
+    for forwarded, verdict in ((False, ALLOW), (True, DENY)):
+        maps.flush_conntrack(dp.maps)
+        dp.events()
+        assert dp.run(frame, IN, forwarded=forwarded) is verdict
+        packet = ir.Packet(pk.addr(node), pk.addr(pod), TCP, 81, forwarded=forwarded)
+        assert (ir.lookup(TABLES, packet, IN).action is Action.DENY) == (verdict is DENY)
+    assert [(e.kind, e.rule_id) for e in dp.events()] == [(events.EventKind.DROP, 100)]

@@ -855,3 +855,19 @@ def test_a_flow_rejects_mixed_address_families() -> None:
 def test_a_flow_rejects_icmp_over_ipv6() -> None:
     with pytest.raises(ValueError, match="IPv6 flows use ICMPv6"):
         Flow(ip("fd00::1"), ip("fd00::2"), Protocol.ICMP, None, 8, 0)
+
+
+def test_link_control_follows_the_on_link_rules() -> None:
+    import ipaddress
+
+    from stockade.model.evaluator import LinkControl, link_control
+
+    ll, glob, unspec = (ipaddress.ip_address(a) for a in ("fe80::1", "fd00::1", "::"))
+    assert link_control(135, glob, 255, True) is LinkControl.OK
+    assert link_control(135, glob, 254, False) is LinkControl.NOT_ON_LINK  # routed
+    assert link_control(134, ll, 255, True) is LinkControl.NOT_A_ROUTER
+    assert link_control(137, ll, 255, False) is LinkControl.OK
+    assert link_control(134, glob, 255, False) is LinkControl.NOT_ON_LINK
+    assert link_control(143, unspec, 1, True) is LinkControl.OK
+    assert link_control(143, ll, 2, True) is LinkControl.NOT_ON_LINK
+    assert link_control(130, glob, 1, False) is LinkControl.NOT_ON_LINK

@@ -242,5 +242,10 @@ def test_every_size_field_of_the_shape_has_a_limit() -> None:
     from stockade.compiler.shape import SIZE_LIMITS, Shape
 
     sizes = {f.name for f in dataclasses.fields(Shape) if f.type in ("int", int)}
-    assert sizes - set(SIZE_LIMITS) == {"ipv6_ext_headers"}  # bounded 0..8 on its own
+    # bounded on their own: 0..8, and 0 (no budget) ..conntrack_max's limit
+    assert sizes - set(SIZE_LIMITS) == {"ipv6_ext_headers", "conntrack_per_endpoint"}
     Shape(**SIZE_LIMITS)  # the limits themselves are valid
+    with pytest.raises(ValueError, match=r"shape\.conntrack_per_endpoint"):
+        Shape(conntrack_per_endpoint=SIZE_LIMITS["conntrack_max"] + 1)
+    with pytest.raises(ValueError, match=r"shape\.conntrack_per_endpoint"):
+        Shape(conntrack_per_endpoint=-1)

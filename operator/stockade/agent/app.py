@@ -17,6 +17,7 @@ import kubernetes.client
 
 from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
+from stockade.agent.conntrack import ConntrackRecount
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
@@ -69,6 +70,9 @@ class Agent:
         self.flowlog: FlowLog | None = None
         self._events_fd: int | None = None
         self._lock = threading.Lock()
+        self.recount = ConntrackRecount(
+            lambda: self.syncer.maps, self._lock, config.conntrack_recount_seconds
+        )
 
     def _objects(self) -> Mapping[str, TableObject]:
         return self.watch.snapshot()
@@ -109,6 +113,7 @@ class Agent:
             "stockade_agent_watch_connected": float(self.watch.connected),
             "stockade_agent_watch_errors_total": self.watch.errors,
             "stockade_agent_watch_lists_total": self.watch.lists,
+            **self.recount.gauges(),
         }
 
     def metrics_text(self) -> str:
@@ -137,10 +142,12 @@ class Agent:
         ]
         self.runner.start()
         self.watch.start()
+        self.recount.start()
         try:
             stop.wait()
         finally:
             self.watch.stop()
+            self.recount.stop()
             self.runner.stop()
             if self.flowlog is not None:
                 self.flowlog.stop()

@@ -33,7 +33,12 @@ from typing import TypeVar
 from stockade.compiler.ir import IPAddress
 from stockade.compiler.render import Hook
 from stockade.datapath import attach, libbpf
-from stockade.datapath.iface import HostInterface, InterfaceNotFoundError, host_interface
+from stockade.datapath.iface import (
+    HostInterface,
+    InterfaceNotFoundError,
+    host_interface,
+    node_addresses,
+)
 from stockade.datapath.maps import Bindings
 from stockade.datapath.netns import NetnsExecutor
 
@@ -143,6 +148,10 @@ class Attachments:
 
     def _run(self, fn: Callable[[], T]) -> T:
         return self._executor.run(fn) if self._executor is not None else fn()
+
+    def node_addresses(self) -> list[IPAddress]:
+        """The addresses of the node's own stack (its netns), as `iface.node_addresses`."""
+        return self._run(node_addresses)
 
     def pinned_interfaces(self) -> list[str]:
         """Interfaces with links pinned under this agent's root."""

@@ -35,6 +35,8 @@ class AgentConfig:
     min_interval: float = 0.05  # between the starts of two syncs that changed the datapath
     max_backoff: float = 30.0  # retry delay ceiling after failing syncs
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
+    # Seconds between two recounts of the conntrack entries each endpoint holds (agent/conntrack.py)
+    conntrack_recount_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         errors = []
@@ -64,6 +66,10 @@ class AgentConfig:
             errors.append(
                 "--conntrack-on-policy-change: expected revalidate or keep, got "
                 f"{self.conntrack_on_policy_change!r}"
+            )
+        if self.conntrack_recount_seconds <= 0:
+            errors.append(
+                f"conntrack_recount_seconds: {self.conntrack_recount_seconds} must be positive"
             )
         if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
             errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.agent.attachments import Attachments, AttachResult, Endpoint
+from stockade.agent.nodestack import with_node_stack
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.compiler import ir
@@ -161,7 +162,8 @@ class Syncer:
                 write_config(self.maps, self.datapath_config)
         assert self.writer is not None
         began = time.monotonic()
-        written = self.writer.write(wanted.tables)
+        tables = with_node_stack(wanted.tables, self.attachments.node_addresses())
+        written = self.writer.write(tables)
         self.stats.last_write_seconds = time.monotonic() - began
         self.stats.last_write = written
         if written.total:

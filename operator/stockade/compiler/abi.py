@@ -78,6 +78,7 @@ class Layout:
 
 U32 = Layout("__u32", ("", "I"))  # the key of the array maps (counters, config)
 U64 = Layout("__u64", ("", "Q"))  # the value of events_lost, per CPU
+S64 = Layout("__s64", ("", "q"))  # the value of ct_owned
 ENDPOINT_KEY = Layout("endpoint_key", ("addr", "16s"))  # also the key of peer_hosts
 ENDPOINT_VALUE = Layout("endpoint_value", ("id", "I"), ("flags", "I"))
 # LPM trie keys start with the prefix length in host order (struct bpf_lpm_trie_key); the
@@ -128,7 +129,8 @@ CT_ENTRY = Layout(
     ("rule_id", "I"),
     ("port", "H"),
     ("closing", "B"),
-    ("pad", "5x"),
+    ("tcp", "B"),  # CT_TCP_* flags
+    ("owner", "I"),  # the endpoint whose budget holds the entry
 )
 FRAG_KEY = Layout(
     "frag_key",
@@ -230,6 +232,7 @@ MAPS = {
         MapSpec("config", MapType.ARRAY, U32, CONFIG, None),
         # Only with STOCKADE_CONNTRACK.
         MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY, "conntrack_max"),
+        MapSpec("ct_owned", MapType.HASH, U32, S64, "endpoints_max"),
         # Only with STOCKADE_FRAGMENTS_TRACK.
         MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
     )
@@ -255,6 +258,10 @@ POLICY_EXACT_PORT = POLICY_KEY_BITS
 POLICY_EXACT_CLASS = PREFIX_CLASS
 POLICY_EXACT_LEVELS = (POLICY_EXACT_PORT, POLICY_EXACT_CLASS)
 POLICY_FLAG_LONGER = 1  # policy_exact: the trie holds longer entries beneath this one
+CT_TCP_REPLIED = 0x01  # ct_entry.tcp: the other side answered
+CT_TCP_FIN_ORIG = 0x02
+CT_TCP_FIN_REPLY = 0x04
+CT_TCP_RST = 0x08
 FRAG_TIMEOUT_NS = 30 * 1_000_000_000  # how long a first fragment's verdict is kept (ipfrag_time)
 
 
@@ -302,5 +309,7 @@ class DropReason(IntEnum):
     MALFORMED = 1
     FRAGMENT = 2
     UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h
-    NOT_A_ROUTER = 4  # a pod sent a redirect: see bpf/hook.h
+    NOT_A_ROUTER = 4  # a pod sent a redirect or router advertisement: see bpf/hook.h
     SPOOFED = 5  # a pod sent from an address not its own: see bpf/hook.h
+    NOT_ON_LINK = 6  # ND or MLD that is not valid on-link: see bpf/parse.h
+    CT_BUDGET = 7  # a new flow of an endpoint holding its conntrack budget: bpf/conntrack.h

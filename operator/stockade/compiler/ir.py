@@ -192,6 +192,20 @@ class Packet:
     dst: IPAddress
     protocol: int
     port: int  # destination port, or icmp_port(type, code)
+    # The IPv6 hop limit; None: what an on-link sender gives ICMPv6 link control of this type
+    # (evaluator.on_link_hop_limit), 64 for everything else.
+    hop_limit: int | None = None
+    # Arrived at the node on an interface (forwarded), rather than sent by the node's own stack:
+    # only the latter skips ingress policy from a node address (ClassFlag.LOCAL_NODE).
+    forwarded: bool = False
+
+    @property
+    def effective_hop_limit(self) -> int:
+        if self.hop_limit is not None:
+            return self.hop_limit
+        if self.protocol == PROTO_ICMPV6 and self.port >> 8 in ICMPV6_CONTROL_TYPES:
+            return evaluator.on_link_hop_limit(self.port >> 8)
+        return 64
 
 
 @dataclass(frozen=True)
@@ -254,17 +268,34 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     """What one hook decides for a connection's first packet (the spec of `bpf/policy.h`).
 
     `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
-    the source pod, sent through that pod's interface. ICMPv6 neighbour discovery and other
-    link-local control (ICMPV6_CONTROL_TYPES) pass unjudged. An ICMP or ICMPv6 redirect sent by
-    a pod (EGRESS) is dropped first, whatever the addresses (`bpf/hook.h`, reason NOT_A_ROUTER;
-    rule RULE_NONE). A packet leaving a pod whose source is no endpoint's address is dropped
-    (reason SPOOFED; rule RULE_NONE): a pod's interface is bound to its endpoint, so such a
-    source is never the pod's own. Toward a pod (INGRESS), a destination that is no endpoint
-    of this node passes unjudged.
+    the source pod, sent through that pod's interface. An ICMP or ICMPv6 redirect sent by a pod
+    (EGRESS) is dropped first, whatever the addresses (`bpf/hook.h`, reason NOT_A_ROUTER; rule
+    RULE_NONE). ICMPv6 neighbour discovery and MLD (ICMPV6_CONTROL_TYPES) are never judged by
+    policy: valid on-link (`evaluator.link_control`) they pass, else they drop (reason
+    NOT_A_ROUTER or NOT_ON_LINK; rule RULE_NONE); a pod's from a source that is neither its own
+    nor link-local nor unspecified drops as SPOOFED. A packet leaving a pod whose source is no
+    endpoint's address is dropped (reason SPOOFED; rule RULE_NONE): a pod's interface is bound
+    to its endpoint, so such a source is never the pod's own. Toward a pod (INGRESS), a
+    destination that is no endpoint of this node passes unjudged.
     """
     if direction is Direction.EGRESS and packet.port >> 8 == REDIRECT_TYPES.get(packet.protocol):
         return Verdict(Action.DENY, RULE_NONE)
     if packet.protocol == PROTO_ICMPV6 and packet.port >> 8 in ICMPV6_CONTROL_TYPES:
+        check = evaluator.link_control(
+            packet.port >> 8,
+            packet.src,
+            packet.effective_hop_limit,
+            direction is Direction.EGRESS,
+        )
+        if check is not evaluator.LinkControl.OK:
+            return Verdict(Action.DENY, RULE_NONE)
+        src = packet.src
+        if (
+            direction is Direction.EGRESS
+            and not (src.is_link_local or src.is_unspecified)
+            and not any(to_v6(e.address) == to_v6(src) for e in tables.endpoints)
+        ):
+            return Verdict(Action.DENY, RULE_NONE)  # spoofed: no endpoint has that address
         return ALLOW_BY_DEFAULT
     local, remote = (
         (packet.dst, packet.src) if direction is Direction.INGRESS else (packet.src, packet.dst)
@@ -276,7 +307,7 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
         )
     cls = classify(tables, remote)
     class_id, flags = (cls.class_id, cls.flags) if cls else (0, 0)
-    if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE:
+    if direction is Direction.INGRESS and flags & ClassFlag.LOCAL_NODE and not packet.forwarded:
         return ALLOW_BY_DEFAULT
     key = int.from_bytes(
         policy_key(endpoint.endpoint_id, direction, class_id, packet.protocol, packet.port)[

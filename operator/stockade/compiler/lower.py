@@ -582,7 +582,9 @@ def _templates(
     policies = _for_remote(state, policies, direction, remote)
     # Protocols without ports (and any protocol stockade does not parse): class-wide entry.
     base_flow = _flow(local, remote, direction, Protocol.TCP, 0)
-    base = _outcome(judge(state, _other_protocols(policies), base_flow, direction))
+    # from_node=False: the node's own traffic is exempted by the class flag (LOCAL_NODE) in the
+    # datapath, which still judges what the node forwards from its addresses by these entries.
+    base = _outcome(judge(state, _other_protocols(policies), base_flow, direction, False))
     out.append((abi.PREFIX_CLASS, 0, 0, base))
     for proto in protocols_for(remote.version):
         pieces = _boundaries(policies, direction, proto, dst_pod)
@@ -591,7 +593,11 @@ def _templates(
                 piece,
                 _outcome(
                     judge(
-                        state, judged, _flow(local, remote, direction, proto, piece[0]), direction
+                        state,
+                        judged,
+                        _flow(local, remote, direction, proto, piece[0]),
+                        direction,
+                        False,
                     )
                 ),
             )

@@ -72,6 +72,9 @@ class Shape:
     fragments_max: int = 1 << 13
     rules_max: int = 1 << 16  # per-CPU counters indexed by rule id
     events_bytes: int = 1 << 20  # ring buffer of drop and audit events
+    # Conntrack entries one endpoint may hold (bpf/conntrack.h); 0: no budget. An endpoint at
+    # its budget opens no new flow, so one pod cannot make the LRU evict the others' entries.
+    conntrack_per_endpoint: int = 1 << 14
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -89,6 +92,11 @@ class Shape:
                 errors.append(f"shape.{f.name}: {value} is outside 1..{SIZE_LIMITS[f.name]}")
         if errors:
             raise ValueError("; ".join(errors))
+        if not 0 <= self.conntrack_per_endpoint <= SIZE_LIMITS["conntrack_max"]:
+            errors.append(
+                f"shape.conntrack_per_endpoint: {self.conntrack_per_endpoint} is outside "
+                f"0..{SIZE_LIMITS['conntrack_max']}"
+            )
         if not 0 <= self.ipv6_ext_headers <= 8:
             errors.append(f"shape.ipv6_ext_headers: {self.ipv6_ext_headers} is outside 0..8")
         if self.policy_max < MIN_POLICY_ENTRIES:
@@ -119,6 +127,7 @@ class Shape:
             "STOCKADE_HOSTS_MAX": int(self.hosts_max),
             "STOCKADE_POLICY_EXACT_MAX": int(self.policy_exact_max),
             "STOCKADE_CONNTRACK_MAX": int(self.conntrack_max),
+            "STOCKADE_CONNTRACK_PER_ENDPOINT": int(self.conntrack_per_endpoint),
             "STOCKADE_RULES_MAX": int(self.rules_max),
             "STOCKADE_EVENTS_BYTES": int(self.events_bytes),
         }

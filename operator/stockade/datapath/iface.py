@@ -62,3 +62,18 @@ def host_interface(pod_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Hos
                 port = entry["ifindex"]
                 return HostInterface(port, _link(ipr, port)[0], bridge=name)
         raise InterfaceNotFoundError(f"MAC {mac} of pod {pod_ip} is not in bridge {name}'s FDB")
+
+
+def node_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses of the calling thread's netns (the node's own stack), loopback and
+    link-local ones left out: those it may send from toward a pod, a CNI gateway included."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not text:
+                continue
+            address = ipaddress.ip_address(str(text).split("%")[0])
+            if not (address.is_loopback or address.is_link_local):
+                found.add(address)
+    return sorted(found, key=lambda a: (a.version, int(a)))

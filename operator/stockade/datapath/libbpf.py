@@ -431,7 +431,16 @@ class TestRunResult:
     data: bytes  # the packet after the program ran
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> TestRunResult:
+# struct __sk_buff: the offset of ingress_ifindex, and the size of the prefix passed as the
+# context of a test run (through ifindex, which stays 0: the loopback).
+SKB_INGRESS_IFINDEX, SKB_CTX_SIZE = 36, 44
+
+
+def prog_test_run(
+    prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0
+) -> TestRunResult:
+    """`ingress_ifindex`: the interface the packet arrived on, as the program reads it from
+    `skb->ingress_ifindex` (0, the default: the node's own stack sent it)."""
     out = ctypes.create_string_buffer(len(data) + 256)
     inbuf = ctypes.create_string_buffer(data, len(data))
     opts = _TestRunOpts(
@@ -442,6 +451,12 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> TestRunResult:
         data_size_out=len(out),
         repeat=repeat,
     )
+    if ingress_ifindex:
+        ctx = bytearray(SKB_CTX_SIZE)
+        struct.pack_into("=I", ctx, SKB_INGRESS_IFINDEX, ingress_ifindex)
+        ctx_in = ctypes.create_string_buffer(bytes(ctx), len(ctx))
+        opts.ctx_in = ctypes.cast(ctx_in, _vp)
+        opts.ctx_size_in = len(ctx)
     _check(int(_test_run(prog_fd, ctypes.byref(opts))), f"test run of prog fd {prog_fd}")
     retval = ctypes.c_int32(opts.retval).value
     return TestRunResult(retval, opts.duration, out.raw[: opts.data_size_out])

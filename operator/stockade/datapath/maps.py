@@ -297,14 +297,16 @@ class ConntrackEntry:
     epoch: int
     rule_id: int
     port: int
-    closing: bool
+    closing: bool  # the short timeout applies
+    tcp: int  # abi.CT_TCP_* flags of a TCP flow
+    owner: int  # the endpoint whose budget holds the entry
 
 
 def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
     out = []
     for key, value in libbpf.map_dump(maps.fd("conntrack"), abi.CT_KEY.size, abi.CT_ENTRY.size):
         saddr, daddr, sport, dport, proto, direction, _ = abi.CT_KEY.unpack(key)
-        expires, epoch, rule_id, port, closing = abi.CT_ENTRY.unpack(value)
+        expires, epoch, rule_id, port, closing, tcp, owner = abi.CT_ENTRY.unpack(value)
         out.append(
             ConntrackEntry(
                 saddr,
@@ -318,9 +320,42 @@ def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
                 rule_id,
                 port,
                 bool(closing),
+                tcp,
+                owner,
             )
         )
     return out
+
+
+def conntrack_owned(maps: PinnedMaps) -> dict[int, int]:
+    """Endpoint id -> the conntrack entries the programs count it as holding (`ct_owned`)."""
+    return {
+        abi.U32.unpack(k)[0]: abi.S64.unpack(v)[0]
+        for k, v in libbpf.map_dump(maps.fd("ct_owned"), abi.U32.size, abi.S64.size)
+    }
+
+
+def recount_conntrack(maps: PinnedMaps, now_ns: int) -> dict[int, int]:
+    """Delete the expired conntrack entries and set every endpoint's `ct_owned` count to the
+    live entries it holds; returns the counts. The programs count their own creations and
+    deletions, but not the LRU's evictions nor entries that expired without being looked up
+    again: this puts the counts back. A flow created between the table's dump and the write
+    of its owner's count is missed until the next recount."""
+    fd = maps.fd("conntrack")
+    live: dict[int, int] = {}
+    for key, value in list(libbpf.map_dump(fd, abi.CT_KEY.size, abi.CT_ENTRY.size)):
+        if abi.CT_ENTRY.get(value, "expires_ns") < now_ns:
+            libbpf.map_delete(fd, key)
+            continue
+        owner = abi.CT_ENTRY.get(value, "owner")
+        live[owner] = live.get(owner, 0) + 1
+    owned = maps.fd("ct_owned")
+    for key in list(libbpf.map_keys(owned, abi.U32.size)):
+        if abi.U32.unpack(key)[0] not in live:
+            libbpf.map_delete(owned, key)
+    for owner, count in live.items():
+        libbpf.map_update(owned, abi.U32.pack(owner), abi.S64.pack(count))
+    return live
 
 
 def flush_conntrack(maps: PinnedMaps) -> int:
@@ -329,4 +364,7 @@ def flush_conntrack(maps: PinnedMaps) -> int:
     keys = list(libbpf.map_keys(fd, abi.CT_KEY.size))
     for key in keys:
         libbpf.map_delete(fd, key)
+    owned = maps.fd("ct_owned")
+    for key in list(libbpf.map_keys(owned, abi.U32.size)):
+        libbpf.map_delete(owned, key)
     return len(keys)

@@ -235,9 +235,10 @@ def packet_frame(packet: ir.Packet, sport: int = 40000, tcp_flags: int = TCP_SYN
         if icmp_type in ICMP_ERRORS[proto]:
             quoted = ip(dst, src, ir.PROTO_UDP, udp_datagram(dst, src, 53, sport, b"q"))
             return ip_frame(icmp_error(src, dst, icmp_type, code, quoted))
-        return ip_frame(
-            ip(src, dst, proto, icmp_message(src, dst, icmp_type, code, b"\0\x07\0\x01"))
-        )
+        message = icmp_message(src, dst, icmp_type, code, b"\0\x07\0\x01")
+        if proto == ir.PROTO_ICMPV6:
+            return ip_frame(ipv6(src, dst, proto, message, hop_limit=packet.effective_hop_limit))
+        return ip_frame(ip(src, dst, proto, message))
     if packet.port:
         raise ValueError(f"protocol {proto} has no ports; port must be 0")
     return ip_frame(ip(src, dst, proto, b"\0" * 16))

@@ -36,7 +36,13 @@ def verdict_of(retval: int) -> TcVerdict:
     raise ValueError(f"tc program returned {retval}; stockade only returns -1 or 2")
 
 
-def run(prog_fd: int, frame: bytes, repeat: int = 1) -> RunResult:
-    """Run the program `repeat` times on `frame` (an Ethernet frame)."""
-    result = libbpf.prog_test_run(prog_fd, frame, repeat)
+# The ifindex a forwarded packet arrived on, in a test run: any interface but none (0).
+FORWARDED_IFINDEX = 1
+
+
+def run(prog_fd: int, frame: bytes, repeat: int = 1, forwarded: bool = False) -> RunResult:
+    """Run the program `repeat` times on `frame` (an Ethernet frame). `forwarded`: the frame
+    arrived on an interface, else (the default) the node's own stack sent it."""
+    ingress = FORWARDED_IFINDEX if forwarded else 0
+    result = libbpf.prog_test_run(prog_fd, frame, repeat, ingress)
     return RunResult(verdict_of(result.retval), result.retval, result.duration_ns)

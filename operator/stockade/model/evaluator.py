@@ -101,6 +101,7 @@ class _Context:
     pod: Pod  # the pod whose policies are judged
     remote: IPAddress  # the other end of the connection
     dst_pod: Pod | None  # where named ports resolve
+    from_node: bool = True  # a flow from a node address was sent by that node's own stack
 
     def selecting(self, tier: Tier) -> list[Policy]:
         """Policies of `tier` that select the pod and affect this direction, by precedence."""
@@ -116,9 +117,45 @@ class _Context:
 Stage = Callable[[_Context], StageResult]
 
 
-# ICMPv6 control that stays allowed whatever the policies: multicast listener discovery (130-132,
-# 143), router and neighbour discovery and redirect (133-137). The datapath passes the same types.
+# ICMPv6 link control, never judged by policies: multicast listener discovery (130-132, 143),
+# router and neighbour discovery and redirect (133-137). What the on-link rules let through
+# (`link_control`) passes; the rest is dropped. The datapath applies the same rules.
 ICMPV6_CONTROL_TYPES = frozenset({130, 131, 132, 133, 134, 135, 136, 137, 143})
+ICMPV6_ND_TYPES = frozenset({133, 134, 135, 136, 137})
+# Only routers send these (RFC 4861 §6, §8): a router advertisement and a redirect.
+ICMPV6_ROUTER_TYPES = frozenset({134, 137})
+ND_HOP_LIMIT, MLD_HOP_LIMIT = 255, 1
+
+
+def on_link_hop_limit(icmp_type: int) -> int:
+    """The hop limit an on-link sender gives ICMPv6 control of `icmp_type`: 255 for router and
+    neighbour discovery (RFC 4861), 1 for MLD (RFC 3810)."""
+    return ND_HOP_LIMIT if icmp_type in ICMPV6_ND_TYPES else MLD_HOP_LIMIT
+
+
+class LinkControl(Enum):
+    OK = "ok"
+    NOT_A_ROUTER = "not_a_router"
+    NOT_ON_LINK = "not_on_link"
+
+
+def link_control(icmp_type: int, src: IPAddress, hop_limit: int, from_pod: bool) -> LinkControl:
+    """The on-link rules for ICMPv6 control of `icmp_type` (in ICMPV6_CONTROL_TYPES), as
+    `icmpv6_control_check` in bpf/parse.h: ND needs hop limit 255 (no router forwards it, so it
+    can only come from the link), and a router advertisement or redirect toward a pod needs a
+    link-local source; a pod sending one is no router. MLD needs hop limit 1 and a link-local
+    (or the unspecified) source."""
+    if icmp_type in ICMPV6_ND_TYPES:
+        if from_pod and icmp_type in ICMPV6_ROUTER_TYPES:
+            return LinkControl.NOT_A_ROUTER
+        if hop_limit != ND_HOP_LIMIT:
+            return LinkControl.NOT_ON_LINK
+        if icmp_type in ICMPV6_ROUTER_TYPES and not src.is_link_local:
+            return LinkControl.NOT_ON_LINK
+        return LinkControl.OK
+    if hop_limit != MLD_HOP_LIMIT or not (src.is_link_local or src.is_unspecified):
+        return LinkControl.NOT_ON_LINK
+    return LinkControl.OK
 
 
 # Redirects, by protocol: ICMP type 5, ICMPv6 type 137. Only a router sends one (RFC 1122
@@ -142,15 +179,28 @@ def _not_a_router(ctx: _Context) -> StageResult:
 
 def _link_control(ctx: _Context) -> StageResult:
     """DESIGN.md §2: "Always allowed, whatever the policies: ... ARP and IPv6 neighbour
-    discovery"."""
-    if ctx.flow.protocol is Protocol.ICMPV6 and ctx.flow.icmp_type in ICMPV6_CONTROL_TYPES:
-        return StageResult(Verdict.ALLOW, f"ICMPv6 type {ctx.flow.icmp_type} is link control")
-    return StageResult(Verdict.NEXT, "")
+    discovery", as far as it is valid on-link (`link_control`; a flow's first packet is taken
+    to carry the on-link hop limit of its type)."""
+    icmp_type = ctx.flow.icmp_type
+    if ctx.flow.protocol is not Protocol.ICMPV6 or icmp_type not in ICMPV6_CONTROL_TYPES:
+        return StageResult(Verdict.NEXT, "")
+    check = link_control(
+        icmp_type, ctx.flow.src_ip, on_link_hop_limit(icmp_type), ctx.direction is Direction.EGRESS
+    )
+    if check is LinkControl.OK:
+        return StageResult(Verdict.ALLOW, f"ICMPv6 type {icmp_type} is link control")
+    return StageResult(Verdict.DENY, f"ICMPv6 type {icmp_type} is link control: {check.value}")
 
 
 def _node_traffic(ctx: _Context) -> StageResult:
-    """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)"."""
-    if ctx.direction is Direction.INGRESS and ctx.remote in ctx.state.node_ips(ctx.pod.node):
+    """DESIGN.md §2: "Always allowed ... traffic from the node the pod runs on (kubelet probes)":
+    what that node's own stack sends from one of its addresses, not what it forwards with one
+    (SNAT, masquerade) (`from_node`)."""
+    if (
+        ctx.from_node
+        and ctx.direction is Direction.INGRESS
+        and ctx.remote in ctx.state.node_ips(ctx.pod.node)
+    ):
         return StageResult(Verdict.ALLOW, f"from {ctx.pod.key}'s own node {ctx.pod.node}")
     return StageResult(Verdict.NEXT, "")
 
@@ -288,11 +338,18 @@ class DirectionJudgement:
 
 
 def judge(
-    state: ClusterState, policies: Iterable[Policy], flow: Flow, direction: Direction
+    state: ClusterState,
+    policies: Iterable[Policy],
+    flow: Flow,
+    direction: Direction,
+    from_node: bool = True,
 ) -> DirectionJudgement:
     """The verdict of one direction alone: the egress hook of the flow's source pod, or the
     ingress hook of its destination pod. The compiler lowers policies by calling this at one
     point of every region that policy cannot tell apart, so the datapath agrees by construction.
+    `from_node` False: a flow from an address of the pod's node was forwarded by the node, not
+    sent by its own stack, and is judged by policy like any other (the lowering judges so; the
+    datapath exempts the node's own packets by ClassFlag.LOCAL_NODE, bpf/policy.h).
     """
     pod = state.pod_at(flow.dst_ip if direction is Direction.INGRESS else flow.src_ip)
     if pod is None:
@@ -301,10 +358,10 @@ def judge(
     dst_pod = state.pod_at(flow.dst_ip)
     every = _precedence(policies)
     enforced = tuple(p for p in every if p.mode is Mode.ENFORCE)
-    now = _judge(_Context(state, enforced, flow, direction, pod, remote, dst_pod))
+    now = _judge(_Context(state, enforced, flow, direction, pod, remote, dst_pod, from_node))
     if len(enforced) == len(every):
         return DirectionJudgement(now.verdict is Verdict.ALLOW, now.rule, None, None)
-    would = _judge(_Context(state, every, flow, direction, pod, remote, dst_pod))
+    would = _judge(_Context(state, every, flow, direction, pod, remote, dst_pod, from_node))
     return DirectionJudgement(
         now.verdict is Verdict.ALLOW, now.rule, would.verdict is Verdict.ALLOW, would.rule
     )
