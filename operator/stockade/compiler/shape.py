@@ -45,6 +45,7 @@ SIZE_LIMITS = {
     "fragments_max": 1 << 20,
     "rules_max": 1 << 20,
     "events_bytes": 1 << 28,
+    "service_prefixes_max": 1 << 20,
 }
 
 
@@ -72,6 +73,10 @@ class Shape:
     fragments_max: int = 1 << 13
     rules_max: int = 1 << 16  # per-CPU counters indexed by rule id
     events_bytes: int = 1 << 20  # ring buffer of drop and audit events
+    # Service traffic judged on the backend by a netfilter program (bpf/service.h); needs
+    # conntrack. Off: a flow to a Service address is judged at the veth on that address.
+    services: bool = False
+    service_prefixes_max: int = 1 << 14  # trie of the Service address space
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -98,6 +103,8 @@ class Shape:
         eb = self.events_bytes
         if eb < PAGE_SIZE or eb & (eb - 1):
             errors.append(f"shape.events_bytes: {eb} is not a power of two >= {PAGE_SIZE}")
+        if self.services and not self.conntrack:
+            errors.append("shape.services: needs shape.conntrack")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -121,6 +128,8 @@ class Shape:
             "STOCKADE_CONNTRACK_MAX": int(self.conntrack_max),
             "STOCKADE_RULES_MAX": int(self.rules_max),
             "STOCKADE_EVENTS_BYTES": int(self.events_bytes),
+            "STOCKADE_SERVICES": int(self.services),
+            "STOCKADE_SERVICE_PREFIXES_MAX": int(self.service_prefixes_max),
         }
         return tuple(sorted(values.items()))
 

@@ -133,6 +133,86 @@ def detach_tcx(pin: Path) -> bool:
     return True
 
 
+# --- netfilter (Service flows after DNAT, bpf/service.h) ----------------------------------------
+
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+BPF_LINK_TYPE_NETFILTER = 10
+
+
+class NetfilterHook(Enum):
+    """Where the Service program runs in the node's namespace: (hooknum, priority)."""
+
+    # after kube-proxy's DNAT (NF_IP_PRI_NAT_DST, -100), before its SNAT (NF_IP_PRI_NAT_SRC, 100)
+    POST_ROUTING = (4, 95)
+    # backends in the node's own namespace (host network, IPVS), after LOCAL_IN's SNAT (100)
+    LOCAL_IN = (1, 101)
+
+    def __init__(self, hooknum: int, priority: int) -> None:
+        self.hooknum = hooknum
+        self.priority = priority
+
+
+NETFILTER_POINTS = tuple(
+    (pf, hook) for pf in (NFPROTO_IPV4, NFPROTO_IPV6) for hook in NetfilterHook
+)
+
+
+def _nf_link_create(prog_fd: int, pf: int, hook: NetfilterHook) -> int:
+    """A netfilter link in the calling thread's network namespace."""
+    attr = bytearray(64)
+    # link_create: prog_fd, target_fd (0), attach_type, flags; netfilter: pf, hooknum,
+    # priority, flags
+    struct.pack_into("=IIII", attr, 0, prog_fd, 0, libbpf.BPF_NETFILTER, 0)
+    struct.pack_into("=IIiI", attr, 16, pf, hook.hooknum, hook.priority, 0)
+    return libbpf.sys_bpf(libbpf.BPF_LINK_CREATE, attr)
+
+
+def netfilter_pin(pin_dir: Path, pf: int, hook: NetfilterHook) -> Path:
+    family = "ip" if pf == NFPROTO_IPV4 else "ip6"
+    return pin_dir / f"nf-{family}-{hook.name.lower().replace('_', '-')}"
+
+
+def attach_netfilter(prog_fd: int, pin_dir: Path, ipv6: bool = True) -> list[Path]:
+    """Link the program at every NETFILTER_POINTS hook of the calling thread's namespace (IPv6
+    ones only with `ipv6`), pinned under `pin_dir`. Netfilter links cannot swap their program:
+    a pinned one is replaced by a new link created first, so no packet goes unjudged (a packet
+    the old and the new program both see is judged once: the first consumes its deferral)."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    pins = []
+    for pf, hook in NETFILTER_POINTS:
+        if pf == NFPROTO_IPV6 and not ipv6:
+            continue
+        pin = netfilter_pin(pin_dir, pf, hook)
+        fd = _nf_link_create(prog_fd, pf, hook)
+        try:
+            staged = pin.with_name(pin.name + "-new")  # bpffs refuses names with a dot
+            if staged.exists():
+                staged.unlink()
+            libbpf.obj_pin(fd, staged)
+        finally:
+            os.close(fd)
+        if pin.exists():
+            detach_netfilter(pin)
+        staged.rename(pin)
+        pins.append(pin)
+    return pins
+
+
+def detach_netfilter(pin: Path) -> bool:
+    """Detach and unpin one netfilter link; False when there was none."""
+    return detach_tcx(pin)
+
+
+def netfilter_supported() -> bool:
+    """Whether this kernel links BPF_PROG_TYPE_NETFILTER programs (Linux >= 6.4): a link create
+    with no program fails with EBADF there, and with EINVAL where the attach type is unknown."""
+    try:
+        os.close(_nf_link_create(0, NFPROTO_IPV4, NetfilterHook.POST_ROUTING))
+    except libbpf.BpfError as exc:
+        return exc.errno == errno.EBADF
+    return True
+
+
 # --- legacy clsact + cls_bpf ---------------------------------------------------------------------
 
 

@@ -39,6 +39,10 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 LOG_LEVEL_STATS = 4
+BPF_PROG_TYPE_NETFILTER = 32
+BPF_NETFILTER = 45  # enum bpf_attach_type
+# Sections libbpf 1.1 does not know: their program type and expected attach type.
+SECTION_TYPES = {"netfilter": (BPF_PROG_TYPE_NETFILTER, BPF_NETFILTER)}
 
 
 class BpfError(OSError):
@@ -114,6 +118,9 @@ _prog_name = _sig("bpf_program__name", _cp, _vp)
 _prog_fd = _sig("bpf_program__fd", _int, _vp)
 _prog_set_log_buf = _sig("bpf_program__set_log_buf", _int, _vp, _vp, _sz)
 _prog_set_log_level = _sig("bpf_program__set_log_level", _int, _vp, _u32)
+_prog_section = _sig("bpf_program__section_name", _cp, _vp)
+_prog_set_type = _sig("bpf_program__set_type", _int, _vp, _int)
+_prog_set_attach = _sig("bpf_program__set_expected_attach_type", _int, _vp, _int)
 _map_name = _sig("bpf_map__name", _cp, _vp)
 _map_fd = _sig("bpf_map__fd", _int, _vp)
 _obj_pin = _sig("bpf_obj_pin", _int, _int, _cp)
@@ -287,6 +294,11 @@ class BpfObject:
             self._logs[pname] = buf
             _check(int(_prog_set_log_buf(prog, buf, self.LOG_SIZE)), "set log buffer")
             _check(int(_prog_set_log_level(prog, LOG_LEVEL_STATS)), "set log level")
+            section = (_prog_section(prog) or b"").decode()
+            if section in SECTION_TYPES:
+                ptype, attach_type = SECTION_TYPES[section]
+                _check(int(_prog_set_type(prog, ptype)), f"set type of {pname}")
+                _check(int(_prog_set_attach(prog, attach_type)), f"set attach type of {pname}")
         rc = int(_obj_load(self._obj))
         if rc < 0:
             logs = "\n".join(

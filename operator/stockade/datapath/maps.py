@@ -15,6 +15,7 @@ that changed something, so that conntrack (in revalidate mode) judges establishe
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -318,3 +319,45 @@ def flush_conntrack(maps: PinnedMaps) -> int:
     for key in keys:
         libbpf.map_delete(fd, key)
     return len(keys)
+
+
+# --- Service address space (bpf/service.h) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServicePrefix:
+    """A prefix of Service address space, and the destination ports deferred there (0, 0: all;
+    node addresses carry the NodePort range)."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    port_min: int = 0
+    port_max: int = 0
+
+    def key(self) -> bytes:
+        net = self.network
+        if isinstance(net, ipaddress.IPv4Network):  # IPv4-mapped, as in every trie
+            mapped = b"\0" * 10 + b"\xff\xff" + net.network_address.packed
+            return abi.CLASS_KEY.pack(net.prefixlen + 96, mapped)
+        return abi.CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
+
+    def value(self) -> bytes:
+        return abi.SVC_SPACE_VALUE.pack(self.port_min, self.port_max, 0)
+
+
+def write_service_space(maps: PinnedMaps, prefixes: Sequence[ServicePrefix]) -> int:
+    """Make the svc_space trie hold exactly `prefixes`: additions first, then deletions.
+    Returns the number of writes."""
+    fd = maps.fd("svc_space")
+    spec = abi.MAPS["svc_space"]
+    assert spec.key is not None and spec.value is not None
+    wanted = {p.key(): p.value() for p in prefixes}
+    have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
+    writes = 0
+    for key, value in wanted.items():
+        if have.get(key) != value:
+            libbpf.map_update(fd, key, value)
+            writes += 1
+    for key in have.keys() - wanted.keys():
+        libbpf.map_delete(fd, key)
+        writes += 1
+    return writes
