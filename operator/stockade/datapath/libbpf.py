@@ -443,7 +443,11 @@ class TestRunResult:
     data: bytes  # the packet after the program ran
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> TestRunResult:
+def prog_test_run(
+    prog_fd: int, data: bytes, repeat: int = 1, ctx: bytes | None = None
+) -> TestRunResult:
+    """Run the program on `data`; `ctx` is the context the kernel builds the run from (a
+    netfilter program: the hook and protocol family of a `struct nf_hook_state`)."""
     out = ctypes.create_string_buffer(len(data) + 256)
     inbuf = ctypes.create_string_buffer(data, len(data))
     opts = _TestRunOpts(
@@ -454,6 +458,10 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> TestRunResult:
         data_size_out=len(out),
         repeat=repeat,
     )
+    if ctx is not None:
+        ctxbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctxbuf, _vp)
+        opts.ctx_size_in = len(ctx)
     _check(int(_test_run(prog_fd, ctypes.byref(opts))), f"test run of prog fd {prog_fd}")
     retval = ctypes.c_int32(opts.retval).value
     return TestRunResult(retval, opts.duration, out.raw[: opts.data_size_out])

@@ -1,0 +1,149 @@
+"""Differential test of Service flows: generated NodeTables, a client endpoint, a Service
+address, a backend (a local endpoint or not) and a target port; the three programs of a Shape
+with services decide as `ir.lookup` composed the way the Service semantics say: egress of the
+client toward the backend, then, when the backend is an endpoint here, its ingress from the
+client. `ir.lookup` is the spec of bpf/policy.h that tests/unit/test_lower_differential.py ties
+to the reference evaluator (stockade.model).
+
+Per example: the client's first packet to the Service passes its veth unjudged (no counter, no
+event); the netfilter program, on the packet as DNAT leaves it, drops it exactly when the
+composition denies, with the deciding rule in the event (or the audit events of both
+judgements); an allowed flow's next packet is established at the client's veth, the reply
+un-DNATed to the Service address passes the client's veth, and a local backend's veth sees
+the flow as established.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from stockade.compiler import ir
+from stockade.compiler.ir import Action, Direction
+from stockade.compiler.render import Hook
+from stockade.compiler.shape import Shape
+from stockade.datapath import events, libbpf, maps
+from stockade.datapath.events import EventKind
+from stockade.harness import testrun
+from stockade.harness.testrun import TcVerdict
+from tests.bpf import packets as pk
+from tests.bpf.datapath_harness import Datapath, datapath
+from tests.bpf.test_datapath_differential import ALL, V4, V6, node_tables, ports
+
+SERVICE_SPACE = [ipaddress.ip_network("10.96.0.0/16"), ipaddress.ip_network("fd96::/112")]
+VIPS = {4: ipaddress.ip_address("10.96.0.10"), 6: ipaddress.ip_address("fd96::10")}
+SVC_PORTS = [80, 443, 53]
+CLIENT_PORT = 40000
+
+
+@st.composite
+def service_case(draw: st.DrawFn) -> tuple[ir.NodeTables, list[tuple[ir.Packet, int]]]:
+    """Tables and probes: (client -> backend packet after DNAT, Service port)."""
+    tables = draw(node_tables())
+    assume(tables.endpoints)
+    probes = []
+    for _ in range(draw(st.integers(1, 6))):
+        client = draw(st.sampled_from([e.address for e in tables.endpoints]))
+        family = V4 if client.version == 4 else V6
+        local = [e.address for e in tables.endpoints if e.address.version == client.version]
+        backend = draw(st.sampled_from(local) | st.sampled_from(family))
+        proto = draw(st.sampled_from([ir.PROTO_TCP, ir.PROTO_UDP, ir.PROTO_SCTP]))
+        probes.append(
+            (ir.Packet(client, backend, proto, draw(ports)), draw(st.sampled_from(SVC_PORTS)))
+        )
+    return tables, probes
+
+
+def expected(tables: ir.NodeTables, probe: ir.Packet) -> tuple[Action, list[tuple[EventKind, int]]]:
+    """The composition's action and the events it names, in the order they are emitted."""
+    seen: list[tuple[EventKind, int]] = []
+    judgements = [Direction.EGRESS]
+    if any(ir.to_v6(e.address) == ir.to_v6(probe.dst) for e in tables.endpoints):
+        judgements.append(Direction.INGRESS)
+    for direction in judgements:
+        verdict = ir.lookup(tables, probe, direction)
+        if verdict.action is Action.DENY:
+            seen.append((EventKind.DROP, verdict.rule_id))
+            return Action.DENY, seen
+        if verdict.audit_action is Action.DENY:
+            seen.append((EventKind.AUDIT, verdict.audit_rule_id))
+    return Action.ALLOW, seen
+
+
+@pytest.fixture(scope="module")
+def dp() -> Iterator[Datapath]:
+    with datapath(Shape(services=True)) as d:
+        assert d.maps is not None
+        maps.write_service_space(d.maps, [maps.ServicePrefix(n) for n in SERVICE_SPACE])
+        yield d
+
+
+def _forget_flows(dp: Datapath) -> None:
+    assert dp.maps is not None
+    maps.flush_conntrack(dp.maps)
+    for name in ("svc_deferred", "svc_flows"):
+        fd = dp.maps.fd(name)
+        key_size = libbpf.map_info(fd).key_size
+        for key in list(libbpf.map_keys(fd, key_size)):
+            libbpf.map_delete(fd, key)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(case=service_case())
+def test_service_flows_are_decided_on_the_backend_as_the_composition_of_ir_lookup(
+    dp: Datapath, case: tuple[ir.NodeTables, list[tuple[ir.Packet, int]]]
+) -> None:
+    tables, probes = case
+    assert dp.maps is not None
+    dp.write(tables)
+    dp.events()
+    nf = dp.program(Hook.SERVICE).fd
+    for probe, svc_port in probes:
+        _forget_flows(dp)
+        vip = VIPS[probe.src.version]
+        to_service = pk.packet_frame(
+            ir.Packet(probe.src, vip, probe.protocol, svc_port), CLIENT_PORT
+        )
+        translated = pk.packet_frame(probe, CLIENT_PORT)
+        reply = pk.packet_frame(ir.Packet(vip, probe.src, probe.protocol, CLIENT_PORT), svc_port)
+        action, seen = expected(tables, probe)
+
+        assert dp.run(to_service, Direction.EGRESS) is TcVerdict.ALLOW, probe
+        assert dp.events() == [], "a deferred packet is judged nowhere at the veth"
+        got = testrun.run_netfilter(nf, translated).verdict
+        assert got is (TcVerdict.DENY if action is Action.DENY else TcVerdict.ALLOW), probe
+        assert [(e.kind, e.rule_id) for e in dp.events()] == seen, probe
+        if action is Action.DENY:
+            continue
+        assert dp.run(to_service, Direction.EGRESS) is TcVerdict.ALLOW
+        assert dp.run(reply, Direction.INGRESS) is TcVerdict.ALLOW
+        if any(ir.to_v6(e.address) == ir.to_v6(probe.dst) for e in tables.endpoints):
+            assert dp.run(translated, Direction.INGRESS) is TcVerdict.ALLOW
+        assert dp.events() == [], "established packets and replies are judged no more"
+
+
+def test_a_flow_not_to_service_space_is_not_deferred(dp: Datapath) -> None:
+    assert dp.maps is not None
+    client, other = ALL[0], ALL[1]
+    tables = ir.NodeTables(
+        endpoints=(ir.EndpointEntry(client, 1),),
+        policy=(ir.PolicyEntry(1, Direction.EGRESS, 32, action=Action.DENY, rule_id=9),),
+    )
+    dp.write(tables)
+    dp.events()
+    _forget_flows(dp)
+    frame = pk.packet_frame(ir.Packet(client, other, ir.PROTO_TCP, 80))
+    assert dp.run(frame, Direction.EGRESS) is TcVerdict.DENY
+    assert [(e.kind, e.rule_id) for e in dp.events()] == [(EventKind.DROP, 9)]
+    assert list(libbpf.map_keys(dp.maps.fd("svc_deferred"), 20)) == []
+    counted = events.read_counters(dp.maps.fd("counters"), [9])
+    assert counted[9].packets >= 1
