@@ -46,6 +46,7 @@ TABLES = ir.NodeTables(
         ir.PolicyEntry(1, Direction.EGRESS, 32, action=Action.DENY, rule_id=5),
         ir.PolicyEntry(1, Direction.EGRESS, 96, 2, ir.PROTO_TCP, PORT, Action.ALLOW, 6),
     ),
+    services=(ir.ServiceEntry(SERVICE_CIDR),),
 )
 
 
@@ -73,7 +74,6 @@ def measure(bench: BenchLike) -> dict[str, Any]:
     off = bench.programs(Shape(services=False), TABLES)
     on = bench.programs(Shape(services=True), TABLES)
     assert on.maps is not None
-    maps.write_service_space(on.maps, [maps.ServicePrefix(SERVICE_CIDR)])
     for progs in (off, on):
         progs.run(Hook.FROM_POD, _frame(BACKEND))  # binds the sender, opens the flow
     veth: dict[str, tuple[int, bytes]] = {

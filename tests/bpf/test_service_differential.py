@@ -15,6 +15,7 @@ the flow as established.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterator
 
@@ -34,7 +35,10 @@ from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
 from tests.bpf.test_datapath_differential import ALL, V4, V6, node_tables, ports
 
-SERVICE_SPACE = [ipaddress.ip_network("10.96.0.0/16"), ipaddress.ip_network("fd96::/112")]
+SERVICES = (
+    ir.ServiceEntry(ipaddress.ip_network("10.96.0.0/16")),
+    ir.ServiceEntry(ipaddress.ip_network("fd96::/112")),
+)
 VIPS = {4: ipaddress.ip_address("10.96.0.10"), 6: ipaddress.ip_address("fd96::10")}
 SVC_PORTS = [80, 443, 53]
 CLIENT_PORT = 40000
@@ -78,7 +82,6 @@ def expected(tables: ir.NodeTables, probe: ir.Packet) -> tuple[Action, list[tupl
 def dp() -> Iterator[Datapath]:
     with datapath(Shape(services=True)) as d:
         assert d.maps is not None
-        maps.write_service_space(d.maps, [maps.ServicePrefix(n) for n in SERVICE_SPACE])
         yield d
 
 
@@ -104,6 +107,7 @@ def test_service_flows_are_decided_on_the_backend_as_the_composition_of_ir_looku
 ) -> None:
     tables, probes = case
     assert dp.maps is not None
+    tables = dataclasses.replace(tables, services=SERVICES)
     dp.write(tables)
     dp.events()
     nf = dp.program(Hook.SERVICE).fd

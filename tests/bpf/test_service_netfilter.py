@@ -201,6 +201,7 @@ def _tables(fam: Family, egress: bool) -> ir.NodeTables:
             ir.ClassEntry(net(f"{fam.client}/{fam.host_bits}"), CLASS_CLIENT),
         ),
         policy=policy,
+        services=(ir.ServiceEntry(net(fam.service_cidr)),),
     )
 
 
@@ -211,9 +212,6 @@ def enforced(spaces: netns.Namespaces, fam: Family, egress: bool) -> Iterator[Da
     with datapath(Shape(services=True)) as dp, ExitStack() as stack:
         assert dp.maps is not None
         dp.write(_tables(fam, egress))
-        maps.write_service_space(
-            dp.maps, [maps.ServicePrefix(ipaddress.ip_network(fam.service_cidr))]
-        )
         bindings = maps.Bindings(dp.maps)
         for (_, host_if), endpoint in zip(PODS, (CLIENT, B1, B2), strict=True):
             ifindex = spaces.ifindex("node", host_if)

@@ -15,7 +15,6 @@ that changed something, so that conntrack (in revalidate mode) judges establishe
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +180,8 @@ class TableWriter:
         for name in ("endpoints", "policy_exact", "policy", "peer_hosts", "peer_classes"):
             self._delete(name, deletes[name])
         self._state = wanted
+        if "svc_space" in self.maps.fds:  # a Shape with services
+            write_service_space(self.maps, getattr(tables, "services", ()))
         epoch = read_epoch(self.maps)
         if added or changed or deleted:
             epoch = bump_epoch(self.maps)
@@ -324,33 +325,14 @@ def flush_conntrack(maps: PinnedMaps) -> int:
 # --- Service address space (bpf/service.h) -----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ServicePrefix:
-    """A prefix of Service address space, and the destination ports deferred there (0, 0: all;
-    node addresses carry the NodePort range)."""
-
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
-    port_min: int = 0
-    port_max: int = 0
-
-    def key(self) -> bytes:
-        net = self.network
-        if isinstance(net, ipaddress.IPv4Network):  # IPv4-mapped, as in every trie
-            mapped = b"\0" * 10 + b"\xff\xff" + net.network_address.packed
-            return abi.CLASS_KEY.pack(net.prefixlen + 96, mapped)
-        return abi.CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
-
-    def value(self) -> bytes:
-        return abi.SVC_SPACE_VALUE.pack(self.port_min, self.port_max, 0)
-
-
-def write_service_space(maps: PinnedMaps, prefixes: Sequence[ServicePrefix]) -> int:
-    """Make the svc_space trie hold exactly `prefixes`: additions first, then deletions.
-    Returns the number of writes."""
+def write_service_space(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
+    """Make the svc_space trie hold exactly `entries` (`ir.ServiceEntry`): additions first,
+    then deletions. Returns the number of writes. The policy epoch stays: where a flow is judged
+    changes nothing of what an established one was allowed by."""
     fd = maps.fd("svc_space")
     spec = abi.MAPS["svc_space"]
     assert spec.key is not None and spec.value is not None
-    wanted = {p.key(): p.value() for p in prefixes}
+    wanted = {e.key(): e.value() for e in entries}
     have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
     writes = 0
     for key, value in wanted.items():
