@@ -136,6 +136,7 @@ def detach_tcx(pin: Path) -> bool:
 # --- netfilter (Service flows after DNAT, bpf/service.h) ----------------------------------------
 
 NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+BPF_PROG_LOAD = 5
 BPF_LINK_TYPE_NETFILTER = 10
 
 
@@ -203,13 +204,42 @@ def detach_netfilter(pin: Path) -> bool:
     return detach_tcx(pin)
 
 
+# r0 = NF_ACCEPT; exit: the smallest netfilter program, for the probe
+_ACCEPT_INSNS = bytes.fromhex("b7000000010000009500000000000000")
+
+
 def netfilter_supported() -> bool:
-    """Whether this kernel links BPF_PROG_TYPE_NETFILTER programs (Linux >= 6.4): a link create
-    with no program fails with EBADF there, and with EINVAL where the attach type is unknown."""
+    """Whether this kernel loads BPF_PROG_TYPE_NETFILTER programs and links them (Linux >= 6.4),
+    in the calling thread's namespace: a two-instruction program is loaded and linked at
+    LOCAL_IN for a moment. Older kernels refuse the program type or the link (EINVAL)."""
+    insns = ctypes.create_string_buffer(_ACCEPT_INSNS, len(_ACCEPT_INSNS))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = bytearray(128)
+    # prog_load: prog_type, insn_cnt, insns, license; expected_attach_type at 68
+    struct.pack_into(
+        "=IIQQ",
+        attr,
+        0,
+        libbpf.BPF_PROG_TYPE_NETFILTER,
+        len(_ACCEPT_INSNS) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license),
+    )
+    struct.pack_into("=I", attr, 68, libbpf.BPF_NETFILTER)
     try:
-        os.close(_nf_link_create(0, NFPROTO_IPV4, NetfilterHook.POST_ROUTING))
+        prog_fd = libbpf.sys_bpf(BPF_PROG_LOAD, attr)
     except libbpf.BpfError as exc:
-        return exc.errno == errno.EBADF
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    try:
+        os.close(_nf_link_create(prog_fd, NFPROTO_IPV4, NetfilterHook.LOCAL_IN))
+    except libbpf.BpfError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    finally:
+        os.close(prog_fd)
     return True
 
 

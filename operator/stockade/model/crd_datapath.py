@@ -72,6 +72,11 @@ class DatapathTableStatus(WireModel):
         pattern=DIGEST_PATTERN,
         description="The digest of the compiled programs.",
     )
+    service_mode: Literal["netfilter", "fallback"] | None = Field(
+        default=None,
+        description="Where the node judges Service traffic: on the backend after DNAT "
+        "(netfilter) or at the veth on the Service address (fallback).",
+    )
 
 
 class DatapathTable(WireModel):
