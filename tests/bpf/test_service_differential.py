@@ -151,3 +151,46 @@ def test_a_flow_not_to_service_space_is_not_deferred(dp: Datapath) -> None:
     assert list(libbpf.map_keys(dp.maps.fd("svc_deferred"), 20)) == []
     counted = events.read_counters(dp.maps.fd("counters"), [9])
     assert counted[9].packets >= 1
+
+
+def test_a_policy_change_judges_an_established_service_flow_again_on_its_backend(
+    dp: Datapath,
+) -> None:
+    """Revalidation (bpf/conntrack.h, svc_flows): the client's entry is under the Service
+    address, which no policy names; after a change it is judged on the backend it reached."""
+    assert dp.maps is not None
+    client, backend, vip = V4[0], V4[1], VIPS[4]
+    allow = ir.PolicyEntry(1, Direction.EGRESS, 96, 7, ir.PROTO_TCP, 8080, Action.ALLOW, 21)
+    default_deny = ir.PolicyEntry(1, Direction.EGRESS, 32, action=Action.DENY, rule_id=20)
+    base = ir.NodeTables(
+        endpoints=(ir.EndpointEntry(client, 1),),
+        classes=(ir.ClassEntry(ipaddress.ip_network(f"{backend}/32"), 7),),
+        services=SERVICES,
+    )
+    to_service = pk.packet_frame(ir.Packet(client, vip, ir.PROTO_TCP, 80), CLIENT_PORT)
+    translated = pk.packet_frame(ir.Packet(client, backend, ir.PROTO_TCP, 8080), CLIENT_PORT)
+    reply = pk.packet_frame(ir.Packet(vip, client, ir.PROTO_TCP, CLIENT_PORT), 80)
+    nf = dp.program(Hook.SERVICE).fd
+
+    for keeps in (True, False):
+        _forget_flows(dp)
+        dp.write(dataclasses.replace(base, policy=(default_deny, allow)))
+        dp.events()
+        assert dp.run(to_service, Direction.EGRESS) is TcVerdict.ALLOW
+        assert testrun.run_netfilter(nf, translated).verdict is TcVerdict.ALLOW
+        # a change: another rule id for the same allow, or the allow gone
+        changed = (
+            (default_deny, dataclasses.replace(allow, rule_id=22)) if keeps else (default_deny,)
+        )
+        dp.write(dataclasses.replace(base, policy=changed))
+        assert dp.run(to_service, Direction.EGRESS) is TcVerdict.ALLOW
+        deferred = list(libbpf.map_keys(dp.maps.fd("svc_deferred"), 20))
+        entries = {(c.dport, c.rule_id) for c in maps.conntrack_entries(dp.maps)}
+        if keeps:
+            assert deferred == [] and (80, 22) in entries  # still allowed, judged on the backend
+            assert dp.run(reply, Direction.INGRESS) is TcVerdict.ALLOW
+        else:
+            assert deferred != [] and not any(port == 80 for port, _ in entries)
+            got = testrun.run_netfilter(nf, translated).verdict
+            assert got is TcVerdict.DENY
+            assert [(e.kind, e.rule_id) for e in dp.events()] == [(EventKind.DROP, 20)]
