@@ -7,7 +7,8 @@ What it shows: the allowed backend answers through its ClusterIP (and the reply,
 the ClusterIP, passes the client's veth); the denied backend's first packet never leaves the
 node toward its veth (an nftables counter after stockade's hook, on the backend's veth, stays
 at 0) and nothing reaches its socket; the denial is counted for the deciding rule and reported
-with the backend's real address; the flow is recorded in conntrack under the original tuple.
+with the backend's real address; the flow is recorded in conntrack under the original tuple. A
+third ClusterIP DNATed to the node's own address is judged at LOCAL_IN.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Family:
     b2: str
     vip1: str
     vip2: str
+    vip3: str  # DNATed to the node's own address: judged at LOCAL_IN
     service_cidr: str
     host_bits: int
     nft: str  # nftables family keyword of addresses
@@ -63,6 +65,7 @@ V4 = Family(
     "10.203.1.3",
     "10.96.50.1",
     "10.96.50.2",
+    "10.96.50.3",
     "10.96.0.0/16",
     32,
     "ip",
@@ -76,6 +79,7 @@ V6 = Family(
     "fd20:203:1::3",
     "fd96:50::1",
     "fd96:50::2",
+    "fd96:50::3",
     "fd96:50::/112",
     128,
     "ip6",
@@ -84,12 +88,13 @@ PODS = (("cli", "hc"), ("b1", "hb1"), ("b2", "hb2"))
 
 
 def _addr(fam: Family, role: str) -> str:
-    return {"cli": fam.client, "b1": fam.b1, "b2": fam.b2}[role]
+    return {"cli": fam.client, "b1": fam.b1, "b2": fam.b2, "node": fam.gateway}[role]
 
 
 def _nft_dnat(fam: Family) -> str:
     b1 = fam.b1 if fam.af == socket.AF_INET else f"[{fam.b1}]"
     b2 = fam.b2 if fam.af == socket.AF_INET else f"[{fam.b2}]"
+    node = fam.gateway if fam.af == socket.AF_INET else f"[{fam.gateway}]"
     return f"""
 table inet stksvc {{
   counter to_b2 {{ }}
@@ -97,6 +102,7 @@ table inet stksvc {{
     type nat hook prerouting priority -100;
     {fam.nft} daddr {fam.vip1} udp dport {SVC_PORT} dnat {fam.nft} to {b1}:{TARGET_PORT}
     {fam.nft} daddr {fam.vip2} udp dport {SVC_PORT} dnat {fam.nft} to {b2}:{TARGET_PORT}
+    {fam.nft} daddr {fam.vip3} udp dport {SVC_PORT} dnat {fam.nft} to {node}:{TARGET_PORT}
   }}
   chain post {{
     type filter hook postrouting priority 200;
@@ -308,6 +314,7 @@ def test_without_stockade_both_backends_answer_through_their_clusterip(fam: Fami
         assert _exchange(spaces, fam, fam.vip1, "b1") == (3, 3)
         assert _exchange(spaces, fam, fam.vip2, "b2") == (3, 3)
         assert _to_b2(spaces) == 3
+        assert _exchange(spaces, fam, fam.vip3, "node") == (3, 3)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -318,12 +325,18 @@ def test_egress_through_a_clusterip_is_judged_on_the_backend_it_reaches(fam: Fam
         assert _exchange(spaces, fam, fam.vip1, "b1") == (3, 3)
         assert _exchange(spaces, fam, fam.vip2, "b2") == (0, 0)
         assert _to_b2(spaces) == 0  # not one packet went out toward backend 2's veth
+        drops = [e for e in dp.events() if e.kind is EventKind.DROP]
+        # a backend in the node's own namespace: judged at LOCAL_IN, denied by the default
+        assert _exchange(spaces, fam, fam.vip3, "node") == (0, 0)
+        to_node = [e for e in dp.events() if e.kind is EventKind.DROP]
+        assert {(e.rule_id, str(e.dst), e.dport) for e in to_node} == {
+            (RULE_EGRESS_DEFAULT, str(ipaddress.ip_address(fam.gateway)), TARGET_PORT)
+        }
         counted = events.read_counters(
             dp.maps.fd("counters"), [RULE_EGRESS_DEFAULT, RULE_EGRESS_B1]
         )
         assert counted[RULE_EGRESS_B1].packets == 1  # the first packet, judged once, after DNAT
-        assert counted[RULE_EGRESS_DEFAULT].packets == 3  # each datagram of the denied flow
-        drops = [e for e in dp.events() if e.kind is EventKind.DROP]
+        assert counted[RULE_EGRESS_DEFAULT].packets == 6  # each datagram of the denied flows
         assert len(drops) == 3
         assert {(e.rule_id, e.endpoint_id, e.direction) for e in drops} == {
             (RULE_EGRESS_DEFAULT, CLIENT, Direction.EGRESS)
@@ -341,6 +354,7 @@ def test_ingress_of_a_local_backend_is_judged_before_its_veth(fam: Family) -> No
     with service_node(fam) as spaces, enforced(spaces, fam, egress=False) as dp:
         assert dp.maps is not None
         assert _exchange(spaces, fam, fam.vip1, "b1") == (3, 3)
+        assert _exchange(spaces, fam, fam.vip3, "node") == (3, 3)  # LOCAL_IN, replies pass
         assert _exchange(spaces, fam, fam.vip2, "b2") == (0, 0)
         assert _to_b2(spaces) == 0
         drops = [e for e in dp.events() if e.kind is EventKind.DROP]
