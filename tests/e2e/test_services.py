@@ -7,7 +7,8 @@ netfilter mode, and connections to ClusterIPs are judged on the backend kube-pro
   and not another Service's backend;
 - ingress: a database that admits only the client refuses another pod coming through the
   ClusterIP from the other node, and itself through its own Service (a hairpin, which kube-proxy
-  masquerades: it is judged as the pod it is, before the masquerade).
+  masquerades: it is judged as the pod it is, before the masquerade);
+- an egress ipBlock of one backend's address (/32) opens its ClusterIP and no other.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ spec:
       podSelector: {matchLabels: {app: client}}
     ports: [{port: 5432}]
 """
+IPBLOCK = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-by-address, namespace: web}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: DB_POD/32}}]
+    ports: [{port: 5432}]
+"""
 CONVERGE_S = 30.0
 
 
@@ -152,3 +164,11 @@ def test_connections_to_cluster_ips_are_judged_on_their_backends(
     _until(state_dir, "shop", "cache", db, "timed out")
     assert _probe(state_dir, "shop", "db", db) == "timed out"  # hairpin: judged as db itself
     assert _probe(state_dir, "web", "client", db) == "connected"
+
+    kubectl(kubeconfig, "delete", "-f", "-", input=INGRESS)
+    db_pod = kubectl(
+        kubeconfig, "get", "pod", "-n", "shop", "db", "-o", "jsonpath={.status.podIP}"
+    ).stdout
+    kubectl(kubeconfig, "apply", "-f", "-", input=IPBLOCK.replace("DB_POD", db_pod))
+    _until(state_dir, "web", "client", cache, "timed out")
+    assert _probe(state_dir, "web", "client", db) == "connected"  # the /32 of the backend
