@@ -6,8 +6,10 @@ Per-packet figures come from BPF_PROG_TEST_RUN (the kernel's own average over `r
 and are written as ns above an empty tc program measured in the same rounds, interleaved; each
 figure is the median of the rounds. Rule tables come from the real lowering up to 100 rules
 and from `datapath_tables.synthetic` above (checked against the lowering at 100 rules).
-`--quick` is a smoke run (one round, short runs, 100k peer entries) for tests; its numbers mean
-nothing. Needs root, clang, iperf3 and iptables.
+`services` holds what Shape.services costs (bench/datapath_services.py); `--only-services`
+measures just that and updates it in an existing output. `--quick` is a smoke run (one round,
+short runs, 100k peer entries) for tests; its numbers mean nothing. Needs root, clang, iperf3
+and iptables.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import datapath_services
 import datapath_tables as bt
 import datapath_veth
 
@@ -153,12 +156,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: numbers mean nothing")
     parser.add_argument("--output", type=Path, default=ROOT / "bench/results/datapath.json")
+    parser.add_argument(
+        "--only-services",
+        action="store_true",
+        help="measure the Service figures only and update them in an existing --output",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that cleanup runs
     started = time.monotonic()
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="stockade-bench-") as cache:
         bench = Bench(args.quick, stack, Path(cache))
-        result: dict[str, Any] = per_packet(bench, 100_000 if args.quick else 1_000_000)
+        if args.only_services:
+            result: dict[str, Any] = json.loads(args.output.read_text())
+            result["services"] = datapath_services.measure(bench)
+            args.output.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            print(json.dumps(result["services"], indent=2, sort_keys=True))
+            return 0
+        result = per_packet(bench, 100_000 if args.quick else 1_000_000)
+        result["services"] = datapath_services.measure(bench)
         result["compile_ms"] = compile_ms(bench)
         result["veth"] = veth(bench)
     result["meta"] = {

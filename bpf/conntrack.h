@@ -52,6 +52,7 @@
 
 #include "maps.h"
 #include "policy.h"
+#include "service.h"
 
 #if STOCKADE_CONNTRACK
 
@@ -181,7 +182,10 @@ static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct c
 		return NULL;
 	}
 	if (cfg->ct_mode != CT_MODE_KEEP && e->epoch != cfg->epoch) {
-		policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
+#if STOCKADE_SERVICES
+		if (!svc_revalidate(k, &d))
+#endif
+			policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
 		if (d.action == ACTION_DENY) {
 			ct_delete(k, e);
 			return NULL;

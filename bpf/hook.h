@@ -222,6 +222,13 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	if (!cfg)
 		return VERDICT_DROP;
 #endif
+#if STOCKADE_SERVICES
+	/* a new flow to Service space is judged on its backend, after DNAT (service.h) */
+	if (dir == DIR_EGRESS && r == PARSE_IP && svc_defer(&f, ep->id, now)) {
+		frag_record(&f, dir, ACTION_ALLOW, 0);
+		return VERDICT_PASS;
+	}
+#endif
 	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr, f.t.proto, f.port,
 			       dir, from_host(skb), &d);
 	account_decision(skb, &f, dir, &d);

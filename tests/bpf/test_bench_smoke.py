@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES_DEFERRED = ("first_packet_veth_ns", "first_packet_netfilter_ns", "established_ns")
 RULES = ("10", "100", "1000", "10000")
 VETH = (
     "tcp_ratio_1000_rules",
@@ -35,6 +36,9 @@ def test_the_quick_benchmark_writes_every_figure_and_each_is_positive(tmp_path: 
         figures["compile_ms"]["cached"],
         *(figures["rules"][n][k] for n in RULES for k in ("match_first_ns", "no_match_ns")),
         *(figures["veth"][k] for k in VETH),
+        *(figures["services"]["deferred"][k] for k in SERVICES_DEFERRED),
+        figures["services"]["not_to_service"]["established"]["ratio"],
+        figures["services"]["not_to_service"]["new_flow"]["ratio"],
     ]
     assert all(isinstance(v, int | float) and v > 0 for v in values), values
     leftovers = subprocess.run(

@@ -53,6 +53,7 @@ def _many(
 
 
 UPSTREAM_CNP = "operator.upstreamClusterNetworkPolicy"
+SERVICE_SPACE = "operator.serviceSpace"
 LEADER_ELECTION = "operator.leaderElection.enabled"
 DEFAULT_LEASE = "stockade-operator"
 NS = Scope.ALL_NAMESPACES
@@ -86,6 +87,9 @@ OPERATOR: tuple[Access, ...] = tuple(
             ["customresourcedefinitions"],
             feature=UPSTREAM_CNP,
         ),
+        # the Service address space
+        *_many(["list", "watch"], "", ["services"], scope=NS, feature=SERVICE_SPACE),
+        *_many(["list", "watch"], "networking.k8s.io", ["servicecidrs"], feature=SERVICE_SPACE),
         # what selectors select
         *_many(["list", "watch"], "", ["pods"], scope=NS),
         *_many(["list", "watch"], "", ["namespaces", "nodes"]),

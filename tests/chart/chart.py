@@ -29,6 +29,8 @@ NAMESPACED = {
     ("", "events"): True,
     ("", "namespaces"): False,
     ("", "nodes"): False,
+    ("", "services"): True,
+    ("networking.k8s.io", "servicecidrs"): False,
     ("stockade.io", "networkpolicies"): True,
     ("stockade.io", "clusternetworkpolicies"): False,
     ("stockade.io", "datapathtables"): False,

@@ -32,6 +32,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "operator": {"replicas": 1, "leaderElection": {"enabled": False}}
     },
     "no upstream ClusterNetworkPolicy": {"operator": {"upstreamClusterNetworkPolicy": False}},
+    "Service space": {"operator": {"serviceSpace": True}, "agent": {"serviceMode": "netfilter"}},
     "agent only": {"operator": {"enabled": False}},
     "operator only": {"agent": {"enabled": False}},
     "metrics off": {

@@ -24,8 +24,9 @@ from stockade.compiler.render import Hook, render
 from stockade.compiler.shape import Shape
 from stockade.datapath.clang import Compiler
 
-# Conntrack, fragment tracking and both kinds of events on, so that every map and struct is
-# declared; map sizes that differ from each other, so that each map's size names its Shape field.
+# Conntrack, fragment tracking, services and both kinds of events on, so that every map and
+# struct is declared; map sizes that differ from each other, so that each map's size names its
+# Shape field.
 SHAPE = Shape(
     endpoints_max=1001,
     classes_max=1_000_002,
@@ -36,6 +37,8 @@ SHAPE = Shape(
     rules_max=1007,
     fragments_max=1008,
     events_bytes=8192,
+    services=True,
+    service_prefixes_max=1009,
 )
 PROBE = "abi_probe.c"
 ANCHORS = """

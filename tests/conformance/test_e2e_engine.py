@@ -89,6 +89,22 @@ def test_generated_cases_pass_on_the_whole_stack(sandbox: Path, tmp_path: Path) 
     assert result.returncode == 0
 
 
+VIA_SERVICE_CASES = ("tcp-01", "tcp-19", "tcp-25", "tcp-29", "udp-01")
+
+
+@pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
+def test_upstream_cases_pass_through_cluster_ips(family: str) -> None:
+    """--via service: every TCP and UDP probe goes to a ClusterIP Service of its destination pod
+    (a sandbox of the engine's own, its operator handing out the Service space), with the same
+    expectations: default-deny ingress and egress, egress on a named port, egress to a pod and
+    namespace selector, UDP (docs/services.md)."""
+    cases = [arg for case in VIA_SERVICE_CASES for arg in ("--case", case)]
+    result = run(
+        str(CONFORMANCE / "netpol-upstream.yaml"), "--via", "service", "--ip-family", family, *cases
+    )
+    assert result.stdout.splitlines()[-1] == "5 passed, 0 failed", result.stdout + result.stderr
+
+
 def _engine_dirs() -> set[Path]:
     return set(Path("/run").glob("stockade-e2e-*"))
 

@@ -63,6 +63,22 @@ def test_the_lowering_of_a_node_round_trips_through_the_codec(inline_max: int) -
     assert program.shape == shape
 
 
+SERVICES = (
+    ir.ServiceEntry(ipaddress.ip_network("10.96.0.0/12")),
+    ir.ServiceEntry(ipaddress.ip_network("fd96::/108")),
+    ir.ServiceEntry(ipaddress.ip_network("172.18.0.10/32"), 30000, 32767),
+)
+
+
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_service_space_and_a_services_shape_round_trip(inline_max: int) -> None:
+    tables = ir.NodeTables(services=SERVICES)
+    shape = Shape(services=True, service_prefixes_max=1024)
+    decoded, program = handoff.decode(handoff.encode(tables, shape, inline_max))
+    assert set(decoded.services) == set(SERVICES) and len(decoded.services) == 3
+    assert program.shape == shape
+
+
 def test_the_manifest_lists_every_shard_with_its_digest() -> None:
     parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables, inline_max=0)
     program = handoff.decode_program(parts[handoff.PROGRAM][0].entries)
@@ -221,6 +237,22 @@ OUT_OF_RANGE = {
         handoff.decode_program,
         ["shape conntrack_max 4294967295"],
         "shape.conntrack_max: 4294967295 is outside 1..4194304",
+    ),
+    "a service port past 65535": (
+        handoff.decode_service,
+        "10.96.0.0/12 0 65616",
+        "port max 65616 is outside 0..65535",
+    ),
+    "a service port range upside down": (
+        handoff.decode_service,
+        "172.18.0.10/32 32767 30000",
+        "port min 32767 above port max",
+    ),
+    "a service network that is none": (handoff.decode_service, "10.96.0.0/99 0 0", "bad network"),
+    "a service prefix trie past its limit": (
+        handoff.decode_program,
+        ["shape service_prefixes_max 4294967295"],
+        "shape.service_prefixes_max: 4294967295 is outside",
     ),
     "a shard number past the bound": (
         handoff.decode_program,

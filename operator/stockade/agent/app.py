@@ -21,9 +21,11 @@ from stockade.agent.conntrack import ConntrackRecount
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
+from stockade.agent.services import NETFILTER, NetfilterLinks, resolve_mode
 from stockade.agent.sync import Syncer
 from stockade.agent.watch import TableWatch
 from stockade.compiler.abi import ConntrackMode
+from stockade.datapath import attach
 from stockade.datapath.clang import Compiler
 from stockade.datapath.events import read_counters, read_events_lost
 from stockade.datapath.maps import DatapathConfig
@@ -46,6 +48,15 @@ class Agent:
         self.executor = NetnsExecutor.named(config.netns) if config.netns else None
         config.pin_root.mkdir(parents=True, exist_ok=True)
         self.programs = Programs(Compiler(Path(config.cache_dir)), config.pin_root)
+        supported = (
+            self.executor.run(attach.netfilter_supported)
+            if self.executor is not None
+            else attach.netfilter_supported()
+        )
+        self.service_mode = resolve_mode(config.service_mode, supported)
+        log.info(
+            "Service traffic: %s mode (--service-mode %s)", self.service_mode, config.service_mode
+        )
         self.syncer = Syncer(
             config.node,
             self._objects,
@@ -54,6 +65,8 @@ class Agent:
             Reporter(self.api, config.node),
             config.pin_root,
             DatapathConfig(ConntrackMode[config.conntrack_on_policy_change.upper()]),
+            self.service_mode,
+            NetfilterLinks(config.pin_root, self.executor),
         )
         self.runner = Runner(
             self._sync,
@@ -114,6 +127,9 @@ class Agent:
             "stockade_agent_watch_errors_total": self.watch.errors,
             "stockade_agent_watch_lists_total": self.watch.lists,
             **self.recount.gauges(),
+            # 1: Service flows judged on the backend by the netfilter program; 0: fallback
+            "stockade_agent_service_mode_netfilter": float(self.service_mode == NETFILTER),
+            "stockade_agent_netfilter_links_attached_total": self.syncer.netfilter.attaches,
         }
 
     def metrics_text(self) -> str:

@@ -54,6 +54,14 @@ def add_parser(subparsers: Any) -> None:
         "(revalidate, the default) or kept until they expire (keep) "
         "($STOCKADE_CONNTRACK_ON_POLICY_CHANGE)",
     )
+    ag.add_argument(
+        "--service-mode",
+        choices=("auto", "netfilter", "fallback"),
+        default=env("STOCKADE_SERVICE_MODE", "auto"),
+        help="where Service traffic is judged: on the backend after DNAT by a netfilter program "
+        "(netfilter, Linux >= 6.4), at the veth on the Service address (fallback), or the first "
+        "the kernel supports (auto, the default) ($STOCKADE_SERVICE_MODE)",
+    )
     ag.set_defaults(run=run_command)
 
 
@@ -69,6 +77,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         health_port=args.health_port,
         bind_address=args.bind_address,
         conntrack_on_policy_change=args.conntrack_on_policy_change,
+        service_mode=args.service_mode,
     )
 
 

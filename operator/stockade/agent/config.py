@@ -32,6 +32,9 @@ class AgentConfig:
     # What established connections do when policy changes (bpf/conntrack.h): "revalidate" judges
     # each flow's next packet again, "keep" lets established flows run until they expire.
     conntrack_on_policy_change: str = "revalidate"
+    # Where Service traffic is judged (stockade.agent.services): "auto" probes the kernel for
+    # BPF netfilter links, "netfilter" requires them, "fallback" judges at the veth.
+    service_mode: str = "auto"
     min_interval: float = 0.05  # between the starts of two syncs that changed the datapath
     max_backoff: float = 30.0  # retry delay ceiling after failing syncs
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
@@ -70,6 +73,10 @@ class AgentConfig:
         if self.conntrack_recount_seconds <= 0:
             errors.append(
                 f"conntrack_recount_seconds: {self.conntrack_recount_seconds} must be positive"
+            )
+        if self.service_mode not in ("auto", "netfilter", "fallback"):
+            errors.append(
+                f"--service-mode: expected auto, netfilter or fallback, got {self.service_mode!r}"
             )
         if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
             errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")

@@ -7,7 +7,8 @@ resync period; it is safe to call at any time and does only what differs:
 2. make the Shape's programs current (render and compile through the cache, load or adopt the
    pinned ones: only a new Shape does any of this);
 3. write the tables into the pinned maps as a diff (`TableWriter`);
-4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones;
+4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones; link
+   the SERVICE program at the node's netfilter hooks in netfilter mode (`agent.services`);
 5. report status on `<node>.program.0` and Events on Pods whose attach failed.
 """
 
@@ -25,7 +26,9 @@ from stockade.agent.attachments import Attachments, AttachResult, Endpoint
 from stockade.agent.nodestack import with_node_stack
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
+from stockade.agent.services import NETFILTER, NetfilterLinks, effective_shape
 from stockade.compiler import ir
+from stockade.compiler.render import Hook
 from stockade.datapath.maps import (
     Bindings,
     DatapathConfig,
@@ -84,7 +87,11 @@ class Syncer:
         reporter: Reporter | None,
         pin_root: Path,
         datapath_config: DatapathConfig | None = None,
+        service_mode: str = NETFILTER,
+        netfilter: NetfilterLinks | None = None,
     ) -> None:
+        self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
+        self.netfilter = netfilter or NetfilterLinks(pin_root)
         self.datapath_config = datapath_config or DatapathConfig()
         self.node = node
         self._objects = objects
@@ -139,7 +146,13 @@ class Syncer:
         if self.reporter is not None:
             errors = tuple(f"{f.reason}: {f.message}" for f in result.failures)
             self.reporter.report(
-                Report(wanted.generation, len(result.attached), errors, self.programs.digest)
+                Report(
+                    wanted.generation,
+                    len(result.attached),
+                    errors,
+                    self.programs.digest,
+                    self.service_mode,
+                )
             )
             self.reporter.pod_failures(result.failures)
         unchanged = not (result.created or result.updated or result.detached or result.failures)
@@ -147,7 +160,7 @@ class Syncer:
 
     def _apply(self, wanted: HandoffSet) -> AttachResult:
         self._close_retired()
-        changed = self.programs.ensure(wanted.program.shape)
+        changed = self.programs.ensure(effective_shape(wanted.program.shape, self.service_mode))
         migration = self.programs.migration
         if migration is not None and self.maps is not None and not migration.reopened:
             # New maps under the old pins: write the tables into those, before any link moves.
@@ -182,6 +195,12 @@ class Syncer:
         result = self.attachments.reconcile(
             endpoints_of(wanted.tables), programs, Bindings(self.maps)
         )
+        service = self.programs.programs.get(Hook.SERVICE)
+        if service is not None:
+            assert self.programs.shape is not None
+            self.netfilter.ensure(service.fd, service.id, self.programs.shape.ipv6)
+        else:
+            self.netfilter.remove()
         self.stats.last_attach = result
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
@@ -217,6 +236,7 @@ class Syncer:
                     attached,
                     (message,),
                     self.programs.digest,
+                    self.service_mode,
                 )
             )
         except Exception as exc:

@@ -148,6 +148,22 @@ FRAG_ENTRY = Layout(
     ("action", "B"),
     ("pad", "3x"),
 )
+# Service traffic (bpf/service.h).
+SVC_SPACE_VALUE = Layout("svc_space_value", ("port_min", "H"), ("port_max", "H"), ("flags", "I"))
+SVC_DEFER_KEY = Layout(
+    "svc_defer_key", ("saddr", "16s"), ("sport", "2s"), ("proto", "B"), ("pad", "x")
+)
+SVC_DEFER_VALUE = Layout(
+    "svc_defer_value",
+    ("expires_ns", "Q"),
+    ("daddr", "16s"),
+    ("dport", "2s"),  # be16
+    ("pad", "2x"),
+    ("endpoint_id", "I"),
+)
+SVC_FLOW_VALUE = Layout(
+    "svc_flow_value", ("baddr", "16s"), ("port", "H"), ("pad", "2x"), ("endpoint_id", "I")
+)
 # The ring buffer's record (bpf/events.h).
 EVENT = Layout(
     "event",
@@ -235,6 +251,17 @@ MAPS = {
         MapSpec("ct_owned", MapType.HASH, U32, S64, "endpoints_max"),
         # Only with STOCKADE_FRAGMENTS_TRACK.
         MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
+        # Only with STOCKADE_SERVICES (bpf/service.h).
+        MapSpec(
+            "svc_space",
+            MapType.LPM_TRIE,
+            CLASS_KEY,
+            SVC_SPACE_VALUE,
+            "service_prefixes_max",
+            NO_PREALLOC,
+        ),
+        MapSpec("svc_deferred", MapType.LRU_HASH, SVC_DEFER_KEY, SVC_DEFER_VALUE, "conntrack_max"),
+        MapSpec("svc_flows", MapType.LRU_HASH, CT_KEY, SVC_FLOW_VALUE, "conntrack_max"),
     )
 }
 

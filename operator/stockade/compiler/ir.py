@@ -175,6 +175,30 @@ class RuleInfo:
 
 
 @dataclass(frozen=True)
+class ServiceEntry:
+    """A prefix of Service address space (bpf/service.h: a new flow from a pod to it is judged
+    on its backend, after DNAT) and the destination ports that count: all when both are 0,
+    else port_min..port_max (a node address with the NodePort range)."""
+
+    network: IPNetwork
+    port_min: int = 0
+    port_max: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.port_min <= 65535 and 0 <= self.port_max <= 65535):
+            raise ValueError(f"service entry {self.network}: ports outside 0..65535")
+        if self.port_min > self.port_max:
+            raise ValueError(f"service entry {self.network}: port_min above port_max")
+
+    def key(self) -> bytes:
+        net = net_to_v6(self.network)
+        return abi.CLASS_KEY.pack(net.prefixlen, net.network_address.packed)
+
+    def value(self) -> bytes:
+        return abi.SVC_SPACE_VALUE.pack(self.port_min, self.port_max, 0)
+
+
+@dataclass(frozen=True)
 class NodeTables:
     """Everything one node's programs need, as map contents."""
 
@@ -182,6 +206,7 @@ class NodeTables:
     classes: tuple[ClassEntry, ...] = ()
     policy: tuple[PolicyEntry, ...] = ()
     rules: Mapping[int, RuleInfo] = field(default_factory=dict)
+    services: tuple[ServiceEntry, ...] = ()  # Service address space (Shape.services)
 
 
 @dataclass(frozen=True)

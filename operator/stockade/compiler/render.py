@@ -1,4 +1,4 @@
-"""Render a Shape into the C of stockade's two tc programs.
+"""Render a Shape into the C of stockade's tc programs (and, with services, its netfilter one).
 
 The operator (or the agent) calls `render_all(shape)` and hands the result to the agent's
 compiler (`stockade.datapath.clang`). The output is self-contained: the rendered entry file plus
@@ -24,7 +24,15 @@ from stockade.compiler.ir import Direction
 from stockade.compiler.shape import Shape
 
 BPF_DIR = Path(__file__).resolve().parents[3] / "bpf"
-HEADERS = ("parse.h", "maps.h", "policy.h", "conntrack.h", "events.h", "hook.h")
+HEADERS = (
+    "parse.h",
+    "maps.h",
+    "policy.h",
+    "conntrack.h",
+    "events.h",
+    "hook.h",
+    "service.h",
+)
 
 
 class Hook(Enum):
@@ -32,6 +40,8 @@ class Hook(Enum):
 
     FROM_POD = ("from_pod.c.j2", "stockade_from_pod", Direction.EGRESS)  # tc ingress
     TO_POD = ("to_pod.c.j2", "stockade_to_pod", Direction.INGRESS)  # tc egress
+    # the node namespace's netfilter hooks (Shape.services): Service flows after DNAT
+    SERVICE = ("service.c.j2", "stockade_service", Direction.EGRESS)
 
     def __init__(self, template: str, program: str, direction: Direction) -> None:
         self.template = template
@@ -82,6 +92,8 @@ def _checked_defines(shape: Shape) -> tuple[tuple[str, int], ...]:
 
 def render(shape: Shape, hook: Hook, bpf_dir: Path = BPF_DIR) -> RenderedProgram:
     """The C of `hook`'s program for `shape`; byte-identical for equal shapes."""
+    if hook is Hook.SERVICE and not shape.services:
+        raise ValueError("the SERVICE program needs a shape with services on")
     env = _environment(bpf_dir)
     defines = _checked_defines(shape)
     headers = tuple((name, (bpf_dir / name).read_text()) for name in HEADERS)
@@ -106,6 +118,11 @@ def render(shape: Shape, hook: Hook, bpf_dir: Path = BPF_DIR) -> RenderedProgram
     )
 
 
+def hooks(shape: Shape) -> tuple[Hook, ...]:
+    """The programs a node runs for `shape`: the veth's two, plus SERVICE with services on."""
+    return tuple(h for h in Hook if h is not Hook.SERVICE or shape.services)
+
+
 def render_all(shape: Shape, bpf_dir: Path = BPF_DIR) -> tuple[RenderedProgram, ...]:
-    """Both programs of a node, FROM_POD first."""
-    return tuple(render(shape, hook, bpf_dir) for hook in Hook)
+    """Every program of a node (`hooks()`), FROM_POD first."""
+    return tuple(render(shape, hook, bpf_dir) for hook in hooks(shape))

@@ -45,6 +45,7 @@ SIZE_LIMITS = {
     "fragments_max": 1 << 20,
     "rules_max": 1 << 20,
     "events_bytes": 1 << 28,
+    "service_prefixes_max": 1 << 20,
 }
 
 
@@ -75,6 +76,10 @@ class Shape:
     # Conntrack entries one endpoint may hold (bpf/conntrack.h); 0: no budget. An endpoint at
     # its budget opens no new flow, so one pod cannot make the LRU evict the others' entries.
     conntrack_per_endpoint: int = 1 << 14
+    # Service traffic judged on the backend by a netfilter program (bpf/service.h); needs
+    # conntrack. Off: a flow to a Service address is judged at the veth on that address.
+    services: bool = False
+    service_prefixes_max: int = 1 << 14  # trie of the Service address space
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -106,6 +111,8 @@ class Shape:
         eb = self.events_bytes
         if eb < PAGE_SIZE or eb & (eb - 1):
             errors.append(f"shape.events_bytes: {eb} is not a power of two >= {PAGE_SIZE}")
+        if self.services and not self.conntrack:
+            errors.append("shape.services: needs shape.conntrack")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -130,6 +137,8 @@ class Shape:
             "STOCKADE_CONNTRACK_PER_ENDPOINT": int(self.conntrack_per_endpoint),
             "STOCKADE_RULES_MAX": int(self.rules_max),
             "STOCKADE_EVENTS_BYTES": int(self.events_bytes),
+            "STOCKADE_SERVICES": int(self.services),
+            "STOCKADE_SERVICE_PREFIXES_MAX": int(self.service_prefixes_max),
         }
         return tuple(sorted(values.items()))
 

@@ -50,6 +50,13 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument(
         "--ip-family", type=int, choices=(4, 6), default=4, help="address family (default 4)"
     )
+    run.add_argument(
+        "--via",
+        choices=("pod", "service"),
+        default="pod",
+        help="e2e engine: probe each pod at its address (pod, the default) or through a "
+        "ClusterIP Service of its own (service)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="explain every wrong check")
     run.set_defaults(run=run_command)
 
@@ -71,7 +78,7 @@ def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None
         return 2
     if progress is not None:
         progress(f"running {len(cases)} cases of {args.file} on the {args.engine} engine")
-    engine = create_engine(args.engine, EngineOptions(ip_family=args.ip_family))
+    engine = create_engine(args.engine, EngineOptions(ip_family=args.ip_family, via=args.via))
     try:
         summary = run_file(engine, casefile, sys.stdout, cases=cases, verbose=args.verbose)
     finally:

@@ -7,6 +7,7 @@ build an `Operator` and call `run()`, which blocks until the stop flag is set.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections.abc import Mapping
@@ -81,10 +82,16 @@ class Operator:
             is_leader=self.is_leader,
             upstream_cnp=config.upstream_cnp,
             inline_entries=config.inline_entries,
+            services=config.service_space,
             again=lambda: self.runner.request(True),
         )
+        self.store.configured_cidrs = tuple(ipaddress.ip_network(c) for c in config.service_cidrs)
+        self.store.node_port_range = config.node_port_range
         self.registry = build_registry(
-            self.store, self._table_event, upstream_cnp=config.upstream_cnp
+            self.store,
+            self._table_event,
+            upstream_cnp=config.upstream_cnp,
+            services=config.service_space,
         )
         self.ready = threading.Event()
 

@@ -56,6 +56,25 @@ def add_parser(subparsers: Any) -> None:
         default=env("STOCKADE_LEASE_NAME", "stockade-operator"),
         help="name of the Lease ($STOCKADE_LEASE_NAME, else stockade-operator)",
     )
+    op.add_argument(
+        "--service-space",
+        type=on_off,
+        default=on_off(env("STOCKADE_SERVICE_SPACE", "off") or "off"),
+        metavar="on|off",
+        help="judge flows to Services on their backends: hand the agents the Service address "
+        "space and a Shape with services ($STOCKADE_SERVICE_SPACE, off)",
+    )
+    op.add_argument(
+        "--service-cidrs",
+        default=env("STOCKADE_SERVICE_CIDRS", ""),
+        help="comma-separated Service CIDRs, used while the API serves no ServiceCIDR "
+        "($STOCKADE_SERVICE_CIDRS)",
+    )
+    op.add_argument(
+        "--node-port-range",
+        default=env("STOCKADE_NODE_PORT_RANGE", "30000-32767"),
+        help="the API server's --service-node-port-range ($STOCKADE_NODE_PORT_RANGE, 30000-32767)",
+    )
     op.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
     op.add_argument("--renew-period", type=float, default=2.0, help="seconds (default 2)")
     op.set_defaults(run=run_command)
@@ -75,7 +94,18 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         lease_name=args.lease_name,
         lease_duration=args.lease_duration,
         renew_period=args.renew_period,
+        service_space=args.service_space,
+        service_cidrs=tuple(c.strip() for c in args.service_cidrs.split(",") if c.strip()),
+        node_port_range=_port_range(args.node_port_range),
     )
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f"--node-port-range: {text!r} is not LOW-HIGH") from None
 
 
 def run_command(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> int:

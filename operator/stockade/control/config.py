@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ class OperatorConfig:
     # A node whose tables have at most this many entries gets them inside its program object
     # (one write per change); 0 shards every node (`stockade.handoff.codec`).
     inline_entries: int = INLINE_ENTRIES
+    # Hand every node the Service address space (ServiceCIDRs, else `service_cidrs`; Services'
+    # cluster, external and load-balancer IPs; node addresses on the NodePort range) and a Shape
+    # with services, so that flows to Services are judged on their backends (docs/services.md).
+    service_space: bool = False
+    service_cidrs: tuple[str, ...] = ()
+    node_port_range: tuple[int, int] = (30000, 32767)
 
     def __post_init__(self) -> None:
         errors = []
@@ -53,6 +60,14 @@ class OperatorConfig:
             errors.append("debounce and min_interval must not be negative")
         if not 0 <= self.inline_entries <= SHARD_ENTRIES:
             errors.append(f"inline_entries must be between 0 and {SHARD_ENTRIES}")
+        for cidr in self.service_cidrs:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError:
+                errors.append(f"--service-cidrs: {cidr!r} is not a network")
+        low, high = self.node_port_range
+        if not 1 <= low <= high <= 65535:
+            errors.append(f"--node-port-range: {low}-{high} is not a port range")
         if errors:
             raise ValueError("; ".join(errors))
         if not self.identity:

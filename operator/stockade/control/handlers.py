@@ -20,6 +20,7 @@ import kopf
 from stockade import handoff
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
+from stockade.control.services import service_cidr_from_api, service_from_api
 from stockade.control.store import Store
 from stockade.model.kinds import enforced
 
@@ -38,6 +39,7 @@ def build_registry(
     on_table: Callable[[Mapping[str, Any], bool], None],
     *,
     upstream_cnp: bool = True,
+    services: bool = False,
 ) -> kopf.OperatorRegistry:
     """A kopf registry whose handlers feed `store`; `on_table(obj, deleted)` is told of every
     DatapathTable event, so that the reconciler writes back what was deleted or changed by
@@ -76,6 +78,18 @@ def build_registry(
         deleted, obj = _object(event)
         node = node_from_api(obj)
         store.put_node(node.name, None if deleted else node)
+
+    if services:  # the Service address space (control.services)
+
+        @kopf.on.event("", "v1", "services", registry=registry)
+        async def service_event(event: Mapping[str, Any], **_: Any) -> None:
+            deleted, obj = _object(event)
+            store.put_service(object_key(obj), None if deleted else service_from_api(obj))
+
+        @kopf.on.event("networking.k8s.io", "v1", "servicecidrs", registry=registry)
+        async def service_cidr_event(event: Mapping[str, Any], **_: Any) -> None:
+            deleted, obj = _object(event)
+            store.put_service_cidr(object_key(obj), None if deleted else service_cidr_from_api(obj))
 
     @kopf.on.event("stockade.io", "v1alpha1", "datapathtables", registry=registry)
     async def table_event(event: Mapping[str, Any], **_: Any) -> None:

@@ -10,6 +10,7 @@ every pass that lowers and hands the result to the publisher.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from stockade import handoff
@@ -24,9 +25,17 @@ class Lowerer:
     """Lowers and encodes every node; attributes are public for metrics and tests."""
 
     def __init__(
-        self, shape: Shape | None = None, inline_entries: int = handoff.INLINE_ENTRIES
+        self,
+        shape: Shape | None = None,
+        inline_entries: int = handoff.INLINE_ENTRIES,
+        services: bool = False,
     ) -> None:
-        self._shape = shape or Shape()
+        # services: every node gets the snapshot's Service address space and a Shape with
+        # services, so that its agent judges Service flows on their backends (bpf/service.h)
+        self._services = services
+        self._shape = (
+            dataclasses.replace(shape or Shape(), services=True) if services else (shape or Shape())
+        )
         self._inline = inline_entries
         self.ids: dict[str, Ids] = {}
         self.verdicts = Verdicts()  # kept across passes: a pass judges only what is new
@@ -44,12 +53,15 @@ class Lowerer:
             began = time.monotonic()
             lowered = lowering.node(node, self.ids.get(node))
             self.ids[node] = lowered.ids
+            tables = lowered.tables
+            if self._services:
+                tables = dataclasses.replace(tables, services=snap.service_space)
             last = self._encoded.get(node)
-            if last is not None and last[0] == lowered.tables:
+            if last is not None and last[0] == tables:
                 out[node] = last[1]  # unchanged: skip encoding it again
             else:
-                parts = handoff.encode(lowered.tables, self._shape, self._inline)
-                self._encoded[node] = (lowered.tables, parts)
+                parts = handoff.encode(tables, self._shape, self._inline)
+                self._encoded[node] = (tables, parts)
                 out[node] = parts
             self.node_seconds[node] = time.monotonic() - began
         for node in set(self.ids) - nodes:

@@ -57,6 +57,7 @@ class Reconciler:
         shape: Shape | None = None,
         upstream_cnp: bool = True,
         inline_entries: int = handoff.INLINE_ENTRIES,
+        services: bool = False,
         again: Callable[[], None] = lambda: None,
         relist: float = RELIST,
     ) -> None:
@@ -64,7 +65,7 @@ class Reconciler:
         self._store = store
         self._api = api
         self._is_leader = is_leader
-        self.lowerer = Lowerer(shape, inline_entries)
+        self.lowerer = Lowerer(shape, inline_entries, services)
         self.publisher = Publisher(api, is_leader=is_leader)
         self.reporter = StatusReporter(api, is_leader)
         self._synced = False

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from stockade.compiler import ir
 from stockade.control.policies import PolicyKey, PolicyRecord
+from stockade.control.services import DEFAULT_NODE_PORT_RANGE, ServiceInfo, service_space
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.policy import IPAddress
 
@@ -29,6 +31,8 @@ class Snapshot:
     state: ClusterState
     policies: Mapping[PolicyKey, PolicyRecord]
     reports: Mapping[str, Mapping[str, Any]]  # node -> status of its program.0 DatapathTable
+    # Service address space (control.services), with the operator's service space on
+    service_space: tuple[ir.ServiceEntry, ...] = ()
 
 
 class Store:
@@ -43,6 +47,10 @@ class Store:
         self._nodes: dict[str, Node] = {}
         self._policies: dict[PolicyKey, PolicyRecord] = {}
         self._reports: dict[str, Mapping[str, Any]] = {}
+        self._services: dict[str, ServiceInfo] = {}
+        self._service_cidrs: dict[str, tuple[ir.IPNetwork, ...]] = {}
+        self.configured_cidrs: tuple[ir.IPNetwork, ...] = ()  # used while no ServiceCIDR exists
+        self.node_port_range = DEFAULT_NODE_PORT_RANGE
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -77,6 +85,22 @@ class Store:
                 del self._nodes[name]
             else:
                 self._nodes[name] = node
+        self._on_change(True)
+
+    def put_service(self, key: str, info: ServiceInfo | None) -> None:
+        self._put(self._services, key, info)
+
+    def put_service_cidr(self, name: str, cidrs: tuple[ir.IPNetwork, ...] | None) -> None:
+        self._put(self._service_cidrs, name, cidrs)
+
+    def _put(self, table: dict[str, Any], key: str, value: object | None) -> None:
+        with self._lock:
+            if table.get(key) == value:
+                return
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
         self._on_change(True)
 
     def put_policy(self, key: PolicyKey, record: PolicyRecord | None) -> None:
@@ -118,6 +142,12 @@ class Store:
                 ),
                 policies=MappingProxyType(dict(self._policies)),
                 reports=MappingProxyType(dict(self._reports)),
+                service_space=service_space(
+                    [c for cs in self._service_cidrs.values() for c in cs] or self.configured_cidrs,
+                    self._services.values(),
+                    [ip for node in self._nodes.values() for ip in node.ips],
+                    self.node_port_range,
+                ),
             )
 
 

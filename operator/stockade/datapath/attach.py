@@ -133,6 +133,116 @@ def detach_tcx(pin: Path) -> bool:
     return True
 
 
+# --- netfilter (Service flows after DNAT, bpf/service.h) ----------------------------------------
+
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+BPF_PROG_LOAD = 5
+BPF_LINK_TYPE_NETFILTER = 10
+
+
+class NetfilterHook(Enum):
+    """Where the Service program runs in the node's namespace: (hooknum, priority)."""
+
+    # after kube-proxy's DNAT (NF_IP_PRI_NAT_DST, -100), before its SNAT (NF_IP_PRI_NAT_SRC, 100)
+    POST_ROUTING = (4, 95)
+    # backends in the node's own namespace (host network, IPVS), after LOCAL_IN's SNAT (100)
+    LOCAL_IN = (1, 101)
+
+    def __init__(self, hooknum: int, priority: int) -> None:
+        self.hooknum = hooknum
+        self.priority = priority
+
+
+NETFILTER_POINTS = tuple(
+    (pf, hook) for pf in (NFPROTO_IPV4, NFPROTO_IPV6) for hook in NetfilterHook
+)
+
+
+def _nf_link_create(prog_fd: int, pf: int, hook: NetfilterHook) -> int:
+    """A netfilter link in the calling thread's network namespace."""
+    attr = bytearray(64)
+    # link_create: prog_fd, target_fd (0), attach_type, flags; netfilter: pf, hooknum,
+    # priority, flags
+    struct.pack_into("=IIII", attr, 0, prog_fd, 0, libbpf.BPF_NETFILTER, 0)
+    struct.pack_into("=IIiI", attr, 16, pf, hook.hooknum, hook.priority, 0)
+    return libbpf.sys_bpf(libbpf.BPF_LINK_CREATE, attr)
+
+
+def netfilter_pin(pin_dir: Path, pf: int, hook: NetfilterHook) -> Path:
+    family = "ip" if pf == NFPROTO_IPV4 else "ip6"
+    return pin_dir / f"nf-{family}-{hook.name.lower().replace('_', '-')}"
+
+
+def attach_netfilter(prog_fd: int, pin_dir: Path, ipv6: bool = True) -> list[Path]:
+    """Link the program at every NETFILTER_POINTS hook of the calling thread's namespace (IPv6
+    ones only with `ipv6`), pinned under `pin_dir`. Netfilter links cannot swap their program:
+    a pinned one is replaced by a new link created first, so no packet goes unjudged (a packet
+    the old and the new program both see is judged once: the first consumes its deferral)."""
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    pins = []
+    for pf, hook in NETFILTER_POINTS:
+        if pf == NFPROTO_IPV6 and not ipv6:
+            continue
+        pin = netfilter_pin(pin_dir, pf, hook)
+        fd = _nf_link_create(prog_fd, pf, hook)
+        try:
+            staged = pin.with_name(pin.name + "-new")  # bpffs refuses names with a dot
+            if staged.exists():
+                staged.unlink()
+            libbpf.obj_pin(fd, staged)
+        finally:
+            os.close(fd)
+        if pin.exists():
+            detach_netfilter(pin)
+        staged.rename(pin)
+        pins.append(pin)
+    return pins
+
+
+def detach_netfilter(pin: Path) -> bool:
+    """Detach and unpin one netfilter link; False when there was none."""
+    return detach_tcx(pin)
+
+
+# r0 = NF_ACCEPT; exit: the smallest netfilter program, for the probe
+_ACCEPT_INSNS = bytes.fromhex("b7000000010000009500000000000000")
+
+
+def netfilter_supported() -> bool:
+    """Whether this kernel loads BPF_PROG_TYPE_NETFILTER programs and links them (Linux >= 6.4),
+    in the calling thread's namespace: a two-instruction program is loaded and linked at
+    LOCAL_IN for a moment. Older kernels refuse the program type or the link (EINVAL)."""
+    insns = ctypes.create_string_buffer(_ACCEPT_INSNS, len(_ACCEPT_INSNS))
+    license = ctypes.create_string_buffer(b"GPL")
+    attr = bytearray(128)
+    # prog_load: prog_type, insn_cnt, insns, license; expected_attach_type at 68
+    struct.pack_into(
+        "=IIQQ",
+        attr,
+        0,
+        libbpf.BPF_PROG_TYPE_NETFILTER,
+        len(_ACCEPT_INSNS) // 8,
+        ctypes.addressof(insns),
+        ctypes.addressof(license),
+    )
+    struct.pack_into("=I", attr, 68, libbpf.BPF_NETFILTER)
+    try:
+        prog_fd = libbpf.sys_bpf(BPF_PROG_LOAD, attr)
+    except libbpf.BpfError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    try:
+        os.close(_nf_link_create(prog_fd, NFPROTO_IPV4, NetfilterHook.LOCAL_IN))
+    except libbpf.BpfError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    finally:
+        os.close(prog_fd)
+    return True
+
+
 # --- legacy clsact + cls_bpf ---------------------------------------------------------------------
 
 

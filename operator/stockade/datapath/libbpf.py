@@ -39,6 +39,10 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 LOG_LEVEL_STATS = 4
+BPF_PROG_TYPE_NETFILTER = 32
+BPF_NETFILTER = 45  # enum bpf_attach_type
+# Sections libbpf 1.1 does not know: their program type and expected attach type.
+SECTION_TYPES = {"netfilter": (BPF_PROG_TYPE_NETFILTER, BPF_NETFILTER)}
 
 
 class BpfError(OSError):
@@ -114,6 +118,9 @@ _prog_name = _sig("bpf_program__name", _cp, _vp)
 _prog_fd = _sig("bpf_program__fd", _int, _vp)
 _prog_set_log_buf = _sig("bpf_program__set_log_buf", _int, _vp, _vp, _sz)
 _prog_set_log_level = _sig("bpf_program__set_log_level", _int, _vp, _u32)
+_prog_section = _sig("bpf_program__section_name", _cp, _vp)
+_prog_set_type = _sig("bpf_program__set_type", _int, _vp, _int)
+_prog_set_attach = _sig("bpf_program__set_expected_attach_type", _int, _vp, _int)
 _map_name = _sig("bpf_map__name", _cp, _vp)
 _map_fd = _sig("bpf_map__fd", _int, _vp)
 _obj_pin = _sig("bpf_obj_pin", _int, _int, _cp)
@@ -287,6 +294,11 @@ class BpfObject:
             self._logs[pname] = buf
             _check(int(_prog_set_log_buf(prog, buf, self.LOG_SIZE)), "set log buffer")
             _check(int(_prog_set_log_level(prog, LOG_LEVEL_STATS)), "set log level")
+            section = (_prog_section(prog) or b"").decode()
+            if section in SECTION_TYPES:
+                ptype, attach_type = SECTION_TYPES[section]
+                _check(int(_prog_set_type(prog, ptype)), f"set type of {pname}")
+                _check(int(_prog_set_attach(prog, attach_type)), f"set attach type of {pname}")
         rc = int(_obj_load(self._obj))
         if rc < 0:
             logs = "\n".join(
@@ -437,10 +449,16 @@ SKB_INGRESS_IFINDEX, SKB_CTX_SIZE = 36, 44
 
 
 def prog_test_run(
-    prog_fd: int, data: bytes, repeat: int = 1, ingress_ifindex: int = 0
+    prog_fd: int,
+    data: bytes,
+    repeat: int = 1,
+    ingress_ifindex: int = 0,
+    ctx: bytes | None = None,
 ) -> TestRunResult:
-    """`ingress_ifindex`: the interface the packet arrived on, as the program reads it from
-    `skb->ingress_ifindex` (0, the default: the node's own stack sent it)."""
+    """Run the program on `data`. `ingress_ifindex`: the interface the packet arrived on, as
+    the program reads it from `skb->ingress_ifindex` (0, the default: the node's own stack sent
+    it). `ctx`: the context the kernel builds the run from (a netfilter program: the hook and
+    protocol family of a `struct nf_hook_state`)."""
     out = ctypes.create_string_buffer(len(data) + 256)
     inbuf = ctypes.create_string_buffer(data, len(data))
     opts = _TestRunOpts(
@@ -452,10 +470,12 @@ def prog_test_run(
         repeat=repeat,
     )
     if ingress_ifindex:
-        ctx = bytearray(SKB_CTX_SIZE)
-        struct.pack_into("=I", ctx, SKB_INGRESS_IFINDEX, ingress_ifindex)
-        ctx_in = ctypes.create_string_buffer(bytes(ctx), len(ctx))
-        opts.ctx_in = ctypes.cast(ctx_in, _vp)
+        skb = bytearray(SKB_CTX_SIZE)
+        struct.pack_into("=I", skb, SKB_INGRESS_IFINDEX, ingress_ifindex)
+        ctx = bytes(skb)
+    if ctx is not None:
+        ctxbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(ctxbuf, _vp)
         opts.ctx_size_in = len(ctx)
     _check(int(_test_run(prog_fd, ctypes.byref(opts))), f"test run of prog fd {prog_fd}")
     retval = ctypes.c_int32(opts.retval).value

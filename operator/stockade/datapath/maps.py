@@ -192,6 +192,8 @@ class TableWriter:
         for name in ("endpoints", "policy_exact", "policy", "peer_hosts", "peer_classes"):
             self._delete(name, deletes[name])
         self._state = wanted
+        if "svc_space" in self.maps.fds:  # a Shape with services
+            write_service_space(self.maps, getattr(tables, "services", ()))
         epoch = read_epoch(self.maps)
         if added or changed or deleted:
             epoch = bump_epoch(self.maps)
@@ -368,3 +370,26 @@ def flush_conntrack(maps: PinnedMaps) -> int:
     for key in list(libbpf.map_keys(owned, abi.U32.size)):
         libbpf.map_delete(owned, key)
     return len(keys)
+
+
+# --- Service address space (bpf/service.h) -----------------------------------------------------
+
+
+def write_service_space(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
+    """Make the svc_space trie hold exactly `entries` (`ir.ServiceEntry`): additions first,
+    then deletions. Returns the number of writes. The policy epoch stays: where a flow is judged
+    changes nothing of what an established one was allowed by."""
+    fd = maps.fd("svc_space")
+    spec = abi.MAPS["svc_space"]
+    assert spec.key is not None and spec.value is not None
+    wanted = {e.key(): e.value() for e in entries}
+    have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
+    writes = 0
+    for key, value in wanted.items():
+        if have.get(key) != value:
+            libbpf.map_update(fd, key, value)
+            writes += 1
+    for key in have.keys() - wanted.keys():
+        libbpf.map_delete(fd, key)
+        writes += 1
+    return writes

@@ -109,4 +109,5 @@ def _merge(pieces: list[ir.NodeTables]) -> ir.NodeTables:
         classes=tuple(c for p in pieces for c in p.classes),
         policy=tuple(e for p in pieces for e in p.policy),
         rules=rules,
+        services=tuple(e for p in pieces for e in p.services),
     )

@@ -13,6 +13,7 @@ Parts and entry formats (one string per map entry, fields separated by one space
   <rule id> <audit action> <audit rule id>` (integers: `ir.Direction`, `ir.Action` values)
 - `rules`:     `<rule id> <kind> <namespace or -> <name> <Ingress|Egress> <index>` (names live only
   here, in Python; they never reach C)
+- `services`:  `<network> <port min> <port max>`: Service address space (`ir.ServiceEntry`)
 - `program`:   `shape <field> <integer>` for every Shape field, then `shard <part> <shard>
   <digest>` for every shard of the table parts: the manifest (`digest()` of the shard's
   entries). The agent applies a set only when every shard the manifest lists is present with
@@ -52,7 +53,8 @@ ENDPOINTS = "endpoints"
 CLASSES = "classes"
 POLICY = "policy"
 RULES = "rules"
-TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES)
+SERVICES = "services"
+TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES, SERVICES)
 PARTS = (PROGRAM, *TABLE_PARTS)
 
 SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
@@ -230,6 +232,23 @@ def decode_policy(entry: str) -> ir.PolicyEntry:
         raise HandoffError(f"policy entry {entry!r}: {exc}") from None
 
 
+def encode_service(e: ir.ServiceEntry) -> str:
+    return f"{e.network} {e.port_min} {e.port_max}"
+
+
+def decode_service(entry: str) -> ir.ServiceEntry:
+    network, low, high = _fields(entry, 3, SERVICES)
+    try:
+        net = ipaddress.ip_network(network)
+    except ValueError:
+        raise HandoffError(f"services entry {entry!r}: bad network") from None
+    port_min = _int(low, SERVICES, entry, "port min", 0, PORT_MAX)
+    port_max = _int(high, SERVICES, entry, "port max", 0, PORT_MAX)
+    if port_min > port_max:
+        raise HandoffError(f"services entry {entry!r}: port min {port_min} above port max")
+    return ir.ServiceEntry(net, port_min, port_max)
+
+
 def decode_rule(entry: str) -> tuple[int, ir.RuleInfo]:
     rule_id, kind, namespace, name, direction, index = _fields(entry, 6, RULES)
     if direction not in _DIRECTIONS:
@@ -277,6 +296,7 @@ def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
         CLASSES: _shard((str(c.network), encode_class(c)) for c in tables.classes),
         POLICY: _shard(_policy_keyed(tables.policy)),
         RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
+        SERVICES: _shard((str(e.network), encode_service(e)) for e in tables.services),
     }
 
 
@@ -308,6 +328,9 @@ def decode_tables(parts: Mapping[str, PartShards]) -> ir.NodeTables:
         classes=tuple(sorted((decode_class(e) for e in entries(CLASSES)), key=lambda c: c.key())),
         policy=tuple(policy),
         rules=dict(sorted(decode_rule(e) for e in entries(RULES))),
+        services=tuple(
+            sorted((decode_service(e) for e in entries(SERVICES)), key=lambda e: e.key())
+        ),
     )
 
 

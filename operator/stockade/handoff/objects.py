@@ -142,6 +142,7 @@ class Report:
     endpoints_attached: int
     errors: tuple[str, ...]
     compiled_digest: str
+    service_mode: str = ""  # netfilter or fallback (stockade.agent.services); "" unknown
 
     def body(self) -> dict[str, Any]:
         errors = [e[:MAX_ENTRY_LENGTH] for e in self.errors[:MAX_ERRORS]]
@@ -152,6 +153,7 @@ class Report:
             "endpointsAttached": self.endpoints_attached,
             "errors": errors,
             "compiledDigest": self.compiled_digest,
+            **({"serviceMode": self.service_mode} if self.service_mode else {}),
         }
 
 

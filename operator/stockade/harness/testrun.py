@@ -1,4 +1,5 @@
-"""BPF_PROG_TEST_RUN helpers: run a loaded tc program on a frame and read its verdict.
+"""BPF_PROG_TEST_RUN helpers: run a loaded tc program on a frame (or the netfilter program on an
+IP packet) and read its verdict.
 
 The datapath tests, the `datapath` conformance engine and the benchmarks call these
 to ask the real compiled program what it does with a packet built in Python.
@@ -46,3 +47,22 @@ def run(prog_fd: int, frame: bytes, repeat: int = 1, forwarded: bool = False) ->
     ingress = FORWARDED_IFINDEX if forwarded else 0
     result = libbpf.prog_test_run(prog_fd, frame, repeat, ingress)
     return RunResult(verdict_of(result.retval), result.retval, result.duration_ns)
+
+
+NF_DROP, NF_ACCEPT = 0, 1
+NF_INET_LOCAL_IN, NF_INET_POST_ROUTING = 1, 4
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+
+
+def run_netfilter(
+    prog_fd: int, frame: bytes, hook: int = NF_INET_POST_ROUTING, repeat: int = 1
+) -> RunResult:
+    """Run a netfilter program on `frame` (an untagged Ethernet frame: the kernel takes the
+    family from its ethertype and hands the program the IP packet) at `hook`; the verdict is
+    NF_ACCEPT (ALLOW) or NF_DROP (DENY)."""
+    pf = NFPROTO_IPV4 if frame[14] >> 4 == 4 else NFPROTO_IPV6
+    result = libbpf.prog_test_run(prog_fd, frame, repeat, ctx=bytes([hook, pf]))
+    if result.retval not in (NF_DROP, NF_ACCEPT):
+        raise ValueError(f"netfilter program returned {result.retval}")
+    verdict = TcVerdict.ALLOW if result.retval == NF_ACCEPT else TcVerdict.DENY
+    return RunResult(verdict, result.retval, result.duration_ns)

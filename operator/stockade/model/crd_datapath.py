@@ -21,7 +21,7 @@ MAX_ERRORS = 32
 DIGEST_PATTERN = r"^[0-9a-f]{0,64}$"
 
 Entry = Annotated[str, Field(max_length=MAX_ENTRY_LENGTH)]
-Part = Literal["program", "endpoints", "classes", "policy", "rules"]
+Part = Literal["program", "endpoints", "classes", "policy", "rules", "services"]
 
 
 class DatapathTableSpec(WireModel):
@@ -34,7 +34,9 @@ class DatapathTableSpec(WireModel):
     )
 
     node: str = Field(min_length=1, max_length=253, description="The node these tables are for.")
-    part: Part = Field(description="Which table: program, endpoints, classes, policy or rules.")
+    part: Part = Field(
+        description="Which table: program, endpoints, classes, policy, rules or services."
+    )
     shard: int = Field(ge=0, le=1 << 20, description="This shard's number within its part.")
     shards: int = Field(ge=1, le=1 << 20, description="How many shards the part has.")
     generation: int = Field(
@@ -69,6 +71,11 @@ class DatapathTableStatus(WireModel):
         max_length=64,
         pattern=DIGEST_PATTERN,
         description="The digest of the compiled programs.",
+    )
+    service_mode: Literal["netfilter", "fallback"] | None = Field(
+        default=None,
+        description="Where the node judges Service traffic: on the backend after DNAT "
+        "(netfilter) or at the veth on the Service address (fallback).",
     )
 
 

@@ -16,6 +16,7 @@ from stockade.conformance.engine import Engine
 @dataclass(frozen=True)
 class EngineOptions:
     ip_family: int = 4
+    via: str = "pod"  # e2e: probe pods at their address, or through a ClusterIP ("service")
 
 
 def _reference(options: EngineOptions) -> Engine:
@@ -39,7 +40,7 @@ def _cluster(options: EngineOptions) -> Engine:
 def _e2e(options: EngineOptions) -> Engine:
     from stockade.conformance.engines.e2e import from_options
 
-    return from_options(options.ip_family)
+    return from_options(options.ip_family, options.via)
 
 
 ENGINES: Mapping[str, Callable[[EngineOptions], Engine]] = {

@@ -20,6 +20,14 @@ SCTP module: the pods' helper answers INIT itself). As upstream does, a check is
 observation matches the expectation or the deadline (10 s) passes; a denied check must time out,
 a refusal is a failure.
 
+With `via="service"` (`--via service`) every TCP and UDP probe goes to a ClusterIP Service of its
+destination pod instead of the pod's address, with the same expectations: one selector-less
+Service per pod (`stk-<pod>`, every port the pod serves, port = targetPort) and an EndpointSlice
+naming the pod, so that no label is added that a policy could select. kube-proxy DNATs the
+ClusterIP to the pod, and stockade judges the flow on it (docs/services.md): a sandbox the engine
+starts runs its operator with the Service space on. ICMP and SCTP probes (no Service translates
+ICMP; SCTP is crafted here, as the kernel has no SCTP module) still go to the pod's address.
+
 Fresh namespaces between cases would be slow: the controller manager deletes a Namespace in the
 background while the next case wants the same name at once, so the engine resets instead.
 `teardown` deletes every policy the case created and restores the labels of every namespace and pod
@@ -65,6 +73,9 @@ from stockade.sandbox.workloads.traffic import Outcome as Seen
 from stockade.sandbox.workloads.traffic import PodProcesses, Probe, ProbeResult
 
 SANDBOX_ENV = "STOCKADE_E2E_SANDBOX"
+VIA_POD, VIA_SERVICE = "pod", "service"
+VIAS = (VIA_POD, VIA_SERVICE)
+SERVICE_PREFIX = "stk-"
 DEADLINE_S = 10.0
 PROBE_TIMEOUT_S = 1.0
 SETTLE_TIMEOUT_S = 3.0
@@ -126,9 +137,14 @@ class E2EEngine(ApiServerActions):
         deadline_s: float = DEADLINE_S,
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         progress: Callable[[str], None] = _stderr,
+        via: str = VIA_POD,
     ) -> None:
         if ip_family not in (4, 6):
             raise ValueError(f"ip_family must be 4 or 6, got {ip_family}")
+        if via not in VIAS:
+            raise ValueError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
+        self.via = via
+        self.services: dict[str, str] = {}  # pod key -> its Service's ClusterIP (via service)
         self.family = ip_family
         self.sandbox_dir = sandbox_dir
         self.deadline_s = deadline_s
@@ -223,6 +239,7 @@ class E2EEngine(ApiServerActions):
             with contextlib.suppress(OSError):
                 self.own_state_dir.rmdir()
         elif sandbox is not None:
+            self._remove_services(sandbox)
             for pod in self.pods.values():
                 with contextlib.suppress(Exception):
                     sandbox.remove_pod(pod.key)
@@ -245,6 +262,8 @@ class E2EEngine(ApiServerActions):
             self.own_state_dir = Path(tempfile.mkdtemp(prefix="stockade-e2e-", dir="/run"))
             self.progress(f"starting a {nodes}-node sandbox in {self.own_state_dir}")
             started = time.monotonic()
+            if self.via == VIA_SERVICE:  # the operator (a child) hands out the Service space
+                os.environ["STOCKADE_SERVICE_SPACE"] = "on"
             session.up(self.own_state_dir, nodes, "routed", self._quiet, detach=False)
             self.sandbox = RunningSandbox.open(self.own_state_dir)
             self.progress(
@@ -299,6 +318,9 @@ class E2EEngine(ApiServerActions):
             if serve:
                 self.workload.serve(pod.who, sorted(serve))
                 pod.served |= serve
+            wants_service = self.via == VIA_SERVICE and not pod.host_network
+            if wants_service and (new or model.key not in self.services):
+                self.services[model.key] = self._publish_service(pod)
 
     def _addresses(self) -> Addresses:
         pods: dict[str, tuple[IPAddress, ...]] = {
@@ -343,6 +365,8 @@ class E2EEngine(ApiServerActions):
         for index, check in enumerate(checks):
             src = self.pods[check.src].who
             dst = str(self.addresses.pod_ip(check.dst))
+            if check.protocol in (Protocol.TCP, Protocol.UDP) and check.dst in self.services:
+                dst = self.services[check.dst]
             if check.protocol.has_ports:
                 proto = check.protocol.value.lower()
                 timeout = self.probe_timeout_s
@@ -397,6 +421,68 @@ class E2EEngine(ApiServerActions):
             sandbox = self._sandbox()
             wait_applied(sandbox.api, [n.name for n in sandbox.nodes], before, SETTLE_TIMEOUT_S)
 
+    # -- Services (via service) ------------------------------------------------------------------
+
+    def _publish_service(self, pod: _Pod) -> str:
+        """(Re)create the pod's selector-less Service and its EndpointSlice; its ClusterIP."""
+        sandbox = self._sandbox()
+        namespace, _, name = pod.key.partition("/")
+        service = f"{SERVICE_PREFIX}{name}"
+        family = "IPv4" if self.family == 4 else "IPv6"
+        address = pod.net.ip_v4 if self.family == 4 else pod.net.ip_v6
+        ports = [
+            {"name": f"p{port}-{proto.lower()}", "port": port, "protocol": proto.upper()}
+            for _, port, proto in pod.ports
+            if proto.upper() in ("TCP", "UDP")
+        ]
+        core = self._core()
+        discovery: Any = kubernetes.client.DiscoveryV1Api(sandbox.api)  # takes plain dicts
+        with contextlib.suppress(kubernetes.client.ApiException):
+            core.delete_namespaced_service(service, namespace)
+        with contextlib.suppress(kubernetes.client.ApiException):
+            discovery.delete_namespaced_endpoint_slice(service, namespace)
+        created = core.create_namespaced_service(
+            namespace,
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": service, "namespace": namespace},
+                "spec": {
+                    "ports": [{**p, "targetPort": p["port"]} for p in ports],
+                    "ipFamilies": [family],
+                    "ipFamilyPolicy": "SingleStack",
+                },
+            },
+        )
+        slice_body: dict[str, Any] = {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": service,
+                "namespace": namespace,
+                "labels": {
+                    "kubernetes.io/service-name": service,
+                    "endpointslice.kubernetes.io/managed-by": "stockade-conformance",
+                },
+            },
+            "addressType": family,
+            "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
+            "ports": ports,
+        }
+        discovery.create_namespaced_endpoint_slice(namespace, slice_body)
+        return str(created.spec.cluster_ip)
+
+    def _remove_services(self, sandbox: RunningSandbox) -> None:
+        core = kubernetes.client.CoreV1Api(sandbox.api)
+        discovery: Any = kubernetes.client.DiscoveryV1Api(sandbox.api)  # takes plain dicts
+        for key in self.services:
+            namespace, _, name = key.partition("/")
+            with contextlib.suppress(Exception):
+                core.delete_namespaced_service(f"{SERVICE_PREFIX}{name}", namespace)
+            with contextlib.suppress(Exception):
+                discovery.delete_namespaced_endpoint_slice(f"{SERVICE_PREFIX}{name}", namespace)
+        self.services.clear()
+
     # -- the API server --------------------------------------------------------------------------
 
     def _world(self) -> World:
@@ -441,7 +527,7 @@ def _ports(case: Case, pod: PodModel) -> list[Port]:
     return [(s.name, s.port, s.protocol.value) for s in case.serves(pod)]
 
 
-def from_options(ip_family: int) -> E2EEngine:
+def from_options(ip_family: int, via: str = VIA_POD) -> E2EEngine:
     """The engine as the CLI builds it: a sandbox of its own, or `$STOCKADE_E2E_SANDBOX`'s."""
     existing = os.environ.get(SANDBOX_ENV)
-    return E2EEngine(ip_family, sandbox_dir=Path(existing) if existing else None)
+    return E2EEngine(ip_family, sandbox_dir=Path(existing) if existing else None, via=via)

@@ -1,0 +1,171 @@
+/* Service traffic judged on the backend (netfilter mode).
+ *
+ * kube-proxy rewrites a Service address to a backend (DNAT) after the client's veth program has
+ * seen the packet, so the veth cannot judge a flow to a Service on the pod it really reaches.
+ * With STOCKADE_SERVICES:
+ * - the `svc_space` trie holds the Service address space (Service CIDRs, external and load
+ *   balancer IPs, node addresses with the NodePort range), written by the agent;
+ * - the veth program (hook.h) defers a new TCP/UDP/SCTP flow from a pod to that space: it
+ *   records the flow's original destination in `svc_deferred` under what DNAT leaves unchanged
+ *   (client address, client port, protocol), counts no verdict and lets the packet go on;
+ * - the netfilter program (service.c.j2), attached at NF_INET_POST_ROUTING priority 95 (after
+ *   DNAT at -100, before SNAT at 100) and NF_INET_LOCAL_IN priority 101, finds the deferred
+ *   entry and judges the translated packet: egress of the client toward the backend address and
+ *   port, and ingress of the backend when it is an endpoint of this node, from the client as it
+ *   is (before any masquerade). A denied flow is dropped there; an allowed one is recorded in
+ *   conntrack under the original tuple (client -> Service, EGRESS: the client's later packets
+ *   are established, the replies un-DNATed at its veth are replies) and, for a local backend,
+ *   under the translated tuple (client -> backend, INGRESS). `svc_flows` keeps the backend of
+ *   each original tuple so that a policy change judges the flow again on it (conntrack.h).
+ *
+ * Which tuple each hook sees, for client C, Service V:vp, backend B:bp:
+ *   client veth, tc ingress:    C:cs -> V:vp       (deferred, then established)
+ *   POST_ROUTING 95 / LOCAL_IN: C:cs -> B:bp       (judged here)
+ *   backend veth, tc egress:    C:cs -> B:bp       (established: INGRESS entry)
+ *   backend veth, tc ingress:   B:bp -> C:cs       (reply of the INGRESS entry)
+ *   client veth, tc egress:     V:vp -> C:cs       (reply of the EGRESS entry, after un-DNAT)
+ */
+#pragma once
+
+#include "maps.h"
+#include "policy.h"
+
+#ifndef STOCKADE_SERVICES
+#error "STOCKADE_SERVICES must be defined by the rendered program"
+#endif
+
+#if STOCKADE_SERVICES
+#if !STOCKADE_CONNTRACK
+#error "STOCKADE_SERVICES needs STOCKADE_CONNTRACK"
+#endif
+
+/* svc_space: Service address prefix (LPM, IPv4-mapped IPv6, the key of peer_classes) -> the
+ * destination ports deferred there: [port_min, port_max], 0/0 for every port. */
+struct svc_space_value {
+	__u16 port_min;
+	__u16 port_max;
+	__u32 flags;
+};
+
+/* svc_deferred: a pod's new flow to Service space, by what DNAT does not change. */
+struct svc_defer_key {
+	__u32 saddr[4];
+	__be16 sport;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_defer_value {
+	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which it is stale */
+	__u32 daddr[4];		/* the Service address and port the client sent to */
+	__be16 dport;
+	__u16 pad;
+	__u32 endpoint_id;	/* the client's endpoint */
+};
+
+/* svc_flows: the original tuple of an allowed Service flow (its conntrack key) -> the backend
+ * it was judged on. */
+struct svc_flow_value {
+	__u32 baddr[4];
+	__u16 port;		/* the backend's policy port (host order) */
+	__u16 pad;
+	__u32 endpoint_id;	/* the client's endpoint */
+};
+
+#define SVC_DEFER_NS 2000000000ULL /* 2 s: the first packet reaches POST_ROUTING long before */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, STOCKADE_SERVICE_PREFIXES_MAX);
+	__type(key, struct class_key);
+	__type(value, struct svc_space_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_space SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STOCKADE_CONNTRACK_MAX);
+	__type(key, struct svc_defer_key);
+	__type(value, struct svc_defer_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_deferred SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STOCKADE_CONNTRACK_MAX);
+	__type(key, struct ct_key);
+	__type(value, struct svc_flow_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_flows SEC(".maps");
+
+/* Veth side: defer a new flow from endpoint `endpoint_id` when its destination is Service
+ * space. Returns 1 when deferred (the packet passes, unjudged here). */
+static __always_inline int svc_defer(const struct flow *f, __u32 endpoint_id, __u64 now)
+{
+	const struct tuple *t = &f->t;
+	struct class_key ck;
+	struct svc_space_value *sv;
+	struct svc_defer_key dk;
+	struct svc_defer_value dv;
+	__u16 port = bpf_ntohs(t->dport);
+
+	if (!is_ported(t->proto))
+		return 0;
+	ck.prefixlen = CLASS_KEY_BITS;
+	__builtin_memcpy(ck.addr, t->daddr, 16);
+	sv = bpf_map_lookup_elem(&svc_space, &ck);
+	if (!sv)
+		return 0;
+	if (sv->port_max && (port < sv->port_min || port > sv->port_max))
+		return 0;
+	__builtin_memcpy(dk.saddr, t->saddr, 16);
+	dk.sport = t->sport;
+	dk.proto = t->proto;
+	dk.pad = 0;
+	dv.expires_ns = now + SVC_DEFER_NS;
+	__builtin_memcpy(dv.daddr, t->daddr, 16);
+	dv.dport = t->dport;
+	dv.pad = 0;
+	dv.endpoint_id = endpoint_id;
+	bpf_map_update_elem(&svc_deferred, &dk, &dv, BPF_ANY);
+	return 1;
+}
+
+/* Both judgements of a Service flow on its backend: egress of the client, then ingress of the
+ * backend when it is an endpoint here. `d` receives the deciding one (the denial, or the
+ * client's egress decision when both allow); `ingress` the backend's when it was judged. */
+static __always_inline void svc_decide(__u32 client_id, const __u32 *caddr, const __u32 *baddr,
+				       __u8 proto, __u16 port, struct decision *d,
+				       struct decision *ingress)
+{
+	struct endpoint_value *backend;
+
+	ingress->judged = 0;
+	policy_decide_endpoint(client_id, baddr, proto, port, DIR_EGRESS, 0, d);
+	if (d->action == ACTION_DENY)
+		return;
+	backend = endpoint_lookup(baddr);
+	if (backend)
+		policy_decide_endpoint(backend->id, caddr, proto, port, DIR_INGRESS, 0, ingress);
+}
+
+/* conntrack.h, revalidating an entry after a policy change: the entry of a Service flow is
+ * judged again on its backend. Returns 1 when `k` is one (and `d` is set). */
+static __always_inline int svc_revalidate(const struct ct_key *k, struct decision *d)
+{
+	struct svc_flow_value *v;
+	struct decision in;
+
+	if (k->dir != DIR_EGRESS)
+		return 0;
+	v = bpf_map_lookup_elem(&svc_flows, k);
+	if (!v)
+		return 0;
+	svc_decide(v->endpoint_id, k->saddr, v->baddr, k->proto, v->port, d, &in);
+	if (d->action != ACTION_DENY && in.judged && in.action == ACTION_DENY)
+		*d = in;
+	return 1;
+}
+
+#endif /* STOCKADE_SERVICES */

@@ -1,0 +1,111 @@
+"""Where the node judges Service traffic (bpf/service.h), and the netfilter links that do it.
+
+- `resolve_mode(setting, supported)`: the agent's `--service-mode` (`auto`, `netfilter`,
+  `fallback`) against what the kernel can do (`attach.netfilter_supported()`, probed once in
+  the node's namespace). `netfilter`: a new flow to Service space is judged on its backend by
+  the netfilter program after DNAT. `fallback`: the Shape's services switch is turned off and
+  the veth judges a flow to a Service address on that address (kernels before 6.4, or forced).
+- `NetfilterLinks`: the SERVICE program linked at POST_ROUTING and LOCAL_IN of both families in
+  the node's namespace, pinned under `<pin root>/netfilter/`; a link that runs another program
+  is replaced (new link first), the links go when the Shape has no SERVICE program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from stockade.compiler.shape import Shape
+from stockade.datapath import attach, libbpf
+from stockade.datapath.netns import NetnsExecutor
+
+log = logging.getLogger(__name__)
+
+SETTINGS = ("auto", "netfilter", "fallback")
+NETFILTER, FALLBACK = "netfilter", "fallback"
+NETFILTER_DIR = "netfilter"
+T = TypeVar("T")
+
+
+class ServiceModeError(RuntimeError):
+    """`--service-mode netfilter` on a kernel without BPF netfilter links."""
+
+
+def resolve_mode(setting: str, supported: bool) -> str:
+    if setting not in SETTINGS:
+        raise ValueError(f"--service-mode: expected one of {', '.join(SETTINGS)}, got {setting!r}")
+    if setting == FALLBACK:
+        return FALLBACK
+    if supported:
+        return NETFILTER
+    if setting == NETFILTER:
+        raise ServiceModeError(
+            "--service-mode netfilter: this kernel cannot link BPF netfilter programs "
+            "(Linux 6.4 or later needed)"
+        )
+    return FALLBACK
+
+
+def effective_shape(shape: Shape, mode: str) -> Shape:
+    """The Shape the node runs: the published one, without services in fallback mode."""
+    if mode == FALLBACK and shape.services:
+        return dataclasses.replace(shape, services=False)
+    return shape
+
+
+class NetfilterLinks:
+    """The SERVICE program's links in the node's namespace."""
+
+    def __init__(self, pin_root: Path, executor: NetnsExecutor | None = None) -> None:
+        self.root = pin_root / NETFILTER_DIR
+        self._executor = executor
+        self.prog_id = 0  # the program the links run, 0 when none
+        self.attaches = 0
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        return self._executor.run(fn) if self._executor is not None else fn()
+
+    def _linked_ids(self) -> set[int]:
+        ids = set()
+        if self.root.is_dir():
+            for pin in self.root.iterdir():
+                fd = libbpf.obj_get(pin)
+                try:
+                    ids.add(libbpf.link_info(fd).prog_id)
+                finally:
+                    os.close(fd)
+        return ids
+
+    def ensure(self, prog_fd: int, prog_id: int, ipv6: bool) -> bool:
+        """Every link runs `prog_id`; True when links were created."""
+        wanted = len(attach.NETFILTER_POINTS) if ipv6 else len(attach.NETFILTER_POINTS) // 2
+        pins = list(self.root.iterdir()) if self.root.is_dir() else []
+        if self._linked_ids() == {prog_id} and len(pins) == wanted:
+            self.prog_id = prog_id
+            return False
+        self._run(lambda: attach.attach_netfilter(prog_fd, self.root, ipv6))
+        for pin in pins:  # links of points no longer wanted (the Shape lost IPv6)
+            if pin.exists() and pin.name not in {
+                attach.netfilter_pin(self.root, pf, hook).name
+                for pf, hook in attach.NETFILTER_POINTS
+                if ipv6 or pf == attach.NFPROTO_IPV4
+            }:
+                attach.detach_netfilter(pin)
+        self.prog_id = prog_id
+        self.attaches += 1
+        log.info("Service flows judged by program %d at the netfilter hooks", prog_id)
+        return True
+
+    def remove(self) -> int:
+        """Detach every link; how many there were."""
+        if not self.root.is_dir():
+            return 0
+        count = 0
+        for pin in list(self.root.iterdir()):
+            count += attach.detach_netfilter(pin)
+        self.prog_id = 0
+        return count

@@ -1,0 +1,112 @@
+"""The agent's Service mode against the kernel, without an API server: in netfilter mode a Shape
+with services gets its SERVICE program linked at the node namespace's netfilter hooks (both
+families, POST_ROUTING and LOCAL_IN), pinned under the pin root, adopted by the next sync and
+unlinked when the Shape drops services; in fallback mode the Shape runs without services and
+nothing is linked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stockade.agent.attachments import Attachments
+from stockade.agent.programs import Programs
+from stockade.agent.services import FALLBACK, NETFILTER, NetfilterLinks
+from stockade.agent.sync import Syncer
+from stockade.compiler.render import Hook
+from stockade.compiler.shape import Shape
+from stockade.datapath import attach, libbpf
+from stockade.datapath.clang import Compiler
+from stockade.datapath.netns import NetnsExecutor
+from tests.bpf.agent_harness import CACHE_DIR, Cluster, pin_root
+from tests.fixtures.netns import MakeTopology
+
+
+def _links(root: Path) -> dict[str, int]:
+    """Pinned netfilter links: pin name -> program id."""
+    out = {}
+    folder = root / "netfilter"
+    for pin in sorted(folder.iterdir()) if folder.is_dir() else []:
+        fd = libbpf.obj_get(pin)
+        try:
+            info = libbpf.link_info(fd)
+            assert info.link_type == attach.BPF_LINK_TYPE_NETFILTER
+            out[pin.name] = info.prog_id
+        finally:
+            os.close(fd)
+    return out
+
+
+def _syncer(
+    root: Path, executor: NetnsExecutor, cluster: Cluster, shape: Shape, mode: str
+) -> Syncer:
+    objects = cluster.table_objects(shape)
+    return Syncer(
+        "node-1",
+        lambda: objects,
+        Programs(Compiler(CACHE_DIR), root),
+        Attachments(root, executor),
+        None,
+        root,
+        service_mode=mode,
+        netfilter=NetfilterLinks(root, executor),
+    )
+
+
+def test_netfilter_mode_links_the_service_program_and_unlinks_it_without_services(
+    topology: MakeTopology,
+) -> None:
+    topo = topology(nodes=2)
+    cluster = Cluster.create(topo)
+    executor = NetnsExecutor.named(topo.node("node-1").netns)
+    with pin_root() as root:
+        try:
+            syncer = _syncer(root, executor, cluster, Shape(services=True), NETFILTER)
+            syncer.sync()
+            service = syncer.programs.programs[Hook.SERVICE]
+            assert _links(root) == {
+                name: service.id
+                for name in (
+                    "nf-ip-local-in",
+                    "nf-ip-post-routing",
+                    "nf-ip6-local-in",
+                    "nf-ip6-post-routing",
+                )
+            }
+            assert syncer.netfilter.attaches == 1
+            syncer.sync()  # nothing changed: the links stay as they are
+            assert syncer.netfilter.attaches == 1
+            syncer.close()
+            syncer = _syncer(root, executor, cluster, Shape(), NETFILTER)
+            syncer.sync()
+            assert Hook.SERVICE not in syncer.programs.programs
+            assert _links(root) == {}
+        finally:
+            syncer.close()
+            syncer.netfilter.remove()
+            executor.close()
+
+
+@pytest.mark.parametrize("shape", [Shape(services=True), Shape()], ids=["services", "none"])
+def test_fallback_mode_runs_the_shape_without_services(
+    topology: MakeTopology, shape: Shape
+) -> None:
+    topo = topology(nodes=2)
+    cluster = Cluster.create(topo)
+    executor = NetnsExecutor.named(topo.node("node-1").netns)
+    with pin_root() as root:
+        syncer = _syncer(root, executor, cluster, shape, FALLBACK)
+        try:
+            syncer.sync()
+            assert syncer.programs.shape is not None and not syncer.programs.shape.services
+            assert set(syncer.programs.programs) == {Hook.FROM_POD, Hook.TO_POD}
+            assert _links(root) == {}
+        finally:
+            syncer.close()
+            executor.close()
+
+
+def test_this_kernel_links_netfilter_programs() -> None:
+    assert attach.netfilter_supported()  # Linux >= 6.4: the sandbox kernel is 6.18
