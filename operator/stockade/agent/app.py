@@ -17,18 +17,21 @@ import kubernetes.client
 
 from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
+from stockade.agent.flows import Flows
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
+from stockade.agent.routes import flows_route, trace_route, usage_route
 from stockade.agent.sync import Syncer
+from stockade.agent.trace import Probe, Tracer
 from stockade.agent.watch import TableWatch
 from stockade.compiler.abi import ConntrackMode
 from stockade.datapath.clang import Compiler
-from stockade.datapath.events import read_counters, read_events_lost
+from stockade.datapath.events import RuleCounter, read_counters, read_events_lost
 from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
-from stockade.runtime import load_client_configuration, serve_http
+from stockade.runtime import JsonRoute, load_client_configuration, serve_http
 from stockade.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class Agent:
             self.api, config.node, self.runner.request, timeout_seconds=config.watch_timeout
         )
         self.flowlog: FlowLog | None = None
+        self.flows = Flows()
+        self.tracer = Tracer(self.programs)
         self._lock = threading.Lock()
 
     def _objects(self) -> Mapping[str, TableObject]:
@@ -77,7 +82,7 @@ class Agent:
             applied = self.syncer.sync()
             maps = self.syncer.maps
             if self.flowlog is None and maps is not None and "events" in maps.fds:
-                self.flowlog = FlowLog(maps.fd("events"), lambda: self.syncer.rules)
+                self.flowlog = FlowLog(maps.fd("events"), lambda: self.syncer.rules, self.flows)
                 self.flowlog.start()
         return applied
 
@@ -116,6 +121,49 @@ class Agent:
             text += events_lost_metrics(read_events_lost(maps.fd("events_lost")))
         return text
 
+    def _counters(self, rule_ids: list[int]) -> Mapping[int, RuleCounter]:
+        maps = self.syncer.maps
+        if maps is None or "counters" not in maps.fds:
+            return {}
+        return read_counters(maps.fd("counters"), rule_ids)
+
+    def _events_lost(self) -> int:
+        maps = self.syncer.maps
+        if maps is None or "events_lost" not in maps.fds:
+            return 0
+        return read_events_lost(maps.fd("events_lost"))
+
+    def status(self) -> dict[str, object]:
+        """What `stockade status` shows of this agent beyond its report on <node>.program.0."""
+        return {
+            "node": self.config.node,
+            "mode": {
+                "conntrackOnPolicyChange": self.config.conntrack_on_policy_change,
+                "programs": self.programs.digest[:12] or None,
+                "shape": self.programs.shape.digest()[:12] if self.programs.shape else None,
+            },
+            "applied": self.syncer.applied,
+            "rules": len(self.syncer.rules),
+            "flowEvents": self.flows.events,
+            "eventsLost": self._events_lost(),
+            "gauges": self.gauges(),
+        }
+
+    def trace(self, probe: Probe) -> list[dict[str, object]]:
+        """The programs' verdicts on `probe` (`stockade.agent.trace`), between syncs."""
+        with self._lock:
+            return self.tracer.trace(probe, self.syncer.maps, self.syncer.rules)
+
+    def routes(self) -> dict[str, JsonRoute]:
+        """The JSON routes of `stockade.agent.routes`, served beside `/metrics`."""
+        node = self.config.node
+        return {
+            "/flows": flows_route(node, lambda: self.flows, self._events_lost),
+            "/usage": usage_route(node, lambda: self.syncer.rules, self._counters),
+            "/trace": trace_route(node, self.trace),
+            "/status": lambda query: self.status(),
+        }
+
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set."""
         servers = [
@@ -124,6 +172,7 @@ class Agent:
                 self.metrics_text,
                 ready=lambda: self.syncer.applied,
                 address=self.config.bind_address,
+                routes=self.routes(),
             )
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
