@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import kubernetes.client
 
 AGENT_SELECTOR = "app.kubernetes.io/name=stockade,app.kubernetes.io/component=agent"
-DEFAULT_NAMESPACE = "kube-system"
+DEFAULT_NAMESPACE = "stockade-system"  # where docs/install.md installs the chart
 DEFAULT_PORT = 9471  # the chart's agent.metrics.port
 TIMEOUT = 10.0
 
@@ -108,8 +108,11 @@ class ProxyAgents:
         return json.loads(data.data)
 
 
-def parse_agent_urls(values: list[str] | None) -> dict[str, str]:
-    """`NODE=URL` options; ValueError names a malformed one."""
+def parse_agent_urls(values: list[str] | None, setting: str | None = None) -> dict[str, str]:
+    """`NODE=URL` options, else the comma-separated `setting` (STOCKADE_AGENTS); ValueError
+    names a malformed one."""
+    if not values and setting:
+        values = [v for v in setting.split(",") if v]
     urls = {}
     for value in values or []:
         node, sep, url = value.partition("=")

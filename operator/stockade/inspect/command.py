@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from stockade.inspect.agents import (
     parse_agent_urls,
 )
 from stockade.model.policy import Protocol
-from stockade.runtime import load_client_configuration
+from stockade.runtime import AGENTS_ENV, load_client_configuration
 
 EXIT_UNHEALTHY = 2
 
@@ -56,7 +57,7 @@ def _connection(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="NODE=URL",
         help="ask the agent of NODE at URL instead of through the API server (repeat per node; "
-        "`stockade sandbox up` prints these for its agents)",
+        f"default ${AGENTS_ENV}, NODE=URL,...: `stockade sandbox up` prints it for its agents)",
     )
     parser.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
@@ -136,7 +137,7 @@ def _api(args: argparse.Namespace) -> Any:
 
 
 def _agents(args: argparse.Namespace, api: Any) -> Agents:
-    urls = parse_agent_urls(args.agent)
+    urls = parse_agent_urls(args.agent, os.environ.get(AGENTS_ENV))
     if urls:
         return DirectAgents(urls)
     return ProxyAgents(api, args.agent_namespace, args.agent_port)

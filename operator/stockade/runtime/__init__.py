@@ -24,6 +24,9 @@ import kubernetes.client
 import kubernetes.config
 
 HTTP_CONFLICT = 409
+# NODE=URL,...: where `stockade explain`, `observe`, `usage` and `status` find the agents when
+# not through the API server (`stockade.inspect.agents`); `stockade sandbox up` prints it.
+AGENTS_ENV = "STOCKADE_AGENTS"
 
 
 def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
