@@ -19,6 +19,7 @@ from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
 from stockade.agent.flows import Flows
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
+from stockade.agent.policy_events import PolicyEvents
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.agent.routes import flows_route, trace_route, usage_route
@@ -72,6 +73,7 @@ class Agent:
         self.flowlog: FlowLog | None = None
         self.flows = Flows()
         self.tracer = Tracer(self.programs)
+        self.policy_events = PolicyEvents.through(self.api, config.node)
         self._lock = threading.Lock()
 
     def _objects(self) -> Mapping[str, TableObject]:
@@ -82,7 +84,12 @@ class Agent:
             applied = self.syncer.sync()
             maps = self.syncer.maps
             if self.flowlog is None and maps is not None and "events" in maps.fds:
-                self.flowlog = FlowLog(maps.fd("events"), lambda: self.syncer.rules, self.flows)
+                self.flowlog = FlowLog(
+                    maps.fd("events"),
+                    lambda: self.syncer.rules,
+                    self.flows,
+                    sink=self.policy_events.add,
+                )
                 self.flowlog.start()
         return applied
 
@@ -107,6 +114,8 @@ class Agent:
             "stockade_agent_watch_connected": float(self.watch.connected),
             "stockade_agent_watch_errors_total": self.watch.errors,
             "stockade_agent_watch_lists_total": self.watch.lists,
+            "stockade_agent_policy_events_posted_total": self.policy_events.posted,
+            "stockade_agent_policy_events_suppressed_total": self.policy_events.suppressed,
         }
 
     def metrics_text(self) -> str:
@@ -179,6 +188,7 @@ class Agent:
         ]
         self.runner.start()
         self.watch.start()
+        self.policy_events.start()
         try:
             stop.wait()
         finally:
@@ -186,6 +196,7 @@ class Agent:
             self.runner.stop()
             if self.flowlog is not None:
                 self.flowlog.stop()
+            self.policy_events.stop()
             for server in servers:
                 server.shutdown()
             with self._lock:

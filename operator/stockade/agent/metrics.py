@@ -110,11 +110,13 @@ class FlowLog:
         rules: Rules,
         flows: Flows | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sink: Callable[[Event, Mapping[int, ir.RuleInfo]], None] | None = None,
     ) -> None:
         self._reader = EventReader(events_fd)
         self._rules = rules
         self.flows = flows if flows is not None else Flows()
         self.budget = LogBudget(LOG_RATE, clock)
+        self._sink = sink  # the policy Events' tally (`stockade.agent.policy_events`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stockade-flowlog", daemon=True)
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> events
@@ -145,6 +147,8 @@ class FlowLog:
         for event in events:
             self.counts[(event.kind.name.lower(), event.reason.name.lower())] += 1
             self.flows.add(event, rules)
+            if self._sink is not None:
+                self._sink(event, rules)
             if self._may_log():
                 level = logging.INFO if event.kind is EventKind.DROP else logging.DEBUG
                 flow_log.log(level, json.dumps(event_record(event, rules), sort_keys=True))
