@@ -87,7 +87,9 @@ def _policies(api: Any, namespace: str | None) -> Iterable[PolicyRecord]:
             if exc.status == NOT_FOUND:  # the kind is not installed (the upstream CRD)
                 continue
             raise
-        for obj in _items(listed):
+        for item in _items(listed):
+            # a list's items of a built-in kind carry no apiVersion and kind: the list's do
+            obj = {**item, "apiVersion": resource.api_version, "kind": resource.name}
             record = parse_record(obj)
             if record is None:
                 continue
