@@ -163,8 +163,10 @@ def test_usage_sums_nodes_and_lists_unused_rules_and_policies() -> None:
     assert [(r["rule"]["index"], r["packets"], r["nodes"]) for r in report["rules"]] == [
         (-1, 5, ["n1", "n2"]),
         (0, 0, ["n1"]),
+        (-1, 0, []),  # y/nothing selects no pod: no node has its rules, and it matched nothing
     ]
-    assert report["unusedRules"] == [other]
+    nothing = dict(ISOLATION, namespace="y", name="nothing")
+    assert report["unusedRules"] == [other, nothing]
     assert [p["name"] for p in report["unusedPolicies"]] == ["nothing"]
     assert "policies that matched nothing (1):" in observe.render_usage(report)
 

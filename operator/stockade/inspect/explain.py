@@ -21,13 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stockade import handoff
 from stockade.inspect.agents import AgentError, Agents
 from stockade.inspect.live import Live
-from stockade.inspect.observe import rule_text
+from stockade.inspect.observe import identity, rule_text
 from stockade.model.evaluator import Decision, DirectionDecision, evaluate
 from stockade.model.flow import Flow
-from stockade.model.policy import IPAddress, Protocol, RuleRef
+from stockade.model.policy import IPAddress, Protocol
 
 EXIT_DISAGREE = 2
 ICMP = (Protocol.ICMP, Protocol.ICMPV6)
@@ -62,19 +61,6 @@ def flow_of(src: Endpoint, dst: Endpoint, protocol: Protocol, port: int, code: i
     if protocol in ICMP:
         return Flow(src.address, dst.address, protocol, None, port, code)
     return Flow(src.address, dst.address, protocol, port)
-
-
-def identity(rule: RuleRef | None) -> dict[str, object] | None:
-    """A reference rule in the datapath's spelling (`stockade.agent.flows.rule_identity`)."""
-    if rule is None:
-        return None
-    return {
-        "kind": rule.kind.value,
-        "namespace": rule.namespace or handoff.NO_NAMESPACE,
-        "name": rule.name,
-        "direction": rule.direction.value,
-        "index": rule.index,
-    }
 
 
 @dataclass

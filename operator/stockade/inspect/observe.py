@@ -23,6 +23,7 @@ from typing import Any
 from stockade import handoff
 from stockade.inspect.agents import AgentError, Agents
 from stockade.inspect.live import Live
+from stockade.model.policy import Direction, Policy, RuleRef, Tier
 
 PROTOCOL_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
@@ -56,6 +57,35 @@ def port_text(protocol: int, port: int) -> str:
     if protocol in (1, 58):
         return f"{name} type {port >> 8} code {port & 0xFF}"
     return f"{name}/{port}"
+
+
+def identity(rule: RuleRef | None) -> dict[str, object] | None:
+    """A model rule in the agents' spelling (`stockade.agent.flows.rule_identity`)."""
+    if rule is None:
+        return None
+    return {
+        "kind": rule.kind.value,
+        "namespace": rule.namespace or handoff.NO_NAMESPACE,
+        "name": rule.name,
+        "direction": rule.direction.value,
+        "index": rule.index,
+    }
+
+
+def policy_rules(policy: Policy) -> list[tuple[dict[str, object], str]]:
+    """Every rule of `policy` with its name (ClusterNetworkPolicy rules have one), and the
+    isolation default of each direction a namespace-tier policy selects for."""
+    out = []
+    for direction in (Direction.INGRESS, Direction.EGRESS):
+        for rule in policy.rules(direction):
+            ident = identity(rule.ref)
+            assert ident is not None
+            out.append((ident, rule.name))
+        if policy.tier is Tier.NAMESPACE and direction in policy.directions:
+            isolation = identity(policy.isolation_ref(direction))
+            assert isolation is not None
+            out.append((isolation, ""))
+    return out
 
 
 def where(obj: Mapping[str, Any]) -> str:
@@ -155,6 +185,14 @@ def usage(live: Live, agents: Agents, namespace: str | None = None) -> dict[str,
             slot = hits.setdefault(key, {"rule": dict(rule), "packets": 0, "nodes": []})
             slot["packets"] += int(entry.get("packets", 0))
             slot["nodes"].append(node)
+    for record in live.records:  # rules no node has tables for (they select no pod, or
+        if record.policy is None:  # their peers are nobody) matched nothing either
+            continue
+        for rule, name in policy_rules(record.policy):
+            key = tuple(rule.get(k) for k in ("kind", "namespace", "name", "direction", "index"))
+            slot = hits.setdefault(key, {"rule": rule, "packets": 0, "nodes": []})
+            if name:
+                slot["ruleName"] = name
     rules = sorted(hits.values(), key=lambda s: tuple(str(v) for v in s["rule"].values()))
     used_policies = {
         (r["rule"]["kind"], r["rule"]["namespace"], r["rule"]["name"])
