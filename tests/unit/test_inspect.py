@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from stockade.inspect.live import Live
 from stockade.model.cluster import ClusterState, Namespace, Pod
 from stockade.model.flow import Flow
 from stockade.runtime import serve_http
+from stockade.sandbox.stack import StackRecord
 
 DENY_ALL = {
     "apiVersion": "networking.k8s.io/v1",
@@ -220,6 +222,16 @@ def test_agent_urls_are_node_equals_url() -> None:
     assert parse_agent_urls(["n1=http://127.0.0.1:9"]) == {"n1": "http://127.0.0.1:9"}
     with pytest.raises(ValueError, match=r"^--agent:"):
         parse_agent_urls(["n1:http://x"])
+
+
+def test_the_sandbox_records_its_agents_as_the_commands_read_them() -> None:
+    record = StackRecord(1, Path("/sys/fs/bpf/x"), (), {"node-1": 4001, "node-2": 4002})
+    again = StackRecord.from_json(json.loads(json.dumps(record.to_json())))
+    assert parse_agent_urls(None, again.agents_setting()) == {
+        "node-1": "http://127.0.0.1:4001",
+        "node-2": "http://127.0.0.1:4002",
+    }
+    assert parse_agent_urls(["n=http://h:1"], again.agents_setting()) == {"n": "http://h:1"}
 
 
 @pytest.mark.parametrize("name", ["explain", "observe", "usage", "status"])
