@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import kubernetes.client
 import pytest
 
 from stockade.agent.trace import Probe
@@ -21,7 +22,7 @@ from stockade.cli import build_parser
 from stockade.compiler import ir
 from stockade.control.policies import parse_record
 from stockade.inspect import command, explain, observe
-from stockade.inspect.agents import AgentError, parse_agent_urls
+from stockade.inspect.agents import AGENT_SELECTOR, AgentError, ProxyAgents, parse_agent_urls
 from stockade.inspect.live import Live
 from stockade.model.cluster import ClusterState, Namespace, Pod
 from stockade.model.flow import Flow
@@ -244,3 +245,48 @@ def test_stockade_and_kubectl_stockade_have_the_command(name: str) -> None:
 def test_explain_with_a_bad_port_is_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert command.kubectl_main(["explain", "--from", "x/a", "--to", "y/b"]) == 1
     assert capsys.readouterr().err.strip() == "kubectl stockade: error: --port: required for TCP"
+
+
+def test_proxy_agents_find_agent_pods_and_ask_them_through_pods_proxy() -> None:
+    """Against a stand-in API server on loopback: the agent pods are listed by the chart's
+    labels in their namespace, and each is asked at pods/<pod>:<port>/proxy/<route>."""
+    seen: list[Mapping[str, str]] = []
+    pods = {
+        "items": [
+            {
+                "metadata": {"name": "agent-abc", "namespace": "stockade-system"},
+                "spec": {"nodeName": "n1", "containers": []},
+                "status": {"phase": "Running"},
+            },
+            {
+                "metadata": {"name": "agent-old", "namespace": "stockade-system"},
+                "spec": {"nodeName": "n2", "containers": []},
+                "status": {"phase": "Pending"},
+            },
+        ]
+    }
+
+    def listing(query: Mapping[str, str]) -> object:
+        seen.append(query)
+        return pods
+
+    def usage(query: Mapping[str, str]) -> object:
+        return {"node": "n1", "rules": [], "asked": dict(query)}
+
+    base = "/api/v1/namespaces/stockade-system/pods"
+    routes = {base: listing, f"{base}/agent-abc:9471/proxy/usage": usage}
+    server = serve_http(0, lambda: "", routes=routes, address="127.0.0.1")
+    config = kubernetes.client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with kubernetes.client.ApiClient(config) as api:
+            agents = ProxyAgents(api)
+            assert agents.nodes() == ["n1"]  # a pod not Running is no agent to ask
+            assert seen[0]["labelSelector"] == AGENT_SELECTOR
+            assert agents.get("n1", "/usage", {"x": 1})["asked"] == {"x": "1"}
+            with pytest.raises(AgentError, match="node n1: agent pod agent-abc: 404"):
+                agents.get("n1", "/flows", {})
+            with pytest.raises(AgentError, match="node n2: no running agent pod"):
+                agents.get("n2", "/usage", {})
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -92,20 +92,22 @@ class ProxyAgents:
         path = (
             f"/api/v1/namespaces/{self.namespace}/pods/{pod}:{self.port}/proxy/{route.lstrip('/')}"
         )
+        method, url, headers, body, post = self.api.param_serialize(
+            "GET",
+            path,
+            query_params=[(k, str(v)) for k, v in query.items() if v is not None],
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
         try:
-            data, _, _ = self.api.call_api(
-                path,
-                "GET",
-                query_params=[(k, str(v)) for k, v in query.items() if v is not None],
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                response_type="str",
-                _preload_content=False,
-                _request_timeout=TIMEOUT,
-            )
-        except kubernetes.client.exceptions.ApiException as exc:
-            raise AgentError(f"node {node}: agent pod {pod}: {exc.status} {exc.reason}") from exc
-        return json.loads(data.data)
+            answer = self.api.call_api(method, url, headers, body, post, _request_timeout=TIMEOUT)
+            data = answer.read()
+        except (OSError, kubernetes.client.exceptions.OpenApiException) as exc:
+            raise AgentError(f"node {node}: agent pod {pod}: {exc}") from exc
+        if not 200 <= answer.status < 300:
+            text = data.decode(errors="replace")[:300] if data else ""
+            raise AgentError(f"node {node}: agent pod {pod}: {answer.status} {text}")
+        return json.loads(data)
 
 
 def parse_agent_urls(values: list[str] | None, setting: str | None = None) -> dict[str, str]:

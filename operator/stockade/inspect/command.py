@@ -34,6 +34,7 @@ from stockade.model.policy import Protocol
 from stockade.runtime import AGENTS_ENV, load_client_configuration
 
 EXIT_UNHEALTHY = 2
+NAMES_EVERY = 10  # observe --follow reads the pods again every this many polls
 
 
 def _connection(parser: argparse.ArgumentParser) -> None:
@@ -175,8 +176,9 @@ def run_observe(args: argparse.Namespace, progress: Callable[[str], None]) -> in
         names = live.read(api).pod_name
         flt = observe.Filter(args.namespace, args.pod, args.policy, args.verdict)
         watcher = observe.Observer(agents, names, flt)
-        lost = -1
+        lost, polls = -1, 0
         while True:
+            polls += 1
             for line in observe.render_flows(watcher.poll(), args.output):
                 _print(line)
             for error in watcher.errors:
@@ -188,8 +190,8 @@ def run_observe(args: argparse.Namespace, progress: Callable[[str], None]) -> in
             if not args.follow:
                 return 1 if watcher.errors else 0
             time.sleep(args.interval)
-            names = live.read(api).pod_name if args.namespace or args.pod else names
-            watcher.names = names
+            if polls % NAMES_EVERY == 0:  # pods come and go: name them afresh now and then
+                watcher.names = live.read(api).pod_name
 
 
 def run_usage(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
