@@ -1,5 +1,6 @@
 """The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
-metrics endpoint and the flow log. `stockade agent` (`stockade.agent.command`) and the tests
+metrics endpoint with the inspecting routes (`stockade.agent.routes`), the flow log and the
+policy Events. `stockade agent` (`stockade.agent.command`) and the tests
 build an `Agent` and call `run(stop)`, which blocks until the stop flag is set.
 
 Nothing here removes pinned state on exit: programs, maps and links stay in force while no agent
@@ -181,7 +182,7 @@ class Agent:
                 self.metrics_text,
                 ready=lambda: self.syncer.applied,
                 address=self.config.bind_address,
-                routes=self.routes(),
+                routes=self.routes() if port == self.config.metrics_port else None,
             )
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
