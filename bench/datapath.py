@@ -34,9 +34,9 @@ import datapath_veth
 from stockade.compiler import ir
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf
+from stockade.datapath import libbpf, packets
 from stockade.datapath.clang import Compiler
-from stockade.harness import loader, packets
+from stockade.harness import loader
 
 ROOT = Path(__file__).resolve().parents[1]
 RULE_COUNTS = (10, 100, 1000, 10_000)

@@ -4,7 +4,8 @@ Each package contributes its subcommands with an `add_parser(subparsers)` functi
 `run(args, progress) -> int` as the parser default; this module only builds the parser, prints
 progress lines and turns errors into an exit status.
 
-`operator` and `agent` are the runtime; `sandbox`, `conformance` and `demo` belong to the bench
+`operator` and `agent` are the runtime, and `explain`, `observe`, `usage` and `status`
+(`stockade.inspect`) its clients; `sandbox`, `conformance` and `demo` belong to the bench
 (`.importlinter`: the runtime never imports the bench). The operator and agent images install only
 the runtime, and the bench's own dependencies come with the `bench` extra (pyproject.toml), so a
 bench command is added only if its modules import; if they do not, it stays listed and says what
@@ -22,6 +23,7 @@ from typing import Any
 from stockade import __version__
 from stockade.agent import command as agent
 from stockade.control import command as operator
+from stockade.inspect import command as inspect
 
 _STARTED = time.monotonic()
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers, "conformance", _add_conformance)
     operator.add_parser(subparsers)
     agent.add_parser(subparsers)
+    inspect.add_parsers(subparsers)
     _add_bench(subparsers, "demo", _add_demo)
     return parser
 

@@ -19,9 +19,9 @@ import socket
 
 from stockade.compiler.shape import Shape
 from stockade.datapath import maps
+from stockade.datapath import packets as pk
 from stockade.datapath.events import DropReason, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.harness import packets as pk
 from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import Cluster, pin_root
 from tests.fixtures.netns import MakeTopology

@@ -21,9 +21,9 @@ import socket
 import time
 
 from stockade.compiler.shape import FragmentPolicy, Shape
+from stockade.datapath import packets as pk
 from stockade.datapath.events import DropReason, Event, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.harness import packets as pk
 from stockade.sandbox.workloads.traffic import Outcome
 from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import (

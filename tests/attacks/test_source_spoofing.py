@@ -16,9 +16,9 @@ import socket
 import time
 
 from stockade.datapath import maps
+from stockade.datapath import packets as pk
 from stockade.datapath.events import DropReason, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.harness import packets as pk
 from stockade.sandbox.workloads.traffic import Outcome
 from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import (

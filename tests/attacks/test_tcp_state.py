@@ -24,9 +24,9 @@ import time
 
 from stockade.compiler import abi
 from stockade.datapath import maps
+from stockade.datapath import packets as pk
 from stockade.datapath.events import DropReason, EventKind, EventReader
 from stockade.datapath.netns import NetnsExecutor
-from stockade.harness import packets as pk
 from tests.attacks.node_agents import node_agent
 from tests.bpf.agent_harness import PORT, pin_root, serving_scenario
 from tests.fixtures.netns import MakeProcesses, MakeTopology

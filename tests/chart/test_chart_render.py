@@ -6,6 +6,8 @@ a value that does not exist, or RBAC that drifts from what the code needs (tests
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
@@ -284,3 +286,50 @@ def test_each_component_binds_its_endpoints_to_its_bind_address(
 
     assert bind_address({}) == "0.0.0.0"
     assert bind_address({component: {"bindAddress": "10.1.2.3"}}) == "10.1.2.3"
+
+
+MONITORING = {
+    "monitoring": {
+        "dashboard": {"enabled": True},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+    }
+}
+
+
+def test_the_grafana_dashboard_and_service_monitors_render_only_when_enabled() -> None:
+    assert not [k for k in kinds(render()) if k.startswith(("ServiceMonitor/", "ConfigMap/"))]
+    objects = render(MONITORING)
+    dashboard = find(objects, "ConfigMap", "stockade-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["stockade.json"])["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for series in ("stockade_datapath_policy_events_total", "stockade_agent_events_lost_total"):
+        assert series in exprs
+    for component in ("operator", "agent"):
+        monitor = find(objects, "ServiceMonitor", f"stockade-{component}")
+        service = find(objects, "Service", f"stockade-{component}-metrics")
+        selected = monitor["spec"]["selector"]["matchLabels"]
+        assert selected.items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+        assert monitor["metadata"]["labels"]["release"] == "kps"
+    no_agent_metrics = merge(MONITORING, {"agent": {"metrics": {"enabled": False}}})
+    assert "ServiceMonitor/stockade-agent" not in kinds(render(no_agent_metrics))
+
+
+def test_the_dashboard_queries_only_series_stockade_serves() -> None:
+    from tests.unit.test_docs_metrics import documented
+
+    dashboard = find(render(MONITORING), "ConfigMap", "stockade-dashboard")
+    text = dashboard["data"]["stockade.json"]
+    used = set(re.findall(r"\b(stockade_[a-z_]+)\b", text))
+    assert used and used <= documented() | {"stockade_rule_packets_total"}
+
+
+def test_the_inspect_roles_grant_reading_and_the_agents_proxy() -> None:
+    objects = render()
+    cluster_role = find(objects, "ClusterRole", "stockade-inspect")
+    verbs = {v for rule in cluster_role["rules"] for v in rule["verbs"]}
+    assert verbs == {"get", "list"}  # reading only
+    role = find(objects, "Role", "stockade-inspect")
+    assert {"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get"]} in role["rules"]
+    assert not [k for k in kinds(render({"inspect": {"role": False}})) if "inspect" in k]

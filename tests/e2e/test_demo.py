@@ -1,7 +1,8 @@
 """`stockade demo` end to end: it starts a sandbox with stockade, builds the 9-pod model, applies
 the example policies of examples/demo/ one by one, and its TCP/80 matrices from real probes show
 what each policy intends (default deny in x first); without --keep and without a terminal it
-removes the sandbox it started."""
+removes the sandbox it started. After the Audit-mode trial it shows, from `stockade observe`, the
+connections the trial would have dropped, naming its rule."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def test_the_demo_shows_each_policy_enforced_and_cleans_up(tmp_path: Path) -> No
     out = result.stdout
     assert out.count("as intended:") == 1 + len(load_steps())
     assert "NOT as intended" not in out
+    # the Audit-mode trial: what it would have dropped, from `stockade observe`
+    audited = [line.strip() for line in out.splitlines() if line.strip().startswith("AUDIT ")]
+    assert audited, out
+    for line in audited:
+        assert line.startswith("AUDIT z/a -> "), line
+        assert "egress on node-" in line, line
+        assert line.split(": ", 1)[1].startswith(
+            "NetworkPolicy.stockade.io z/trial-deny-web Egress rule 0 x"
+        ), line
 
     before = matrix_after(out, "no policy")
     assert set(before.values()) == {".", "-"}

@@ -1,5 +1,6 @@
 """The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
-metrics endpoint and the flow log. `stockade agent` (`stockade.agent.command`) and the tests
+metrics endpoint with the inspecting routes (`stockade.agent.routes`), the flow log and the
+policy Events. `stockade agent` (`stockade.agent.command`) and the tests
 build an `Agent` and call `run(stop)`, which blocks until the stop flag is set.
 
 Nothing here removes pinned state on exit: programs, maps and links stay in force while no agent
@@ -18,20 +19,24 @@ import kubernetes.client
 from stockade.agent.attachments import Attachments
 from stockade.agent.config import AgentConfig
 from stockade.agent.conntrack import ConntrackRecount
+from stockade.agent.flows import Flows
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
+from stockade.agent.policy_events import PolicyEvents
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
+from stockade.agent.routes import flows_route, trace_route, usage_route
 from stockade.agent.services import NETFILTER, NetfilterLinks, resolve_mode
 from stockade.agent.sync import Syncer
+from stockade.agent.trace import Probe, Tracer
 from stockade.agent.watch import TableWatch
 from stockade.compiler.abi import ConntrackMode
 from stockade.datapath import attach
 from stockade.datapath.clang import Compiler
-from stockade.datapath.events import read_counters, read_events_lost
+from stockade.datapath.events import RuleCounter, read_counters, read_events_lost
 from stockade.datapath.maps import DatapathConfig
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
-from stockade.runtime import load_client_configuration, serve_http
+from stockade.runtime import JsonRoute, load_client_configuration, serve_http
 from stockade.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -82,6 +87,9 @@ class Agent:
         )
         self.flowlog: FlowLog | None = None
         self._events_fd: int | None = None
+        self.flows = Flows()
+        self.tracer = Tracer(self.programs)
+        self.policy_events = PolicyEvents.through(self.api, config.node)
         self._lock = threading.Lock()
         self.recount = ConntrackRecount(
             lambda: self.syncer.maps, self._lock, config.conntrack_recount_seconds
@@ -99,7 +107,12 @@ class Agent:
                 self.flowlog.stop()  # the ring buffer was migrated to a new size
                 self.flowlog = None
             if self.flowlog is None and events is not None:
-                self.flowlog = FlowLog(events, lambda: self.syncer.rules)
+                self.flowlog = FlowLog(
+                    events,
+                    lambda: self.syncer.rules,
+                    self.flows,
+                    sink=self.policy_events.add,
+                )
                 self.flowlog.start()
                 self._events_fd = events
         return applied
@@ -130,6 +143,8 @@ class Agent:
             # 1: Service flows judged on the backend by the netfilter program; 0: fallback
             "stockade_agent_service_mode_netfilter": float(self.service_mode == NETFILTER),
             "stockade_agent_netfilter_links_attached_total": self.syncer.netfilter.attaches,
+            "stockade_agent_policy_events_posted_total": self.policy_events.posted,
+            "stockade_agent_policy_events_suppressed_total": self.policy_events.suppressed,
         }
 
     def metrics_text(self) -> str:
@@ -144,6 +159,49 @@ class Agent:
             text += events_lost_metrics(read_events_lost(maps.fd("events_lost")))
         return text
 
+    def _counters(self, rule_ids: list[int]) -> Mapping[int, RuleCounter]:
+        maps = self.syncer.maps
+        if maps is None or "counters" not in maps.fds:
+            return {}
+        return read_counters(maps.fd("counters"), rule_ids)
+
+    def _events_lost(self) -> int:
+        maps = self.syncer.maps
+        if maps is None or "events_lost" not in maps.fds:
+            return 0
+        return read_events_lost(maps.fd("events_lost"))
+
+    def status(self) -> dict[str, object]:
+        """What `stockade status` shows of this agent beyond its report on <node>.program.0."""
+        return {
+            "node": self.config.node,
+            "mode": {
+                "conntrackOnPolicyChange": self.config.conntrack_on_policy_change,
+                "programs": self.programs.digest[:12] or None,
+                "shape": self.programs.shape.digest()[:12] if self.programs.shape else None,
+            },
+            "applied": self.syncer.applied,
+            "rules": len(self.syncer.rules),
+            "flowEvents": self.flows.events,
+            "eventsLost": self._events_lost(),
+            "gauges": self.gauges(),
+        }
+
+    def trace(self, probe: Probe) -> list[dict[str, object]]:
+        """The programs' verdicts on `probe` (`stockade.agent.trace`), between syncs."""
+        with self._lock:
+            return self.tracer.trace(probe, self.syncer.maps, self.syncer.rules)
+
+    def routes(self) -> dict[str, JsonRoute]:
+        """The JSON routes of `stockade.agent.routes`, served beside `/metrics`."""
+        node = self.config.node
+        return {
+            "/flows": flows_route(node, lambda: self.flows, self._events_lost),
+            "/usage": usage_route(node, lambda: self.syncer.rules, self._counters),
+            "/trace": trace_route(node, self.trace),
+            "/status": lambda query: self.status(),
+        }
+
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set."""
         servers = [
@@ -152,6 +210,7 @@ class Agent:
                 self.metrics_text,
                 ready=lambda: self.syncer.applied,
                 address=self.config.bind_address,
+                routes=self.routes() if port == self.config.metrics_port else None,
             )
             for port in {self.config.metrics_port, self.config.health_port}
             if port is not None
@@ -159,6 +218,7 @@ class Agent:
         self.runner.start()
         self.watch.start()
         self.recount.start()
+        self.policy_events.start()
         try:
             stop.wait()
         finally:
@@ -167,6 +227,7 @@ class Agent:
             self.runner.stop()
             if self.flowlog is not None:
                 self.flowlog.stop()
+            self.policy_events.stop()
             for server in servers:
                 server.shutdown()
             with self._lock:

@@ -3,9 +3,11 @@
 - `/metrics`: the agent's own gauges, and per-rule packet and byte counters read from the
   `counters` map, labelled with the rule's identity from the `rules` part of the hand-off
   (kind, namespace, name, direction, index): names live only in Python, the kernel counts by id.
-- `FlowLog`: a thread that reads drop and audit events from the `events` ring buffer and logs one
-  structured (JSON) line per event on the `stockade.agent.flow` logger, naming the deciding rule;
-  it counts them by kind and reason for `/metrics`.
+- `FlowLog`: a thread that reads drop and audit events from the `events` ring buffer, aggregates
+  them in `stockade.agent.flows.Flows` (what `stockade observe` reads) and logs structured (JSON)
+  lines on the `stockade.agent.flow` logger naming the deciding rule, at most LOG_RATE a second
+  (the rest are counted, and said in one line, never one line per packet of a flood); it counts
+  them by kind and reason, and by deciding policy, for `/metrics`.
 
 `stockade.agent.app` starts both.
 """
@@ -15,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
 from stockade import handoff
+from stockade.agent.flows import Flows, LogBudget
 from stockade.compiler import ir
 from stockade.datapath.events import Event, EventKind, EventReader, RuleCounter
 
@@ -26,6 +30,7 @@ flow_log = logging.getLogger("stockade.agent.flow")
 log = logging.getLogger(__name__)
 
 Rules = Callable[[], Mapping[int, ir.RuleInfo]]
+LOG_RATE = 20  # flow-log lines a second, at most
 
 
 def _label(value: object) -> str:
@@ -99,9 +104,19 @@ def event_record(event: Event, rules: Mapping[int, ir.RuleInfo]) -> dict[str, ob
 class FlowLog:
     """Reads the events ring buffer in a thread until `stop()`."""
 
-    def __init__(self, events_fd: int, rules: Rules) -> None:
+    def __init__(
+        self,
+        events_fd: int,
+        rules: Rules,
+        flows: Flows | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sink: Callable[[Event, Mapping[int, ir.RuleInfo]], None] | None = None,
+    ) -> None:
         self._reader = EventReader(events_fd)
         self._rules = rules
+        self.flows = flows if flows is not None else Flows()
+        self.budget = LogBudget(LOG_RATE, clock)
+        self._sink = sink  # the policy Events' tally (`stockade.agent.policy_events`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stockade-flowlog", daemon=True)
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, reason) -> events
@@ -124,11 +139,25 @@ class FlowLog:
                 continue
             if not events:
                 continue
-            rules = self._rules()
-            for event in events:
-                self.counts[(event.kind.name.lower(), event.reason.name.lower())] += 1
+            self.handle(events)
+
+    def handle(self, events: list[Event]) -> None:
+        """Count, aggregate and (within LOG_RATE) log `events`."""
+        rules = self._rules()
+        for event in events:
+            self.counts[(event.kind.name.lower(), event.reason.name.lower())] += 1
+            self.flows.add(event, rules)
+            if self._sink is not None:
+                self._sink(event, rules)
+            if self._may_log():
                 level = logging.INFO if event.kind is EventKind.DROP else logging.DEBUG
                 flow_log.log(level, json.dumps(event_record(event, rules), sort_keys=True))
+
+    def _may_log(self) -> bool:
+        allowed, suppressed = self.budget.take()
+        if suppressed:
+            flow_log.info(json.dumps({"suppressed": suppressed, "seconds": 1}))
+        return allowed
 
     def metrics(self) -> str:
         lines = ["# TYPE stockade_datapath_events_total counter"]
@@ -136,4 +165,16 @@ class FlowLog:
             lines.append(
                 f'stockade_datapath_events_total{{event="{kind}",reason="{reason}"}} {count}'
             )
+        lines.append("# TYPE stockade_datapath_policy_events_total counter")
+        for (kind, pkind, namespace, name), count in sorted(self.flows.by_policy.items()):
+            labels = ",".join(
+                f'{k}="{_label(v)}"'
+                for k, v in (
+                    ("event", kind),
+                    ("kind", pkind),
+                    ("namespace", namespace),
+                    ("name", name),
+                )
+            )
+            lines.append(f"stockade_datapath_policy_events_total{{{labels}}} {count}")
         return "\n".join(lines) + "\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 from stockade.compiler import abi, ir
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf, maps
+from stockade.datapath import libbpf, maps, packets
 from stockade.datapath.clang import Compiler
-from stockade.harness import packets, testrun
+from stockade.harness import testrun
 
 
 def bind_sender(pinned: maps.PinnedMaps | None, writer: maps.TableWriter, frame: bytes) -> None:

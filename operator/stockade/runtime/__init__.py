@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes.client
 import kubernetes.config
 
 HTTP_CONFLICT = 409
+# NODE=URL,...: where `stockade explain`, `observe`, `usage` and `status` find the agents when
+# not through the API server (`stockade.inspect.agents`); `stockade sandbox up` prints it.
+AGENTS_ENV = "STOCKADE_AGENTS"
 
 
 def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
@@ -40,6 +45,9 @@ def load_client_configuration(kubeconfig: str | None) -> kubernetes.client.Confi
 DEFAULT_BIND_ADDRESS = "0.0.0.0"  # kubelet probes the pod IP, the node's for the agent
 MAX_CONNECTIONS = 8  # a kubelet's probes and a scraper or two need far fewer
 REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
+# A JSON route: the query's parameters in, a JSON-serialisable answer out; ValueError is the
+# caller's mistake (400), naming the parameter.
+JsonRoute = Callable[[Mapping[str, str]], object]
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
@@ -90,16 +98,38 @@ def serve_http(
     ready: Callable[[], bool] = lambda: True,
     address: str = DEFAULT_BIND_ADDRESS,
     max_connections: int = MAX_CONNECTIONS,
+    routes: Mapping[str, JsonRoute] | None = None,
 ) -> ThreadingHTTPServer:
     """Serve `metrics()` at http://<address>:<port>/metrics, `/healthz` (the process serves) and
     `/readyz` (`ready()`), in a daemon thread; the caller shuts it down. At most
     `max_connections` connections are served at once (the rest get 503), and one that has not
-    sent its request within REQUEST_TIMEOUT seconds is closed."""
+    sent its request within REQUEST_TIMEOUT seconds is closed. Each of `routes` (a path and a
+    `JsonRoute`) answers GET requests with JSON (the agent's flow log, rule usage and traces)."""
+    json_routes = dict(routes or {})
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT
 
+        def _json(self, route: JsonRoute, query: str) -> None:
+            try:
+                body = json.dumps(route(dict(parse_qsl(query))), sort_keys=True).encode()
+            except ValueError as exc:
+                self.send_error(400, str(exc))
+                return
+            except Exception as exc:  # a failing route must not take the server down
+                self.send_error(500, str(exc))
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
         def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            if url.path in json_routes:
+                self._json(json_routes[url.path], url.query)
+                return
             if self.path not in ("/metrics", "/healthz", "/readyz"):
                 self.send_error(404)
                 return

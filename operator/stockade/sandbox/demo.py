@@ -6,15 +6,18 @@ the example policies of examples/demo/ one by one (the examples/ policies adapte
 namespaces; each file's leading comment says what it intends) and after each prints the 9x9
 reachability matrix of real TCP/80 connections (`.` connected, `X` denied). The matrix the
 reference evaluator predicts is what the probes are compared with; a connection is probed again
-until it matches or a deadline passes, since enforcement is asynchronous. Wired into the
-command line by `stockade.cli` through `add_parser()`; `python -m stockade.sandbox.demo` runs
-it alone.
+until it matches or a deadline passes, since enforcement is asynchronous. After an Audit-mode
+policy, the connections it would have dropped are shown as `stockade observe` reports them.
+Wired into the command line by `stockade.cli` through `add_parser()`; `python -m
+stockade.sandbox.demo` runs it alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -30,6 +33,7 @@ from stockade.model.cluster import ClusterState, Namespace, Pod
 from stockade.model.evaluator import evaluate
 from stockade.model.flow import Flow
 from stockade.model.policy import Policy, Protocol
+from stockade.runtime import AGENTS_ENV
 from stockade.sandbox import session
 from stockade.sandbox.stack import published_generations, wait_applied
 from stockade.sandbox.workloads.running import RunningSandbox
@@ -189,6 +193,32 @@ class Demo:
         self.out.flush()
         return not pending
 
+    def audited(self, step: DemoStep, state_dir: Path) -> bool:
+        """For an Audit-mode policy: the connections it would have dropped, as `stockade
+        observe` shows them (the agents' flow log, merged over the nodes). False when none
+        showed within the deadline."""
+        meta = step.obj["metadata"]
+        state = session.SandboxState.load(state_dir)
+        if state is None or state.stack is None or not state.stack.agent_ports:
+            return False
+        argv = [sys.executable, "-m", "stockade.cli", "observe", "--verdict", "audit"]
+        argv += ["--policy", meta["name"], "--kubeconfig", str(self.sandbox.kubeconfig)]
+        if "namespace" in meta:
+            argv += ["-n", meta["namespace"]]
+        env = dict(os.environ, **{AGENTS_ENV: state.stack.agents_setting()})
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            lines = done.stdout.splitlines()
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        print(f"   `stockade observe --verdict audit --policy {meta['name']}`:", file=self.out)
+        for line in lines or [f"(nothing: {done.stderr.strip() or 'no audit events'})"]:
+            print(f"   {line}", file=self.out)
+        self.out.flush()
+        return bool(lines)
+
     def apply(self, step: DemoStep) -> None:
         nodes = [n.name for n in self.sandbox.nodes]
         before = published_generations(self.sandbox.api, nodes)
@@ -233,6 +263,8 @@ def run_demo(
         for step in steps:
             demo.apply(step)
             ok &= demo.show(step.title, step.intent)
+            if step.obj.get("spec", {}).get("mode") == "Audit":
+                ok &= demo.audited(step, state_dir)
     finally:
         demo.close()
         print(file=out)

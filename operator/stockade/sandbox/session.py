@@ -33,6 +33,7 @@ from typing import Any
 
 import kubernetes.client
 
+from stockade.runtime import AGENTS_ENV
 from stockade.sandbox import netns, stack
 from stockade.sandbox.cluster import dns, podcmd
 from stockade.sandbox.controlplane.crds import install_crds
@@ -380,6 +381,9 @@ def status(state_dir: Path) -> int:
         f"started {state.created}"
     )
     print(f"kubeconfig: {kubeconfig_path(state_dir)}")
+    if state.stack is not None and state.stack.agent_ports:
+        print(f"agents (for stockade explain, observe, usage, status): {AGENTS_ENV}=", end="")
+        print(state.stack.agents_setting())
     checks = _checks(state_dir, state)
     for what, ok, detail in checks:
         print(f"  {'ok  ' if ok else 'FAIL'}  {what:<28} {detail}")
@@ -469,6 +473,9 @@ def _cmd_up(args: argparse.Namespace, progress: Progress) -> int:
         kubelets=args.kubelets,
         cni_bin=args.cni_bin,
     )
+    state = SandboxState.load(args.state_dir)
+    if state is not None and state.stack is not None and state.stack.agent_ports:
+        progress(f"agents: export {AGENTS_ENV}={state.stack.agents_setting()}")
     progress(f"sandbox up in {time.monotonic() - started:.1f}s; kubeconfig:")
     print(path)
     return 0

@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
+from stockade.sandbox.controlplane.server import free_port
 from stockade.sandbox.processes import (
     Child,
     ProcessError,
@@ -49,6 +50,7 @@ READY_TIMEOUT = 180.0
 DATAPATH_GROUP, DATAPATH_VERSION, DATAPATH_PLURAL = "stockade.io", "v1alpha1", "datapathtables"
 LEASE_NAMESPACE = "kube-system"
 HTTP_NOT_FOUND = 404
+AGENT_ADDRESS = "127.0.0.1"  # the agents serve on the machine's loopback only
 
 
 class StackError(RuntimeError):
@@ -62,13 +64,24 @@ class StackRecord:
     replicas: int
     pin_root: Path
     processes: tuple[ProcessRecord, ...] = ()
+    agent_ports: Mapping[str, int] = field(default_factory=dict)  # node -> --metrics-port
 
     def to_json(self) -> dict[str, Any]:
         return {
             "replicas": self.replicas,
             "pin_root": str(self.pin_root),
             "processes": [p.to_json() for p in self.processes],
+            "agent_ports": dict(self.agent_ports),
         }
+
+    def agent_urls(self) -> dict[str, str]:
+        """Each node's agent HTTP endpoint (`/metrics`, and the routes `stockade explain`,
+        `observe`, `usage` and `status` ask), on this machine's loopback."""
+        return {node: f"http://{AGENT_ADDRESS}:{port}" for node, port in self.agent_ports.items()}
+
+    def agents_setting(self) -> str:
+        """The STOCKADE_AGENTS value that points `stockade explain` and co. at these agents."""
+        return ",".join(f"{node}={url}" for node, url in sorted(self.agent_urls().items()))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StackRecord:
@@ -76,6 +89,7 @@ class StackRecord:
             replicas=int(data["replicas"]),
             pin_root=Path(data["pin_root"]),
             processes=tuple(ProcessRecord.from_json(p) for p in data.get("processes", ())),
+            agent_ports={str(k): int(v) for k, v in (data.get("agent_ports") or {}).items()},
         )
 
 
@@ -164,12 +178,15 @@ def start_stack(
             progress(f"starting {name} (leader election {'on' if replicas > 1 else 'off'})")
             argv = operator_argv(kubeconfig, index, replicas)
             children.append(Child.spawn(name, argv, logs / f"{name}.log", detach=detach))
+        ports = {}
         for node in nodes:
             name = f"agent-{node.name}"
             progress(f"starting {name} (netns {node.netns}, pins {pins / node.name})")
+            ports[node.name] = free_port()
             argv = agent_argv(kubeconfig, node, pins)
+            argv += [f"--metrics-port={ports[node.name]}", f"--bind-address={AGENT_ADDRESS}"]
             children.append(Child.spawn(name, argv, logs / f"{name}.log", detach=detach))
-        record = StackRecord(replicas, pins, tuple(c.record for c in children))
+        record = StackRecord(replicas, pins, tuple(c.record for c in children), ports)
         progress("waiting for every agent to apply its node's DatapathTables")
         wait_ready(kubeconfig, record, [n.name for n in nodes], READY_TIMEOUT)
     except BaseException:

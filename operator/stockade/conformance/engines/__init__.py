@@ -43,11 +43,18 @@ def _e2e(options: EngineOptions) -> Engine:
     return from_options(options.ip_family, options.via)
 
 
+def _explain(options: EngineOptions) -> Engine:
+    from stockade.conformance.engines.explain import engine_from_options
+
+    return engine_from_options(options.ip_family)
+
+
 ENGINES: Mapping[str, Callable[[EngineOptions], Engine]] = {
     "reference": _reference,
     "cluster": _cluster,
     "datapath": _datapath,
     "e2e": _e2e,
+    "explain": _explain,
 }
 
 

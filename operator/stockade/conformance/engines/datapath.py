@@ -34,8 +34,8 @@ from stockade.compiler.shape import Shape
 from stockade.conformance.casefile import Case, Check, Topology
 from stockade.conformance.engine import Addresses, Observed, Outcome
 from stockade.conformance.engines.reference import ReferenceEngine
+from stockade.datapath import packets
 from stockade.datapath.clang import Compiler
-from stockade.harness import packets
 from stockade.harness.loader import NodePrograms
 from stockade.harness.testrun import TcVerdict
 from stockade.model.policy import IPAddress, Protocol

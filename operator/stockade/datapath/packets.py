@@ -1,7 +1,8 @@
 """Packet builders: Ethernet (optionally VLAN-tagged) + IPv4/IPv6 + TCP/UDP/SCTP/ICMP/ICMPv6,
 with correct lengths and checksums (SCTP: CRC32c), in the spirit of cilium's bpf/tests/pktgen.h.
-Used by the datapath tests, the `datapath` conformance engine and the benchmarks. Frames go to
-BPF_PROG_TEST_RUN; the IP packets inside them can go to raw sockets.
+Used by the agent's traces (`stockade.agent.trace`: the probe frame of `stockade explain`), the
+datapath tests, the `datapath` conformance engine and the benchmarks. Frames go to
+BPF_PROG_TEST_RUN; the IP packets inside them can go to raw sockets. Pure: no kernel access.
 """
 
 from __future__ import annotations
