@@ -28,6 +28,7 @@ enum drop_reason {
 	REASON_NOT_A_ROUTER = 4,	/* a pod sent what only a router may send: an ICMP or
 					 * ICMPv6 redirect */
 	REASON_SPOOFED = 5,	/* a pod sent from an address that is not its own */
+	REASON_PENDING = 6,	/* the pod's interface is pending: its tables are not applied */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

@@ -11,6 +11,13 @@
  * Always dropped from a pod (EGRESS), with REASON_NOT_A_ROUTER: ICMP and ICMPv6 redirects. A pod
  * is no router; a redirect from one can only be spoofing (RFC 4861 §8: only the first-hop router
  * sends them). Redirects toward a pod are never related to a flow: they are judged by policy.
+ * A pending interface (the `pending` map, maps.h: attached before the pod's tables were
+ * applied) is judged by its state alone, after the checks above and before any other: with
+ * PENDING_OPEN everything passes; with PENDING_CLOSED only what is always allowed passes, that
+ * is ARP and ND (above) and IP traffic whose remote address is the node's own (its peer class
+ * carries CLASS_FLAG_LOCAL_NODE; both directions, so that kubelet probes get their replies),
+ * and everything else drops with REASON_PENDING, rule 0. Conntrack is neither consulted nor
+ * written for it: a pod racing its own enforcement can plant nothing.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
  * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h).
  * Always dropped, before any lookup (there may be no addresses to look up), with their own
@@ -117,6 +124,30 @@ static __always_inline struct endpoint_value *bound_sender(struct __sk_buff *skb
 	return ep;
 }
 
+/* The state of a pending interface: 0 when it is not pending. */
+static __always_inline __u32 pending_state(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *state = bpf_map_lookup_elem(&pending, &ifindex);
+
+	return state ? *state : 0;
+}
+
+/* A pending interface's verdict on an IP packet (the remote address is the node's own). */
+static __always_inline int pending_verdict(struct __sk_buff *skb, const struct flow *f,
+					   __u32 dir, __u32 state)
+{
+	struct class_value *cls;
+
+	if (state == PENDING_OPEN)
+		return VERDICT_PASS;
+	cls = class_lookup(dir == DIR_EGRESS ? f->t.daddr : f->t.saddr);
+	if (cls && (cls->flags & CLASS_FLAG_LOCAL_NODE))
+		return VERDICT_PASS;
+	emit_drop(skb, f, dir, REASON_PENDING, 0, 0);
+	return VERDICT_DROP;
+}
+
 /* Conntrack comes before the endpoint lookup: an established flow or a reply passes either
  * way, and most packets are one, so they pay one conntrack lookup and nothing else (from a pod,
  * the source check's two lookups come first). Time is the coarse monotonic clock (one scheduler
@@ -128,6 +159,7 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	struct decision d;
 	struct endpoint_value *ep = NULL;
 	enum parse_result r = parse_packet(skb, &f);
+	__u32 pending_st;
 
 	if (dir == DIR_EGRESS && (r == PARSE_IP || r == PARSE_CONTROL) &&
 	    icmp_is_redirect(f.t.proto, f.port >> 8)) {
@@ -144,6 +176,9 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		emit_drop(skb, &f, dir, REASON_MALFORMED, 0, 0);
 		return VERDICT_DROP;
 	}
+	pending_st = pending_state(skb);
+	if (pending_st)
+		return pending_verdict(skb, &f, dir, pending_st);
 	if (dir == DIR_EGRESS) {
 		ep = bound_sender(skb, &f);
 		if (!ep) {

@@ -217,3 +217,46 @@ def test_the_kernel_decides_as_ir_lookup(
             assert seen == [(events.EventKind.AUDIT, want.audit_rule_id)], (probe, direction)
         else:
             assert seen == [], (probe, direction)
+
+
+pending_states = st.sampled_from(
+    [abi.PendingState.CLOSED, abi.PendingState.CLOSED, abi.PendingState.OPEN]
+)
+
+
+@settings(settings.get_profile("datapath"), max_examples=300)
+@given(case=scenario(), state=pending_states)
+def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_says(
+    dp: Datapath,
+    case: tuple[ir.NodeTables, list[tuple[ir.Packet, Direction]]],
+    state: abi.PendingState,
+) -> None:
+    """The interface of the test runs (the loopback) is pending: whatever the endpoints and
+    policy entries say, the kernel passes what `ir.lookup(..., pending=state)` passes (with
+    CLOSED: only the node's own addresses, ICMPv6 neighbour discovery), drops the rest with
+    reason PENDING, and records no conntrack entry."""
+    tables, probes = case
+    assert dp.maps is not None
+    dp.write(tables)
+    dp.events()
+    pending = maps.Pending(dp.maps)
+    pending.mark(maps.LOOPBACK_IFINDEX, state)
+    try:
+        for probe, direction in probes:
+            maps.flush_conntrack(dp.maps)
+            want = ir.lookup(tables, probe, direction, pending=state)
+            got = dp.run(pk.packet_frame(probe), direction)
+            seen = [(e.kind, e.reason, e.rule_id) for e in dp.events()]
+            expected = TcVerdict.DENY if want.action is Action.DENY else TcVerdict.ALLOW
+            assert got is expected, (probe, direction, state, want)
+            if want.action is Action.DENY:
+                redirect = direction is Direction.EGRESS and (
+                    probe.port >> 8 == ir.REDIRECT_TYPES.get(probe.protocol)
+                )
+                reason = events.DropReason.NOT_A_ROUTER if redirect else events.DropReason.PENDING
+                assert seen == [(events.EventKind.DROP, reason, ir.RULE_NONE)], (probe, direction)
+            else:
+                assert seen == [], (probe, direction)
+            assert maps.conntrack_entries(dp.maps) == [], (probe, direction)
+    finally:
+        pending.clear(maps.LOOPBACK_IFINDEX)

@@ -232,6 +232,7 @@ MAPS = {
         MapSpec("conntrack", MapType.LRU_HASH, CT_KEY, CT_ENTRY, "conntrack_max"),
         # Only with STOCKADE_FRAGMENTS_TRACK.
         MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
+        MapSpec("pending", MapType.HASH, U32, U32, "endpoints_max"),
     )
 }
 
@@ -281,6 +282,13 @@ class ClassFlag(IntEnum):
     LOCAL_NODE = 1  # the address is one of this node's own: traffic from it is always allowed
 
 
+class PendingState(IntEnum):
+    """PENDING_* in bpf/maps.h: the state of an interface in the `pending` map."""
+
+    CLOSED = 1  # only what is always allowed passes: ARP, ND, the node's own addresses
+    OPEN = 2  # everything passes unjudged (the fail-open setting)
+
+
 class ConntrackMode(IntEnum):
     """What happens to established flows when policy changes (`enum ct_mode`, conntrack.h)."""
 
@@ -304,3 +312,4 @@ class DropReason(IntEnum):
     UNPARSED = 3  # neither ARP nor IP the program parses: see bpf/parse.h
     NOT_A_ROUTER = 4  # a pod sent a redirect: see bpf/hook.h
     SPOOFED = 5  # a pod sent from an address not its own: see bpf/hook.h
+    PENDING = 6  # the pod's interface is pending, its tables not applied: see bpf/hook.h
