@@ -1,6 +1,8 @@
 """The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
-metrics endpoint and the flow log. `stockade agent` (`stockade.agent.command`) and the tests
-build an `Agent` and call `run(stop)`, which blocks until the stop flag is set.
+metrics endpoint, the flow log and, with `cni_socket`, the socket stockade-cni relays CNI
+commands to (`CniServer` → `PendingPods`: pods attached in the pending state on CNI ADD).
+`stockade agent` (`stockade.agent.command`) and the tests build an `Agent` and call
+`run(stop)`, which blocks until the stop flag is set.
 
 Nothing here removes pinned state on exit: programs, maps and links stay in force while no agent
 runs, and the next agent adopts them.
@@ -16,8 +18,10 @@ from pathlib import Path
 import kubernetes.client
 
 from stockade.agent.attachments import Attachments
+from stockade.agent.cniserver import CniServer
 from stockade.agent.config import AgentConfig
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
+from stockade.agent.pending import AgentDatapath, PendingPods
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
 from stockade.agent.sync import Syncer
@@ -45,14 +49,17 @@ class Agent:
         self.executor = NetnsExecutor.named(config.netns) if config.netns else None
         config.pin_root.mkdir(parents=True, exist_ok=True)
         self.programs = Programs(Compiler(Path(config.cache_dir)), config.pin_root)
+        self.reporter = Reporter(self.api, config.node)
+        self.attachments = Attachments(config.pin_root, self.executor)
         self.syncer = Syncer(
             config.node,
             self._objects,
             self.programs,
-            Attachments(config.pin_root, self.executor),
-            Reporter(self.api, config.node),
+            self.attachments,
+            self.reporter,
             config.pin_root,
             DatapathConfig(ConntrackMode[config.conntrack_on_policy_change.upper()]),
+            released=self._released,
         )
         self.runner = Runner(
             self._sync,
@@ -68,6 +75,17 @@ class Agent:
         )
         self.flowlog: FlowLog | None = None
         self._lock = threading.Lock()
+        self.pending = PendingPods(
+            AgentDatapath(self.syncer, self.attachments, self._lock),
+            self.runner.request,
+            self.reporter.pod_event,
+            budget=config.pending_budget,
+            fail_open=config.pending_on_timeout == "open",
+        )
+        self.cni = CniServer(config.cni_socket, self.pending) if config.cni_socket else None
+
+    def _released(self, ifindexes: list[int]) -> None:
+        self.pending.released(ifindexes)
 
     def _objects(self) -> Mapping[str, TableObject]:
         return self.watch.snapshot()
@@ -102,6 +120,7 @@ class Agent:
             "stockade_agent_watch_connected": float(self.watch.connected),
             "stockade_agent_watch_errors_total": self.watch.errors,
             "stockade_agent_watch_lists_total": self.watch.lists,
+            **self.pending.metrics(),
         }
 
     def metrics_text(self) -> str:
@@ -130,9 +149,13 @@ class Agent:
         ]
         self.runner.start()
         self.watch.start()
+        if self.cni is not None:
+            self.cni.start()
         try:
             stop.wait()
         finally:
+            if self.cni is not None:
+                self.cni.stop()
             self.watch.stop()
             self.runner.stop()
             if self.flowlog is not None:

@@ -54,6 +54,26 @@ def add_parser(subparsers: Any) -> None:
         "(revalidate, the default) or kept until they expire (keep) "
         "($STOCKADE_CONNTRACK_ON_POLICY_CHANGE)",
     )
+    ag.add_argument(
+        "--cni-socket",
+        type=Path,
+        default=env("STOCKADE_CNI_SOCKET", "") or None,
+        help="serve stockade-cni's relayed ADD/CHECK/DEL on this unix socket "
+        "(e.g. /run/stockade/cni.sock; default: none) ($STOCKADE_CNI_SOCKET)",
+    )
+    ag.add_argument(
+        "--pending-budget",
+        type=float,
+        default=float(env("STOCKADE_PENDING_BUDGET") or 2),
+        help="seconds a CNI ADD waits for the pod's tables (default 2) ($STOCKADE_PENDING_BUDGET)",
+    )
+    ag.add_argument(
+        "--pending-on-timeout",
+        choices=("closed", "open"),
+        default=env("STOCKADE_PENDING_ON_TIMEOUT", "closed"),
+        help="a pod whose tables missed the budget: closed (only node and neighbour traffic "
+        "until they arrive, the default) or open ($STOCKADE_PENDING_ON_TIMEOUT)",
+    )
     ag.set_defaults(run=run_command)
 
 
@@ -69,6 +89,9 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         health_port=args.health_port,
         bind_address=args.bind_address,
         conntrack_on_policy_change=args.conntrack_on_policy_change,
+        cni_socket=args.cni_socket,
+        pending_budget=args.pending_budget,
+        pending_on_timeout=args.pending_on_timeout,
     )
 
 

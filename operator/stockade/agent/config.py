@@ -35,6 +35,12 @@ class AgentConfig:
     min_interval: float = 0.05  # between the starts of two syncs that changed the datapath
     max_backoff: float = 30.0  # retry delay ceiling after failing syncs
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
+    # The socket stockade-cni relays CNI commands to (None: no socket), how long an ADD waits for
+    # the pod's tables, and what a pod whose tables missed that budget gets: "closed" (only node
+    # and neighbour traffic until they arrive) or "open" (everything until they arrive).
+    cni_socket: Path | None = None
+    pending_budget: float = 2.0
+    pending_on_timeout: str = "closed"
 
     def __post_init__(self) -> None:
         errors = []
@@ -64,6 +70,14 @@ class AgentConfig:
             errors.append(
                 "--conntrack-on-policy-change: expected revalidate or keep, got "
                 f"{self.conntrack_on_policy_change!r}"
+            )
+        if self.cni_socket is not None and not self.cni_socket.is_absolute():
+            errors.append(f"--cni-socket: {self.cni_socket} must be an absolute path")
+        if not 0 <= self.pending_budget <= 60:
+            errors.append(f"--pending-budget: {self.pending_budget} must be within 0..60 seconds")
+        if self.pending_on_timeout not in ("closed", "open"):
+            errors.append(
+                f"--pending-on-timeout: expected closed or open, got {self.pending_on_timeout!r}"
             )
         if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
             errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")
