@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stockade import __version__
+from stockade.agent import cniinstall
 from stockade.agent import command as agent
 from stockade.control import command as operator
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers, "conformance", _add_conformance)
     operator.add_parser(subparsers)
     agent.add_parser(subparsers)
+    cniinstall.add_parser(subparsers)
     _add_bench(subparsers, "demo", _add_demo)
     return parser
 
