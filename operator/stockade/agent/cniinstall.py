@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import signal
 import threading
 from pathlib import Path
@@ -24,22 +22,10 @@ from stockade.runtime import cnichain
 
 log = logging.getLogger(__name__)
 
-BINARY = "stockade-cni"
-
-
-def install_binary(source: Path, bin_dir: Path) -> Path:
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    target = bin_dir / BINARY
-    tmp = bin_dir / f".{BINARY}.tmp"
-    shutil.copyfile(source, tmp)
-    tmp.chmod(0o755)
-    os.replace(tmp, target)
-    return target
-
 
 def remove(conf_dir: Path, bin_dir: Path) -> None:
     cnichain.uninstall(conf_dir)
-    (bin_dir / BINARY).unlink(missing_ok=True)
+    cnichain.remove_binary(bin_dir)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.uninstall:
         remove(args.conf_dir, args.bin_dir)
         return 0
-    install_binary(args.binary, args.bin_dir)
+    cnichain.install_binary(args.binary, args.bin_dir)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

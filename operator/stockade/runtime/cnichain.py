@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHAINED_FILE = "00-stockade.conflist"
-PLUGIN_TYPE = "stockade-cni"
+PLUGIN_TYPE = "stockade-cni"  # also the binary's name in the CNI binary directory
 SOURCE_KEY = "stockade.io/chained-from"  # top-level key: "<file> sha256:<digest>"
 CONF_SUFFIXES = (".conflist", ".conf", ".json")
 
@@ -140,3 +141,19 @@ def uninstall(conf_dir: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def install_binary(source: Path, bin_dir: Path) -> Path:
+    """Copy the stockade-cni binary into a CNI binary directory, atomically (a runtime never
+    executes a half-written file)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    target = bin_dir / PLUGIN_TYPE
+    tmp = bin_dir / f".{PLUGIN_TYPE}.tmp"
+    shutil.copyfile(source, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, target)
+    return target
+
+
+def remove_binary(bin_dir: Path) -> None:
+    (bin_dir / PLUGIN_TYPE).unlink(missing_ok=True)
