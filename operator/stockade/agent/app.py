@@ -81,6 +81,7 @@ class Agent:
             self.reporter.pod_event,
             budget=config.pending_budget,
             fail_open=config.pending_on_timeout == "open",
+            add_wait=config.pending_add_wait,
         )
         self.cni = CniServer(config.cni_socket, self.pending) if config.cni_socket else None
 

@@ -65,7 +65,15 @@ def add_parser(subparsers: Any) -> None:
         "--pending-budget",
         type=float,
         default=float(env("STOCKADE_PENDING_BUDGET") or 2),
-        help="seconds a CNI ADD waits for the pod's tables (default 2) ($STOCKADE_PENDING_BUDGET)",
+        help="seconds a new pod may stay pending, waiting for its tables, before "
+        "--pending-on-timeout applies (default 2) ($STOCKADE_PENDING_BUDGET)",
+    )
+    ag.add_argument(
+        "--pending-add-wait",
+        type=float,
+        default=float(env("STOCKADE_PENDING_ADD_WAIT") or 0.1),
+        help="seconds of the budget the CNI ADD itself waits for the pod's tables before it "
+        "returns with the pod pending (default 0.1) ($STOCKADE_PENDING_ADD_WAIT)",
     )
     ag.add_argument(
         "--pending-on-timeout",
@@ -91,6 +99,7 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         conntrack_on_policy_change=args.conntrack_on_policy_change,
         cni_socket=args.cni_socket,
         pending_budget=args.pending_budget,
+        pending_add_wait=args.pending_add_wait,
         pending_on_timeout=args.pending_on_timeout,
     )
 

@@ -40,6 +40,7 @@ class AgentConfig:
     # and neighbour traffic until they arrive) or "open" (everything until they arrive).
     cni_socket: Path | None = None
     pending_budget: float = 2.0
+    pending_add_wait: float = 0.1  # of the budget, what the ADD itself waits (pending.py says why)
     pending_on_timeout: str = "closed"
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class AgentConfig:
             errors.append(f"--cni-socket: {self.cni_socket} must be an absolute path")
         if not 0 <= self.pending_budget <= 60:
             errors.append(f"--pending-budget: {self.pending_budget} must be within 0..60 seconds")
+        if not 0 <= self.pending_add_wait <= 60:
+            errors.append(f"--pending-add-wait: {self.pending_add_wait} must be within 0..60 s")
         if self.pending_on_timeout not in ("closed", "open"):
             errors.append(
                 f"--pending-on-timeout: expected closed or open, got {self.pending_on_timeout!r}"

@@ -7,7 +7,15 @@ ifindex: `stockade.datapath.iface.peer_ifindex`), marks that ifindex PENDING_CLO
 meets them. It then waits, up to the budget, until a sync has applied tables that make the pod
 an endpoint on that interface: `Syncer` calls `released()` with the interfaces it cleared from
 the `pending` map (an interface leaves it only once its endpoint, binding and policy entries are
-written and its links carry them). When the budget runs out, the pod stays PENDING_CLOSED
+written and its links carry them).
+
+The ADD itself waits only the first `add_wait` of the budget (0.1 s), then returns with the pod
+still closed, and the rest of the budget runs on: a pod's address reaches the API server only
+when the kubelet writes the Pod's status, after ADD returned, so the operator cannot publish
+tables naming it before that, and blocking ADD for them would delay every pod start by the
+whole budget for nothing. (The wait serves the pods whose tables are already there, such as a
+sandbox created again with the same address.) When the budget runs out, the pod stays
+PENDING_CLOSED
 (fail closed) and is released the moment its tables arrive, or, with `fail_open`, is set
 PENDING_OPEN (everything passes until its tables arrive); either way a Warning Event goes on the
 Pod and the counters below go up.
@@ -35,7 +43,8 @@ from stockade.datapath.maps import Pending
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUDGET = 2.0  # seconds an ADD waits for the pod's tables
+DEFAULT_BUDGET = 2.0  # seconds a pod may stay pending before the setting applies
+DEFAULT_ADD_WAIT = 0.1  # seconds of the budget the ADD itself waits before it returns
 
 
 class CniRequestError(ValueError):
@@ -175,7 +184,9 @@ class PendingPods:
         event: Callable[[str, str, str, str, str], None] | None = None,
         budget: float = DEFAULT_BUDGET,
         fail_open: bool = False,
+        add_wait: float = DEFAULT_ADD_WAIT,
     ) -> None:
+        self.add_wait = add_wait
         self.datapath = datapath
         self.request_sync = request_sync
         self.event = event
@@ -212,15 +223,36 @@ class PendingPods:
             self.stats.add_failures += 1
             raise
         self.request_sync()
-        released = waiter.done.wait(self.budget) or not self.datapath.is_pending(ifindex)
+        held = min(self.add_wait, self.budget)
+        released = waiter.done.wait(held) or not self.datapath.is_pending(ifindex)
+        self.stats.add_seconds.append(time.monotonic() - began)
+        del self.stats.add_seconds[:-10000]
+        if released or held >= self.budget:
+            self._settle(req, ifindex, name, waiter, released)
+        else:  # the rest of the budget runs after ADD returned; the pod stays closed meanwhile
+            threading.Thread(
+                target=self._wait_rest,
+                args=(req, ifindex, name, waiter, self.budget - held),
+                name=f"pending-{ifindex}",
+                daemon=True,
+            ).start()
+
+    def _wait_rest(
+        self, req: CniRequest, ifindex: int, name: str, waiter: _Waiter, rest: float
+    ) -> None:
+        released = waiter.done.wait(rest) or not self.datapath.is_pending(ifindex)
+        self._settle(req, ifindex, name, waiter, released)
+
+    def _settle(
+        self, req: CniRequest, ifindex: int, name: str, waiter: _Waiter, released: bool
+    ) -> None:
+        """The budget is over for `waiter`: count it, and apply the setting if still pending."""
         with self._lock:
             waiting = self._waiters.get(ifindex, [])
             if waiter in waiting:
                 waiting.remove(waiter)
             if not waiting:
                 self._waiters.pop(ifindex, None)
-        self.stats.add_seconds.append(time.monotonic() - began)
-        del self.stats.add_seconds[:-10000]
         if released:
             self.stats.released_in_budget += 1
             return
