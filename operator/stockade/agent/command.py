@@ -71,9 +71,9 @@ def add_parser(subparsers: Any) -> None:
     ag.add_argument(
         "--pending-add-wait",
         type=float,
-        default=float(env("STOCKADE_PENDING_ADD_WAIT") or 0.1),
+        default=float(env("STOCKADE_PENDING_ADD_WAIT") or 0),
         help="seconds of the budget the CNI ADD itself waits for the pod's tables before it "
-        "returns with the pod pending (default 0.1) ($STOCKADE_PENDING_ADD_WAIT)",
+        "returns with the pod pending (default 0) ($STOCKADE_PENDING_ADD_WAIT)",
     )
     ag.add_argument(
         "--pending-on-timeout",

@@ -40,7 +40,7 @@ class AgentConfig:
     # and neighbour traffic until they arrive) or "open" (everything until they arrive).
     cni_socket: Path | None = None
     pending_budget: float = 2.0
-    pending_add_wait: float = 0.1  # of the budget, what the ADD itself waits (pending.py says why)
+    pending_add_wait: float = 0.0  # of the budget, what the ADD itself waits (pending.py says why)
     pending_on_timeout: str = "closed"
 
     def __post_init__(self) -> None:

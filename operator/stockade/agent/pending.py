@@ -1,6 +1,6 @@
 """Pods the agent attached before their tables were applied: the pending state.
 
-`stockade.agent.cni` calls `PendingPods.add()` for a CNI ADD relayed by stockade-cni. It finds
+`stockade.agent.cniserver` calls `PendingPods.add()` for a CNI ADD relayed by stockade-cni. It finds
 the pod's host-side veth from the container interface the chain's result names (its peer's
 ifindex: `stockade.datapath.iface.peer_ifindex`), marks that ifindex PENDING_CLOSED in the pinned
 `pending` map and attaches both programs there, all before answering, so the pod's first packet
@@ -9,14 +9,13 @@ an endpoint on that interface: `Syncer` calls `released()` with the interfaces i
 the `pending` map (an interface leaves it only once its endpoint, binding and policy entries are
 written and its links carry them).
 
-The ADD itself waits only the first `add_wait` of the budget (0.1 s), then returns with the pod
-still closed, and the rest of the budget runs on: a pod's address reaches the API server only
-when the kubelet writes the Pod's status, after ADD returned, so the operator cannot publish
-tables naming it before that, and blocking ADD for them would delay every pod start by the
-whole budget for nothing. (The wait serves the pods whose tables are already there, such as a
-sandbox created again with the same address.) When the budget runs out, the pod stays
-PENDING_CLOSED
-(fail closed) and is released the moment its tables arrive, or, with `fail_open`, is set
+The ADD itself waits only the first `add_wait` of the budget (none by default), then returns
+with the pod still closed, and the rest of the budget runs on: a pod's address reaches the API
+server only when the kubelet writes the Pod's status, after ADD returned, so the operator cannot
+publish tables naming it before that, and blocking ADD for them would delay every pod start by
+the whole budget for nothing (measured on the sandbox: every ADD ran out a 2 s budget, the tables
+arrived about 0.3 s later). When the budget runs out, the pod stays PENDING_CLOSED (fail
+closed) and is released the moment its tables arrive, or, with `fail_open`, is set
 PENDING_OPEN (everything passes until its tables arrive); either way a Warning Event goes on the
 Pod and the counters below go up.
 
@@ -44,7 +43,7 @@ from stockade.datapath.maps import Pending
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 2.0  # seconds a pod may stay pending before the setting applies
-DEFAULT_ADD_WAIT = 0.1  # seconds of the budget the ADD itself waits before it returns
+DEFAULT_ADD_WAIT = 0.0  # seconds of the budget the ADD itself waits before it returns
 
 
 class CniRequestError(ValueError):
