@@ -21,7 +21,8 @@ Results: `pods` (starts per topology), `leaked_packets` (datagrams `denied` rece
 started pods: pending and then policy must drop every one), `cni_add_ms` {p50, p99} (the whole
 chain's ADD, as a runtime waits for it), `first_allowed_packet_ms` {p50, p99} (ADD return →
 the first connection to `allowed` established: the pod's tables published and applied). Goals:
-0 leaked over >= 200 starts per topology; cni_add_ms p99 <= 250 ms.
+0 leaked over >= 200 starts per topology; cni_add_ms p99 <= 250 ms. `--unchained` is the
+control run: the same starts without stockade-cni in the chain, where packets do leak.
 Needs root (network namespaces, eBPF), clang and the sandbox toolchain.
 """
 
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stockade.runtime import cnichain
 from stockade.sandbox import netns, session
 from stockade.sandbox.node.cni import PodRef, RuntimeConf, parse_result, pod_args
 from stockade.sandbox.node.kubelet import POD_SYSCTLS, node_state_dir
@@ -211,7 +213,7 @@ def one_start(
             netns.remove(ns_name)
 
 
-def run_topology(mode: str, starts: int) -> dict[str, Any]:
+def run_topology(mode: str, starts: int, unchained: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stockade-startup-") as tmp:
         state_dir = Path(tmp) / "sandbox"
         session.up(state_dir, 2, mode, say, detach=False)  # type: ignore[arg-type]
@@ -231,6 +233,8 @@ def run_topology(mode: str, starts: int) -> dict[str, Any]:
             rs.create_policy(POLICY)
             node = rs.topology.node("node-1")
             cni = NodeCni(node_state_dir(state_dir, "node-1"), node, cni_bin_dir())
+            if unchained:  # the control run: node-1's network without stockade-cni
+                cnichain.uninstall(cni.conf_dir)
             time.sleep(1.0)  # let the policy reach the agents before the first start
             samples = []
             for i in range(starts):
@@ -268,9 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--starts", type=int, default=200)
     p.add_argument("--topology", choices=("routed", "bridge", "both"), default="both")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "startup.json")
+    p.add_argument(
+        "--unchained",
+        action="store_true",
+        help="control run: start the pods without stockade-cni (packets then leak)",
+    )
     args = p.parse_args(argv)
     modes = ["routed", "bridge"] if args.topology == "both" else [args.topology]
-    per = {mode: run_topology(mode, args.starts) for mode in modes}
+    per = {mode: run_topology(mode, args.starts, args.unchained) for mode in modes}
     result = {
         "pods": sum(r["pods"] for r in per.values()),
         "leaked_packets": sum(r["leaked_packets"] for r in per.values()),
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "p50": max((r["first_allowed_packet_ms"] or {}).get("p50", 0) for r in per.values()),
             "p99": max((r["first_allowed_packet_ms"] or {}).get("p99", 0) for r in per.values()),
         },
+        "unchained": args.unchained,
         "goals": {"leaked_packets": 0, "cni_add_ms_p99_max": 250, "starts_per_topology_min": 200},
         "topologies": per,
     }

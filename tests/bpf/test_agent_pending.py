@@ -3,7 +3,9 @@ agent (`PendingPods`, the agent's own `AgentDatapath` over its `Syncer`) attache
 tables are not published yet in the pending state, so its traffic to a peer its policy would
 allow is dropped while the node still reaches it; the sync that applies its tables releases it
 (and the waiting ADD); a budget that runs out leaves it closed, or open with the fail-open
-setting; DEL is harmless when repeated or for an unknown container; parallel ADDs all attach.
+setting; DEL is harmless when repeated or for an unknown container; 20 parallel ADDs through
+the real stockade-cni binary and the agent's socket all attach, each answered with its
+previous result unchanged.
 
 The scenario is tests/bpf/agent_harness.py's, plus pod `demo/late` (role=client, so web accepts
 it on TCP 8080 once its tables are applied) on node-1, absent from the published tables at first.
@@ -13,18 +15,25 @@ before ADD and once released, never while pending.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from stockade.agent.cniserver import CniServer
 from stockade.agent.pending import AgentDatapath, CniRequest, PendingPods
 from stockade.agent.sync import Syncer
 from stockade.compiler.abi import PendingState
 from stockade.datapath.maps import Pending
 from stockade.sandbox.netns import NETNS_DIR
+from stockade.sandbox.toolchain import STOCKADE_CNI, ensure
 from stockade.sandbox.topology import Topology
 from stockade.sandbox.workloads.traffic import Outcome, PodProcesses
 from tests.bpf.agent_harness import PORT, Cluster, pin_root, running_syncer, serve_web
@@ -201,3 +210,56 @@ def test_del_twice_and_del_of_an_unknown_container_are_harmless(
         assert s.procs.probe("demo/other", s.cluster.ip("demo/web"), PORT, "tcp") is (
             Outcome.TIMEOUT
         )
+
+
+def relay_add(topo: Topology, key: str, socket: Path) -> subprocess.CompletedProcess[str]:
+    """CNI ADD of pod `key` through the real stockade-cni binary, as a runtime runs it."""
+    req = add_request(topo, key)
+    conf = {**req.config, "socket": str(socket)}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": req.container_id,
+        "CNI_NETNS": req.netns,
+        "CNI_IFNAME": req.ifname,
+        "CNI_ARGS": ";".join(f"{k}={v}" for k, v in req.args.items()),
+        "CNI_PATH": str(STOCKADE_CNI.bin_dir),
+    }
+    return subprocess.run(
+        [str(STOCKADE_CNI.path("stockade-cni"))],
+        input=json.dumps(conf),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_twenty_parallel_adds_through_the_plugin_each_attach_their_pod_pending(
+    topology: MakeTopology, pod_processes: MakeProcesses, tmp_path: Path
+) -> None:
+    ensure((STOCKADE_CNI,))
+    with scene(topology, pod_processes, "routed") as s:
+        keys = [f"demo/new{i}" for i in range(20)]
+        for key in keys:
+            s.topo.add_pod(key, "node-1")
+        pods = s.pods(budget=0.0)
+        server = CniServer(tmp_path / "cni.sock", pods)
+        server.start()
+        try:
+            with ThreadPoolExecutor(max_workers=20) as pool:
+                done = list(pool.map(lambda k: relay_add(s.topo, k, server.path), keys))
+        finally:
+            server.stop()
+        for key, proc in zip(keys, done, strict=True):
+            assert proc.returncode == 0, (key, proc.stdout, proc.stderr)
+            assert json.loads(proc.stdout) == add_request(s.topo, key).config["prevResult"]
+        wanted = {
+            s.syncer.attachments.host_ifindex(NETNS_DIR / s.topo.pods[k].netns, "eth0")
+            for k in keys
+        }
+        assert set(s.pending()) == wanted
+        assert all(state is PendingState.CLOSED for state in s.pending().values())
+        assert wanted <= s.syncer.attachments.attached_ifindexes()
+        assert pods.stats.adds == 20 and pods.stats.add_failures == 0
