@@ -16,7 +16,9 @@
  * PENDING_OPEN everything passes; with PENDING_CLOSED only what is always allowed passes, that
  * is ARP and ND (above) and IP traffic whose remote address is the node's own (its peer class
  * carries CLASS_FLAG_LOCAL_NODE; both directions, so that kubelet probes get their replies),
- * and everything else drops with REASON_PENDING, rule 0. Conntrack is neither consulted nor
+ * and everything else drops with REASON_PENDING, rule 0. A packet from a CLOSED pending pod
+ * whose source is an endpoint's address drops with REASON_SPOOFED first (the pod has no
+ * endpoint yet, so that address is another pod's). Conntrack is neither consulted nor
  * written for it: a pod racing its own enforcement can plant nothing.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
  * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h).
@@ -141,6 +143,11 @@ static __always_inline int pending_verdict(struct __sk_buff *skb, const struct f
 
 	if (state == PENDING_OPEN)
 		return VERDICT_PASS;
+	/* A pending pod has no endpoint yet: a source that is some endpoint's is another pod's. */
+	if (dir == DIR_EGRESS && endpoint_lookup(f->t.saddr)) {
+		emit_drop(skb, f, dir, REASON_SPOOFED, 0, 0);
+		return VERDICT_DROP;
+	}
 	cls = class_lookup(dir == DIR_EGRESS ? f->t.daddr : f->t.saddr);
 	if (cls && (cls->flags & CLASS_FLAG_LOCAL_NODE))
 		return VERDICT_PASS;

@@ -7,6 +7,7 @@ Runs 1,000 examples (the `datapath` hypothesis profile); a failure prints the re
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterator
 
@@ -219,6 +220,14 @@ def test_the_kernel_decides_as_ir_lookup(
             assert seen == [], (probe, direction)
 
 
+def _from_no_endpoint(tables: ir.NodeTables, probe: ir.Packet) -> ir.Packet:
+    """`probe` with a source that is no endpoint's (what a pending pod's own address is), when
+    its family has one: so that half the probes of a pending pod are not spoofed."""
+    taken = {ir.to_v6(e.address) for e in tables.endpoints}
+    free = [a for a in _family(probe.src) if ir.to_v6(a) not in taken and a != probe.dst]
+    return dataclasses.replace(probe, src=free[0]) if free else probe
+
+
 pending_states = st.sampled_from(
     [abi.PendingState.CLOSED, abi.PendingState.CLOSED, abi.PendingState.OPEN]
 )
@@ -234,7 +243,8 @@ def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_say
     """The interface of the test runs (the loopback) is pending: whatever the endpoints and
     policy entries say, the kernel passes what `ir.lookup(..., pending=state)` passes (with
     CLOSED: only the node's own addresses, ICMPv6 neighbour discovery), drops the rest with
-    reason PENDING, and records no conntrack entry."""
+    reason PENDING (SPOOFED for a source that is an endpoint's, from the pod), and records no
+    conntrack entry."""
     tables, probes = case
     assert dp.maps is not None
     dp.write(tables)
@@ -242,7 +252,8 @@ def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_say
     pending = maps.Pending(dp.maps)
     pending.mark(maps.LOOPBACK_IFINDEX, state)
     try:
-        for probe, direction in probes:
+        for i, (drawn, direction) in enumerate(probes):
+            probe = _from_no_endpoint(tables, drawn) if i % 2 else drawn
             maps.flush_conntrack(dp.maps)
             want = ir.lookup(tables, probe, direction, pending=state)
             got = dp.run(pk.packet_frame(probe), direction)
@@ -253,7 +264,18 @@ def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_say
                 redirect = direction is Direction.EGRESS and (
                     probe.port >> 8 == ir.REDIRECT_TYPES.get(probe.protocol)
                 )
-                reason = events.DropReason.NOT_A_ROUTER if redirect else events.DropReason.PENDING
+                spoofed = (
+                    state is abi.PendingState.CLOSED
+                    and direction is Direction.EGRESS
+                    and any(ir.to_v6(e.address) == ir.to_v6(probe.src) for e in tables.endpoints)
+                )
+                reason = (
+                    events.DropReason.NOT_A_ROUTER
+                    if redirect
+                    else events.DropReason.SPOOFED
+                    if spoofed
+                    else events.DropReason.PENDING
+                )
                 assert seen == [(events.EventKind.DROP, reason, ir.RULE_NONE)], (probe, direction)
             else:
                 assert seen == [], (probe, direction)

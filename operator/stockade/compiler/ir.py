@@ -270,7 +270,8 @@ def lookup(
     `pending`: the hook's interface is in the `pending` map (attached before the pod's tables
     were applied). OPEN passes everything else; CLOSED passes only a packet whose remote
     address's class carries LOCAL_NODE, in both directions, and drops the rest (reason PENDING,
-    rule RULE_NONE), whatever the endpoints and policy entries say.
+    rule RULE_NONE), whatever the policy entries say; from the pod (EGRESS), a source that is an
+    endpoint's address drops first (reason SPOOFED): a pending pod has no endpoint yet.
     """
     if direction is Direction.EGRESS and packet.port >> 8 == REDIRECT_TYPES.get(packet.protocol):
         return Verdict(Action.DENY, RULE_NONE)
@@ -282,6 +283,10 @@ def lookup(
     if pending is abi.PendingState.OPEN:
         return ALLOW_BY_DEFAULT
     if pending is abi.PendingState.CLOSED:
+        if direction is Direction.EGRESS and any(
+            to_v6(e.address) == to_v6(local) for e in tables.endpoints
+        ):
+            return Verdict(Action.DENY, RULE_NONE)  # SPOOFED: no endpoint is the pending pod's
         node = classify(tables, remote)
         if node is not None and node.flags & ClassFlag.LOCAL_NODE:
             return ALLOW_BY_DEFAULT
