@@ -126,7 +126,10 @@ class NodeCni:
 
     @property
     def runtime(self) -> Runtime:
-        return Runtime(self.bin_dir, self.root / "cache", self.node.netns)
+        """Plugins run from the node's bin/ once `install` made it, else from where they were
+        built (a node not installed yet)."""
+        plugins = self.bin_dir if self.bin_dir.is_dir() else self.plugins
+        return Runtime(plugins, self.root / "cache", self.node.netns)
 
     def install(self, mode: Mode, bridge: str | None) -> Path:
         """Write the node's conflist (and its directories), and link the plugins into bin/."""
