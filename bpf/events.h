@@ -32,6 +32,7 @@ enum drop_reason {
 				 * do not let through on-link (parse.h) */
 	REASON_CT_BUDGET = 7,	/* a new flow of an endpoint that holds its budget of conntrack
 				 * entries (conntrack.h) */
+	REASON_PENDING = 8,	/* the pod's interface is pending: its tables are not applied */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

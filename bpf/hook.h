@@ -15,6 +15,16 @@
  * ICMPv6 router advertisements. A pod is no router; a redirect or advertisement from one can
  * only be spoofing (RFC 4861 §6, §8: only routers send them). ICMP redirects toward a pod are
  * never related to a flow: they are judged by policy.
+ * A pending interface (the `pending` map, maps.h: attached before the pod's tables were
+ * applied) is judged by its state alone, after the checks above and before any other: with
+ * PENDING_OPEN everything passes; with PENDING_CLOSED only what is always allowed passes, that
+ * is ARP and valid on-link ND (above), IP traffic the node's own stack sends (from_host) from
+ * one of its addresses, and the pod's packets toward those addresses (its peer class carries
+ * CLASS_FLAG_LOCAL_NODE), so that kubelet probes get their replies;
+ * everything else drops with REASON_PENDING, rule 0. A packet from a CLOSED pending pod
+ * whose source is an endpoint's address drops with REASON_SPOOFED first (the pod has no
+ * endpoint yet, so that address is another pod's). Conntrack is neither consulted nor
+ * written for it: a pod racing its own enforcement can plant nothing.
  * Always dropped from a pod, with REASON_SPOOFED, before conntrack: an IP packet whose source is
  * not an address of the endpoint the interface is bound to (the `bindings` map, maps.h); for
  * ICMPv6 link control, one whose source is neither that nor link-local nor unspecified (a
@@ -132,6 +142,35 @@ static __always_inline struct endpoint_value *bound_sender(struct __sk_buff *skb
 	return ep;
 }
 
+/* The state of a pending interface: 0 when it is not pending. */
+static __always_inline __u32 pending_state(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	__u32 *state = bpf_map_lookup_elem(&pending, &ifindex);
+
+	return state ? *state : 0;
+}
+
+/* A pending interface's verdict on an IP packet (the remote address is the node's own). */
+static __always_inline int pending_verdict(struct __sk_buff *skb, const struct flow *f,
+					   __u32 dir, __u32 state)
+{
+	struct class_value *cls;
+
+	if (state == PENDING_OPEN)
+		return VERDICT_PASS;
+	/* A pending pod has no endpoint yet: a source that is some endpoint's is another pod's. */
+	if (dir == DIR_EGRESS && endpoint_lookup(f->t.saddr)) {
+		emit_drop(skb, f, dir, REASON_SPOOFED, 0, 0);
+		return VERDICT_DROP;
+	}
+	cls = class_lookup(dir == DIR_EGRESS ? f->t.daddr : f->t.saddr);
+	if (cls && (cls->flags & CLASS_FLAG_LOCAL_NODE) && (dir == DIR_EGRESS || from_host(skb)))
+		return VERDICT_PASS;
+	emit_drop(skb, f, dir, REASON_PENDING, 0, 0);
+	return VERDICT_DROP;
+}
+
 /* Conntrack comes before the endpoint lookup: an established flow or a reply passes either
  * way, and most packets are one, so they pay one conntrack lookup and nothing else (from a pod,
  * the source check's two lookups come first). Time is the coarse monotonic clock (one scheduler
@@ -143,6 +182,7 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	struct decision d;
 	struct endpoint_value *ep = NULL;
 	enum parse_result r = parse_packet(skb, &f);
+	__u32 pending_st;
 
 	if (dir == DIR_EGRESS && (r == PARSE_IP || r == PARSE_CONTROL) &&
 	    icmp_is_redirect(f.t.proto, f.port >> 8)) {
@@ -173,6 +213,9 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		emit_drop(skb, &f, dir, REASON_MALFORMED, 0, 0);
 		return VERDICT_DROP;
 	}
+	pending_st = pending_state(skb);
+	if (pending_st)
+		return pending_verdict(skb, &f, dir, pending_st);
 	if (dir == DIR_EGRESS) {
 		ep = bound_sender(skb, &f);
 		if (!ep) {

@@ -255,6 +255,21 @@ struct {
 } fragments SEC(".maps");
 #endif
 
+/* pending: the ifindex of a pod's host-side interface the agent attached before that pod's
+ * tables were applied (CNI ADD, or a pod veth it does not know) -> PENDING_CLOSED or
+ * PENDING_OPEN. hook.h judges such an interface by this state alone; the agent deletes the entry
+ * once the pod's endpoint, binding and policy entries are written. */
+#define PENDING_CLOSED 1 /* only what is always allowed: ARP, ND, the node itself */
+#define PENDING_OPEN 2	 /* everything passes unjudged (the fail-open setting) */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_ENDPOINTS_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pending SEC(".maps");
+
 static __always_inline struct config *config_get(void)
 {
 	__u32 zero = 0;

@@ -3,6 +3,14 @@
 # root with every capability dropped but BPF, NET_ADMIN and PERFMON (see the chart).
 # Build from the repository root: docker build -f images/agent.Dockerfile -t stockade-agent .
 ARG DEBIAN_IMAGE=debian:bookworm-slim
+ARG GO_IMAGE=golang:1.26.8-bookworm
+
+# stockade-cni, the chained CNI plugin the cni-installer container puts on each node: a static
+# binary (it runs on the host, outside this image), from the repository's cni/ module.
+FROM ${GO_IMAGE} AS cni
+WORKDIR /src
+COPY cni/go.mod cni/go.sum cni/main.go ./
+RUN CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o /out/stockade-cni .
 
 FROM ${DEBIAN_IMAGE} AS build
 ARG PYTHON_VERSION=3.11.2-1+b1
@@ -46,6 +54,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/stockade /opt/stockade
+COPY --from=cni /out/stockade-cni /opt/stockade/bin/stockade-cni
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 ENTRYPOINT ["stockade"]
 CMD ["agent"]

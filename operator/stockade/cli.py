@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stockade import __version__
+from stockade.agent import cniinstall
 from stockade.agent import command as agent
 from stockade.control import command as operator
 from stockade.inspect import command as inspect
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_parser(subparsers)
     agent.add_parser(subparsers)
     inspect.add_parsers(subparsers)
+    cniinstall.add_parser(subparsers)
     _add_bench(subparsers, "demo", _add_demo)
     return parser
 

@@ -7,6 +7,7 @@ Runs 1,000 examples (the `datapath` hypothesis profile); a failure prints the re
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterator
 
@@ -227,3 +228,67 @@ def test_the_kernel_decides_as_ir_lookup(
             assert seen == [(events.EventKind.AUDIT, want.audit_rule_id)], (probe, direction)
         else:
             assert seen == [], (probe, direction)
+
+
+def _from_no_endpoint(tables: ir.NodeTables, probe: ir.Packet) -> ir.Packet:
+    """`probe` with a source that is no endpoint's (what a pending pod's own address is), when
+    its family has one: so that half the probes of a pending pod are not spoofed."""
+    taken = {ir.to_v6(e.address) for e in tables.endpoints}
+    free = [a for a in _family(probe.src) if ir.to_v6(a) not in taken and a != probe.dst]
+    return dataclasses.replace(probe, src=free[0]) if free else probe
+
+
+pending_states = st.sampled_from(
+    [abi.PendingState.CLOSED, abi.PendingState.CLOSED, abi.PendingState.OPEN]
+)
+
+
+@settings(settings.get_profile("datapath"), max_examples=300)
+@given(case=scenario(), state=pending_states)
+def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_says(
+    dp: Datapath,
+    case: tuple[ir.NodeTables, list[tuple[ir.Packet, Direction]]],
+    state: abi.PendingState,
+) -> None:
+    """The interface of the test runs (the loopback) is pending: whatever the endpoints and
+    policy entries say, the kernel passes what `ir.lookup(..., pending=state)` passes (with
+    CLOSED: only the node's own addresses, ICMPv6 neighbour discovery), drops the rest with
+    reason PENDING (SPOOFED for a source that is an endpoint's, from the pod), and records no
+    conntrack entry."""
+    tables, probes = case
+    assert dp.maps is not None
+    dp.write(tables)
+    dp.events()
+    pending = maps.Pending(dp.maps)
+    pending.mark(maps.LOOPBACK_IFINDEX, state)
+    try:
+        for i, (drawn, direction) in enumerate(probes):
+            probe = _from_no_endpoint(tables, drawn) if i % 2 else drawn
+            maps.flush_conntrack(dp.maps)
+            want = ir.lookup(tables, probe, direction, pending=state)
+            got = dp.run(pk.packet_frame(probe), direction)
+            seen = [(e.kind, e.reason, e.rule_id) for e in dp.events()]
+            expected = TcVerdict.DENY if want.action is Action.DENY else TcVerdict.ALLOW
+            assert got is expected, (probe, direction, state, want)
+            if want.action is Action.DENY:
+                redirect = direction is Direction.EGRESS and (
+                    probe.port >> 8 == ir.REDIRECT_TYPES.get(probe.protocol)
+                )
+                spoofed = (
+                    state is abi.PendingState.CLOSED
+                    and direction is Direction.EGRESS
+                    and any(ir.to_v6(e.address) == ir.to_v6(probe.src) for e in tables.endpoints)
+                )
+                reason = (
+                    events.DropReason.NOT_A_ROUTER
+                    if redirect
+                    else events.DropReason.SPOOFED
+                    if spoofed
+                    else events.DropReason.PENDING
+                )
+                assert seen == [(events.EventKind.DROP, reason, ir.RULE_NONE)], (probe, direction)
+            else:
+                assert seen == [], (probe, direction)
+            assert maps.conntrack_entries(dp.maps) == [], (probe, direction)
+    finally:
+        pending.clear(maps.LOOPBACK_IFINDEX)

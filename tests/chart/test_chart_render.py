@@ -145,7 +145,7 @@ def test_operator_without_leader_election_runs_one_replica_without_the_flag() ->
 def test_agent_runs_on_every_node_with_only_bpf_net_admin_and_perfmon() -> None:
     ds = find(render(), "DaemonSet", "stockade-agent")
     pod = ds["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "agent"]
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
@@ -207,8 +207,14 @@ def test_agent_mounts_the_node_bpffs_with_host_to_container_propagation() -> Non
         "mountPropagation": "HostToContainer",
     }
     assert volumes["bpffs"]["hostPath"] == {"path": "/sys/fs/bpf", "type": "Directory"}
-    # everything else the read-only root needs to write is scratch space
-    assert {n for n, v in volumes.items() if "hostPath" in v} == {"bpffs"}
+    # besides the CNI plugin's (its socket, the installer's CNI directories), everything else
+    # the read-only root needs to write is scratch space
+    assert {n for n, v in volumes.items() if "hostPath" in v} == {
+        "bpffs",
+        "cni-socket",
+        "cni-conf",
+        "cni-bin",
+    }
     assert {mounts["tmp"]["mountPath"], mounts["compile-cache"]["mountPath"]} == {
         "/tmp",
         "/var/cache/stockade",
@@ -279,7 +285,8 @@ def test_each_component_binds_its_endpoints_to_its_bind_address(
     kind: str, name: str, component: str
 ) -> None:
     def bind_address(values: dict[str, Any]) -> str:
-        (container,) = find(render(values), kind, name)["spec"]["template"]["spec"]["containers"]
+        containers = find(render(values), kind, name)["spec"]["template"]["spec"]["containers"]
+        (container,) = [c for c in containers if c["name"] == component]
         env = {e["name"]: e.get("value") for e in container["env"]}
         address: str = env["STOCKADE_BIND_ADDRESS"]
         return address
@@ -333,3 +340,53 @@ def test_the_inspect_roles_grant_reading_and_the_agents_proxy() -> None:
     role = find(objects, "Role", "stockade-inspect")
     assert {"apiGroups": [""], "resources": ["pods/proxy"], "verbs": ["get"]} in role["rules"]
     assert not [k for k in kinds(render({"inspect": {"role": False}})) if "inspect" in k]
+
+
+def test_the_agent_pod_installs_and_chains_stockade_cni_and_serves_its_socket() -> None:
+    pod = find(render(), "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    installer, agent = containers["cni-installer"], containers["agent"]
+    assert installer["args"] == [
+        "cni-install",
+        "--conf-dir=/host/cni/net.d",
+        "--bin-dir=/host/cni/bin",
+        "--binary=/opt/stockade/bin/stockade-cni",
+        "--socket=/run/stockade/cni.sock",
+        "--watch=5",
+        "--remove-on-exit",
+    ]
+    assert installer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cni-conf"]["hostPath"]["path"] == "/etc/cni/net.d"
+    assert volumes["cni-bin"]["hostPath"]["path"] == "/opt/cni/bin"
+    assert volumes["cni-socket"]["hostPath"]["path"] == "/run/stockade"
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["STOCKADE_CNI_SOCKET"] == "/run/stockade/cni.sock"
+    assert env["STOCKADE_PENDING_BUDGET"] == "2"
+    assert env["STOCKADE_PENDING_ON_TIMEOUT"] == "closed"
+    assert {"name": "cni-socket", "mountPath": "/run/stockade"} in agent["volumeMounts"]
+
+
+def test_the_cni_values_choose_directories_and_fail_open_or_leave_it_out() -> None:
+    values = {
+        "agent": {
+            "cni": {
+                "confDir": "/var/lib/cni/conf",
+                "binDir": "/home/kubernetes/bin",
+                "failOpen": True,
+                "pendingBudgetSeconds": 5,
+            }
+        }
+    }
+    pod = find(render(values), "DaemonSet", "stockade-agent")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert "--fail-open" in containers["cni-installer"]["args"]
+    env = {e["name"]: e.get("value") for e in containers["agent"]["env"]}
+    assert (env["STOCKADE_PENDING_ON_TIMEOUT"], env["STOCKADE_PENDING_BUDGET"]) == ("open", "5")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cni-conf"]["hostPath"]["path"] == "/var/lib/cni/conf"
+    assert volumes["cni-bin"]["hostPath"]["path"] == "/home/kubernetes/bin"
+    off = find(render({"agent": {"cni": {"enabled": False}}}), "DaemonSet", "stockade-agent")
+    spec = off["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["agent"]
+    assert "STOCKADE_CNI_SOCKET" not in {e["name"] for e in spec["containers"][0]["env"]}

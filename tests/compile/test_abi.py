@@ -52,6 +52,7 @@ ENUMS: dict[type[IntEnum], tuple[str | None, str]] = {
     abi.Direction: (None, "DIR_"),
     abi.Action: (None, "ACTION_"),
     abi.ClassFlag: (None, "CLASS_FLAG_"),
+    abi.PendingState: (None, "PENDING_"),
     abi.ConntrackMode: ("ct_mode", "CT_MODE_"),
     abi.EventKind: ("event_kind", "EVENT_"),
     abi.DropReason: ("drop_reason", "REASON_"),

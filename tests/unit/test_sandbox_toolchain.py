@@ -245,3 +245,15 @@ def test_a_command_that_closes_its_output_before_exiting_logs_no_progress_lines(
 def test_a_failing_command_names_its_step_and_shows_its_output(tmp_path: Path) -> None:
     with pytest.raises(toolchain.ToolchainError, match=r"toy: compiling failed \(exit 3\)"):
         toolchain._run(["sh", "-c", "echo boom; exit 3"], tmp_path, "toy: compiling")
+
+
+def test_stockade_cni_is_built_from_the_repository_module_and_keyed_on_its_sources() -> None:
+    assert toolchain.STOCKADE_CNI in TOOLS
+    files = toolchain._cni_sources()
+    assert sorted(files) == ["go.mod", "go.sum", "main.go"]
+    assert "module github.com/stockade/stockade-cni" in files["go.mod"]
+    assert "github.com/containernetworking/cni" in files["go.mod"]
+    assert toolchain.STOCKADE_CNI.binaries == ("stockade-cni",)
+    assert toolchain.STOCKADE_CNI.version == toolchain._sources_version(files)
+    edited = {**files, "main.go": files["main.go"] + "\n// an edit\n"}
+    assert toolchain._sources_version(edited) != toolchain.STOCKADE_CNI.version

@@ -1,7 +1,9 @@
 """The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
-metrics endpoint with the inspecting routes (`stockade.agent.routes`), the flow log and the
-policy Events. `stockade agent` (`stockade.agent.command`) and the tests
-build an `Agent` and call `run(stop)`, which blocks until the stop flag is set.
+metrics endpoint with the inspecting routes (`stockade.agent.routes`), the flow log, the
+policy Events and, with `cni_socket`, the socket stockade-cni relays CNI commands to
+(`CniServer` → `PendingPods`: pods attached in the pending state on CNI ADD).
+`stockade agent` (`stockade.agent.command`) and the tests build an `Agent` and call
+`run(stop)`, which blocks until the stop flag is set.
 
 Nothing here removes pinned state on exit: programs, maps and links stay in force while no agent
 runs, and the next agent adopts them.
@@ -17,10 +19,12 @@ from pathlib import Path
 import kubernetes.client
 
 from stockade.agent.attachments import Attachments
+from stockade.agent.cniserver import CniServer
 from stockade.agent.config import AgentConfig
 from stockade.agent.conntrack import ConntrackRecount
 from stockade.agent.flows import Flows
 from stockade.agent.metrics import FlowLog, events_lost_metrics, gauge_metrics, rule_metrics
+from stockade.agent.pending import AgentDatapath, PendingPods
 from stockade.agent.policy_events import PolicyEvents
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
@@ -62,16 +66,19 @@ class Agent:
         log.info(
             "Service traffic: %s mode (--service-mode %s)", self.service_mode, config.service_mode
         )
+        self.reporter = Reporter(self.api, config.node)
+        self.attachments = Attachments(config.pin_root, self.executor)
         self.syncer = Syncer(
             config.node,
             self._objects,
             self.programs,
-            Attachments(config.pin_root, self.executor),
-            Reporter(self.api, config.node),
+            self.attachments,
+            self.reporter,
             config.pin_root,
             DatapathConfig(ConntrackMode[config.conntrack_on_policy_change.upper()]),
             self.service_mode,
             NetfilterLinks(config.pin_root, self.executor),
+            released=self._released,
         )
         self.runner = Runner(
             self._sync,
@@ -94,6 +101,18 @@ class Agent:
         self.recount = ConntrackRecount(
             lambda: self.syncer.maps, self._lock, config.conntrack_recount_seconds
         )
+        self.pending = PendingPods(
+            AgentDatapath(self.syncer, self.attachments, self._lock),
+            self.runner.request,
+            self.reporter.pod_event,
+            budget=config.pending_budget,
+            fail_open=config.pending_on_timeout == "open",
+            add_wait=config.pending_add_wait,
+        )
+        self.cni = CniServer(config.cni_socket, self.pending) if config.cni_socket else None
+
+    def _released(self, ifindexes: list[int]) -> None:
+        self.pending.released(ifindexes)
 
     def _objects(self) -> Mapping[str, TableObject]:
         return self.watch.snapshot()
@@ -145,6 +164,7 @@ class Agent:
             "stockade_agent_netfilter_links_attached_total": self.syncer.netfilter.attaches,
             "stockade_agent_policy_events_posted_total": self.policy_events.posted,
             "stockade_agent_policy_events_suppressed_total": self.policy_events.suppressed,
+            **self.pending.metrics(),
         }
 
     def metrics_text(self) -> str:
@@ -219,9 +239,13 @@ class Agent:
         self.watch.start()
         self.recount.start()
         self.policy_events.start()
+        if self.cni is not None:
+            self.cni.start()
         try:
             stop.wait()
         finally:
+            if self.cni is not None:
+                self.cni.stop()
             self.watch.stop()
             self.recount.stop()
             self.runner.stop()

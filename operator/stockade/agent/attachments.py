@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -37,7 +37,9 @@ from stockade.datapath.iface import (
     HostInterface,
     InterfaceNotFoundError,
     host_interface,
+    interface_at,
     node_addresses,
+    peer_ifindex,
 )
 from stockade.datapath.maps import Bindings
 from stockade.datapath.netns import NetnsExecutor
@@ -75,6 +77,7 @@ class AttachResult:
     updated: int = 0
     unchanged: int = 0
     detached: list[str] = field(default_factory=list)  # interfaces
+    ifindexes: set[int] = field(default_factory=set)  # of the attached endpoints' interfaces
     seconds_per_new_interface: list[float] = field(default_factory=list)
 
 
@@ -164,16 +167,33 @@ class Attachments:
         endpoints: Sequence[Endpoint],
         programs: Mapping[Hook, tuple[int, int]],
         bindings: Bindings,
+        pending: Collection[int] = (),
     ) -> AttachResult:
         """Bind every endpoint's interface to it and attach `programs` (hook -> (fd, id)) there;
-        detach and unbind the rest."""
-        return self._run(lambda: self._reconcile(endpoints, programs, bindings))
+        detach and unbind the rest, except the interfaces in `pending` (ifindexes of pods
+        attached before their tables arrived: see `stockade.agent.pending`)."""
+        return self._run(lambda: self._reconcile(endpoints, programs, bindings, pending))
+
+    def attach_interface(self, ifindex: int, programs: Mapping[Hook, tuple[int, int]]) -> str:
+        """Attach `programs` to the interface `ifindex` (a pending pod's); its name."""
+
+        def attach_one() -> str:
+            found = interface_at(ifindex)
+            self._attach(found, programs, AttachResult())
+            return found.name
+
+        return self._run(attach_one)
+
+    def host_ifindex(self, pod_netns: Path, ifname: str) -> int:
+        """The node-side ifindex of the veth `ifname` of the pod's namespace `pod_netns`."""
+        return peer_ifindex(pod_netns, ifname)
 
     def _reconcile(
         self,
         endpoints: Sequence[Endpoint],
         programs: Mapping[Hook, tuple[int, int]],
         bindings: Bindings,
+        pending: Collection[int] = (),
     ) -> AttachResult:
         result = AttachResult()
         bound = bindings.read()
@@ -206,9 +226,10 @@ class Attachments:
             if fresh:
                 result.seconds_per_new_interface.append(time.monotonic() - began)
             result.attached[endpoint.endpoint_id] = found.name
+            result.ifindexes.add(found.ifindex)
         self._found = found_now
         for name in self.pinned_interfaces():
-            if name in wanted:
+            if name in wanted or (pending and self._on_any(name, pending)):
                 continue
             # A failed lookup may hide an endpoint's interface: then only links whose interface
             # is gone are dropped, live ones stay until the endpoint is known to be gone.
@@ -256,6 +277,17 @@ class Attachments:
                 created = True
             attach.attach(found.ifindex, point, fd, pin, hook.program)
         return created
+
+    def _on_any(self, name: str, ifindexes: Collection[int]) -> bool:
+        """Some link pinned for interface `name` sits on one of `ifindexes`."""
+        for pin in (self.root / pin_folder(name)).iterdir():
+            link = read_link(pin)
+            if link is not None and link.ifindex in ifindexes:
+                return True
+        return False
+
+    def attached_ifindexes(self) -> set[int]:
+        return set(self._attached_ifindexes())
 
     def _alive(self, found: HostInterface) -> bool:
         """Both links of a previously found interface still sit on its ifindex."""

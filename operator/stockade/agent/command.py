@@ -62,6 +62,34 @@ def add_parser(subparsers: Any) -> None:
         "(netfilter, Linux >= 6.4), at the veth on the Service address (fallback), or the first "
         "the kernel supports (auto, the default) ($STOCKADE_SERVICE_MODE)",
     )
+    ag.add_argument(
+        "--cni-socket",
+        type=Path,
+        default=env("STOCKADE_CNI_SOCKET", "") or None,
+        help="serve stockade-cni's relayed ADD/CHECK/DEL on this unix socket "
+        "(e.g. /run/stockade/cni.sock; default: none) ($STOCKADE_CNI_SOCKET)",
+    )
+    ag.add_argument(
+        "--pending-budget",
+        type=float,
+        default=float(env("STOCKADE_PENDING_BUDGET") or 2),
+        help="seconds a new pod may stay pending, waiting for its tables, before "
+        "--pending-on-timeout applies (default 2) ($STOCKADE_PENDING_BUDGET)",
+    )
+    ag.add_argument(
+        "--pending-add-wait",
+        type=float,
+        default=float(env("STOCKADE_PENDING_ADD_WAIT") or 0),
+        help="seconds of the budget the CNI ADD itself waits for the pod's tables before it "
+        "returns with the pod pending (default 0) ($STOCKADE_PENDING_ADD_WAIT)",
+    )
+    ag.add_argument(
+        "--pending-on-timeout",
+        choices=("closed", "open"),
+        default=env("STOCKADE_PENDING_ON_TIMEOUT", "closed"),
+        help="a pod whose tables missed the budget: closed (only node and neighbour traffic "
+        "until they arrive, the default) or open ($STOCKADE_PENDING_ON_TIMEOUT)",
+    )
     ag.set_defaults(run=run_command)
 
 
@@ -78,6 +106,10 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
         bind_address=args.bind_address,
         conntrack_on_policy_change=args.conntrack_on_policy_change,
         service_mode=args.service_mode,
+        cni_socket=args.cni_socket,
+        pending_budget=args.pending_budget,
+        pending_add_wait=args.pending_add_wait,
+        pending_on_timeout=args.pending_on_timeout,
     )
 
 

@@ -40,6 +40,13 @@ class AgentConfig:
     watch_timeout: int = 240  # seconds a single watch request lasts before it is renewed
     # Seconds between two recounts of the conntrack entries each endpoint holds (agent/conntrack.py)
     conntrack_recount_seconds: float = 10.0
+    # The socket stockade-cni relays CNI commands to (None: no socket), how long an ADD waits for
+    # the pod's tables, and what a pod whose tables missed that budget gets: "closed" (only node
+    # and neighbour traffic until they arrive) or "open" (everything until they arrive).
+    cni_socket: Path | None = None
+    pending_budget: float = 2.0
+    pending_add_wait: float = 0.0  # of the budget, what the ADD itself waits (pending.py says why)
+    pending_on_timeout: str = "closed"
 
     def __post_init__(self) -> None:
         errors = []
@@ -77,6 +84,16 @@ class AgentConfig:
         if self.service_mode not in ("auto", "netfilter", "fallback"):
             errors.append(
                 f"--service-mode: expected auto, netfilter or fallback, got {self.service_mode!r}"
+            )
+        if self.cni_socket is not None and not self.cni_socket.is_absolute():
+            errors.append(f"--cni-socket: {self.cni_socket} must be an absolute path")
+        if not 0 <= self.pending_budget <= 60:
+            errors.append(f"--pending-budget: {self.pending_budget} must be within 0..60 seconds")
+        if not 0 <= self.pending_add_wait <= 60:
+            errors.append(f"--pending-add-wait: {self.pending_add_wait} must be within 0..60 s")
+        if self.pending_on_timeout not in ("closed", "open"):
+            errors.append(
+                f"--pending-on-timeout: expected closed or open, got {self.pending_on_timeout!r}"
             )
         if self.min_interval < 0 or self.max_backoff <= 0 or self.watch_timeout <= 0:
             errors.append("min_interval must not be negative; max_backoff, watch_timeout > 0")

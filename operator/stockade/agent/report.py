@@ -99,6 +99,13 @@ class Reporter:
                 log.warning("no pod on %s has %s", self.node, failure.endpoint.addresses)
             self._said.add((str(failure.endpoint.addresses), failure.reason, failure.message))
 
+    def pod_event(self, namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+        """A Warning Event on one Pod (the pending state's budget ran out, for example)."""
+        involved = {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name}
+        if uid:
+            involved["uid"] = uid
+        self._post(namespace, involved, reason, message)
+
     def refused(self, message: str) -> None:
         """A Warning Event on the node's program object: the published set was refused (not in
         the hand-off format, or a number out of its range) and the last good set stays in force.

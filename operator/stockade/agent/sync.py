@@ -32,6 +32,7 @@ from stockade.compiler.render import Hook
 from stockade.datapath.maps import (
     Bindings,
     DatapathConfig,
+    Pending,
     PinnedMaps,
     TableWriter,
     WriteStats,
@@ -89,9 +90,11 @@ class Syncer:
         datapath_config: DatapathConfig | None = None,
         service_mode: str = NETFILTER,
         netfilter: NetfilterLinks | None = None,
+        released: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
+        self.released = released  # told the interfaces each sync releases from pending
         self.datapath_config = datapath_config or DatapathConfig()
         self.node = node
         self._objects = objects
@@ -192,8 +195,10 @@ class Syncer:
             )
         self.current = wanted
         programs = {hook: (p.fd, p.id) for hook, p in self.programs.programs.items()}
+        pending = Pending(self.maps)
+        waiting = pending.read()
         result = self.attachments.reconcile(
-            endpoints_of(wanted.tables), programs, Bindings(self.maps)
+            endpoints_of(wanted.tables), programs, Bindings(self.maps), waiting
         )
         service = self.programs.programs.get(Hook.SERVICE)
         if service is not None:
@@ -201,6 +206,7 @@ class Syncer:
             self.netfilter.ensure(service.fd, service.id, self.programs.shape.ipv6)
         else:
             self.netfilter.remove()
+        self._release(pending, waiting, result)
         self.stats.last_attach = result
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
@@ -224,6 +230,26 @@ class Syncer:
         for fd in self.retired_fds:
             os.close(fd)
         self.retired_fds = []
+
+    def _release(
+        self, pending: Pending, waiting: Mapping[int, object], result: AttachResult
+    ) -> None:
+        """Clear the pending state of the interfaces that are now attached endpoints (their
+        endpoint, binding and policy entries are written) and of those that are gone."""
+        if not waiting:
+            return
+        alive = self.attachments.attached_ifindexes()
+        released = []
+        for ifindex in waiting:
+            if ifindex in result.ifindexes:
+                pending.clear(ifindex)
+                released.append(ifindex)
+            elif ifindex not in alive:
+                pending.clear(ifindex)  # its veth (and with it its links) is gone
+        if released:
+            log.info("released %d pending interface(s): %s", len(released), released)
+            if self.released is not None:
+                self.released(released)
 
     def _report_problem(self, message: str) -> None:
         if self.reporter is None:

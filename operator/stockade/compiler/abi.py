@@ -262,6 +262,7 @@ MAPS = {
         ),
         MapSpec("svc_deferred", MapType.LRU_HASH, SVC_DEFER_KEY, SVC_DEFER_VALUE, "conntrack_max"),
         MapSpec("svc_flows", MapType.LRU_HASH, CT_KEY, SVC_FLOW_VALUE, "conntrack_max"),
+        MapSpec("pending", MapType.HASH, U32, U32, "endpoints_max"),
     )
 }
 
@@ -315,6 +316,13 @@ class ClassFlag(IntEnum):
     LOCAL_NODE = 1  # the address is one of this node's own: traffic from it is always allowed
 
 
+class PendingState(IntEnum):
+    """PENDING_* in bpf/maps.h: the state of an interface in the `pending` map."""
+
+    CLOSED = 1  # only what is always allowed passes: ARP, ND, the node's own addresses
+    OPEN = 2  # everything passes unjudged (the fail-open setting)
+
+
 class ConntrackMode(IntEnum):
     """What happens to established flows when policy changes (`enum ct_mode`, conntrack.h)."""
 
@@ -340,3 +348,4 @@ class DropReason(IntEnum):
     SPOOFED = 5  # a pod sent from an address not its own: see bpf/hook.h
     NOT_ON_LINK = 6  # ND or MLD that is not valid on-link: see bpf/parse.h
     CT_BUDGET = 7  # a new flow of an endpoint holding its conntrack budget: bpf/conntrack.h
+    PENDING = 8  # the pod's interface is pending, its tables not applied: see bpf/hook.h

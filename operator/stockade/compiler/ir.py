@@ -289,7 +289,12 @@ def classify(tables: NodeTables, address: IPAddress) -> ClassEntry | None:
     return best
 
 
-def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
+def lookup(
+    tables: NodeTables,
+    packet: Packet,
+    direction: Direction,
+    pending: abi.PendingState | None = None,
+) -> Verdict:
     """What one hook decides for a connection's first packet (the spec of `bpf/policy.h`).
 
     `direction` INGRESS: the hook in front of the destination pod; EGRESS: the hook in front of
@@ -302,6 +307,13 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     endpoint's address is dropped (reason SPOOFED; rule RULE_NONE): a pod's interface is bound
     to its endpoint, so such a source is never the pod's own. Toward a pod (INGRESS), a
     destination that is no endpoint of this node passes unjudged.
+
+    `pending`: the hook's interface is in the `pending` map (attached before the pod's tables
+    were applied). OPEN passes everything else; CLOSED passes only a packet whose remote
+    address's class carries LOCAL_NODE, from the pod (EGRESS) or sent by the node's own stack
+    (INGRESS, not `forwarded`), and drops the rest (reason PENDING,
+    rule RULE_NONE), whatever the policy entries say; from the pod (EGRESS), a source that is an
+    endpoint's address drops first (reason SPOOFED): a pending pod has no endpoint yet.
     """
     if direction is Direction.EGRESS and packet.port >> 8 == REDIRECT_TYPES.get(packet.protocol):
         return Verdict(Action.DENY, RULE_NONE)
@@ -325,6 +337,21 @@ def lookup(tables: NodeTables, packet: Packet, direction: Direction) -> Verdict:
     local, remote = (
         (packet.dst, packet.src) if direction is Direction.INGRESS else (packet.src, packet.dst)
     )
+    if pending is abi.PendingState.OPEN:
+        return ALLOW_BY_DEFAULT
+    if pending is abi.PendingState.CLOSED:
+        if direction is Direction.EGRESS and any(
+            to_v6(e.address) == to_v6(local) for e in tables.endpoints
+        ):
+            return Verdict(Action.DENY, RULE_NONE)  # SPOOFED: no endpoint is the pending pod's
+        node = classify(tables, remote)
+        if (
+            node is not None
+            and node.flags & ClassFlag.LOCAL_NODE
+            and (direction is Direction.EGRESS or not packet.forwarded)
+        ):
+            return ALLOW_BY_DEFAULT
+        return Verdict(Action.DENY, RULE_NONE)
     endpoint = next((e for e in tables.endpoints if to_v6(e.address) == to_v6(local)), None)
     if endpoint is None:
         return (

@@ -12,8 +12,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute
+
+from stockade.datapath.netns import NetnsExecutor
 
 AF_BRIDGE = 7
 
@@ -77,3 +80,34 @@ def node_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
             if not (address.is_loopback or address.is_link_local):
                 found.add(address)
     return sorted(found, key=lambda a: (a.version, int(a)))
+
+
+def peer_ifindex(pod_netns: Path, ifname: str) -> int:
+    """The ifindex, in the node's namespace, of the host-side peer of the veth `ifname` inside the
+    pod's namespace `pod_netns` (its IFLA_LINK). The CNI chain's result lists the container
+    interface by name and namespace; the host side is found from it, never by guessing among the
+    result's sandbox-less interfaces (the bridge plugin lists the bridge there too)."""
+    with NetnsExecutor(pod_netns) as inside:
+        return inside.run(_peer_of, ifname)
+
+
+def _peer_of(ifname: str) -> int:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise InterfaceNotFoundError(f"no interface {ifname} in the pod's namespace")
+        (link,) = ipr.link("get", index=found[0])
+        peer = link.get_attr("IFLA_LINK")
+        if not peer:
+            raise InterfaceNotFoundError(f"{ifname} in the pod's namespace is no veth")
+        return int(peer)
+
+
+def interface_at(ifindex: int) -> HostInterface:
+    """The interface with `ifindex` in the calling thread's namespace."""
+    with IPRoute() as ipr:
+        try:
+            name, _ = _link(ipr, ifindex)
+        except Exception as exc:  # NetlinkError: no such device
+            raise InterfaceNotFoundError(f"no interface with index {ifindex}: {exc}") from exc
+        return HostInterface(ifindex, name)

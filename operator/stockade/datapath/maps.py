@@ -245,6 +245,28 @@ class Bindings:
         }
 
 
+class Pending:
+    """The `pending` map (bpf/maps.h): a pod's host-side ifindex -> abi.PendingState. The agent
+    marks an interface pending before it attaches the programs to a pod whose tables are not
+    applied yet (CNI ADD, an unknown pod veth) and clears it once the pod's endpoint, binding
+    and policy entries are written; the programs judge a pending interface by its state alone."""
+
+    def __init__(self, maps: PinnedMaps) -> None:
+        self._fd = maps.fd("pending")
+
+    def mark(self, ifindex: int, state: abi.PendingState) -> None:
+        libbpf.map_update(self._fd, abi.U32.pack(ifindex), abi.U32.pack(int(state)))
+
+    def clear(self, ifindex: int) -> bool:
+        return libbpf.map_delete(self._fd, abi.U32.pack(ifindex))
+
+    def read(self) -> dict[int, abi.PendingState]:
+        return {
+            abi.U32.unpack(k)[0]: abi.PendingState(abi.U32.unpack(v)[0])
+            for k, v in libbpf.map_dump(self._fd, abi.U32.size, abi.U32.size)
+        }
+
+
 # --- the config map -----------------------------------------------------------------------------
 
 

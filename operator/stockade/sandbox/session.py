@@ -34,7 +34,7 @@ from typing import Any
 import kubernetes.client
 
 from stockade.runtime import AGENTS_ENV
-from stockade.sandbox import netns, stack
+from stockade.sandbox import netns, stack, toolchain
 from stockade.sandbox.cluster import dns, podcmd
 from stockade.sandbox.controlplane.crds import install_crds
 from stockade.sandbox.controlplane.server import (
@@ -44,7 +44,8 @@ from stockade.sandbox.controlplane.server import (
 )
 from stockade.sandbox.node import supervise
 from stockade.sandbox.node.cni import CniError, plugin_dir
-from stockade.sandbox.node.kubelet import NODES_DIR
+from stockade.sandbox.node.kubelet import NODES_DIR, node_state_dir
+from stockade.sandbox.node.network import NodeCni
 from stockade.sandbox.node.proxy import (
     DEFAULT_MODE,
     PROXY_MODES,
@@ -278,11 +279,24 @@ def up(
         )
         state = dataclasses.replace(state, stack=record)
         state.save(state_dir)
+        if plugins is not None:
+            progress("chaining stockade-cni into every node's CNI network")
+            chain_stockade(state_dir, topo, plugins)
     except BaseException:
         progress("start-up failed: removing what was started")
         down(state_dir, progress)
         raise
     return kubeconfig_path(state_dir)
+
+
+def chain_stockade(state_dir: Path, topo: Topology, plugins: Path) -> None:
+    """What the chart's installer does on each node once its agent runs: stockade-cni into the
+    node's CNI binary directory, `00-stockade.conflist` chaining it into the node's network.
+    From then on every pod's CNI ADD attaches it pending until its tables are applied."""
+    toolchain.ensure((toolchain.STOCKADE_CNI,))
+    for node in topo.nodes:
+        cni = NodeCni(node_state_dir(state_dir, node.name), node, plugins)
+        cni.chain_stockade(toolchain.STOCKADE_CNI.path("stockade-cni"))
 
 
 def _replicas(state: SandboxState) -> int:

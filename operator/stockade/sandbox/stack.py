@@ -31,6 +31,8 @@ import kubernetes.config
 from kubernetes.client.exceptions import ApiException
 
 from stockade.sandbox.controlplane.server import free_port
+from stockade.sandbox.node.kubelet import node_state_dir
+from stockade.sandbox.node.network import SOCKET_FILE
 from stockade.sandbox.processes import (
     Child,
     ProcessError,
@@ -140,7 +142,10 @@ def operator_argv(kubeconfig: Path, index: int, replicas: int) -> list[str]:
     ]
 
 
-def agent_argv(kubeconfig: Path, node: NodeNet, pins: Path) -> list[str]:
+def agent_argv(
+    kubeconfig: Path, node: NodeNet, pins: Path, cni_socket: Path | None = None
+) -> list[str]:
+    socket = [f"--cni-socket={cni_socket}"] if cni_socket is not None else []
     return [
         _python(),
         "-u",
@@ -150,6 +155,7 @@ def agent_argv(kubeconfig: Path, node: NodeNet, pins: Path) -> list[str]:
         f"--node={node.name}",
         f"--netns={node.netns}",
         f"--pin-root={pins / node.name}",
+        *socket,
     ]
 
 
@@ -183,7 +189,8 @@ def start_stack(
             name = f"agent-{node.name}"
             progress(f"starting {name} (netns {node.netns}, pins {pins / node.name})")
             ports[node.name] = free_port()
-            argv = agent_argv(kubeconfig, node, pins)
+            socket = node_state_dir(state_dir, node.name) / SOCKET_FILE
+            argv = agent_argv(kubeconfig, node, pins, socket)
             argv += [f"--metrics-port={ports[node.name]}", f"--bind-address={AGENT_ADDRESS}"]
             children.append(Child.spawn(name, argv, logs / f"{name}.log", detach=detach))
         record = StackRecord(replicas, pins, tuple(c.record for c in children), ports)

@@ -1,6 +1,7 @@
 """Pinned Go-built binaries for the sandbox: the Kubernetes control-plane binaries (kube-apiserver,
 kube-controller-manager, kube-scheduler, kube-proxy, kubectl), etcd, helm and the CNI reference
-plugins (ptp, bridge, host-local, loopback).
+plugins (ptp, bridge, host-local, loopback), and stockade's own chained CNI plugin, stockade-cni
+(the relay in the repository's `cni/` module, keyed on a digest of its sources).
 
 Each tool is built from the Go module proxy with the machine's Go into a cache outside the
 repository, keyed by tool and version. Beside each tool's bin/ a stamp holds the digest of what
@@ -262,7 +263,38 @@ CNI_PLUGINS = GoTool(
     ),
 )
 
-TOOLS = (ETCD, KUBERNETES, HELM, CNI_PLUGINS)
+# stockade's chained CNI plugin: its Go module (cni/ at the repository root, with go.mod and
+# go.sum pinning github.com/containernetworking/cni) is copied into the build directory; its
+# "version" is a digest of those sources, so an edit rebuilds it.
+CNI_SOURCE_DIR = Path(__file__).resolve().parents[3] / "cni"
+CNI_SOURCES = ("go.mod", "go.sum", "main.go")
+
+
+def _cni_sources() -> dict[str, str]:
+    return {
+        name: (CNI_SOURCE_DIR / name).read_text()
+        for name in CNI_SOURCES
+        if (CNI_SOURCE_DIR / name).is_file()
+    }
+
+
+def _sources_version(files: dict[str, str]) -> str:
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return f"src-{digest[:16]}"
+
+
+_STOCKADE_CNI_FILES = _cni_sources()
+STOCKADE_CNI = GoTool(
+    name="stockade-cni",
+    module="github.com/stockade/stockade-cni",
+    version=_sources_version(_STOCKADE_CNI_FILES),
+    binaries=("stockade-cni",),
+    go_mod=lambda: _STOCKADE_CNI_FILES.get("go.mod", ""),
+    packages=("github.com/stockade/stockade-cni",),
+    extra_files=_STOCKADE_CNI_FILES,
+)
+
+TOOLS = (ETCD, KUBERNETES, HELM, CNI_PLUGINS, STOCKADE_CNI)
 
 
 def cni_bin_dir() -> Path:
@@ -272,6 +304,8 @@ def cni_bin_dir() -> Path:
 
 def build(tool: GoTool) -> None:
     """Build `tool` into its cache directory (atomically: a half-built tool is never used)."""
+    if not tool.go_mod():
+        raise ToolchainError(f"{tool.name}: no Go module to build (is {CNI_SOURCE_DIR} there?)")
     started = time.monotonic()
     _log(f"building {tool.name} {tool.version} (first time only; cached in {tool.bin_dir})")
     if shutil.which("go") is None:

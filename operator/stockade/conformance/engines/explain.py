@@ -10,7 +10,8 @@ an error when the datapath disagrees with the reference (the detail names the di
 a case passes only when explain gives the expected verdict on every check and the datapath
 agrees with it. No traffic is sent for the checks.
 
-`stockade conformance run FILE --engine explain`; `tests/e2e/test_inspect_commands.py` runs a sample.
+`stockade conformance run FILE --engine explain`; `tests/e2e/test_inspect_commands.py` runs
+a sample.
 """
 
 from __future__ import annotations

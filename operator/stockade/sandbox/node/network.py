@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stockade.runtime import cnichain
 from stockade.sandbox.node.cni import (
     CNI_VERSION,
     CniError,
@@ -33,6 +34,7 @@ from stockade.sandbox.node.cni import (
 from stockade.sandbox.topology import Mode, NodeNet
 
 NETWORK_NAME = "stockade"
+SOCKET_FILE = "cni.sock"  # in a node's CNI state directory: its agent's stockade-cni socket
 LOOPBACK_NETWORK = "cni-loopback"
 # host-local hands out the upper half of each node's pod CIDRs (v4 .128-.254, v6 ::1:1-::1:ffff),
 # so that pods wired directly by `Topology.add_pod` (from .2 upwards) never collide with them.
@@ -112,12 +114,38 @@ class NodeCni:
         return self.root / "ipam"
 
     @property
+    def bin_dir(self) -> Path:
+        """The node's CNI binary directory (a node's /opt/cni/bin): links to the reference
+        plugins, plus stockade-cni once `chain_stockade` installed it."""
+        return self.root / "bin"
+
+    @property
+    def socket(self) -> Path:
+        """Where the node's agent serves stockade-cni (`stockade agent --cni-socket`)."""
+        return self.root / SOCKET_FILE
+
+    @property
     def runtime(self) -> Runtime:
-        return Runtime(self.plugins, self.root / "cache", self.node.netns)
+        """Plugins run from the node's bin/ once `install` made it, else from where they were
+        built (a node not installed yet)."""
+        plugins = self.bin_dir if self.bin_dir.is_dir() else self.plugins
+        return Runtime(plugins, self.root / "cache", self.node.netns)
 
     def install(self, mode: Mode, bridge: str | None) -> Path:
-        """Write the node's conflist (and its directories)."""
+        """Write the node's conflist (and its directories), and link the plugins into bin/."""
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        for plugin in self.plugins.iterdir():
+            link = self.bin_dir / plugin.name
+            if plugin.is_file() and not link.exists():
+                link.symlink_to(plugin.resolve())
         return write_conflist(self.conf_dir, node_conflist(self.node, mode, self.ipam_dir, bridge))
+
+    def chain_stockade(self, binary: Path, fail_open: bool = False) -> Path:
+        """Install stockade-cni and chain it into the node's network, as the chart's installer
+        does on a real node (`stockade.runtime.cnichain`, the same code)."""
+        cnichain.install_binary(binary, self.bin_dir)
+        settings = cnichain.PluginSettings(socket=str(self.socket), fail_open=fail_open)
+        return cnichain.install(self.conf_dir, settings)
 
     def network(self) -> NetworkList:
         return load_conflist(self.conf_dir)
