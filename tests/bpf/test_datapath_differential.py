@@ -19,6 +19,7 @@ from stockade.compiler import abi, ir
 from stockade.compiler.ir import Action, Direction
 from stockade.datapath import events, maps
 from stockade.harness.testrun import TcVerdict
+from stockade.model import evaluator
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
 
@@ -243,6 +244,22 @@ pending_states = st.sampled_from(
 )
 
 
+def _link_control_reason(probe: ir.Packet, direction: Direction) -> events.DropReason | None:
+    """The reason ICMPv6 link control that is refused drops with, before any pending or policy
+    check (bpf/hook.h: it is judged by the on-link rules, not by the interface's state); None for
+    any other packet, or link control a pod sends from another's address (SPOOFED)."""
+    if probe.protocol != ir.PROTO_ICMPV6 or probe.port >> 8 not in ir.ICMPV6_CONTROL_TYPES:
+        return None
+    check = evaluator.link_control(
+        probe.port >> 8, probe.src, probe.effective_hop_limit, direction is Direction.EGRESS
+    )
+    if check is evaluator.LinkControl.NOT_A_ROUTER:
+        return events.DropReason.NOT_A_ROUTER
+    if check is evaluator.LinkControl.NOT_ON_LINK:
+        return events.DropReason.NOT_ON_LINK
+    return events.DropReason.SPOOFED
+
+
 @settings(settings.get_profile("datapath"), max_examples=300)
 @given(case=scenario(), state=pending_states)
 def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_says(
@@ -266,7 +283,7 @@ def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_say
             probe = _from_no_endpoint(tables, drawn) if i % 2 else drawn
             maps.flush_conntrack(dp.maps)
             want = ir.lookup(tables, probe, direction, pending=state)
-            got = dp.run(pk.packet_frame(probe), direction)
+            got = dp.run(pk.packet_frame(probe), direction, forwarded=probe.forwarded)
             seen = [(e.kind, e.reason, e.rule_id) for e in dp.events()]
             expected = TcVerdict.DENY if want.action is Action.DENY else TcVerdict.ALLOW
             assert got is expected, (probe, direction, state, want)
@@ -282,9 +299,8 @@ def test_a_pending_interface_passes_only_what_is_always_allowed_as_ir_lookup_say
                 reason = (
                     events.DropReason.NOT_A_ROUTER
                     if redirect
-                    else events.DropReason.SPOOFED
-                    if spoofed
-                    else events.DropReason.PENDING
+                    else _link_control_reason(probe, direction)
+                    or (events.DropReason.SPOOFED if spoofed else events.DropReason.PENDING)
                 )
                 assert seen == [(events.EventKind.DROP, reason, ir.RULE_NONE)], (probe, direction)
             else:
