@@ -23,7 +23,7 @@ class Publisher:
     generations: Mapping[str, int] = {"fine": 2, "broken": 1}
     stale = False
 
-    def plan(self, desired: object) -> Plan:
+    def plan(self, desired: object, changed_at: int | None = None) -> Plan:
         return Plan((), (), {"fine": 2, "broken": 2})
 
     def apply(self, plan: Plan) -> None:

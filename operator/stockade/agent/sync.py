@@ -10,6 +10,12 @@ resync period; it is safe to call at any time and does only what differs:
 4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones; link
    the SERVICE program at the node's netfilter hooks in netfilter mode (`agent.services`);
 5. report status on `<node>.program.0` and Events on Pods whose attach failed.
+
+When a new generation is in force, and its program object says when the operator took in the
+earliest change it carries (`stockade.handoff.CHANGED_AT`), the time from then to now (wall
+clocks of two machines: a skew between them shifts it; a negative one counts as 0) is observed
+in `apply_seconds` (`stockade_agent_policy_apply_seconds`). The first generation the agent applies
+after it starts is not: it may have been in force before the restart.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.agent.attachments import Attachments, AttachResult, Endpoint
+from stockade.agent.metrics import APPLY_BUCKETS, APPLY_SECONDS, Histogram
 from stockade.agent.nodestack import with_node_stack
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
@@ -89,7 +96,10 @@ class Syncer:
         datapath_config: DatapathConfig | None = None,
         service_mode: str = NETFILTER,
         netfilter: NetfilterLinks | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        self._wall_clock = wall_clock
+        self.apply_seconds = Histogram(APPLY_SECONDS, APPLY_BUCKETS)
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
         self.datapath_config = datapath_config or DatapathConfig()
@@ -205,7 +215,11 @@ class Syncer:
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
         self.stats.detached += len(result.detached)
+        before = self.stats.applied_generation
         self.stats.applied_generation = wanted.generation
+        if before >= 0 and wanted.generation != before and wanted.changed_at is not None:
+            nanos = self._wall_clock() - wanted.changed_at
+            self.apply_seconds.observe(max(nanos, 0) / 1e9)
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
         if migration is not None and not result.failures:
