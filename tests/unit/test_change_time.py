@@ -2,12 +2,14 @@
 the earliest change no pass has taken, the publisher stamps it on the program objects of the
 generation that carries it (and holds it for a node whose write failed), the annotation reads
 back to the nanosecond, an object without it (or with a bad one) is accepted, and the histogram
-renders cumulative buckets, sum and count."""
+renders cumulative buckets, sum and count; the agent observes each new generation once (not the
+first after its start), a negative time (clock skew) as 0."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from kubernetes.client import ApiClient
@@ -15,9 +17,10 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade import handoff
 from stockade.agent.metrics import APPLY_BUCKETS, APPLY_SECONDS, Histogram
+from stockade.agent.sync import Syncer
 from stockade.control.publish import Publisher
 from stockade.control.store import Store
-from stockade.handoff import CHANGED_AT, Shard, TableObject
+from stockade.handoff import CHANGED_AT, HandoffSet, Shard, TableObject
 from stockade.model.cluster import Namespace
 
 # 2026-12-02T12:00:00Z and some nanoseconds
@@ -226,3 +229,23 @@ def test_the_histogram_renders_cumulative_buckets_sum_and_count() -> None:
 def test_buckets_must_increase() -> None:
     with pytest.raises(ValueError, match="buckets must increase"):
         Histogram("x", (1.0, 0.5))
+
+
+def test_the_agent_observes_each_new_generation_once_from_its_change_time() -> None:
+    none = cast(Any, None)
+    now = AT + 250_000_000
+    syncer = Syncer(
+        "n0", dict, none, none, None, Path("/sys/fs/bpf/unused"), wall_clock=lambda: now
+    )
+
+    def applied(generation: int, changed_at: int | None) -> HandoffSet:
+        return HandoffSet(generation, none, none, (), changed_at)
+
+    syncer.observe_applied(-1, applied(3, AT))  # the first after a start: maybe applied before
+    syncer.observe_applied(3, applied(3, AT))  # the same generation again
+    syncer.observe_applied(3, applied(4, None))  # no change time
+    assert syncer.apply_seconds.count == 0
+    syncer.observe_applied(4, applied(5, AT))
+    assert (syncer.apply_seconds.count, syncer.apply_seconds.sum) == (1, 0.25)
+    syncer.observe_applied(5, applied(6, now + 5_000_000))  # the operator's clock is ahead
+    assert (syncer.apply_seconds.count, syncer.apply_seconds.sum) == (2, 0.25)

@@ -215,11 +215,8 @@ class Syncer:
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
         self.stats.detached += len(result.detached)
-        before = self.stats.applied_generation
+        self.observe_applied(self.stats.applied_generation, wanted)
         self.stats.applied_generation = wanted.generation
-        if before >= 0 and wanted.generation != before and wanted.changed_at is not None:
-            nanos = self._wall_clock() - wanted.changed_at
-            self.apply_seconds.observe(max(nanos, 0) / 1e9)
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
         if migration is not None and not result.failures:
@@ -233,6 +230,14 @@ class Syncer:
         if changed:
             self.programs.retire()
         return result
+
+    def observe_applied(self, before: int, applied: HandoffSet) -> None:
+        """`applied` is now in force, `before` was (-1: none since the agent started): observe
+        the time since its change in `apply_seconds`, once per new generation."""
+        if before < 0 or applied.generation == before or applied.changed_at is None:
+            return
+        nanos = self._wall_clock() - applied.changed_at
+        self.apply_seconds.observe(max(nanos, 0) / 1e9)  # a clock skew can make it negative
 
     def _close_retired(self) -> None:
         for fd in self.retired_fds:
