@@ -126,3 +126,17 @@ def test_a_listing_finds_a_hand_edited_table_and_the_next_publish_restores_it(
     )
     generation, got = assembled(api_client, table_nodes[0])
     assert generation == 1 and same(got, tables(80))
+
+
+def test_the_change_time_reaches_the_assembled_set_and_a_write_without_one_removes_it(
+    api_client: Any, table_nodes: list[str]
+) -> None:
+    publisher = Publisher(api_client)
+    node = table_nodes[0]
+    at = 1_796_212_800_123_456_789
+    for port, changed_at in ((80, at), (443, None), (8080, at + 1)):
+        desired = {node: handoff.encode(tables(port), inline_max=0)}
+        publisher.apply(publisher.plan(desired, changed_at))
+        found = Assembler(node).assemble(listed(api_client, node))
+        assert same(found.tables, tables(port))
+        assert found.changed_at == changed_at  # None: the merge patch removed the old one

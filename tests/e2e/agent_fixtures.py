@@ -44,11 +44,13 @@ class Publication:
         self.cluster = cluster
         self.publisher = Publisher(api)
 
-    def publish(self, shape: Shape | None = None) -> int:
+    def publish(self, shape: Shape | None = None, changed_at: int | None = None) -> int:
+        """Publish the next generation; its program object carries `changed_at` (Unix ns) when
+        given, as the operator stamps it."""
         self.cluster.generation += 1
         desired = {self.cluster.node_name: handoff.encode(self.cluster.tables(), shape)}
         planned = plan(self.publisher.published, desired, self.cluster.generation)
-        self.publisher.apply(planned)
+        self.publisher.apply(self.publisher.stamp(planned, changed_at))
         return planned.generations[self.cluster.node_name]
 
     def delete_all(self) -> None:

@@ -1,7 +1,8 @@
 """The agent with a real API server, real eBPF and real traffic: it applies what the operator's
 publisher wrote for its node, reports on `<node>.program.0`, writes a label change into the maps
 without a recompile, detaches a deleted pod, posts an Event on a pod it cannot attach to, keeps
-enforcing while the API server is down, and is replaced after a SIGKILL without a gap."""
+enforcing while the API server is down, and is replaced after a SIGKILL without a gap; it observes
+the time from a change the operator took in to its apply in a histogram."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import pytest
 from stockade import handoff
 from stockade.compiler import ir
 from stockade.control.plan import plan
+from stockade.control.store import Store
 from stockade.datapath import libbpf
 from stockade.datapath.netns import NetnsExecutor
+from stockade.model.cluster import Namespace
 from stockade.sandbox import netns
 from stockade.sandbox.controlplane.crds import install_crds
 from stockade.sandbox.controlplane.server import ControlPlane
@@ -217,6 +220,61 @@ def test_a_label_change_is_written_to_the_maps_without_a_recompile_and_a_deleted
             "egress": [],
         }
         assert (programs.compile_hits, programs.compile_misses, programs.loads) == compiles
+    finally:
+        agent.stop()
+
+
+def apply_histogram(metrics: str) -> tuple[float, float]:
+    """(count, sum) of stockade_agent_policy_apply_seconds in a /metrics text."""
+    values = dict(
+        line.split(" ", 1)
+        for line in metrics.splitlines()
+        if line.startswith("stockade_agent_policy_apply_seconds_")
+    )
+    return (
+        float(values["stockade_agent_policy_apply_seconds_count"]),
+        float(values["stockade_agent_policy_apply_seconds_sum"]),
+    )
+
+
+def test_a_change_the_operator_took_in_is_observed_once_in_the_apply_histogram(
+    topology: MakeTopology,
+    pod_processes: MakeProcesses,
+    publications: list[Publication],
+    api_client: Any,
+    control_plane: ControlPlane,
+    crds: None,
+    root: Path,
+) -> None:
+    cluster, procs, publication = _setup(topology, pod_processes, publications, api_client)
+    node_ns = cluster.topo.node("node-1").netns
+    agent = AgentThread(agent_config(cluster.node_name, node_ns, control_plane.kubeconfig, root))
+    store = Store()
+    try:
+        store.put_namespace("demo", Namespace("demo", {}))
+        first = store.snapshot(take_changes=True).changed_at
+        wait_applied(api_client, cluster.node_name, publication.publish(changed_at=first))
+        # the first generation an agent applies is not observed: it may predate its start
+        assert apply_histogram(agent.agent.metrics_text()) == (0, 0)
+        assert probe_web(procs, cluster) == ENFORCED
+
+        cluster.labels["demo/other"] = "client"  # the change, as the operator takes it in
+        store.put_namespace("demo", Namespace("demo", {"changed": "yes"}))
+        changed = store.snapshot(take_changes=True).changed_at
+        assert changed is not None
+        generation = publication.publish(changed_at=changed)
+        wait_applied(api_client, cluster.node_name, generation)
+        count, seconds = apply_histogram(agent.agent.metrics_text())
+        assert count == 1
+        assert seconds > 0
+        assert probe_web(procs, cluster) == OPEN
+
+        # written again without a change time (restored, or by an older operator): applied,
+        # not observed
+        cluster.labels["demo/other"] = "other"
+        wait_applied(api_client, cluster.node_name, publication.publish())
+        assert apply_histogram(agent.agent.metrics_text()) == (count, seconds)
+        assert probe_web(procs, cluster) == ENFORCED
     finally:
         agent.stop()
 

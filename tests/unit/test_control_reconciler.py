@@ -1,7 +1,8 @@
 """A pass whose publish fails for one object still writes the policy statuses, carries the
 policies at the plan's generations (so the failed node stays Pending), and then fails, so that
 the runner runs it again. Before, the failure left the pass before the statuses: one object the
-API server refused (too large) stopped every status write in the cluster."""
+API server refused (too large) stopped every status write in the cluster. A lowering pass hands
+the plan the time of the earliest change it takes over; a status pass takes none."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from stockade.control.plan import Plan
 from stockade.control.reconciler import Reconciler
 from stockade.control.store import Snapshot, Store
+from stockade.model.cluster import Namespace
 
 TOO_LARGE = 413
 
@@ -23,7 +25,7 @@ class Publisher:
     generations: Mapping[str, int] = {"fine": 2, "broken": 1}
     stale = False
 
-    def plan(self, desired: object) -> Plan:
+    def plan(self, desired: object, changed_at: int | None = None) -> Plan:
         return Plan((), (), {"fine": 2, "broken": 2})
 
     def apply(self, plan: Plan) -> None:
@@ -56,3 +58,34 @@ def test_a_failed_write_still_writes_the_statuses_then_fails_the_pass() -> None:
         ("carried", {"fine": 2, "broken": 2}),
         ("report", {"fine": 2, "broken": 1}),
     ]
+
+
+class Planning(Publisher):
+    """Records the change time each plan was given; writes succeed."""
+
+    def __init__(self) -> None:
+        self.changed: list[int | None] = []
+
+    def plan(self, desired: object, changed_at: int | None = None) -> Plan:
+        self.changed.append(changed_at)
+        return Plan((), (), {})
+
+    def apply(self, plan: Plan) -> None:
+        pass
+
+
+def test_a_lowering_pass_hands_the_earliest_change_to_the_plan_and_a_status_pass_keeps_it() -> None:
+    ticks = iter(range(100, 200))
+    store = Store(clock=lambda: next(ticks))
+    reconciler = Reconciler(store, ApiClient())
+    publisher = Planning()
+    reconciler.publisher = publisher  # type: ignore[assignment]
+    reconciler.reporter = Reporter()  # type: ignore[assignment]
+    reconciler._synced, reconciler._listed_at = True, time.monotonic()
+    reconciler.lowerer.desired = lambda snap: {}  # type: ignore[method-assign]
+    store.put_namespace("a", Namespace("a"))
+    store.put_namespace("b", Namespace("b"))
+    reconciler.run(tables=False)  # a status pass: no plan, the change stays for the next
+    reconciler.run(tables=True)
+    reconciler.run(tables=True)
+    assert publisher.changed == [100, None]

@@ -169,6 +169,7 @@ class Agent:
 
     def metrics_text(self) -> str:
         text = gauge_metrics(self.gauges())
+        text += self.syncer.apply_seconds.render()
         maps = self.syncer.maps
         rules = dict(self.syncer.rules)
         if maps is not None and "counters" in maps.fds and rules:

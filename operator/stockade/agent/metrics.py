@@ -3,6 +3,9 @@
 - `/metrics`: the agent's own gauges, and per-rule packet and byte counters read from the
   `counters` map, labelled with the rule's identity from the `rules` part of the hand-off
   (kind, namespace, name, direction, index): names live only in Python, the kernel counts by id.
+- `Histogram`: a Prometheus histogram, such as `stockade_agent_policy_apply_seconds` (from the
+  operator taking in a change to this agent applying the generation that carries it,
+  `stockade.agent.sync`), rendered as `_bucket`, `_sum` and `_count` series.
 - `FlowLog`: a thread that reads drop and audit events from the `events` ring buffer, aggregates
   them in `stockade.agent.flows.Flows` (what `stockade observe` reads) and logs structured (JSON)
   lines on the `stockade.agent.flow` logger naming the deciding rule, at most LOG_RATE a second
@@ -31,6 +34,50 @@ log = logging.getLogger(__name__)
 
 Rules = Callable[[], Mapping[int, ir.RuleInfo]]
 LOG_RATE = 20  # flow-log lines a second, at most
+
+
+# Seconds from 1 ms to 60 s: a change usually lands in milliseconds, a large node's in seconds.
+APPLY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
+APPLY_SECONDS = "stockade_agent_policy_apply_seconds"
+
+
+class Histogram:
+    """Observations counted in cumulative buckets (upper bounds `buckets`, then +Inf), with their
+    sum and count; thread-safe."""
+
+    def __init__(self, name: str, buckets: tuple[float, ...]) -> None:
+        if list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"{name}: buckets must increase, got {buckets}")
+        self.name = name
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)  # per bucket, not cumulative
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[i] += 1
+                    break
+            self.sum += value
+            self.count += 1
+
+    def render(self) -> str:
+        with self._lock:
+            counts, total, count = list(self.counts), self.sum, self.count
+        lines = [f"# TYPE {self.name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.buckets, counts, strict=True):
+            cumulative += n
+            lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {cumulative}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {count}')
+        lines.append(f"{self.name}_sum {total!r}")
+        lines.append(f"{self.name}_count {count}")
+        return "\n".join(lines) + "\n"
 
 
 def _label(value: object) -> str:

@@ -10,6 +10,12 @@ resync period; it is safe to call at any time and does only what differs:
 4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones; link
    the SERVICE program at the node's netfilter hooks in netfilter mode (`agent.services`);
 5. report status on `<node>.program.0` and Events on Pods whose attach failed.
+
+When a new generation is in force, and its program object says when the operator took in the
+earliest change it carries (`stockade.handoff.CHANGED_AT`), the time from then to now (wall
+clocks of two machines: a skew between them shifts it; a negative one counts as 0) is observed
+in `apply_seconds` (`stockade_agent_policy_apply_seconds`). The first generation the agent applies
+after it starts is not: it may have been in force before the restart.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stockade.agent.attachments import Attachments, AttachResult, Endpoint
+from stockade.agent.metrics import APPLY_BUCKETS, APPLY_SECONDS, Histogram
 from stockade.agent.nodestack import with_node_stack
 from stockade.agent.programs import Programs
 from stockade.agent.report import Reporter
@@ -91,7 +98,10 @@ class Syncer:
         service_mode: str = NETFILTER,
         netfilter: NetfilterLinks | None = None,
         released: Callable[[list[int]], None] | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        self._wall_clock = wall_clock
+        self.apply_seconds = Histogram(APPLY_SECONDS, APPLY_BUCKETS)
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
         self.released = released  # told the interfaces each sync releases from pending
@@ -211,6 +221,7 @@ class Syncer:
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
         self.stats.detached += len(result.detached)
+        self.observe_applied(self.stats.applied_generation, wanted)
         self.stats.applied_generation = wanted.generation
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
@@ -225,6 +236,14 @@ class Syncer:
         if changed:
             self.programs.retire()
         return result
+
+    def observe_applied(self, before: int, applied: HandoffSet) -> None:
+        """`applied` is now in force, `before` was (-1: none since the agent started): observe
+        the time since its change in `apply_seconds`, once per new generation."""
+        if before < 0 or applied.generation == before or applied.changed_at is None:
+            return
+        nanos = self._wall_clock() - applied.changed_at
+        self.apply_seconds.observe(max(nanos, 0) / 1e9)  # a clock skew can make it negative
 
     def _close_retired(self) -> None:
         for fd in self.retired_fds:

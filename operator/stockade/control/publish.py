@@ -22,6 +22,12 @@ in nothing but its status (the agent reported meanwhile) is the write retried at
 new resourceVersion. Drift: `observe()` is given every watched DatapathTable and forgets one that
 no longer holds what was published, so that the next plan writes it back; `resync()` forgets
 those whose entries do not match their digest.
+
+Change time: `plan(desired, changed_at)` stamps each program object written at the new
+generation with when the earliest change it carries was taken in (`handoff.CHANGED_AT`, from
+`stockade.control.store`); a node whose write failed keeps its stamp for the generation that
+retries it, so its agent measures from the change, not from the retry. A program object written
+without a stamp (restored, or no change taken in) has the annotation removed.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from kubernetes.client import ApiClient, CustomObjectsApi, V1DeleteOptions, V1Preconditions
@@ -111,6 +117,7 @@ class Publisher:
         self.writes = 0
         self.deletes = 0
         self.conflicts = 0
+        self.held: dict[str, int] = {}  # node -> change time of a program write that failed
         self._lock = threading.Lock()  # writes run on several threads at once
 
     def resync(self) -> int:
@@ -145,9 +152,23 @@ class Publisher:
         }
         return highest
 
-    def plan(self, desired: Mapping[str, NodeParts]) -> Plan:
-        """What to write so that the server holds `desired`, at the next generation."""
-        return plan_changes(self.published, desired, self.generation + 1)
+    def plan(self, desired: Mapping[str, NodeParts], changed_at: int | None = None) -> Plan:
+        """What to write so that the server holds `desired`, at the next generation, stamped
+        with `changed_at` (`stamp`)."""
+        return self.stamp(plan_changes(self.published, desired, self.generation + 1), changed_at)
+
+    def stamp(self, planned: Plan, changed_at: int | None) -> Plan:
+        """`planned` with each program object (always one of a new generation: its manifest
+        changed) carrying `changed_at` (Unix ns), or the earlier time held for its node since
+        its write failed."""
+        writes = []
+        for table in planned.writes:
+            stamped = table
+            if table.part == handoff.PROGRAM:
+                times = [t for t in (changed_at, self.held.get(table.node)) if t is not None]
+                stamped = replace(table, changed_at=min(times, default=None))
+            writes.append(stamped)
+        return replace(planned, writes=tuple(writes))
 
     def forget(self, name: str) -> None:
         """Someone else deleted `name`: the next plan writes it again."""
@@ -194,6 +215,12 @@ class Publisher:
         # A node one of whose objects failed keeps its generation and its stale shards (its
         # agent may still read them); every other node goes on.
         failed = {w.node for w, r in zip(plan.writes, results, strict=True) if r is not None}
+        for table in plan.writes:
+            if table.part == handoff.PROGRAM and table.changed_at is not None:
+                if table.node in failed:
+                    self.held[table.node] = table.changed_at
+                else:
+                    self.held.pop(table.node, None)
         self.generations = {
             node: self.generations.get(node, 0) if node in failed else generation
             for node, generation in plan.generations.items()
@@ -290,7 +317,9 @@ class Publisher:
 
     def _patch(self, table: TableObject, stamp: Stamp) -> object:
         obj = table.body()
-        metadata = {**obj["metadata"], "resourceVersion": stamp.version}
+        # A merge patch keeps what it does not name: name the change time, to remove an old one.
+        annotations = {handoff.CHANGED_AT: table.annotations().get(handoff.CHANGED_AT)}
+        metadata = {**obj["metadata"], "annotations": annotations, "resourceVersion": stamp.version}
         return self._objects.patch_cluster_custom_object(
             GROUP,
             VERSION,

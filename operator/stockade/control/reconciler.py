@@ -103,7 +103,7 @@ class Reconciler:
             self.publisher.resync()
             self._listed_at = time.monotonic()
             self._synced, tables = True, True
-        snap = self._store.snapshot()
+        snap = self._store.snapshot(take_changes=tables)
         stages = {"lower": 0.0, "publish": 0.0}
         failure: Exception | None = None
         if tables:
@@ -130,7 +130,7 @@ class Reconciler:
         once the statuses are written: one object the server refuses holds back its own node,
         not the other nodes or the policy statuses."""
         began = time.monotonic()
-        planned = self.publisher.plan(self.lowerer.desired(snap))
+        planned = self.publisher.plan(self.lowerer.desired(snap), snap.changed_at)
         lowered = time.monotonic()
         stages = {"lower": lowered - began, "publish": 0.0}
         if not self._is_leader():

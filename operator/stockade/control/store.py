@@ -5,6 +5,11 @@ The kopf handlers write into one `Store` (from kopf's event loop); the reconcile
 the model value changed, so that a status-only update (for example the operator's own status
 write coming back through the watch) never triggers a new lowering.
 
+The Store also remembers when it took in the earliest change to the lowering's inputs that no
+pass has taken yet (wall clock, Unix nanoseconds): `snapshot(take_changes=True)` hands it over
+with the snapshot, and the publisher stamps it on the program objects of the generation that
+carries the change (`stockade.handoff.CHANGED_AT`).
+
 Selector look-ups go through the label indexes of the snapshot's `ClusterState`
 (`stockade.model.cluster.ClusterIndex`), built once per snapshot.
 """
@@ -12,6 +17,7 @@ Selector look-ups go through the label indexes of the snapshot's `ClusterState`
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -33,15 +39,23 @@ class Snapshot:
     reports: Mapping[str, Mapping[str, Any]]  # node -> status of its program.0 DatapathTable
     # Service address space (control.services), with the operator's service space on
     service_space: tuple[ir.ServiceEntry, ...] = ()
+    # Unix ns when the earliest change this snapshot takes over was taken in (None: none taken)
+    changed_at: int | None = None
 
 
 class Store:
     """Thread-safe; `on_change(tables: bool)` is called after every write that changed
     something (tables=True when the lowering's inputs changed, False for status only)."""
 
-    def __init__(self, on_change: Callable[[bool], None] = lambda tables: None) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[bool], None] = lambda tables: None,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self._lock = threading.Lock()
         self._on_change = on_change
+        self._clock = clock
+        self._changed_at: int | None = None  # the earliest change no snapshot has taken yet
         self._pods: dict[str, Pod] = {}
         self._namespaces: dict[str, Namespace] = {}
         self._nodes: dict[str, Node] = {}
@@ -64,6 +78,7 @@ class Store:
                 del self._pods[key]
             else:
                 self._pods[key] = pod
+            self._mark()
         self._on_change(True)
 
     def put_namespace(self, name: str, namespace: Namespace | None) -> None:
@@ -75,6 +90,7 @@ class Store:
                 del self._namespaces[name]
             else:
                 self._namespaces[name] = namespace
+            self._mark()
         self._on_change(True)
 
     def put_node(self, name: str, node: Node | None) -> None:
@@ -85,6 +101,7 @@ class Store:
                 del self._nodes[name]
             else:
                 self._nodes[name] = node
+            self._mark()
         self._on_change(True)
 
     def put_service(self, key: str, info: ServiceInfo | None) -> None:
@@ -101,6 +118,7 @@ class Store:
                 table.pop(key, None)
             else:
                 table[key] = value
+            self._mark()
         self._on_change(True)
 
     def put_policy(self, key: PolicyKey, record: PolicyRecord | None) -> None:
@@ -112,8 +130,15 @@ class Store:
                 del self._policies[key]
             else:
                 self._policies[key] = record
-        content = old is None or record is None or not old.same_content(record)
+            content = old is None or record is None or not old.same_content(record)
+            if content:
+                self._mark()
         self._on_change(content)
+
+    def _mark(self) -> None:
+        """A change to the lowering's inputs was taken in now (called under the lock)."""
+        if self._changed_at is None:
+            self._changed_at = self._clock()
 
     def put_report(self, node: str, status: Mapping[str, Any] | None) -> None:
         """The agent report of `node` (the status of its program.0 DatapathTable)."""
@@ -132,8 +157,13 @@ class Store:
         with self._lock:
             return self._policies.get(key)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, take_changes: bool = False) -> Snapshot:
+        """A consistent view; with `take_changes`, it also takes over the earliest change not
+        taken yet (`Snapshot.changed_at`), which the next such snapshot no longer reports."""
         with self._lock:
+            changed_at = self._changed_at if take_changes else None
+            if take_changes:
+                self._changed_at = None
             return Snapshot(
                 state=ClusterState(
                     self._namespaces.values(),
@@ -148,6 +178,7 @@ class Store:
                     [ip for node in self._nodes.values() for ip in node.ips],
                     self.node_port_range,
                 ),
+                changed_at=changed_at,
             )
 
 

@@ -53,19 +53,23 @@ from stockade.handoff.codec import (
     shard_count,
 )
 from stockade.handoff.objects import (
+    CHANGED_AT,
     NODE_LABEL,
     PART_LABEL,
     Report,
     TableHead,
     TableObject,
     applied_generation,
+    format_time,
     node_selector,
     object_name,
+    parse_time,
     program_name,
     program_report,
 )
 
 __all__ = [
+    "CHANGED_AT",
     "CLASSES",
     "ENDPOINTS",
     "INLINE_ENTRIES",
@@ -102,8 +106,10 @@ __all__ = [
     "encode",
     "encode_rule",
     "encode_tables",
+    "format_time",
     "node_selector",
     "object_name",
+    "parse_time",
     "program_name",
     "program_report",
     "rule_entries",

@@ -33,6 +33,7 @@ class HandoffSet:
     program: codec.Program
     tables: ir.NodeTables
     digests: tuple[tuple[str, int, str], ...]  # (part, shard, digest) of every applied shard
+    changed_at: int | None = None  # Unix ns of the earliest change it carries (objects.CHANGED_AT)
 
 
 def _empty() -> ir.NodeTables:
@@ -95,7 +96,13 @@ class Assembler:
             used.add(key)
         for key in set(self._decoded) - used:
             del self._decoded[key]
-        return HandoffSet(program_obj.generation, program, _merge(pieces), tuple(digests))
+        return HandoffSet(
+            program_obj.generation,
+            program,
+            _merge(pieces),
+            tuple(digests),
+            program_obj.changed_at,
+        )
 
 
 def _merge(pieces: list[ir.NodeTables]) -> ir.NodeTables:

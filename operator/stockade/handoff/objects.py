@@ -11,13 +11,21 @@ Callers: `stockade.control.plan` builds `TableObject`s, `stockade.control.publis
 `body()` and reads listed objects back; `stockade.agent.watch` reads watched objects,
 `stockade.handoff.assemble` checks them against the manifest, `stockade.agent.report` writes
 `Report.body()`, `stockade.control.status` reads `applied_generation()`.
+
+A program object may carry the annotation `stockade.io/changed-at` (`CHANGED_AT`): when the
+operator took in the earliest change (policy, pod, namespace... event) that its generation carries,
+as RFC 3339 UTC time with nanoseconds. The agent observes the time from there to its apply in
+`stockade_agent_policy_apply_seconds`; an object without it (a restored object, an older
+operator), or with a value that is not such a time, is applied all the same.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,6 +36,34 @@ from stockade.model.crd_datapath import MAX_ENTRY_LENGTH, MAX_ERRORS, DatapathTa
 
 NODE_LABEL = "stockade.io/node"
 PART_LABEL = "stockade.io/part"
+CHANGED_AT = "stockade.io/changed-at"
+NANOS = 1_000_000_000
+_RFC3339 = re.compile(
+    r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})", re.IGNORECASE
+)
+
+
+def format_time(nanos: int) -> str:
+    """Unix nanoseconds as RFC 3339 UTC time with nine fractional digits."""
+    seconds, fraction = divmod(nanos, NANOS)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{fraction:09d}Z"
+
+
+def parse_time(text: object) -> int | None:
+    """Unix nanoseconds of an RFC 3339 time (0 to 9 fractional digits); None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    match = _RFC3339.fullmatch(text.strip())
+    if match is None:
+        return None
+    base, fraction, zone = match.groups()
+    offset = "+00:00" if zone.upper() == "Z" else zone
+    try:
+        when = datetime.fromisoformat(base + offset)
+    except ValueError:
+        return None
+    return int(when.timestamp()) * NANOS + int((fraction or "").ljust(9, "0"))
 
 
 def object_name(node: str, part: str, shard: int) -> str:
@@ -64,10 +100,18 @@ class TableObject(TableHead):
     """One DatapathTable's spec (its status is the agent's report, read apart)."""
 
     entries: tuple[str, ...] = ()
+    changed_at: int | None = None  # Unix ns, the `CHANGED_AT` annotation (program objects)
 
     @classmethod
     def build(
-        cls, node: str, part: str, number: int, shards: int, generation: int, shard: Shard
+        cls,
+        node: str,
+        part: str,
+        number: int,
+        shards: int,
+        generation: int,
+        shard: Shard,
+        changed_at: int | None = None,
     ) -> TableObject:
         """The object that carries shard `number` of `shards` of `node`'s `part`."""
         return cls(
@@ -79,6 +123,7 @@ class TableObject(TableHead):
             generation,
             shard.digest,
             shard.entries,
+            changed_at,
         )
 
     @classmethod
@@ -101,6 +146,7 @@ class TableObject(TableHead):
             spec.generation,
             spec.digest,
             tuple(spec.entries),
+            parse_time(((obj.get("metadata") or {}).get("annotations") or {}).get(CHANGED_AT)),
         )
 
     def head(self) -> TableHead:
@@ -108,14 +154,21 @@ class TableObject(TableHead):
             self.name, self.node, self.part, self.shard, self.shards, self.generation, self.digest
         )
 
+    def annotations(self) -> dict[str, str]:
+        if self.changed_at is None:
+            return {}
+        return {CHANGED_AT: format_time(self.changed_at)}
+
     def body(self) -> dict[str, Any]:
         """The whole object as the API server takes it (not validated here: the server does)."""
+        annotations = self.annotations()
         return {
             "apiVersion": API_VERSION,
             "kind": DATAPATH_TABLE.kind,
             "metadata": {
                 "name": self.name,
                 "labels": {NODE_LABEL: self.node, PART_LABEL: self.part},
+                **({"annotations": annotations} if annotations else {}),
             },
             "spec": {
                 "node": self.node,
