@@ -69,7 +69,9 @@ def synthetic(n: int) -> ir.NodeTables:
     ingress = ir.Direction.INGRESS
     policy = [
         ir.PolicyEntry(1, ingress, 64, 1, action=ir.Action.DENY, rule_id=isolation),
-        ir.PolicyEntry(1, ingress, 64, 3, action=ir.Action.ALLOW),
+        # the node's addresses are judged by policy: only the node's own packets are exempt,
+        # by the class flag in the datapath (bpf/policy.h)
+        ir.PolicyEntry(1, ingress, 64, 3, action=ir.Action.DENY, rule_id=isolation),
     ]
     for i in range(n):
         cid = i + 4
