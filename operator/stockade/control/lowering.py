@@ -15,6 +15,7 @@ import time
 
 from stockade import handoff
 from stockade.compiler import ir
+from stockade.compiler.fallback import service_verdicts
 from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.plan import NodeParts
@@ -55,7 +56,11 @@ class Lowerer:
             self.ids[node] = lowered.ids
             tables = lowered.tables
             if self._services:
-                tables = dataclasses.replace(tables, services=snap.service_space)
+                tables = dataclasses.replace(
+                    tables,
+                    services=snap.service_space,
+                    service_verdicts=service_verdicts(tables, snap.service_backends),
+                )
             last = self._encoded.get(node)
             if last is not None and last[0] == tables:
                 out[node] = last[1]  # unchanged: skip encoding it again

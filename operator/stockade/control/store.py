@@ -19,7 +19,13 @@ from typing import Any
 
 from stockade.compiler import ir
 from stockade.control.policies import PolicyKey, PolicyRecord
-from stockade.control.services import DEFAULT_NODE_PORT_RANGE, ServiceInfo, service_space
+from stockade.control.services import (
+    DEFAULT_NODE_PORT_RANGE,
+    ServiceInfo,
+    SliceInfo,
+    service_backends,
+    service_space,
+)
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.policy import IPAddress
 
@@ -33,6 +39,8 @@ class Snapshot:
     reports: Mapping[str, Mapping[str, Any]]  # node -> status of its program.0 DatapathTable
     # Service address space (control.services), with the operator's service space on
     service_space: tuple[ir.ServiceEntry, ...] = ()
+    # Service -> ready backends from EndpointSlices (control.services): the fallback mode's input
+    service_backends: tuple[ir.ServiceBackends, ...] = ()
 
 
 class Store:
@@ -49,6 +57,7 @@ class Store:
         self._reports: dict[str, Mapping[str, Any]] = {}
         self._services: dict[str, ServiceInfo] = {}
         self._service_cidrs: dict[str, tuple[ir.IPNetwork, ...]] = {}
+        self._slices: dict[str, SliceInfo] = {}
         self.configured_cidrs: tuple[ir.IPNetwork, ...] = ()  # used while no ServiceCIDR exists
         self.node_port_range = DEFAULT_NODE_PORT_RANGE
 
@@ -89,6 +98,9 @@ class Store:
 
     def put_service(self, key: str, info: ServiceInfo | None) -> None:
         self._put(self._services, key, info)
+
+    def put_endpoint_slice(self, key: str, info: SliceInfo | None) -> None:
+        self._put(self._slices, key, info)
 
     def put_service_cidr(self, name: str, cidrs: tuple[ir.IPNetwork, ...] | None) -> None:
         self._put(self._service_cidrs, name, cidrs)
@@ -147,6 +159,11 @@ class Store:
                     self._services.values(),
                     [ip for node in self._nodes.values() for ip in node.ips],
                     self.node_port_range,
+                ),
+                service_backends=service_backends(
+                    self._services,
+                    self._slices.values(),
+                    [ip for node in self._nodes.values() for ip in node.ips],
                 ),
             )
 
