@@ -225,6 +225,15 @@ class ServiceVerdictEntry:
     rule_id: int = 0
     no_backends: bool = False
 
+    def key(self) -> bytes:
+        return abi.SVC_VERDICT_KEY.pack(
+            self.endpoint_id, self.protocol, self.port, to_v6(self.address).packed
+        )
+
+    def value(self) -> bytes:
+        flags = abi.SVC_VERDICT_NO_BACKENDS if self.no_backends else 0
+        return abi.SVC_VERDICT_VALUE.pack(self.rule_id, self.action, flags)
+
 
 @dataclass(frozen=True)
 class NodeTables:
