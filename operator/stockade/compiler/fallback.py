@@ -26,7 +26,8 @@ from stockade.compiler import ir
 def service_verdicts(
     tables: ir.NodeTables, services: Iterable[ir.ServiceBackends]
 ) -> tuple[ir.ServiceVerdictEntry, ...]:
-    """Every (endpoint with egress policy, Service address, protocol, port) verdict, sorted."""
+    """Every (endpoint with egress policy, Service address, protocol, port) verdict, sorted
+    by map key."""
     egress = ir.Direction.EGRESS
     policy_of: dict[int, list[ir.PolicyEntry]] = {}
     for entry in tables.policy:
@@ -48,11 +49,7 @@ def service_verdicts(
             if svc.address.version != endpoint.address.version:
                 continue  # a Service address of the other family is never this address's flow
             out.append(_judge(own, endpoint, svc))
-    return tuple(sorted(out, key=_order))
-
-
-def _order(e: ir.ServiceVerdictEntry) -> tuple[int, int, bytes, int, int]:
-    return (e.endpoint_id, e.address.version, e.address.packed, e.protocol, e.port)
+    return tuple(sorted(out, key=lambda e: e.key()))
 
 
 def _judge(

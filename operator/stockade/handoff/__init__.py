@@ -24,6 +24,7 @@ from stockade.handoff.assemble import Assembler, HandoffSet, IncompleteError
 from stockade.handoff.codec import (
     CLASSES,
     ENDPOINTS,
+    FALLBACK,
     INLINE_ENTRIES,
     NO_NAMESPACE,
     PARTS,
@@ -40,6 +41,7 @@ from stockade.handoff.codec import (
     decode,
     decode_class,
     decode_endpoint,
+    decode_fallback,
     decode_policy,
     decode_program,
     decode_rule,
@@ -68,6 +70,7 @@ from stockade.handoff.objects import (
 __all__ = [
     "CLASSES",
     "ENDPOINTS",
+    "FALLBACK",
     "INLINE_ENTRIES",
     "NODE_LABEL",
     "NO_NAMESPACE",
@@ -93,6 +96,7 @@ __all__ = [
     "decode",
     "decode_class",
     "decode_endpoint",
+    "decode_fallback",
     "decode_policy",
     "decode_program",
     "decode_rule",
