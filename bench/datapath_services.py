@@ -13,7 +13,7 @@ as its baseline and reported as the difference and the ratio:
 - `netfilter_pass_ns`: the netfilter program on a forwarded packet that was not deferred (what
   every packet through the node's POST_ROUTING pays), above an empty netfilter program;
 - `fallback`: Shape.service_fallback against the same Shape without it: `not_to_service`
-  (`established`, `new_flow` as above; the new flow pays the `svc_verdict` lookup, a miss) and
+  (`established`, `new_flow` as above; the new flow pays the `svc_space` lookup) and
   `to_service_first_packet_ns` (a first packet to a Service decided by its verdict: denied, so
   every repetition is new).
 """
@@ -55,7 +55,6 @@ TABLES = ir.NodeTables(
 )
 FALLBACK_TABLES = dataclasses.replace(
     TABLES,
-    services=(),
     service_verdicts=(ir.ServiceVerdictEntry(1, VIP, ir.PROTO_TCP, PORT, Action.DENY, 6),),
 )
 

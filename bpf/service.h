@@ -37,18 +37,29 @@
 #error "STOCKADE_SERVICE_FALLBACK must be defined by the rendered program"
 #endif
 
-#if STOCKADE_SERVICES
-#if !STOCKADE_CONNTRACK
-#error "STOCKADE_SERVICES needs STOCKADE_CONNTRACK"
-#endif
-
+#if STOCKADE_SERVICES || STOCKADE_SERVICE_FALLBACK
 /* svc_space: Service address prefix (LPM, IPv4-mapped IPv6, the key of peer_classes) -> the
- * destination ports deferred there: [port_min, port_max], 0/0 for every port. */
+ * destination ports that count there: [port_min, port_max], 0/0 for every port. */
 struct svc_space_value {
 	__u16 port_min;
 	__u16 port_max;
 	__u32 flags;
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, STOCKADE_SERVICE_PREFIXES_MAX);
+	__type(key, struct class_key);
+	__type(value, struct svc_space_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_space SEC(".maps");
+#endif
+
+#if STOCKADE_SERVICES
+#if !STOCKADE_CONNTRACK
+#error "STOCKADE_SERVICES needs STOCKADE_CONNTRACK"
+#endif
 
 /* svc_deferred: a pod's new flow to Service space, by what DNAT does not change. */
 struct svc_defer_key {
@@ -76,15 +87,6 @@ struct svc_flow_value {
 };
 
 #define SVC_DEFER_NS 2000000000ULL /* 2 s: the first packet reaches POST_ROUTING long before */
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, STOCKADE_SERVICE_PREFIXES_MAX);
-	__type(key, struct class_key);
-	__type(value, struct svc_space_value);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svc_space SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -175,11 +177,12 @@ static __always_inline int svc_revalidate(const struct ct_key *k, struct decisio
 
 /* Service traffic judged at the client's veth (fallback mode, kernels without BPF netfilter).
  *
- * With STOCKADE_SERVICE_FALLBACK, the `svc_verdict` hash holds the operator's verdict for each
+ * With STOCKADE_SERVICE_FALLBACK, the `svc_space` trie holds the Service address space as in
+ * netfilter mode, and the `svc_verdict` hash holds the operator's verdict for each
  * (client endpoint, Service address, protocol, Service port): ALLOW only when the client's
  * egress allows every ready backend of that Service port on its target port, DENY otherwise
  * (stockade.compiler.fallback). The veth program looks it up for a new TCP/UDP/SCTP flow from
- * a pod, before the policy lookups: a hit decides the flow (a drop event says REASON_SERVICE or
+ * a pod to Service space, before the policy lookups: a hit decides the flow (a drop event says REASON_SERVICE or
  * REASON_SERVICE_NO_BACKENDS), a miss is judged by policy as any flow. Established packets never
  * reach it. The backend's ingress is judged at its own veth after DNAT, as for any flow. */
 #if STOCKADE_SERVICE_FALLBACK
@@ -216,8 +219,17 @@ static __always_inline int svc_fallback(__u32 endpoint_id, const __u32 *daddr, _
 {
 	struct svc_verdict_key k = {};
 	struct svc_verdict_value *v;
+	struct svc_space_value *sv;
+	struct class_key ck;
 
 	if (!is_ported(proto))
+		return 0;
+	/* Service space first: a trie of a few prefixes, cheaper than the hash below for the
+	 * flows that go elsewhere (most) */
+	ck.prefixlen = CLASS_KEY_BITS;
+	__builtin_memcpy(ck.addr, daddr, 16);
+	sv = bpf_map_lookup_elem(&svc_space, &ck);
+	if (!sv || (sv->port_max && (port < sv->port_min || port > sv->port_max)))
 		return 0;
 	k.endpoint_id = endpoint_id;
 	k.proto = proto;

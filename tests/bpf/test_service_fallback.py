@@ -31,6 +31,10 @@ from tests.bpf.test_datapath_differential import V4, V6, node_tables, ports
 
 VIPS = {4: [ipaddress.ip_address(f"10.96.0.{i}") for i in (10, 11)]}
 VIPS[6] = [ipaddress.ip_address(f"fd96::{i}") for i in (10, 11)]
+SERVICES = (
+    ir.ServiceEntry(ipaddress.ip_network("10.96.0.0/16")),
+    ir.ServiceEntry(ipaddress.ip_network("fd96::/112")),
+)
 PROTOS = [ir.PROTO_TCP, ir.PROTO_UDP, ir.PROTO_SCTP]
 CLIENT_PORT = 40000
 
@@ -101,7 +105,9 @@ def test_a_flow_to_a_service_is_decided_as_the_composition_over_its_ready_backen
 ) -> None:
     tables, services = case
     assert dp.maps is not None
-    tables = dataclasses.replace(tables, service_verdicts=service_verdicts(tables, services))
+    tables = dataclasses.replace(
+        tables, services=SERVICES, service_verdicts=service_verdicts(tables, services)
+    )
     dp.write(tables)
     dp.events()
     for client in tables.endpoints:
@@ -141,7 +147,12 @@ def test_a_flow_not_to_a_service_address_is_judged_by_policy_as_before(dp: Datap
     tables = ir.NodeTables(
         endpoints=(ir.EndpointEntry(client, 1),),
         policy=(ir.PolicyEntry(1, Direction.EGRESS, 32, action=Action.DENY, rule_id=9),),
-        service_verdicts=(ir.ServiceVerdictEntry(1, vip, ir.PROTO_TCP, 80, Action.ALLOW, 4),),
+        services=SERVICES,
+        service_verdicts=(
+            ir.ServiceVerdictEntry(1, vip, ir.PROTO_TCP, 80, Action.ALLOW, 4),
+            # a verdict for an address outside Service space is never looked up
+            ir.ServiceVerdictEntry(1, other, ir.PROTO_TCP, 81, Action.ALLOW, 4),
+        ),
     )
     assert dp.maps is not None
     dp.write(tables)
@@ -149,6 +160,9 @@ def test_a_flow_not_to_a_service_address_is_judged_by_policy_as_before(dp: Datap
     maps.flush_conntrack(dp.maps)
     other_frame = pk.packet_frame(ir.Packet(client, other, ir.PROTO_TCP, 80), CLIENT_PORT)
     assert dp.run(other_frame, Direction.EGRESS) is TcVerdict.DENY
+    assert [(e.reason, e.rule_id) for e in dp.events()] == [(abi.DropReason.POLICY, 9)]
+    outside = pk.packet_frame(ir.Packet(client, other, ir.PROTO_TCP, 81), CLIENT_PORT)
+    assert dp.run(outside, Direction.EGRESS) is TcVerdict.DENY
     assert [(e.reason, e.rule_id) for e in dp.events()] == [(abi.DropReason.POLICY, 9)]
     # the same port of the Service address: the fallback's verdict; another port: policy
     to_vip = pk.packet_frame(ir.Packet(client, vip, ir.PROTO_TCP, 80), CLIENT_PORT)

@@ -263,7 +263,8 @@ MAPS = {
         MapSpec("ct_owned", MapType.HASH, U32, S64, "endpoints_max"),
         # Only with STOCKADE_FRAGMENTS_TRACK.
         MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
-        # Only with STOCKADE_SERVICES (bpf/service.h).
+        # svc_space with STOCKADE_SERVICES or STOCKADE_SERVICE_FALLBACK, the others only with
+        # STOCKADE_SERVICES (bpf/service.h).
         MapSpec(
             "svc_space",
             MapType.LPM_TRIE,
