@@ -283,7 +283,8 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	account_decision(skb, &f, dir, &d);
 	if (d.action == ACTION_DENY) {
 		frag_record(&f, dir, ACTION_DENY, d.rule_id);
-		emit_drop(skb, &f, dir, svc == 2 ? REASON_SERVICE_NO_BACKENDS : svc ? REASON_SERVICE : REASON_POLICY,
+		emit_drop(skb, &f, dir,
+			  svc == 2 ? REASON_SERVICE_NO_BACKENDS : svc ? REASON_SERVICE : REASON_POLICY,
 			  d.rule_id, d.endpoint_id);
 		return VERDICT_DROP;
 	}

@@ -182,9 +182,10 @@ static __always_inline int svc_revalidate(const struct ct_key *k, struct decisio
  * (client endpoint, Service address, protocol, Service port): ALLOW only when the client's
  * egress allows every ready backend of that Service port on its target port, DENY otherwise
  * (stockade.compiler.fallback). The veth program looks it up for a new TCP/UDP/SCTP flow from
- * a pod to Service space, before the policy lookups: a hit decides the flow (a drop event says REASON_SERVICE or
- * REASON_SERVICE_NO_BACKENDS), a miss is judged by policy as any flow. Established packets never
- * reach it. The backend's ingress is judged at its own veth after DNAT, as for any flow. */
+ * a pod to Service space, before the policy lookups: a hit decides the flow (a drop event says
+ * REASON_SERVICE or REASON_SERVICE_NO_BACKENDS), a miss is judged by policy as any flow.
+ * Established packets never reach it. The backend's ingress is judged at its own veth after
+ * DNAT, as for any flow. */
 #if STOCKADE_SERVICE_FALLBACK
 #define SVC_VERDICT_NO_BACKENDS 1
 
