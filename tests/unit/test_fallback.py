@@ -9,13 +9,16 @@ backend. And the operator's table from EndpointSlices (`control.services`)."""
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stockade.compiler import ir
 from stockade.compiler.fallback import service_verdicts
 from stockade.compiler.lower import Lowering
+from stockade.control import lowering as lowering_module
 from stockade.control.lowering import Lowerer
 from stockade.control.policies import parse_record
 from stockade.control.services import (
@@ -262,3 +265,28 @@ def test_the_operator_hands_every_node_the_fallback_verdicts_of_its_clients() ->
     (entry,) = [e for e in lowerer._encoded["n0"][0].service_verdicts]
     # 10.244.0.3 and 10.244.1.5 are no pods: the egress rule allows only the db pod
     assert (entry.address, entry.port, entry.action) == (ip("10.96.7.7"), 5432, ir.Action.DENY)
+
+
+def test_the_verdicts_are_computed_again_only_when_tables_or_backends_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    real = lowering_module.service_verdicts
+
+    def counted(tables: ir.NodeTables, backends: Any) -> tuple[ir.ServiceVerdictEntry, ...]:
+        calls.append("x")
+        return real(tables, backends)
+
+    monkeypatch.setattr(lowering_module, "service_verdicts", counted)
+    store = Store()
+    store.put_node("n0", Node("n0", (ip("172.18.0.10"),)))
+    store.put_service(
+        "shop/db", ServiceInfo((ip("10.96.7.7"),), False, (ServicePort("pg", ir.PROTO_TCP, 5432),))
+    )
+    lowerer = Lowerer(services=True)
+    lowerer.desired(store.snapshot())
+    lowerer.desired(store.snapshot())
+    assert len(calls) == 1
+    store.put_endpoint_slice("shop/db-b", endpoint_slice_from_api(SLICES[1]))
+    lowerer.desired(store.snapshot())
+    assert len(calls) == 2
