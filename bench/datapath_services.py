@@ -11,11 +11,16 @@ as its baseline and reported as the difference and the ratio:
   the flow; single runs, each after a fresh deferral, above an empty netfilter program run the
   same way), `established_ns` (its later packets on the veth);
 - `netfilter_pass_ns`: the netfilter program on a forwarded packet that was not deferred (what
-  every packet through the node's POST_ROUTING pays), above an empty netfilter program.
+  every packet through the node's POST_ROUTING pays), above an empty netfilter program;
+- `fallback`: Shape.service_fallback against the same Shape without it: `not_to_service`
+  (`established`, `new_flow` as above; the new flow pays the `svc_space` lookup) and
+  `to_service_first_packet_ns` (a first packet to a Service decided by its verdict: denied, so
+  every repetition is new).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import statistics
 from typing import Any, Protocol
@@ -24,9 +29,9 @@ from stockade.compiler import ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.render import Hook
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf, maps
+from stockade.datapath import libbpf, maps, packets
 from stockade.datapath.clang import Compiler
-from stockade.harness import loader, packets, testrun
+from stockade.harness import loader, testrun
 
 CLIENT = ipaddress.IPv4Address("10.0.0.1")
 BACKEND = ipaddress.IPv4Address("10.1.0.5")
@@ -47,6 +52,10 @@ TABLES = ir.NodeTables(
         ir.PolicyEntry(1, Direction.EGRESS, 96, 2, ir.PROTO_TCP, PORT, Action.ALLOW, 6),
     ),
     services=(ir.ServiceEntry(SERVICE_CIDR),),
+)
+FALLBACK_TABLES = dataclasses.replace(
+    TABLES,
+    service_verdicts=(ir.ServiceVerdictEntry(1, VIP, ir.PROTO_TCP, PORT, Action.DENY, 6),),
 )
 
 
@@ -73,8 +82,9 @@ def _defer(progs: loader.NodePrograms) -> None:
 def measure(bench: BenchLike) -> dict[str, Any]:
     off = bench.programs(Shape(services=False), TABLES)
     on = bench.programs(Shape(services=True), TABLES)
+    fb = bench.programs(Shape(service_fallback=True), FALLBACK_TABLES)
     assert on.maps is not None
-    for progs in (off, on):
+    for progs in (off, on, fb):
         progs.run(Hook.FROM_POD, _frame(BACKEND))  # binds the sender, opens the flow
     veth: dict[str, tuple[int, bytes]] = {
         "off/established": (off.program(Hook.FROM_POD).fd, _frame(BACKEND)),
@@ -82,6 +92,9 @@ def measure(bench: BenchLike) -> dict[str, Any]:
         "off/new_flow": (off.program(Hook.FROM_POD).fd, _frame(ELSEWHERE)),
         "on/new_flow": (on.program(Hook.FROM_POD).fd, _frame(ELSEWHERE)),
         "on/deferred_veth": (on.program(Hook.FROM_POD).fd, _frame(VIP)),
+        "fb/established": (fb.program(Hook.FROM_POD).fd, _frame(BACKEND)),
+        "fb/new_flow": (fb.program(Hook.FROM_POD).fd, _frame(ELSEWHERE)),
+        "fb/to_service": (fb.program(Hook.FROM_POD).fd, _frame(VIP)),
     }
     empty = libbpf.BpfObject(
         bench.compiler.compile({"empty_nf.c": EMPTY_NF_C}, "empty_nf.c").read(), "empty_nf"
@@ -133,8 +146,24 @@ def measure(bench: BenchLike) -> dict[str, Any]:
             "ratio": round(with_services / base, 3),
         }
 
+    def fallback(name: str) -> dict[str, float]:
+        base, with_fallback = med[f"off/{name}"], med[f"fb/{name}"]
+        return {
+            "fallback_off_ns": base,
+            "fallback_on_ns": with_fallback,
+            "difference_ns": round(with_fallback - base, 1),
+            "ratio": round(with_fallback / base, 3),
+        }
+
     return {
         "not_to_service": {"established": pair("established"), "new_flow": pair("new_flow")},
+        "fallback": {
+            "not_to_service": {
+                "established": fallback("established"),
+                "new_flow": fallback("new_flow"),
+            },
+            "to_service_first_packet_ns": med["fb/to_service"],
+        },
         "deferred": {
             "first_packet_veth_ns": med["on/deferred_veth"],
             "first_packet_netfilter_ns": round(med["nf/first"] - med["nf/empty1"], 1),

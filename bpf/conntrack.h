@@ -184,6 +184,8 @@ static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct c
 	if (cfg->ct_mode != CT_MODE_KEEP && e->epoch != cfg->epoch) {
 #if STOCKADE_SERVICES
 		if (!svc_revalidate(k, &d))
+#elif STOCKADE_SERVICE_FALLBACK
+		if (!svc_fallback_revalidate(k, e->port, &d))
 #endif
 			policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
 		if (d.action == ACTION_DENY) {

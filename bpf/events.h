@@ -33,6 +33,9 @@ enum drop_reason {
 	REASON_CT_BUDGET = 7,	/* a new flow of an endpoint that holds its budget of conntrack
 				 * entries (conntrack.h) */
 	REASON_PENDING = 8,	/* the pod's interface is pending: its tables are not applied */
+	REASON_SERVICE = 9,	/* the Service fallback denied a flow to a Service address: a
+				 * ready backend is denied by rule_id (service.h) */
+	REASON_SERVICE_NO_BACKENDS = 10,	/* the Service fallback: no ready backend */
 };
 
 /* Layout mirrored by operator/stockade/compiler/abi.py. */

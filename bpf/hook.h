@@ -180,6 +180,7 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 {
 	struct flow f = {};
 	struct decision d;
+	int svc = 0; /* 1: the Service fallback decided; 2: it found no ready backend */
 	struct endpoint_value *ep = NULL;
 	enum parse_result r = parse_packet(skb, &f);
 	__u32 pending_st;
@@ -272,12 +273,19 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 		return VERDICT_PASS;
 	}
 #endif
-	policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr, f.t.proto, f.port,
-			       dir, from_host(skb), &d);
+#if STOCKADE_SERVICE_FALLBACK
+	/* a new flow to a Service address: the operator's verdict over its backends (service.h) */
+	svc = dir == DIR_EGRESS ? svc_fallback(ep->id, f.t.daddr, f.t.proto, f.port, &d) : 0;
+	if (!svc)
+#endif
+		policy_decide_endpoint(ep->id, dir == DIR_EGRESS ? f.t.daddr : f.t.saddr,
+				       f.t.proto, f.port, dir, from_host(skb), &d);
 	account_decision(skb, &f, dir, &d);
 	if (d.action == ACTION_DENY) {
 		frag_record(&f, dir, ACTION_DENY, d.rule_id);
-		emit_drop(skb, &f, dir, REASON_POLICY, d.rule_id, d.endpoint_id);
+		emit_drop(skb, &f, dir,
+			  svc == 2 ? REASON_SERVICE_NO_BACKENDS : svc ? REASON_SERVICE : REASON_POLICY,
+			  d.rule_id, d.endpoint_id);
 		return VERDICT_DROP;
 	}
 #if STOCKADE_CONNTRACK

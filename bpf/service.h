@@ -33,19 +33,33 @@
 #ifndef STOCKADE_SERVICES
 #error "STOCKADE_SERVICES must be defined by the rendered program"
 #endif
-
-#if STOCKADE_SERVICES
-#if !STOCKADE_CONNTRACK
-#error "STOCKADE_SERVICES needs STOCKADE_CONNTRACK"
+#ifndef STOCKADE_SERVICE_FALLBACK
+#error "STOCKADE_SERVICE_FALLBACK must be defined by the rendered program"
 #endif
 
+#if STOCKADE_SERVICES || STOCKADE_SERVICE_FALLBACK
 /* svc_space: Service address prefix (LPM, IPv4-mapped IPv6, the key of peer_classes) -> the
- * destination ports deferred there: [port_min, port_max], 0/0 for every port. */
+ * destination ports that count there: [port_min, port_max], 0/0 for every port. */
 struct svc_space_value {
 	__u16 port_min;
 	__u16 port_max;
 	__u32 flags;
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, STOCKADE_SERVICE_PREFIXES_MAX);
+	__type(key, struct class_key);
+	__type(value, struct svc_space_value);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_space SEC(".maps");
+#endif
+
+#if STOCKADE_SERVICES
+#if !STOCKADE_CONNTRACK
+#error "STOCKADE_SERVICES needs STOCKADE_CONNTRACK"
+#endif
 
 /* svc_deferred: a pod's new flow to Service space, by what DNAT does not change. */
 struct svc_defer_key {
@@ -73,15 +87,6 @@ struct svc_flow_value {
 };
 
 #define SVC_DEFER_NS 2000000000ULL /* 2 s: the first packet reaches POST_ROUTING long before */
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, STOCKADE_SERVICE_PREFIXES_MAX);
-	__type(key, struct class_key);
-	__type(value, struct svc_space_value);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} svc_space SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -169,3 +174,90 @@ static __always_inline int svc_revalidate(const struct ct_key *k, struct decisio
 }
 
 #endif /* STOCKADE_SERVICES */
+
+/* Service traffic judged at the client's veth (fallback mode, kernels without BPF netfilter).
+ *
+ * With STOCKADE_SERVICE_FALLBACK, the `svc_space` trie holds the Service address space as in
+ * netfilter mode, and the `svc_verdict` hash holds the operator's verdict for each
+ * (client endpoint, Service address, protocol, Service port): ALLOW only when the client's
+ * egress allows every ready backend of that Service port on its target port, DENY otherwise
+ * (stockade.compiler.fallback). The veth program looks it up for a new TCP/UDP/SCTP flow from
+ * a pod to Service space, before the policy lookups: a hit decides the flow (a drop event says
+ * REASON_SERVICE or REASON_SERVICE_NO_BACKENDS), a miss is judged by policy as any flow.
+ * Established packets never reach it. The backend's ingress is judged at its own veth after
+ * DNAT, as for any flow. */
+#if STOCKADE_SERVICE_FALLBACK
+#define SVC_VERDICT_NO_BACKENDS 1
+
+struct svc_verdict_key {
+	__u32 endpoint_id;
+	__u8 proto;
+	__u8 pad;
+	__u16 port;	/* host order */
+	__u32 addr[4];	/* the Service address, IPv4-mapped for IPv4 */
+};
+
+struct svc_verdict_value {
+	__u32 rule_id;
+	__u8 action;
+	__u8 flags;	/* SVC_VERDICT_* */
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, STOCKADE_SERVICE_VERDICTS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct svc_verdict_key);
+	__type(value, struct svc_verdict_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_verdict SEC(".maps");
+
+/* The fallback's verdict for endpoint `endpoint_id`'s flow to `daddr` (port in host order).
+ * Returns 0 when there is none, else 1 (with no ready backend: 2) and sets `d`. */
+static __always_inline int svc_fallback(__u32 endpoint_id, const __u32 *daddr, __u8 proto,
+					__u16 port, struct decision *d)
+{
+	struct svc_verdict_key k = {};
+	struct svc_verdict_value *v;
+	struct svc_space_value *sv;
+	struct class_key ck;
+
+	if (!is_ported(proto))
+		return 0;
+	/* Service space first: a trie of a few prefixes, cheaper than the hash below for the
+	 * flows that go elsewhere (most) */
+	ck.prefixlen = CLASS_KEY_BITS;
+	__builtin_memcpy(ck.addr, daddr, 16);
+	sv = bpf_map_lookup_elem(&svc_space, &ck);
+	if (!sv || (sv->port_max && (port < sv->port_min || port > sv->port_max)))
+		return 0;
+	k.endpoint_id = endpoint_id;
+	k.proto = proto;
+	k.port = port;
+	__builtin_memcpy(k.addr, daddr, 16);
+	v = bpf_map_lookup_elem(&svc_verdict, &k);
+	if (!v)
+		return 0;
+	d->endpoint_id = endpoint_id;
+	d->rule_id = v->rule_id;
+	d->action = v->action;
+	d->audit_rule_id = 0;
+	d->audit_action = ACTION_NONE;
+	d->judged = 1;
+	return v->flags & SVC_VERDICT_NO_BACKENDS ? 2 : 1;
+}
+
+/* conntrack.h, revalidating an entry after a policy change: a flow to a Service address is
+ * judged again by the fallback's verdict. Returns 1 when there is one (and `d` is set). */
+static __always_inline int svc_fallback_revalidate(const struct ct_key *k, __u16 port,
+						   struct decision *d)
+{
+	struct endpoint_value *ep;
+
+	if (k->dir != DIR_EGRESS)
+		return 0;
+	ep = endpoint_lookup(k->saddr);
+	return ep && svc_fallback(ep->id, k->daddr, k->proto, port, d);
+}
+#endif /* STOCKADE_SERVICE_FALLBACK */

@@ -1,11 +1,13 @@
 """The agent's Service mode against the kernel, without an API server: in netfilter mode a Shape
 with services gets its SERVICE program linked at the node namespace's netfilter hooks (both
 families, POST_ROUTING and LOCAL_IN), pinned under the pin root, adopted by the next sync and
-unlinked when the Shape drops services; in fallback mode the Shape runs without services and
-nothing is linked."""
+unlinked when the Shape drops services; in fallback mode the Shape runs the Service fallback
+in place of services (its verdicts written into `svc_verdict`) and nothing is linked."""
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from stockade.agent.attachments import Attachments
 from stockade.agent.programs import Programs
 from stockade.agent.services import FALLBACK, NETFILTER, NetfilterLinks
 from stockade.agent.sync import Syncer
+from stockade.compiler import abi, ir
 from stockade.compiler.render import Hook
 from stockade.compiler.shape import Shape
 from stockade.datapath import attach, libbpf
@@ -93,16 +96,36 @@ def test_netfilter_mode_links_the_service_program_and_unlinks_it_without_service
 def test_fallback_mode_runs_the_shape_without_services(
     topology: MakeTopology, shape: Shape
 ) -> None:
+    """With services published, the node runs the Service fallback instead and writes the
+    published verdicts into `svc_verdict`."""
     topo = topology(nodes=2)
     cluster = Cluster.create(topo)
+    lowered = cluster.tables
+    client = lowered().endpoints[0]
+    verdicts = (
+        ir.ServiceVerdictEntry(
+            client.endpoint_id, ipaddress.ip_address("10.96.0.10"), 6, 80, ir.Action.DENY, 0, True
+        ),
+    )
+    cluster.tables = lambda: dataclasses.replace(lowered(), service_verdicts=verdicts)  # type: ignore[method-assign]
     executor = NetnsExecutor.named(topo.node("node-1").netns)
     with pin_root() as root:
         syncer = _syncer(root, executor, cluster, shape, FALLBACK)
         try:
             syncer.sync()
             assert syncer.programs.shape is not None and not syncer.programs.shape.services
+            assert syncer.programs.shape.service_fallback is shape.services
             assert set(syncer.programs.programs) == {Hook.FROM_POD, Hook.TO_POD}
             assert _links(root) == {}
+            assert syncer.maps is not None
+            if shape.services:
+                spec = abi.MAPS["svc_verdict"]
+                assert spec.key is not None and spec.value is not None
+                fd = syncer.maps.fd("svc_verdict")
+                written = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
+                assert written == {e.key(): e.value() for e in verdicts}
+            else:
+                assert "svc_verdict" not in syncer.maps.fds
         finally:
             syncer.close()
             executor.close()

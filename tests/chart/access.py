@@ -90,6 +90,13 @@ OPERATOR: tuple[Access, ...] = tuple(
         # the Service address space
         *_many(["list", "watch"], "", ["services"], scope=NS, feature=SERVICE_SPACE),
         *_many(["list", "watch"], "networking.k8s.io", ["servicecidrs"], feature=SERVICE_SPACE),
+        *_many(
+            ["list", "watch"],
+            "discovery.k8s.io",
+            ["endpointslices"],
+            scope=NS,
+            feature=SERVICE_SPACE,
+        ),
         # what selectors select
         *_many(["list", "watch"], "", ["pods"], scope=NS),
         *_many(["list", "watch"], "", ["namespaces", "nodes"]),

@@ -31,6 +31,7 @@ NAMESPACED = {
     ("", "nodes"): False,
     ("", "services"): True,
     ("networking.k8s.io", "servicecidrs"): False,
+    ("discovery.k8s.io", "endpointslices"): True,
     ("stockade.io", "networkpolicies"): True,
     ("stockade.io", "clusternetworkpolicies"): False,
     ("stockade.io", "datapathtables"): False,

@@ -24,9 +24,9 @@ from stockade.compiler.render import Hook, render
 from stockade.compiler.shape import Shape
 from stockade.datapath.clang import Compiler
 
-# Conntrack, fragment tracking, services and both kinds of events on, so that every map and
-# struct is declared; map sizes that differ from each other, so that each map's size names its
-# Shape field.
+# Conntrack, fragment tracking, services, the Service fallback and both kinds of events on, so
+# that every map and struct is declared; map sizes that differ from each other, so that each
+# map's size names its Shape field.
 SHAPE = Shape(
     endpoints_max=1001,
     classes_max=1_000_002,
@@ -39,6 +39,8 @@ SHAPE = Shape(
     events_bytes=8192,
     services=True,
     service_prefixes_max=1009,
+    service_fallback=True,
+    service_verdicts_max=1010,
 )
 PROBE = "abi_probe.c"
 ANCHORS = """

@@ -8,7 +8,10 @@ netfilter mode, and connections to ClusterIPs are judged on the backend kube-pro
 - ingress: a database that admits only the client refuses another pod coming through the
   ClusterIP from the other node, and itself through its own Service (a hairpin, which kube-proxy
   masquerades: it is judged as the pod it is, before the masquerade);
-- an egress ipBlock of one backend's address (/32) opens its ClusterIP and no other.
+- an egress ipBlock of one backend's address (/32) opens its ClusterIP and no other;
+- in fallback mode (`STOCKADE_SERVICE_MODE=fallback`), the client's egress to a ClusterIP is
+  judged at its veth by the operator's verdict over the Service's ready backends: the database
+  allowed, the other Service not.
 """
 
 from __future__ import annotations
@@ -172,3 +175,38 @@ def test_connections_to_cluster_ips_are_judged_on_their_backends(
     kubectl(kubeconfig, "apply", "-f", "-", input=IPBLOCK.replace("DB_POD", db_pod))
     _until(state_dir, "web", "client", cache, "timed out")
     assert _probe(state_dir, "web", "client", db) == "connected"  # the /32 of the backend
+
+
+@pytest.fixture
+def fallback_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Path, Path]]:
+    """(state dir, kubeconfig) of a 2-node sandbox (kube-proxy in nftables mode) whose agents
+    run the Service fallback."""
+    monkeypatch.setenv("STOCKADE_SERVICE_SPACE", "on")
+    monkeypatch.setenv("STOCKADE_SERVICE_MODE", "fallback")
+    with sandbox_state_dir(tmp_path) as state_dir:
+        started = stockade(state_dir, "up", "--nodes", "2", "--proxy-mode", "nftables")
+        assert started.returncode == 0, started.stderr
+        yield state_dir, Path(started.stdout.strip().splitlines()[-1])
+
+
+def test_in_fallback_mode_a_cluster_ip_is_judged_on_every_ready_backend_at_the_veth(
+    fallback_sandbox: tuple[Path, Path],
+) -> None:
+    state_dir, kubeconfig = fallback_sandbox
+    kubectl(kubeconfig, "apply", "-f", "-", input=APP)
+    wait_for("the pods running", lambda: _running(kubeconfig), 60)
+    db, cache = _cluster_ip(kubeconfig, "db"), _cluster_ip(kubeconfig, "cache")
+    for name in ("node-1", "node-2"):
+        status = json.loads(
+            kubectl(kubeconfig, "get", "sdt", f"{name}.program.0", "-o", "json").stdout
+        )["status"]
+        assert status.get("serviceMode") == "fallback", status
+    _until(state_dir, "web", "client", db, "connected")
+    _until(state_dir, "web", "client", cache, "connected")
+
+    kubectl(kubeconfig, "apply", "-f", "-", input=EGRESS)
+    _until(state_dir, "web", "client", cache, "timed out")
+    # the ClusterIP matches no podSelector: only the verdict over its backend (db) opens it
+    _until(state_dir, "web", "client", db, "connected")

@@ -38,7 +38,7 @@ def test_forcing_netfilter_on_a_kernel_without_it_is_an_error_naming_the_setting
 
 def test_fallback_runs_the_published_shape_without_services_and_netfilter_as_published() -> None:
     shape = Shape(services=True)
-    assert effective_shape(shape, FALLBACK) == Shape(services=False)
+    assert effective_shape(shape, FALLBACK) == Shape(services=False, service_fallback=True)
     assert effective_shape(shape, NETFILTER) is shape
 
 

@@ -79,6 +79,36 @@ def test_service_space_and_a_services_shape_round_trip(inline_max: int) -> None:
     assert program.shape == shape
 
 
+FALLBACK = (
+    ir.ServiceVerdictEntry(3, ipaddress.ip_address("10.96.0.10"), 6, 80, ir.Action.ALLOW, 7),
+    ir.ServiceVerdictEntry(3, ipaddress.ip_address("fd96::10"), 17, 53, ir.Action.DENY, 0, True),
+    ir.ServiceVerdictEntry(9, ipaddress.ip_address("10.96.0.10"), 132, 80, ir.Action.DENY, 8),
+)
+
+
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_the_service_fallback_verdicts_round_trip(inline_max: int) -> None:
+    tables = ir.NodeTables(service_verdicts=FALLBACK)
+    decoded, _ = handoff.decode(handoff.encode(tables, Shape(), inline_max))
+    assert decoded.service_verdicts == tuple(sorted(FALLBACK, key=lambda e: e.key()))
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("3 10.96.0.10 6 80 1 7", "expected 7 fields"),
+        ("3 nonsense 6 80 1 7 0", "bad address"),
+        ("0 10.96.0.10 6 80 1 7 0", "endpoint id 0 is outside"),
+        ("3 10.96.0.10 6 70000 1 7 0", "port 70000 is outside"),
+        ("3 10.96.0.10 6 80 0 7 0", "action 0 is neither allow nor deny"),
+        ("3 10.96.0.10 6 80 1 7 2", "no backends 2 is outside"),
+    ],
+)
+def test_a_malformed_fallback_entry_is_refused_naming_the_field(entry: str, message: str) -> None:
+    with pytest.raises(handoff.HandoffError, match=message):
+        handoff.decode_fallback(entry)
+
+
 def test_the_manifest_lists_every_shard_with_its_digest() -> None:
     parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables, inline_max=0)
     program = handoff.decode_program(parts[handoff.PROGRAM][0].entries)

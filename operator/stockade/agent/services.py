@@ -51,9 +51,10 @@ def resolve_mode(setting: str, supported: bool) -> str:
 
 
 def effective_shape(shape: Shape, mode: str) -> Shape:
-    """The Shape the node runs: the published one, without services in fallback mode."""
+    """The Shape the node runs: the published one; in fallback mode its services switch
+    becomes the Service fallback (the veth judges by the operator's verdicts)."""
     if mode == FALLBACK and shape.services:
-        return dataclasses.replace(shape, services=False)
+        return dataclasses.replace(shape, services=False, service_fallback=True)
     return shape
 
 

@@ -164,6 +164,18 @@ SVC_DEFER_VALUE = Layout(
 SVC_FLOW_VALUE = Layout(
     "svc_flow_value", ("baddr", "16s"), ("port", "H"), ("pad", "2x"), ("endpoint_id", "I")
 )
+SVC_VERDICT_KEY = Layout(
+    "svc_verdict_key",
+    ("endpoint_id", "I"),
+    ("proto", "B"),
+    ("pad", "x"),
+    ("port", "H"),
+    ("addr", "16s"),
+)
+SVC_VERDICT_VALUE = Layout(
+    "svc_verdict_value", ("rule_id", "I"), ("action", "B"), ("flags", "B"), ("pad", "2x")
+)
+SVC_VERDICT_NO_BACKENDS = 1
 # The ring buffer's record (bpf/events.h).
 EVENT = Layout(
     "event",
@@ -251,7 +263,8 @@ MAPS = {
         MapSpec("ct_owned", MapType.HASH, U32, S64, "endpoints_max"),
         # Only with STOCKADE_FRAGMENTS_TRACK.
         MapSpec("fragments", MapType.LRU_HASH, FRAG_KEY, FRAG_ENTRY, "fragments_max"),
-        # Only with STOCKADE_SERVICES (bpf/service.h).
+        # svc_space with STOCKADE_SERVICES or STOCKADE_SERVICE_FALLBACK, the others only with
+        # STOCKADE_SERVICES (bpf/service.h).
         MapSpec(
             "svc_space",
             MapType.LPM_TRIE,
@@ -262,6 +275,15 @@ MAPS = {
         ),
         MapSpec("svc_deferred", MapType.LRU_HASH, SVC_DEFER_KEY, SVC_DEFER_VALUE, "conntrack_max"),
         MapSpec("svc_flows", MapType.LRU_HASH, CT_KEY, SVC_FLOW_VALUE, "conntrack_max"),
+        # Only with STOCKADE_SERVICE_FALLBACK (bpf/service.h).
+        MapSpec(
+            "svc_verdict",
+            MapType.HASH,
+            SVC_VERDICT_KEY,
+            SVC_VERDICT_VALUE,
+            "service_verdicts_max",
+            NO_PREALLOC,
+        ),
         MapSpec("pending", MapType.HASH, U32, U32, "endpoints_max"),
     )
 }
@@ -349,3 +371,5 @@ class DropReason(IntEnum):
     NOT_ON_LINK = 6  # ND or MLD that is not valid on-link: see bpf/parse.h
     CT_BUDGET = 7  # a new flow of an endpoint holding its conntrack budget: bpf/conntrack.h
     PENDING = 8  # the pod's interface is pending, its tables not applied: see bpf/hook.h
+    SERVICE = 9  # the Service fallback denied a flow to a Service address: see bpf/service.h
+    SERVICE_NO_BACKENDS = 10  # the Service fallback: the Service has no ready backend

@@ -199,6 +199,43 @@ class ServiceEntry:
 
 
 @dataclass(frozen=True)
+class ServiceBackends:
+    """One Service address, protocol and port, and its ready backends (address, target port),
+    from EndpointSlices: the fallback mode's input (`stockade.compiler.fallback`)."""
+
+    address: IPAddress
+    protocol: int
+    port: int
+    backends: tuple[tuple[IPAddress, int], ...] = ()  # sorted, no duplicates
+
+
+@dataclass(frozen=True)
+class ServiceVerdictEntry:
+    """The fallback mode's verdict for one client endpoint's new flow to a Service address,
+    protocol and port (bpf/service.h, `svc_verdict`): ALLOW only when the client's egress
+    allows every ready backend on its target port. `rule_id` is the deciding rule of the first
+    backend that decided (the first denied one on DENY); `no_backends`: DENY because the
+    Service has no ready backend (rule RULE_NONE)."""
+
+    endpoint_id: int
+    address: IPAddress
+    protocol: int
+    port: int
+    action: Action
+    rule_id: int = 0
+    no_backends: bool = False
+
+    def key(self) -> bytes:
+        return abi.SVC_VERDICT_KEY.pack(
+            self.endpoint_id, self.protocol, self.port, to_v6(self.address).packed
+        )
+
+    def value(self) -> bytes:
+        flags = abi.SVC_VERDICT_NO_BACKENDS if self.no_backends else 0
+        return abi.SVC_VERDICT_VALUE.pack(self.rule_id, self.action, flags)
+
+
+@dataclass(frozen=True)
 class NodeTables:
     """Everything one node's programs need, as map contents."""
 
@@ -207,6 +244,8 @@ class NodeTables:
     policy: tuple[PolicyEntry, ...] = ()
     rules: Mapping[int, RuleInfo] = field(default_factory=dict)
     services: tuple[ServiceEntry, ...] = ()  # Service address space (Shape.services)
+    # The fallback mode's verdicts for flows to Service addresses (Shape.services)
+    service_verdicts: tuple[ServiceVerdictEntry, ...] = ()
 
 
 @dataclass(frozen=True)

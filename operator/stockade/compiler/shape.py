@@ -46,6 +46,7 @@ SIZE_LIMITS = {
     "rules_max": 1 << 20,
     "events_bytes": 1 << 28,
     "service_prefixes_max": 1 << 20,
+    "service_verdicts_max": 1 << 24,
 }
 
 
@@ -80,6 +81,12 @@ class Shape:
     # conntrack. Off: a flow to a Service address is judged at the veth on that address.
     services: bool = False
     service_prefixes_max: int = 1 << 14  # trie of the Service address space
+    # The fallback of kernels without BPF netfilter programs (bpf/service.h): a new flow to a
+    # Service address is judged at the veth by the operator's verdict over its ready backends
+    # (`svc_verdict`). The agent turns it on in fallback mode in place of `services` (with both
+    # on, a flow that `services` defers is not looked up).
+    service_fallback: bool = False
+    service_verdicts_max: int = 1 << 18  # (client, Service address, protocol, port) verdicts
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -139,6 +146,8 @@ class Shape:
             "STOCKADE_EVENTS_BYTES": int(self.events_bytes),
             "STOCKADE_SERVICES": int(self.services),
             "STOCKADE_SERVICE_PREFIXES_MAX": int(self.service_prefixes_max),
+            "STOCKADE_SERVICE_FALLBACK": int(self.service_fallback),
+            "STOCKADE_SERVICE_VERDICTS_MAX": int(self.service_verdicts_max),
         }
         return tuple(sorted(values.items()))
 

@@ -20,7 +20,11 @@ import kopf
 from stockade import handoff
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
-from stockade.control.services import service_cidr_from_api, service_from_api
+from stockade.control.services import (
+    endpoint_slice_from_api,
+    service_cidr_from_api,
+    service_from_api,
+)
 from stockade.control.store import Store
 from stockade.model.kinds import enforced
 
@@ -85,6 +89,12 @@ def build_registry(
         async def service_event(event: Mapping[str, Any], **_: Any) -> None:
             deleted, obj = _object(event)
             store.put_service(object_key(obj), None if deleted else service_from_api(obj))
+
+        @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", registry=registry)
+        async def endpoint_slice_event(event: Mapping[str, Any], **_: Any) -> None:
+            deleted, obj = _object(event)
+            info = None if deleted else endpoint_slice_from_api(obj)
+            store.put_endpoint_slice(object_key(obj), info)
 
         @kopf.on.event("networking.k8s.io", "v1", "servicecidrs", registry=registry)
         async def service_cidr_event(event: Mapping[str, Any], **_: Any) -> None:

@@ -15,6 +15,7 @@ import time
 
 from stockade import handoff
 from stockade.compiler import ir
+from stockade.compiler.fallback import service_verdicts
 from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.plan import NodeParts
@@ -42,6 +43,8 @@ class Lowerer:
         self._encoded: dict[str, tuple[ir.NodeTables, dict[str, handoff.Shards]]] = {}
         self._lowered: dict[str, tuple[object, Lowered]] = {}  # node -> its last inputs, result
         self.node_seconds: dict[str, float] = {}
+        # node -> the tables and Service backends its fallback verdicts were computed from
+        self._fallback: dict[str, tuple[object, object, tuple[ir.ServiceVerdictEntry, ...]]] = {}
 
     def desired(self, snap: Snapshot) -> dict[str, NodeParts]:
         """Every node's encoded parts (part -> shard -> Shard): nodes that exist or have pods."""
@@ -55,7 +58,11 @@ class Lowerer:
             self.ids[node] = lowered.ids
             tables = lowered.tables
             if self._services:
-                tables = dataclasses.replace(tables, services=snap.service_space)
+                tables = dataclasses.replace(
+                    tables,
+                    services=snap.service_space,
+                    service_verdicts=self._verdicts(node, tables, snap.service_backends),
+                )
             last = self._encoded.get(node)
             if last is not None and last[0] == tables:
                 out[node] = last[1]  # unchanged: skip encoding it again
@@ -68,5 +75,18 @@ class Lowerer:
             del self.ids[node]
             self._encoded.pop(node, None)
             self._lowered.pop(node, None)
+            self._fallback.pop(node, None)
         self.verdicts.retain(policies)
         return out
+
+    def _verdicts(
+        self, node: str, tables: ir.NodeTables, backends: tuple[ir.ServiceBackends, ...]
+    ) -> tuple[ir.ServiceVerdictEntry, ...]:
+        """The node's Service fallback verdicts, computed again only when its tables or the
+        Service backends changed."""
+        last = self._fallback.get(node)
+        if last is not None and last[0] == tables and last[1] == backends:
+            return last[2]
+        verdicts = service_verdicts(tables, backends)
+        self._fallback[node] = (tables, backends, verdicts)
+        return verdicts

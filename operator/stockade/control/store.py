@@ -25,7 +25,13 @@ from typing import Any
 
 from stockade.compiler import ir
 from stockade.control.policies import PolicyKey, PolicyRecord
-from stockade.control.services import DEFAULT_NODE_PORT_RANGE, ServiceInfo, service_space
+from stockade.control.services import (
+    DEFAULT_NODE_PORT_RANGE,
+    ServiceInfo,
+    SliceInfo,
+    service_backends,
+    service_space,
+)
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.policy import IPAddress
 
@@ -41,6 +47,8 @@ class Snapshot:
     service_space: tuple[ir.ServiceEntry, ...] = ()
     # Unix ns when the earliest change this snapshot takes over was taken in (None: none taken)
     changed_at: int | None = None
+    # Service -> ready backends from EndpointSlices (control.services): the fallback mode's input
+    service_backends: tuple[ir.ServiceBackends, ...] = ()
 
 
 class Store:
@@ -63,6 +71,7 @@ class Store:
         self._reports: dict[str, Mapping[str, Any]] = {}
         self._services: dict[str, ServiceInfo] = {}
         self._service_cidrs: dict[str, tuple[ir.IPNetwork, ...]] = {}
+        self._slices: dict[str, SliceInfo] = {}
         self.configured_cidrs: tuple[ir.IPNetwork, ...] = ()  # used while no ServiceCIDR exists
         self.node_port_range = DEFAULT_NODE_PORT_RANGE
 
@@ -106,6 +115,9 @@ class Store:
 
     def put_service(self, key: str, info: ServiceInfo | None) -> None:
         self._put(self._services, key, info)
+
+    def put_endpoint_slice(self, key: str, info: SliceInfo | None) -> None:
+        self._put(self._slices, key, info)
 
     def put_service_cidr(self, name: str, cidrs: tuple[ir.IPNetwork, ...] | None) -> None:
         self._put(self._service_cidrs, name, cidrs)
@@ -179,6 +191,11 @@ class Store:
                     self.node_port_range,
                 ),
                 changed_at=changed_at,
+                service_backends=service_backends(
+                    self._services,
+                    self._slices.values(),
+                    [ip for node in self._nodes.values() for ip in node.ips],
+                ),
             )
 
 

@@ -194,6 +194,8 @@ class TableWriter:
         self._state = wanted
         if "svc_space" in self.maps.fds:  # a Shape with services
             write_service_space(self.maps, getattr(tables, "services", ()))
+        if "svc_verdict" in self.maps.fds:  # a Shape with the Service fallback
+            write_service_verdicts(self.maps, getattr(tables, "service_verdicts", ()))
         epoch = read_epoch(self.maps)
         if added or changed or deleted:
             epoch = bump_epoch(self.maps)
@@ -403,6 +405,25 @@ def write_service_space(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
     changes nothing of what an established one was allowed by."""
     fd = maps.fd("svc_space")
     spec = abi.MAPS["svc_space"]
+    assert spec.key is not None and spec.value is not None
+    wanted = {e.key(): e.value() for e in entries}
+    have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
+    writes = 0
+    for key, value in wanted.items():
+        if have.get(key) != value:
+            libbpf.map_update(fd, key, value)
+            writes += 1
+    for key in have.keys() - wanted.keys():
+        libbpf.map_delete(fd, key)
+        writes += 1
+    return writes
+
+
+def write_service_verdicts(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
+    """Make the svc_verdict hash (the Service fallback, bpf/service.h) hold exactly `entries`
+    (`ir.ServiceVerdictEntry`). Returns the number of writes."""
+    fd = maps.fd("svc_verdict")
+    spec = abi.MAPS["svc_verdict"]
     assert spec.key is not None and spec.value is not None
     wanted = {e.key(): e.value() for e in entries}
     have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))

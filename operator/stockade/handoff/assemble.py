@@ -117,4 +117,5 @@ def _merge(pieces: list[ir.NodeTables]) -> ir.NodeTables:
         policy=tuple(e for p in pieces for e in p.policy),
         rules=rules,
         services=tuple(e for p in pieces for e in p.services),
+        service_verdicts=tuple(e for p in pieces for e in p.service_verdicts),
     )

@@ -14,6 +14,8 @@ Parts and entry formats (one string per map entry, fields separated by one space
 - `rules`:     `<rule id> <kind> <namespace or -> <name> <Ingress|Egress> <index>` (names live only
   here, in Python; they never reach C)
 - `services`:  `<network> <port min> <port max>`: Service address space (`ir.ServiceEntry`)
+- `fallback`:  `<endpoint id> <address> <protocol> <port> <action> <rule id> <no backends 0|1>`:
+  the Service fallback's verdicts (`ir.ServiceVerdictEntry`)
 - `program`:   `shape <field> <integer>` for every Shape field, then `shard <part> <shard>
   <digest>` for every shard of the table parts: the manifest (`digest()` of the shard's
   entries). The agent applies a set only when every shard the manifest lists is present with
@@ -54,7 +56,8 @@ CLASSES = "classes"
 POLICY = "policy"
 RULES = "rules"
 SERVICES = "services"
-TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES, SERVICES)
+FALLBACK = "fallback"
+TABLE_PARTS = (ENDPOINTS, CLASSES, POLICY, RULES, SERVICES, FALLBACK)
 PARTS = (PROGRAM, *TABLE_PARTS)
 
 SHARD_ENTRIES = 2048  # average fill; a shard of 2 x 2,048 policy entries is about 160 kB
@@ -249,6 +252,31 @@ def decode_service(entry: str) -> ir.ServiceEntry:
     return ir.ServiceEntry(net, port_min, port_max)
 
 
+def encode_fallback(e: ir.ServiceVerdictEntry) -> str:
+    head = f"{e.endpoint_id} {e.address} {e.protocol} {e.port}"
+    return f"{head} {int(e.action)} {e.rule_id} {int(e.no_backends)}"
+
+
+def decode_fallback(entry: str) -> ir.ServiceVerdictEntry:
+    ep, address, proto, port, action, rule, none = _fields(entry, 7, FALLBACK)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise HandoffError(f"fallback entry {entry!r}: bad address") from None
+    verdict = _int(action, FALLBACK, entry, "action")
+    if verdict not in (ir.Action.ALLOW, ir.Action.DENY):
+        raise HandoffError(f"fallback entry {entry!r}: action {verdict} is neither allow nor deny")
+    return ir.ServiceVerdictEntry(
+        _int(ep, FALLBACK, entry, "endpoint id", 1, ENDPOINT_ID_MAX),
+        ip,
+        _int(proto, FALLBACK, entry, "protocol", 0, PROTOCOL_MAX),
+        _int(port, FALLBACK, entry, "port", 0, PORT_MAX),
+        ir.Action(verdict),
+        _int(rule, FALLBACK, entry, "rule id"),
+        bool(_int(none, FALLBACK, entry, "no backends", 0, 1)),
+    )
+
+
 def decode_rule(entry: str) -> tuple[int, ir.RuleInfo]:
     rule_id, kind, namespace, name, direction, index = _fields(entry, 6, RULES)
     if direction not in _DIRECTIONS:
@@ -297,6 +325,7 @@ def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
         POLICY: _shard(_policy_keyed(tables.policy)),
         RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
         SERVICES: _shard((str(e.network), encode_service(e)) for e in tables.services),
+        FALLBACK: _shard((str(e.endpoint_id), encode_fallback(e)) for e in tables.service_verdicts),
     }
 
 
@@ -330,6 +359,9 @@ def decode_tables(parts: Mapping[str, PartShards]) -> ir.NodeTables:
         rules=dict(sorted(decode_rule(e) for e in entries(RULES))),
         services=tuple(
             sorted((decode_service(e) for e in entries(SERVICES)), key=lambda e: e.key())
+        ),
+        service_verdicts=tuple(
+            sorted((decode_fallback(e) for e in entries(FALLBACK)), key=lambda e: e.key())
         ),
     )
 

@@ -21,7 +21,7 @@ MAX_ERRORS = 32
 DIGEST_PATTERN = r"^[0-9a-f]{0,64}$"
 
 Entry = Annotated[str, Field(max_length=MAX_ENTRY_LENGTH)]
-Part = Literal["program", "endpoints", "classes", "policy", "rules", "services"]
+Part = Literal["program", "endpoints", "classes", "policy", "rules", "services", "fallback"]
 
 
 class DatapathTableSpec(WireModel):
@@ -35,7 +35,9 @@ class DatapathTableSpec(WireModel):
 
     node: str = Field(min_length=1, max_length=253, description="The node these tables are for.")
     part: Part = Field(
-        description="Which table: program, endpoints, classes, policy, rules or services."
+        description=(
+            "Which table: program, endpoints, classes, policy, rules, services or fallback."
+        )
     )
     shard: int = Field(ge=0, le=1 << 20, description="This shard's number within its part.")
     shards: int = Field(ge=1, le=1 << 20, description="How many shards the part has.")
