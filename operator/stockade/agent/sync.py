@@ -95,6 +95,9 @@ class Syncer:
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
         self.released = released  # told the interfaces each sync releases from pending
+        # `Backstop.sweep`, run at the end of each sync; with it, attached pod veths that no
+        # endpoint owns keep their links (the sweep makes them pending) instead of being detached.
+        self.sweep: Callable[[], object] | None = None
         self.datapath_config = datapath_config or DatapathConfig()
         self.node = node
         self._objects = objects
@@ -197,8 +200,11 @@ class Syncer:
         programs = {hook: (p.fd, p.id) for hook, p in self.programs.programs.items()}
         pending = Pending(self.maps)
         waiting = pending.read()
+        keep = set(waiting)
+        if self.sweep is not None:
+            keep |= self.attachments.attached_ifindexes() & set(self.attachments.pod_veths())
         result = self.attachments.reconcile(
-            endpoints_of(wanted.tables), programs, Bindings(self.maps), waiting
+            endpoints_of(wanted.tables), programs, Bindings(self.maps), keep
         )
         service = self.programs.programs.get(Hook.SERVICE)
         if service is not None:
@@ -208,10 +214,15 @@ class Syncer:
             self.netfilter.remove()
         self._release(pending, waiting, result)
         self.stats.last_attach = result
+        self.stats.applied_generation = wanted.generation
+        if self.sweep is not None:
+            try:
+                self.sweep()
+            except Exception as exc:  # the tables are applied; the next sync sweeps again
+                log.warning("backstop sweep failed: %s", exc)
         self.stats.attach_seconds.extend(result.seconds_per_new_interface)
         del self.stats.attach_seconds[:-1000]
         self.stats.detached += len(result.detached)
-        self.stats.applied_generation = wanted.generation
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
         if migration is not None and not result.failures:
