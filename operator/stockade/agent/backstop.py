@@ -78,8 +78,8 @@ class Backstop:
             taken.append(ifindex)
             log.info("pod veth %s (%d) is no known endpoint's: pending", name, ifindex)
         if taken:
-            self.adopted += len(taken)
             self.request_sync()
+            self.adopted += len(taken)
         return taken
 
     def start(self) -> None:
