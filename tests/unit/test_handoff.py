@@ -79,21 +79,6 @@ def test_service_space_and_a_services_shape_round_trip(inline_max: int) -> None:
     assert program.shape == shape
 
 
-@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
-def test_the_fast_open_namespaces_round_trip_in_the_program_part(inline_max: int) -> None:
-    tables = lower_node(_state(), [POLICY], "n0").tables
-    parts = handoff.encode(tables, None, inline_max, frozenset({"free", "kube-public"}))
-    decoded, program = handoff.decode(parts)
-    assert program.open_namespaces == {"free", "kube-public"}
-    assert set(decoded.policy) == set(tables.policy)
-    assert handoff.decode(handoff.encode(tables, None, inline_max))[1].open_namespaces == set()
-
-
-def test_a_fast_open_entry_that_is_no_namespace_name_is_refused_naming_it() -> None:
-    with pytest.raises(handoff.HandoffError, match="'Bad_Name' is no namespace name"):
-        handoff.decode_program(("shape ipv6 1", "open Bad_Name"))
-
-
 def test_the_manifest_lists_every_shard_with_its_digest() -> None:
     parts = handoff.encode(lower_node(_state(), [POLICY], "n0").tables, inline_max=0)
     program = handoff.decode_program(parts[handoff.PROGRAM][0].entries)
@@ -122,6 +107,21 @@ def test_a_malformed_inline_entry_is_refused_naming_it() -> None:
         handoff.decode(
             {handoff.PROGRAM: {0: ("shape ipv6 1", "endpoints nonsense 1")}},
         )
+
+
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_the_fast_open_namespaces_round_trip_in_the_program_part(inline_max: int) -> None:
+    tables = lower_node(_state(), [POLICY], "n0").tables
+    parts = handoff.encode(tables, None, inline_max, frozenset({"free", "kube-public"}))
+    decoded, program = handoff.decode(parts)
+    assert program.open_namespaces == {"free", "kube-public"}
+    assert set(decoded.policy) == set(tables.policy)
+    assert handoff.decode(handoff.encode(tables, None, inline_max))[1].open_namespaces == set()
+
+
+def test_a_fast_open_entry_that_is_no_namespace_name_is_refused_naming_it() -> None:
+    with pytest.raises(handoff.HandoffError, match="'Bad_Name' is no namespace name"):
+        handoff.decode_program(("shape ipv6 1", "open Bad_Name"))
 
 
 def test_a_cluster_scoped_rule_keeps_its_empty_namespace() -> None:
