@@ -214,17 +214,17 @@ class Syncer:
             self.netfilter.remove()
         self._release(pending, waiting, result)
         self.stats.last_attach = result
+        self.stats.attach_seconds.extend(result.seconds_per_new_interface)
+        del self.stats.attach_seconds[:-1000]
+        self.stats.detached += len(result.detached)
         self.stats.applied_generation = wanted.generation
+        for failure in result.failures:
+            log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
         if self.sweep is not None:
             try:
                 self.sweep()
             except Exception as exc:  # the tables are applied; the next sync sweeps again
                 log.warning("backstop sweep failed: %s", exc)
-        self.stats.attach_seconds.extend(result.seconds_per_new_interface)
-        del self.stats.attach_seconds[:-1000]
-        self.stats.detached += len(result.detached)
-        for failure in result.failures:
-            log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
         if migration is not None and not result.failures:
             again = migration.settle()
             self.programs.migration = None
