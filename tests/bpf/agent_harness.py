@@ -31,6 +31,7 @@ from stockade.datapath.clang import Compiler
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
+from stockade.model.fastopen import fast_open_namespaces
 from stockade.model.parse import parse_policy
 from stockade.sandbox.topology import Topology
 from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
@@ -116,8 +117,9 @@ class Cluster:
             Node(self._node(n.name), (ipaddress.ip_address(n.ip_v4), ipaddress.ip_address(n.ip_v6)))
             for n in self.topo.nodes
         ]
-        namespace = Namespace(NAMESPACE, {"kubernetes.io/metadata.name": NAMESPACE})
-        return ClusterState([namespace], pods, nodes)
+        names = {NAMESPACE} | {key.split("/")[0] for key in self.topo.pods}  # deleted pods' too
+        namespaces = [Namespace(n, {"kubernetes.io/metadata.name": n}) for n in sorted(names)]
+        return ClusterState(namespaces, pods, nodes)
 
     def tables(self) -> ir.NodeTables:
         lowered = lower_node(self.state(), [parse_policy(POLICY)], self.node_name, self.ids)
@@ -128,7 +130,8 @@ class Cluster:
         """The DatapathTable objects of node-1 at the next generation (every part, as the
         operator's plan builds them with `TableObject.build`), in shards as a large node's are."""
         self.generation += 1
-        parts = handoff.encode(self.tables(), shape, inline_max=0)
+        opened = fast_open_namespaces(self.state(), [parse_policy(POLICY)])
+        parts = handoff.encode(self.tables(), shape, inline_max=0, open_namespaces=opened)
         return [
             TableObject.build(
                 self.node_name, part, number, len(shards), self.generation, shard

@@ -263,3 +263,32 @@ def test_twenty_parallel_adds_through_the_plugin_each_attach_their_pod_pending(
         assert all(state is PendingState.CLOSED for state in s.pending().values())
         assert wanted <= s.syncer.attachments.attached_ifindexes()
         assert pods.stats.adds == 20 and pods.stats.add_failures == 0
+
+
+def test_a_pod_in_a_namespace_no_policy_can_select_opens_at_once(
+    topology: MakeTopology, pod_processes: MakeProcesses
+) -> None:
+    free = "free/new"  # namespace free has no policy; no cluster-scoped policy exists
+    with scene(topology, pod_processes, "routed") as s:
+        s.topo.add_pod(free, "node-1")
+        s.cluster.deleted.add(free)  # created, not in the API yet: no tables
+        s.publish()  # the program part lists free, not demo, as fast-open
+        s.syncer.sync()
+        pods = s.pods(budget=120.0)
+        pods.add(add_request(s.topo, free))  # returns at once, no budget runs
+        pod = s.topo.pods[free]
+        ifindex = s.syncer.attachments.host_ifindex(NETNS_DIR / pod.netns, pod.pod_ifname)
+        assert s.pending() == {ifindex: PendingState.OPEN}
+        assert pods.stats.fast_open == 1
+        assert s.procs.probe(free, s.cluster.ip("demo/other"), PORT, "tcp") is Outcome.CONNECTED
+        pods.add(add_request(s.topo, LATE))  # demo has a policy: closed as before
+        assert s.pending()[s.late_ifindex()] is PendingState.CLOSED
+        assert pods.stats.fast_open == 1
+        s.cluster.deleted.discard(free)
+        s.cluster.deleted.discard(LATE)
+        s.publish()
+        s.syncer.sync()
+        assert s.pending() == {}
+        assert s.procs.probe(free, s.cluster.ip("demo/other"), PORT, "tcp") is Outcome.CONNECTED
+        # web's own policy judges the free pod (not role=client) at web's interface
+        assert s.procs.probe(free, s.cluster.ip("demo/web"), PORT, "tcp") is Outcome.TIMEOUT

@@ -370,6 +370,7 @@ def test_the_agent_pod_installs_and_chains_stockade_cni_and_serves_its_socket() 
     env = {e["name"]: e.get("value") for e in agent["env"]}
     assert env["STOCKADE_CNI_SOCKET"] == "/run/stockade/cni.sock"
     assert env["STOCKADE_PENDING_BUDGET"] == "2"
+    assert env["STOCKADE_PENDING_ADD_WAIT"] == "0"
     assert env["STOCKADE_PENDING_ON_TIMEOUT"] == "closed"
     assert {"name": "cni-socket", "mountPath": "/run/stockade"} in agent["volumeMounts"]
 
@@ -382,6 +383,7 @@ def test_the_cni_values_choose_directories_and_fail_open_or_leave_it_out() -> No
                 "binDir": "/home/kubernetes/bin",
                 "failOpen": True,
                 "pendingBudgetSeconds": 5,
+                "addWaitSeconds": 0.5,
             }
         }
     }
@@ -390,6 +392,7 @@ def test_the_cni_values_choose_directories_and_fail_open_or_leave_it_out() -> No
     assert "--fail-open" in containers["cni-installer"]["args"]
     env = {e["name"]: e.get("value") for e in containers["agent"]["env"]}
     assert (env["STOCKADE_PENDING_ON_TIMEOUT"], env["STOCKADE_PENDING_BUDGET"]) == ("open", "5")
+    assert env["STOCKADE_PENDING_ADD_WAIT"] == "0.5"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["cni-conf"]["hostPath"]["path"] == "/var/lib/cni/conf"
     assert volumes["cni-bin"]["hostPath"]["path"] == "/home/kubernetes/bin"

@@ -10,6 +10,7 @@ import ipaddress
 from stockade import handoff
 from stockade.compiler import ir
 from stockade.control.lowering import Lowerer
+from stockade.control.policies import PolicyRecord
 from stockade.control.services import (
     ServiceInfo,
     service_cidr_from_api,
@@ -17,7 +18,8 @@ from stockade.control.services import (
     service_space,
 )
 from stockade.control.store import Store
-from stockade.model.cluster import Node
+from stockade.model.cluster import Namespace, Node
+from stockade.model.parse import parse_policy
 
 net = ipaddress.ip_network
 ip = ipaddress.ip_address
@@ -99,3 +101,27 @@ def test_with_service_space_on_every_node_gets_it_and_a_shape_with_services() ->
     assert ir.ServiceEntry(net("172.18.0.2/32"), 30000, 32767) in tables.services
     off_tables, off_program = handoff.decode(Lowerer().desired(snap)["n1"])
     assert not off_program.shape.services and off_tables.services == ()
+
+
+def test_every_node_gets_the_namespaces_where_a_new_pod_may_open_at_once() -> None:
+    store = Store()
+    store.put_node("n1", Node("n1", (ip("172.18.0.2"),)))
+    for name in ("shop", "free"):
+        store.put_namespace(name, Namespace(name, {"kubernetes.io/metadata.name": name}))
+    policy = parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "shop"},
+            "spec": {"podSelector": {}},
+        }
+    )
+    record = PolicyRecord(policy.kind, "shop", "deny", "u1", 1, policy)
+    lowerer = Lowerer()
+    assert handoff.decode(lowerer.desired(store.snapshot())["n1"])[1].open_namespaces == {
+        "shop",
+        "free",
+    }
+    store.put_policy(record.key, record)
+    _, program = handoff.decode(lowerer.desired(store.snapshot())["n1"])
+    assert program.open_namespaces == {"free"}

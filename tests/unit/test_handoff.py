@@ -139,6 +139,21 @@ def test_a_malformed_inline_entry_is_refused_naming_it() -> None:
         )
 
 
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_the_fast_open_namespaces_round_trip_in_the_program_part(inline_max: int) -> None:
+    tables = lower_node(_state(), [POLICY], "n0").tables
+    parts = handoff.encode(tables, None, inline_max, frozenset({"free", "kube-public"}))
+    decoded, program = handoff.decode(parts)
+    assert program.open_namespaces == {"free", "kube-public"}
+    assert set(decoded.policy) == set(tables.policy)
+    assert handoff.decode(handoff.encode(tables, None, inline_max))[1].open_namespaces == set()
+
+
+def test_a_fast_open_entry_that_is_no_namespace_name_is_refused_naming_it() -> None:
+    with pytest.raises(handoff.HandoffError, match="'Bad_Name' is no namespace name"):
+        handoff.decode_program(("shape ipv6 1", "open Bad_Name"))
+
+
 def test_a_cluster_scoped_rule_keeps_its_empty_namespace() -> None:
     info = ir.RuleInfo("ClusterNetworkPolicy.stockade.io", "", "deny", ir.Direction.EGRESS, 3)
     assert handoff.decode_rule(handoff.encode_rule(9, info)) == (9, info)

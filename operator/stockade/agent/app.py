@@ -1,7 +1,8 @@
 """The agent process: TableWatch → Runner → Syncer (programs, maps, links, report), plus the
 metrics endpoint with the inspecting routes (`stockade.agent.routes`), the flow log, the
 policy Events and, with `cni_socket`, the socket stockade-cni relays CNI commands to
-(`CniServer` → `PendingPods`: pods attached in the pending state on CNI ADD).
+(`CniServer` → `PendingPods`: pods attached in the pending state on CNI ADD) and the
+`Backstop` (pod veths made without it put in the pending state too).
 `stockade agent` (`stockade.agent.command`) and the tests build an `Agent` and call
 `run(stop)`, which blocks until the stop flag is set.
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import kubernetes.client
 
 from stockade.agent.attachments import Attachments
+from stockade.agent.backstop import Backstop
 from stockade.agent.cniserver import CniServer
 from stockade.agent.config import AgentConfig
 from stockade.agent.conntrack import ConntrackRecount
@@ -110,6 +112,13 @@ class Agent:
             add_wait=config.pending_add_wait,
         )
         self.cni = CniServer(config.cni_socket, self.pending) if config.cni_socket else None
+        # With the CNI socket, pod veths made without it are put pending too (agent.backstop).
+        self.backstop: Backstop | None = None
+        if config.cni_socket:
+            self.backstop = Backstop(
+                self.syncer, self._lock, self.runner.request, config.pending_on_timeout == "open"
+            )
+            self.syncer.sweep = self.backstop.sweep
 
     def _released(self, ifindexes: list[int]) -> None:
         self.pending.released(ifindexes)
@@ -165,6 +174,7 @@ class Agent:
             "stockade_agent_policy_events_posted_total": self.policy_events.posted,
             "stockade_agent_policy_events_suppressed_total": self.policy_events.suppressed,
             **self.pending.metrics(),
+            **(self.backstop.metrics() if self.backstop is not None else {}),
         }
 
     def metrics_text(self) -> str:
@@ -242,11 +252,15 @@ class Agent:
         self.policy_events.start()
         if self.cni is not None:
             self.cni.start()
+        if self.backstop is not None:
+            self.backstop.start()
         try:
             stop.wait()
         finally:
             if self.cni is not None:
                 self.cni.stop()
+            if self.backstop is not None:
+                self.backstop.stop()
             self.watch.stop()
             self.recount.stop()
             self.runner.stop()

@@ -36,10 +36,12 @@ from stockade.datapath import attach, libbpf
 from stockade.datapath.iface import (
     HostInterface,
     InterfaceNotFoundError,
+    LinkEvents,
     host_interface,
     interface_at,
     node_addresses,
     peer_ifindex,
+    pod_veths,
 )
 from stockade.datapath.maps import Bindings
 from stockade.datapath.netns import NetnsExecutor
@@ -155,6 +157,14 @@ class Attachments:
     def node_addresses(self) -> list[IPAddress]:
         """The addresses of the node's own stack (its netns), as `iface.node_addresses`."""
         return self._run(node_addresses)
+
+    def pod_veths(self) -> dict[int, str]:
+        """The node namespace's pod-side veths (`iface.pod_veths`), ifindex -> name."""
+        return self._run(pod_veths)
+
+    def link_events(self) -> LinkEvents:
+        """A netlink socket in the node namespace subscribed to link changes (RTM_NEWLINK)."""
+        return self._run(LinkEvents)
 
     def pinned_interfaces(self) -> list[str]:
         """Interfaces with links pinned under this agent's root."""

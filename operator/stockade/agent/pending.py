@@ -19,6 +19,13 @@ closed) and is released the moment its tables arrive, or, with `fail_open`, is s
 PENDING_OPEN (everything passes until its tables arrive); either way a Warning Event goes on the
 Pod and the counters below go up.
 
+A pod whose namespace the applied program lists as fast-open (`stockade.model.fastopen`: no
+namespaced policy there, no cluster-scoped policy whose subject can hold it; the operator
+publishes the list in every node's program part) is marked PENDING_OPEN at once instead: it is
+judged as with no policy anyway, so it waits for nothing and no budget runs. The list is the
+one of the last applied generation: a policy made in that namespace moments before takes effect
+on the pod when its tables arrive, as for any pod it selects.
+
 The `pending` map is the state: it is pinned, so a restarted agent finds every pending
 interface there, keeps its links, and releases it on the sync that applies its tables.
 """
@@ -111,6 +118,7 @@ class Datapath(Protocol):
     """What PendingPods needs of the agent's datapath (`stockade.agent.app` provides it)."""
 
     def host_ifindex(self, netns: Path, ifname: str) -> int: ...
+    def open_namespaces(self) -> frozenset[str]: ...
     def attach_pending(self, ifindex: int, state: PendingState) -> str: ...
     def set_pending(self, ifindex: int, state: PendingState) -> None: ...
     def is_pending(self, ifindex: int) -> bool: ...
@@ -128,6 +136,12 @@ class AgentDatapath:
 
     def host_ifindex(self, netns: Path, ifname: str) -> int:
         return self.attachments.host_ifindex(netns, ifname)
+
+    def open_namespaces(self) -> frozenset[str]:
+        """Where a new pod may open at once, as the applied program lists them."""
+        with self.lock:
+            current = self.syncer.current
+            return current.program.open_namespaces if current is not None else frozenset()
 
     def attach_pending(self, ifindex: int, state: PendingState) -> str:
         """Mark `ifindex` pending, then attach the programs there."""
@@ -166,6 +180,7 @@ class PendingStats:
     budget_out_closed: int = 0  # stayed pending after the budget (fail closed)
     budget_out_open: int = 0  # set open after the budget (fail open)
     add_failures: int = 0
+    fast_open: int = 0  # opened at once: their namespace is one no policy can select
     add_seconds: list[float] = field(default_factory=list)
 
 
@@ -213,6 +228,17 @@ class PendingPods:
             if not req.netns or not req.ifname:
                 raise CniRequestError("ADD needs CNI_NETNS and CNI_IFNAME")
             ifindex = self.datapath.host_ifindex(Path(req.netns), req.ifname)
+            namespace = req.pod[0]
+            if namespace and namespace in self.datapath.open_namespaces():
+                # The fast path: no policy can select a pod of this namespace, so it is judged as
+                # with none; it passes everything until its tables arrive, and no budget runs.
+                self.datapath.attach_pending(ifindex, PendingState.OPEN)
+                with self._lock:
+                    self._containers[req.container_id] = ifindex
+                self.stats.fast_open += 1
+                self.stats.add_seconds.append(time.monotonic() - began)
+                self.request_sync()
+                return
             waiter = _Waiter(ifindex)
             with self._lock:
                 self._waiters.setdefault(ifindex, []).append(waiter)
@@ -307,6 +333,7 @@ class PendingPods:
         return {
             "stockade_agent_cni_adds_total": s.adds,
             "stockade_agent_cni_add_failures_total": s.add_failures,
+            "stockade_agent_pending_fast_open_total": s.fast_open,
             "stockade_agent_pending_released_in_budget_total": s.released_in_budget,
             "stockade_agent_pending_budget_out_closed_total": s.budget_out_closed,
             "stockade_agent_pending_budget_out_open_total": s.budget_out_open,

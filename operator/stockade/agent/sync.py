@@ -105,6 +105,9 @@ class Syncer:
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
         self.released = released  # told the interfaces each sync releases from pending
+        # `Backstop.sweep`, run at the end of each sync; with it, attached pod veths that no
+        # endpoint owns keep their links (the sweep makes them pending) instead of being detached.
+        self.sweep: Callable[[], object] | None = None
         self.datapath_config = datapath_config or DatapathConfig()
         self.node = node
         self._objects = objects
@@ -207,8 +210,11 @@ class Syncer:
         programs = {hook: (p.fd, p.id) for hook, p in self.programs.programs.items()}
         pending = Pending(self.maps)
         waiting = pending.read()
+        keep = set(waiting)
+        if self.sweep is not None:
+            keep |= self.attachments.attached_ifindexes() & set(self.attachments.pod_veths())
         result = self.attachments.reconcile(
-            endpoints_of(wanted.tables), programs, Bindings(self.maps), waiting
+            endpoints_of(wanted.tables), programs, Bindings(self.maps), keep
         )
         service = self.programs.programs.get(Hook.SERVICE)
         if service is not None:
@@ -225,6 +231,11 @@ class Syncer:
         self.stats.applied_generation = wanted.generation
         for failure in result.failures:
             log.warning("endpoint %d: %s", failure.endpoint.endpoint_id, failure.message)
+        if self.sweep is not None:
+            try:
+                self.sweep()
+            except Exception as exc:  # the tables are applied; the next sync sweeps again
+                log.warning("backstop sweep failed: %s", exc)
         if migration is not None and not result.failures:
             again = migration.settle()
             self.programs.migration = None

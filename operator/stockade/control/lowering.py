@@ -20,6 +20,7 @@ from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.shape import Shape
 from stockade.control.plan import NodeParts
 from stockade.control.store import Snapshot
+from stockade.model.fastopen import fast_open_namespaces
 
 
 class Lowerer:
@@ -40,7 +41,9 @@ class Lowerer:
         self._inline = inline_entries
         self.ids: dict[str, Ids] = {}
         self.verdicts = Verdicts()  # kept across passes: a pass judges only what is new
-        self._encoded: dict[str, tuple[ir.NodeTables, dict[str, handoff.Shards]]] = {}
+        self._encoded: dict[
+            str, tuple[tuple[ir.NodeTables, frozenset[str]], dict[str, handoff.Shards]]
+        ] = {}
         self._lowered: dict[str, tuple[object, Lowered]] = {}  # node -> its last inputs, result
         self.node_seconds: dict[str, float] = {}
         # node -> the tables and Service backends its fallback verdicts were computed from
@@ -51,6 +54,8 @@ class Lowerer:
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
         nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
         lowering = Lowering(snap.state, policies, self.verdicts, self._lowered)
+        # Where a new pod may open before its tables arrive (every node gets the same list)
+        opened = fast_open_namespaces(snap.state, policies)
         out: dict[str, NodeParts] = {}
         for node in sorted(nodes):
             began = time.monotonic()
@@ -64,11 +69,11 @@ class Lowerer:
                     service_verdicts=self._verdicts(node, tables, snap.service_backends),
                 )
             last = self._encoded.get(node)
-            if last is not None and last[0] == tables:
+            if last is not None and last[0] == (tables, opened):
                 out[node] = last[1]  # unchanged: skip encoding it again
             else:
-                parts = handoff.encode(tables, self._shape, self._inline)
-                self._encoded[node] = (tables, parts)
+                parts = handoff.encode(tables, self._shape, self._inline, opened)
+                self._encoded[node] = ((tables, opened), parts)
                 out[node] = parts
             self.node_seconds[node] = time.monotonic() - began
         for node in set(self.ids) - nodes:

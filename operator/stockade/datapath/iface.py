@@ -9,16 +9,22 @@ forwarding database.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import select
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from stockade.datapath.netns import NetnsExecutor
 
 AF_BRIDGE = 7
+RTM_NEWLINK = 16
+_NLMSG_HEADER = struct.Struct("=IH")  # nlmsg_len, nlmsg_type (the rest of the header unread)
 
 
 class InterfaceNotFoundError(LookupError):
@@ -101,6 +107,72 @@ def _peer_of(ifname: str) -> int:
         if not peer:
             raise InterfaceNotFoundError(f"{ifname} in the pod's namespace is no veth")
         return int(peer)
+
+
+def pod_veths() -> dict[int, str]:
+    """The calling thread's namespace's pod-side veths, ifindex -> name: a veth whose peer is in
+    another namespace (IFLA_LINK_NETNSID set) and that carries no subnet, only host addresses
+    (/32, /128: the ptp plugin puts the pod's gateway there), link-local ones or none. Bridges and
+    loopback are no veths; a veth pair inside one namespace has no peer namespace; the node's own
+    uplink when it is a veth (a kind node's eth0, the sandbox's node uplink) carries the node's
+    addresses with their subnet: none of these is a pod's."""
+    with IPRoute() as ipr:
+        addressed = set()
+        for msg in ipr.get_addr():
+            text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if not text:
+                continue
+            address = ipaddress.ip_address(str(text).split("%")[0])
+            if not address.is_link_local and msg["prefixlen"] < address.max_prefixlen:
+                addressed.add(msg["index"])
+        found = {}
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            if kind != "veth" or link.get_attr("IFLA_LINK_NETNSID") is None:
+                continue
+            if link["index"] not in addressed:
+                found[link["index"]] = link.get_attr("IFLA_IFNAME")
+        return found
+
+
+class LinkEvents:
+    """A netlink socket subscribed to link changes (RTMGRP_LINK) in the namespace of the thread
+    that made it (it stays there, whichever thread reads it). A plain socket: pyroute2's may be
+    opened later, on another thread, so in another namespace."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self._sock.bind((0, RTMGRP_LINK))
+        self._sock.setblocking(False)
+
+    def wait(self, timeout: float) -> bool:
+        """Some link message is ready to read within `timeout` seconds."""
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        return bool(ready)
+
+    def new_links(self) -> bool:
+        """Read what is ready; True when it held an RTM_NEWLINK (a link made or changed), or when
+        messages were lost (ENOBUFS: the caller must look at every link)."""
+        seen = False
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return seen
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                seen = True
+                continue
+            offset = 0
+            while offset + _NLMSG_HEADER.size <= len(data):
+                length, kind = _NLMSG_HEADER.unpack_from(data, offset)
+                seen = seen or kind == RTM_NEWLINK
+                offset += max((length + 3) & ~3, _NLMSG_HEADER.size)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def interface_at(ifindex: int) -> HostInterface:

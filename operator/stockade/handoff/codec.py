@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -377,6 +378,16 @@ class Program:
     shape: Shape
     manifest: Mapping[str, Mapping[int, str]]  # part -> shard -> digest
     inline: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # Namespaces where a new pod may be opened at once (`stockade.model.fastopen`), as
+    # `open <namespace>` entries; only the agent's Python reads them, never generated C.
+    open_namespaces: frozenset[str] = frozenset()
+
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def encode_open(namespaces: Iterable[str]) -> tuple[str, ...]:
+    return tuple(f"open {name}" for name in sorted(namespaces))
 
 
 def encode_shape(shape: Shape) -> tuple[str, ...]:
@@ -387,13 +398,15 @@ def encode_shape(shape: Shape) -> tuple[str, ...]:
     return tuple(out)
 
 
-def encode_program(shape: Shape, tables: Mapping[str, Shards]) -> tuple[str, ...]:
+def encode_program(
+    shape: Shape, tables: Mapping[str, Shards], open_namespaces: Iterable[str] = ()
+) -> tuple[str, ...]:
     manifest = tuple(
         f"shard {part} {number} {shard.digest}"
         for part in TABLE_PARTS
         for number, shard in sorted(tables.get(part, {}).items())
     )
-    return encode_shape(shape) + manifest
+    return encode_shape(shape) + encode_open(open_namespaces) + manifest
 
 
 def decode_program(entries: Iterable[str]) -> Program:
@@ -402,8 +415,14 @@ def decode_program(entries: Iterable[str]) -> Program:
     values: dict[str, object] = {}
     manifest: dict[str, dict[int, str]] = {part: {} for part in TABLE_PARTS}
     inline: dict[str, list[str]] = {}
+    opened: set[str] = set()
     for entry in entries:
         fields = entry.split(" ")
+        if fields[0] == "open" and len(fields) == 2:
+            if not _NAMESPACE.match(fields[1]):
+                raise HandoffError(f"program entry {entry!r}: {fields[1]!r} is no namespace name")
+            opened.add(fields[1])
+            continue
         if fields[0] in TABLE_PARTS and len(fields) > 1:
             inline.setdefault(fields[0], []).append(entry[len(fields[0]) + 1 :])
             continue
@@ -432,7 +451,8 @@ def decode_program(entries: Iterable[str]) -> Program:
         shape = Shape(**values)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise HandoffError(f"program: {exc}") from None
-    return Program(shape, manifest, {part: tuple(found) for part, found in inline.items()})
+    inline_parts = {part: tuple(found) for part, found in inline.items()}
+    return Program(shape, manifest, inline_parts, frozenset(opened))
 
 
 def rule_entries(part: str, entries: Sequence[str]) -> tuple[str, ...]:
@@ -446,7 +466,10 @@ def rule_entries(part: str, entries: Sequence[str]) -> tuple[str, ...]:
 
 
 def encode(
-    tables: ir.NodeTables, shape: Shape | None = None, inline_max: int = INLINE_ENTRIES
+    tables: ir.NodeTables,
+    shape: Shape | None = None,
+    inline_max: int = INLINE_ENTRIES,
+    open_namespaces: Iterable[str] = (),
 ) -> dict[str, Shards]:
     """Every part of one node's hand-off: the `program` part (shard 0) and the table parts, or
     only the `program` part with the tables inline when they have at most `inline_max`
@@ -458,8 +481,9 @@ def encode(
             for part in TABLE_PARTS
             for entry in sorted(e for s in parts[part].values() for e in s.entries)
         )
-        return {PROGRAM: {0: Shard(encode_shape(shape or Shape()) + inline)}}
-    return {PROGRAM: {0: Shard(encode_program(shape or Shape(), parts))}, **parts}
+        head = encode_shape(shape or Shape()) + encode_open(open_namespaces)
+        return {PROGRAM: {0: Shard(head + inline)}}
+    return {PROGRAM: {0: Shard(encode_program(shape or Shape(), parts, open_namespaces))}, **parts}
 
 
 def decode(parts: Mapping[str, PartShards]) -> tuple[ir.NodeTables, Program]:
