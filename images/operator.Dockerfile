@@ -22,6 +22,7 @@ COPY operator/stockade/handoff/ operator/stockade/handoff/
 COPY operator/stockade/datapath/ operator/stockade/datapath/
 COPY operator/stockade/control/ operator/stockade/control/
 COPY operator/stockade/agent/ operator/stockade/agent/
+COPY operator/stockade/inspect/ operator/stockade/inspect/
 COPY bpf/ bpf/
 COPY crds/ crds/
 # Editable install: the package finds bpf/ beside its source tree.

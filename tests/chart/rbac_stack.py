@@ -58,8 +58,16 @@ def chart_objects(
     release: str, namespace: str
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(RBAC and admission policy objects, CRDs) of the chart rendered with its default
-    values."""
-    objects = render(release=release, namespace=namespace, extra=["--include-crds"])
+    values, less the `inspect` roles: those are for people who run `stockade explain` and co.,
+    no component of this scenario uses them (their pods/proxy route needs an API server that
+    reaches the pods, which the sandbox's cannot), and tests/chart/test_chart_render.py checks
+    what they grant."""
+    objects = render(
+        {"inspect": {"role": False}},
+        release=release,
+        namespace=namespace,
+        extra=["--include-crds"],
+    )
     rbac = [o for o in objects if o["kind"] in RBAC_KINDS + ADMISSION_KINDS]
     crds = [o for o in objects if o["kind"] == "CustomResourceDefinition"]
     return rbac, crds
