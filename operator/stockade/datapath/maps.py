@@ -403,27 +403,20 @@ def write_service_space(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
     """Make the svc_space trie hold exactly `entries` (`ir.ServiceEntry`): additions first,
     then deletions. Returns the number of writes. The policy epoch stays: where a flow is judged
     changes nothing of what an established one was allowed by."""
-    fd = maps.fd("svc_space")
-    spec = abi.MAPS["svc_space"]
-    assert spec.key is not None and spec.value is not None
-    wanted = {e.key(): e.value() for e in entries}
-    have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
-    writes = 0
-    for key, value in wanted.items():
-        if have.get(key) != value:
-            libbpf.map_update(fd, key, value)
-            writes += 1
-    for key in have.keys() - wanted.keys():
-        libbpf.map_delete(fd, key)
-        writes += 1
-    return writes
+    return _write_exactly(maps, "svc_space", entries)
 
 
 def write_service_verdicts(maps: PinnedMaps, entries: Sequence[MapEntry]) -> int:
     """Make the svc_verdict hash (the Service fallback, bpf/service.h) hold exactly `entries`
     (`ir.ServiceVerdictEntry`). Returns the number of writes."""
-    fd = maps.fd("svc_verdict")
-    spec = abi.MAPS["svc_verdict"]
+    return _write_exactly(maps, "svc_verdict", entries)
+
+
+def _write_exactly(maps: PinnedMaps, name: str, entries: Sequence[MapEntry]) -> int:
+    """Make map `name` hold exactly `entries`, additions and changes before deletions; returns
+    the number of writes."""
+    fd = maps.fd(name)
+    spec = abi.MAPS[name]
     assert spec.key is not None and spec.value is not None
     wanted = {e.key(): e.value() for e in entries}
     have = dict(libbpf.map_dump(fd, spec.key.size, spec.value.size))
