@@ -262,7 +262,7 @@ def test_the_operator_hands_every_node_the_fallback_verdicts_of_its_clients() ->
     snap = store.snapshot()
     lowerer = Lowerer(services=True)
     lowerer.desired(snap)
-    (entry,) = [e for e in lowerer._encoded["n0"][0].service_verdicts]
+    (entry,) = [e for e in lowerer._encoded["n0"][0][0].service_verdicts]
     # 10.244.0.3 and 10.244.1.5 are no pods: the egress rule allows only the db pod
     assert (entry.address, entry.port, entry.action) == (ip("10.96.7.7"), 5432, ir.Action.DENY)
 
