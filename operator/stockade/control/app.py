@@ -28,6 +28,7 @@ from stockade.runtime.runner import Runner
 log = logging.getLogger(__name__)
 
 RETRY = 1.0  # seconds before a failed pass runs again, every time (no growing backoff)
+TLS_GOODBYE_S = 0.5  # time given to the watch connections to close over TLS when kopf stops
 
 
 def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
@@ -155,6 +156,10 @@ class Operator:
             # kopf waits for `stop` in an executor thread; when a signal (kopf's own handler)
             # stopped it instead, that thread must be released or asyncio.run() never returns.
             stop.set()
+            # kopf closes its API session last; each watch connection then says goodbye to the
+            # API server over TLS, which takes a few turns of this loop. Closing the loop before
+            # that would leave the connections half-closed until the garbage collector finds them.
+            await asyncio.sleep(TLS_GOODBYE_S)
 
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
