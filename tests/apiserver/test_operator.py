@@ -33,7 +33,7 @@ from stockade.model.crd_schema import GROUP, VERSION
 from stockade.sandbox.controlplane.server import ControlPlane
 from stockade.sandbox.node.registration import register_node, register_pod, set_pod_labels
 from stockade.sandbox.topology import NodeNet, PodNet, node_net
-from tests.fixtures.controlplane import wait_for
+from tests.fixtures.controlplane import no_namespace_terminating, wait_for
 
 PLURAL = "datapathtables"
 
@@ -69,8 +69,12 @@ class OperatorThread:
 
 
 @pytest.fixture
-def operators(control_plane: ControlPlane, crds: None) -> Iterator[list[OperatorThread]]:
-    """Start replicas with `start(identity)`; all are stopped after the test."""
+def operators(
+    control_plane: ControlPlane, crds: None, api_client: Any
+) -> Iterator[list[OperatorThread]]:
+    """Start replicas with `start(identity)`; all are stopped after the test. Earlier tests'
+    namespaces are gone first: their deletion would be writes of this test's operators."""
+    no_namespace_terminating(api_client)
     started: list[OperatorThread] = []
     yield started
     for op in started:
