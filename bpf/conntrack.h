@@ -345,10 +345,10 @@ static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
 	return CT_REPLY;
 }
 
-/* Record flow `fl` under its original tuple `o` (a ct_key as ct_key_set writes it), counted
- * against `fl->owner`. `replace`: a live flow there already is overwritten (keeping its count),
- * else kept. */
-static __always_inline void ct_put(const struct ct_key *o, const struct ct_flow *fl, int replace)
+/* Record flow `fl` under its original tuple `o` (a ct_key as ct_key_set writes it).
+ * `replace`: a live flow there already is overwritten (keeping its count), else kept. Returns 1
+ * when the flow took an empty slot, which the caller counts against `fl->owner`, else 0. */
+static __always_inline int ct_put(const struct ct_key *o, const struct ct_flow *fl, int replace)
 {
 	struct ct_key k;
 	struct ct_entry fresh = {};
@@ -356,25 +356,21 @@ static __always_inline void ct_put(const struct ct_key *o, const struct ct_flow 
 	struct ct_flow *dst;
 	int slot = ct_key_norm(&k, o->saddr, o->daddr, o->sport, o->dport, o->proto, o->dir);
 
+	/* most new flows have no entry yet: try to make it first, look it up when it exists */
+	*ct_slot(&fresh, slot) = *fl;
+	if (bpf_map_update_elem(&conntrack, &k, &fresh, BPF_NOEXIST) == 0)
+		return 1;
 	e = bpf_map_lookup_elem(&conntrack, &k);
-	if (!e) {
-		*ct_slot(&fresh, slot) = *fl;
-		if (bpf_map_update_elem(&conntrack, &k, &fresh, BPF_NOEXIST) == 0) {
-			ct_owned_add(fl->owner, 1);
-			return;
-		}
-		e = bpf_map_lookup_elem(&conntrack, &k); /* another CPU made the entry meanwhile */
-		if (!e)
-			return;
-	}
+	if (!e)
+		return 0;
 	dst = ct_slot(e, slot);
 	if (dst->expires_ns) {
 		if (replace)
 			*dst = *fl;
-		return;
+		return 0;
 	}
 	*dst = *fl;
-	ct_owned_add(fl->owner, 1);
+	return 1;
 }
 
 /* Record an allowed new flow, against the budget of the endpoint that judged it (`d`). Echo
@@ -408,7 +404,15 @@ static __always_inline int ct_create(const struct flow *f, __u32 dir, const stru
 	e.rule_id = d->rule_id;
 	e.port = f->port;
 	e.owner = owner;
-	ct_put(&o, &e, 0);
+	if (ct_put(&o, &e, 0)) {
+#if STOCKADE_CONNTRACK_PER_ENDPOINT
+		if (held) {
+			__sync_fetch_and_add(held, 1);
+			return 0;
+		}
+#endif
+		ct_owned_add(owner, 1);
+	}
 	return 0;
 }
 
