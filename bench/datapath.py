@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -237,6 +238,7 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that cleanup runs
     started = time.monotonic()
+    load_start = os.getloadavg()[0]
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="stockade-bench-") as cache:
         bench = Bench(args.quick, stack, Path(cache))
         if args.only_services:
@@ -258,6 +260,8 @@ def main() -> int:
         "units": "ns figures are above empty_ns (an empty tc program), medians of the rounds",
         "tables": f"lowered up to {bt.LOWERED_MAX} rules, synthetic (checked) above",
         "seconds": round(time.monotonic() - started, 1),
+        # the 1-minute load average at the start and the end: this machine is shared
+        "loadavg": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
