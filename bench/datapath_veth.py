@@ -8,15 +8,32 @@ go into the server namespace's INPUT chain, one per rule (`-s <peer>/32 -p <prot
 -j ACCEPT`, the client's last) then a DROP for the port: no conntrack shortcut, as a policy
 engine that writes one rule per peer. The three configurations run interleaved in each round;
 everything created is removed at the end, also on failure.
+
+Packet rate: 64-byte frames (Ethernet, IPv4, UDP to port 5201, no FCS) sent by trafgen
+(netsniff-ng, Debian) from the client's end through the qdisc path (`--qdisc-path`, so tc egress
+runs), one sender CPU, counted at the server's end (`rx_packets`). trafgen writes frames from
+an mmap'd ring without a socket call per packet, where iperf3's UDP sender makes one sendmsg
+per datagram and is bound by that before the filter shows; without trafgen, iperf3 (`-u -l
+64`) is the generator and `pps_generator` says so.
+
+Every ratio is also given per round (the two configurations measured back to back in the same
+round), as median, quartiles and extremes: the spread to compare the effect with.
+
+`attached`: with `kernel.bpf_stats_enabled=1` during the stockade runs, the programs' own
+run_time_ns / run_cnt on the veth (the kernel's per-program statistics), per hook, under the
+TCP load and under the 64-byte load: the attached cost beside the test-run figures.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -31,6 +48,49 @@ from stockade.datapath.netns import NetnsExecutor
 from stockade.harness import loader
 
 CONFIGS = ("none", "stockade", "iptables")
+FRAME_BYTES = 64
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def trafgen() -> str | None:
+    return shutil.which("trafgen")
+
+
+def _frame_config(src: str, dst: str) -> str:
+    """A trafgen packet configuration: one 64-byte UDP frame (the same every time)."""
+    import ipaddress
+
+    from stockade.datapath import packets
+
+    s, d = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
+    payload = b"x" * (FRAME_BYTES - 14 - 20 - 8)
+    frame = packets.ip_frame(
+        packets.ip(s, d, 17, packets.udp_datagram(s, d, 40000, bt.PORT, payload))
+    )
+    assert len(frame) == FRAME_BYTES
+    return "{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n"
+
+
+def _prog_stats(prog_id: int) -> tuple[int, int]:
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    info = json.loads(out)
+    return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {
+        "median": round(statistics.median(values), 4),
+        "p25": round(q[0], 4),
+        "p75": round(q[2], 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
 
 
 def _sh(*args: str, ns: str | None = None, check: bool = True) -> str:
@@ -74,6 +134,16 @@ class Pair:
         )
         _sh("ip", "addr", "add", f"{bt.SERVER}/8", "dev", f"{self.prefix}v0", ns=self.server_ns)
         _sh("ip", "addr", "add", f"{self.client}/8", "dev", self.veth, ns=self.client_ns)
+        # the frames trafgen sends carry the packet builder's destination MAC
+        _sh(
+            "ip",
+            "link",
+            "set",
+            f"{self.prefix}v0",
+            "address",
+            "02:00:00:00:00:02",
+            ns=self.server_ns,
+        )
         _sh("ip", "link", "set", f"{self.prefix}v0", "up", ns=self.server_ns)
         _sh("ip", "link", "set", self.veth, "up", ns=self.client_ns)
         self.iperf = subprocess.Popen(
@@ -129,6 +199,45 @@ class Pair:
         total = json.loads(out)["end"]["sum"]
         return float(total["packets"] - total["lost_packets"]) / float(total["seconds"])
 
+    def _rx_packets(self) -> int:
+        path = f"/sys/class/net/{self.prefix}v0/statistics/rx_packets"
+        return int(_sh("cat", path, ns=self.server_ns))
+
+    def frames_pps(self, seconds: float, config: Path) -> float:
+        """64-byte frames a second that reach the server's end, trafgen sending on one CPU."""
+        before = self._rx_packets()
+        started = time.monotonic()
+        gen = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.client_ns,
+                "trafgen",
+                "--dev",
+                self.veth,
+                "--conf",
+                str(config),
+                "--qdisc-path",
+                "--cpus",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(seconds)
+        finally:
+            gen.send_signal(signal.SIGINT)
+            try:
+                gen.wait(5)
+            except subprocess.TimeoutExpired:
+                gen.kill()
+                gen.wait()
+        elapsed = time.monotonic() - started
+        time.sleep(0.2)  # the last frames the receiving CPU still had queued
+        return (self._rx_packets() - before) / elapsed
+
 
 def _iptables(pair: Pair, rules: int, proto: str | None) -> None:
     """Replace the server namespace's INPUT chain: `rules` rules for `proto`, or none."""
@@ -156,7 +265,33 @@ def measure(
     links: list[attach.Attachment] = []
     netns: NetnsExecutor | None = None
     results: dict[str, dict[str, list[float]]] = {c: {"tcp": [], "udp": []} for c in CONFIGS}
+    use_trafgen = trafgen() is not None
+    fd, name = tempfile.mkstemp(prefix="stockade-bench-", suffix=".trafgen")
+    os.close(fd)
+    config_file = Path(name)
+    config_file.write_text(_frame_config(pair.client, str(bt.SERVER)))
+    stats_before = BPF_STATS.read_text().strip() if BPF_STATS.exists() else None
+    hooks = {h: programs.program(h).id for h in (Hook.TO_POD, Hook.FROM_POD)}
+    attached: dict[str, dict[str, list[tuple[int, int]]]] = {
+        load: {h.name.lower(): [] for h in hooks} for load in ("tcp", "udp")
+    }
+
+    def run_load(kind: str, stockade: bool) -> float:
+        counts = {h: _prog_stats(i) for h, i in hooks.items()} if stockade else {}
+        if kind == "tcp":
+            value = pair.tcp_bps(seconds)
+        elif use_trafgen:
+            value = pair.frames_pps(seconds, config_file)
+        else:
+            value = pair.udp_pps(seconds)
+        for h, (t0, n0) in counts.items():
+            t1, n1 = _prog_stats(hooks[h])
+            attached[kind][h.name.lower()].append((t1 - t0, n1 - n0))
+        return value
+
     try:
+        if stats_before is not None:
+            BPF_STATS.write_text("1")
         pair.up()
         netns = NetnsExecutor.named(pair.client_ns)
         ifindex = netns.run(socket.if_nametoindex, pair.veth)
@@ -189,13 +324,16 @@ def measure(
                 setup, teardown = setups[config]
                 try:
                     setup("tcp")
-                    results[config]["tcp"].append(pair.tcp_bps(seconds))
+                    results[config]["tcp"].append(run_load("tcp", config == "stockade"))
                     teardown()
                     setup("udp")
-                    results[config]["udp"].append(pair.udp_pps(seconds))
+                    results[config]["udp"].append(run_load("udp", config == "stockade"))
                 finally:
                     teardown()
     finally:
+        if stats_before is not None:
+            BPF_STATS.write_text(stats_before)
+        config_file.unlink(missing_ok=True)
         if netns is not None:
             with suppress(Exception):
                 while links:
@@ -204,7 +342,33 @@ def measure(
         pair.down()
     med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in results.items()}
     base = med["none"]
+
+    def per_round(config: str, kind: str) -> dict[str, float]:
+        pairs = zip(results[config][kind], results["none"][kind], strict=True)
+        return _spread([v / b for v, b in pairs])
+
+    def run_ns(samples: list[tuple[int, int]]) -> float:
+        time_ns, count = sum(t for t, _ in samples), sum(n for _, n in samples)
+        return round(time_ns / count, 1) if count else 0.0
+
     return {
+        "spread": {
+            f"tcp_ratio_{rules}_rules": per_round("stockade", "tcp"),
+            f"pps_ratio_{rules}_rules": per_round("stockade", "udp"),
+            f"iptables_tcp_ratio_{rules}_rules": per_round("iptables", "tcp"),
+            f"iptables_pps_ratio_{rules}_rules": per_round("iptables", "udp"),
+        },
+        "pps_generator": (
+            f"trafgen, {FRAME_BYTES}-byte frames" if use_trafgen else "iperf3 -u -l 64"
+        ),
+        "attached_run_ns": {
+            load: {hook: run_ns(s) for hook, s in by_hook.items()}
+            for load, by_hook in attached.items()
+        },
+        "attached_runs": {
+            load: {hook: sum(n for _, n in s) for hook, s in by_hook.items()}
+            for load, by_hook in attached.items()
+        },
         f"tcp_ratio_{rules}_rules": med["stockade"]["tcp"] / base["tcp"],
         f"pps_ratio_{rules}_rules": med["stockade"]["udp"] / base["udp"],
         f"iptables_tcp_ratio_{rules}_rules": med["iptables"]["tcp"] / base["tcp"],

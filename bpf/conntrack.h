@@ -5,6 +5,12 @@
  *   that judged it. A packet whose tuple is recorded for this direction is established; a
  *   packet whose reverse tuple is recorded for the opposite direction is a reply. A new
  *   connection in the reverse direction is therefore still judged.
+ * - One lookup finds both: a flow and the reverse tuple's flow in the opposite direction share
+ *   one map entry (maps.h: the tuple ordered, its two slots), so an established packet and a
+ *   reply each cost one lookup. Only a tuple equal to its own reverse (same address and port
+ *   at both ends) needs a second one for a reply; ICMP errors look up the flow they quote.
+ * - An established packet writes the entry only when its TCP state changes or its expiry
+ *   moves by more than a 64th of the timeout (ct_refresh).
  * - ICMP echo is tracked by identifier: an echo reply matches the request it answers.
  * - An ICMP error is related when the packet it quotes belongs to a recorded flow and the error
  *   travels back along that flow: from the quoted packet's destination to its source (outer
@@ -123,14 +129,6 @@ static __always_inline void ct_owned_add(__u32 owner, __s64 delta)
 	}
 }
 
-static __always_inline void ct_delete(struct ct_key *k, const struct ct_entry *e)
-{
-	__u32 owner = e->owner;
-
-	if (bpf_map_delete_elem(&conntrack, k) == 0)
-		ct_owned_add(owner, -1);
-}
-
 static __always_inline __u64 ct_timeout(const struct config *cfg, __u8 proto, __u8 closing)
 {
 	__u64 t;
@@ -167,47 +165,134 @@ static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, con
 	k->pad = 0;
 }
 
-/* A live entry for `k`, or NULL. Dead entries are deleted; in revalidate mode an entry of an
- * older epoch is judged again (and deleted when the policy now denies it). */
-static __always_inline struct ct_entry *ct_find(struct ct_key *k, const struct config *cfg,
-						__u64 now)
+/* Whether the tuple (saddr, sport) -> (daddr, dport) is out of the map key's order: the
+ * addresses compared as four host-order words, first word first, then the ports as stored.
+ * A tuple whose two ends are equal is in order. (maps.py, ct_normalize, mirrors it.) */
+static __always_inline int ct_swapped(const __u32 *saddr, const __u32 *daddr, __be16 sport,
+				      __be16 dport)
 {
-	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, k);
-	struct decision d;
-
-	if (!e)
-		return NULL;
-	if (e->expires_ns < now) {
-		ct_delete(k, e);
-		return NULL;
-	}
-	if (cfg->ct_mode != CT_MODE_KEEP && e->epoch != cfg->epoch) {
-#if STOCKADE_SERVICES
-		if (!svc_revalidate(k, &d))
-#elif STOCKADE_SERVICE_FALLBACK
-		if (!svc_fallback_revalidate(k, e->port, &d))
-#endif
-			policy_decide(k->saddr, k->daddr, k->proto, e->port, k->dir, &d);
-		if (d.action == ACTION_DENY) {
-			ct_delete(k, e);
-			return NULL;
-		}
-		e->epoch = cfg->epoch;
-		e->rule_id = d.rule_id;
-	}
-	return e;
+	if (saddr[0] != daddr[0])
+		return saddr[0] > daddr[0];
+	if (saddr[1] != daddr[1])
+		return saddr[1] > daddr[1];
+	if (saddr[2] != daddr[2])
+		return saddr[2] > daddr[2];
+	if (saddr[3] != daddr[3])
+		return saddr[3] > daddr[3];
+	return sport > dport;
 }
 
-static __always_inline void ct_refresh(struct ct_entry *e, const struct flow *f,
+/* The map key of the flow with original tuple (saddr, sport) -> (daddr, dport) judged in
+ * direction `dir` (maps.h), into `k`; returns the flow's slot. */
+static __always_inline int ct_key_norm(struct ct_key *k, const __u32 *saddr, const __u32 *daddr,
+				       __be16 sport, __be16 dport, __u8 proto, __u32 dir)
+{
+	if (ct_swapped(saddr, daddr, sport, dport)) {
+		ct_key_set(k, daddr, saddr, dport, sport, proto, dir ^ 1);
+		return 1;
+	}
+	ct_key_set(k, saddr, daddr, sport, dport, proto, dir);
+	return 0;
+}
+
+/* Whether the flow's tuple is its own reverse: both its flows then have slot 0, under keys
+ * that differ in `dir` alone. */
+static __always_inline int ct_key_symmetric(const struct ct_key *k)
+{
+	return addr_equal(k->saddr, k->daddr) && k->sport == k->dport;
+}
+
+static __always_inline struct ct_flow *ct_slot(struct ct_entry *e, int slot)
+{
+	return slot ? &e->flow[1] : &e->flow[0];
+}
+
+/* Empty a slot (the flow is gone); the entry goes when both are empty. Two CPUs emptying one
+ * slot at once both uncount it: the agent's recount puts the count back. */
+static __always_inline void ct_clear(const struct ct_key *k, struct ct_entry *e, int slot)
+{
+	struct ct_flow *fl = ct_slot(e, slot);
+	__u32 owner = fl->owner;
+
+	if (fl->expires_ns == 0)
+		return;
+	fl->expires_ns = 0;
+	ct_owned_add(owner, -1);
+	if (ct_slot(e, !slot)->expires_ns == 0)
+		bpf_map_delete_elem(&conntrack, k);
+}
+
+/* The live flow in `slot` of entry `e` (key `k`), or NULL. A dead flow is cleared; in
+ * revalidate mode a flow of an older epoch is judged again (and cleared when the policy now
+ * denies it). */
+static __always_inline struct ct_flow *ct_live(const struct ct_key *k, struct ct_entry *e,
+					       int slot, const struct config *cfg, __u64 now)
+{
+	struct ct_flow *fl = ct_slot(e, slot);
+	struct decision d;
+	struct ct_key o;
+
+	if (fl->expires_ns == 0)
+		return NULL;
+	if (fl->expires_ns < now) {
+		ct_clear(k, e, slot);
+		return NULL;
+	}
+	if (cfg->ct_mode != CT_MODE_KEEP && fl->epoch != cfg->epoch) {
+		/* the flow's original tuple */
+		if (slot)
+			ct_key_set(&o, k->daddr, k->saddr, k->dport, k->sport, k->proto, k->dir ^ 1);
+		else
+			o = *k;
+#if STOCKADE_SERVICES
+		if (!svc_revalidate(&o, &d))
+#elif STOCKADE_SERVICE_FALLBACK
+		if (!svc_fallback_revalidate(&o, fl->port, &d))
+#endif
+			policy_decide(o.saddr, o.daddr, o.proto, fl->port, o.dir, &d);
+		if (d.action == ACTION_DENY) {
+			ct_clear(k, e, slot);
+			return NULL;
+		}
+		fl->epoch = cfg->epoch;
+		fl->rule_id = d.rule_id;
+	}
+	return fl;
+}
+
+/* The live flow with original tuple (saddr, sport) -> (daddr, dport) judged in `dir`, or NULL. */
+static __always_inline struct ct_flow *ct_find(const __u32 *saddr, const __u32 *daddr,
+					       __be16 sport, __be16 dport, __u8 proto, __u32 dir,
+					       const struct config *cfg, __u64 now)
+{
+	struct ct_key k;
+	struct ct_entry *e;
+	int slot = ct_key_norm(&k, saddr, daddr, sport, dport, proto, dir);
+
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	return e ? ct_live(&k, e, slot, cfg, now) : NULL;
+}
+
+/* The timeout after a packet of the flow, in its `reply` direction or not. The expiry is
+ * written only when it moves by more than a 64th of the timeout (or the TCP state changed),
+ * so that most packets of a busy flow read the entry and write nothing. */
+static __always_inline void ct_refresh(struct ct_flow *e, const struct flow *f,
 				       const struct config *cfg, __u64 now, int reply)
 {
+	__u64 timeout, expires;
+
 	if (f->t.proto == IPPROTO_TCP) {
 		__u8 s = ct_tcp_next(e->tcp, f->tcp_flags, reply);
 
-		e->tcp = s;
-		e->closing = ct_tcp_closing(s);
+		if (s != e->tcp) {
+			e->tcp = s;
+			e->closing = ct_tcp_closing(s);
+		}
 	}
-	e->expires_ns = now + ct_timeout(cfg, f->t.proto, e->closing);
+	timeout = ct_timeout(cfg, f->t.proto, e->closing);
+	expires = now + timeout;
+	if (expires > e->expires_ns + (timeout >> 6) || expires < e->expires_ns)
+		e->expires_ns = expires;
 }
 
 static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
@@ -216,6 +301,8 @@ static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
 	const struct tuple *t = &f->t;
 	struct ct_key k;
 	struct ct_entry *e;
+	struct ct_flow *fl;
+	int slot;
 
 	if (t->icmp_kind == ICMP_KIND_ERROR) {
 		const struct tuple *in = &f->inner;
@@ -223,36 +310,67 @@ static __always_inline enum ct_state ct_lookup(const struct flow *f, __u32 dir,
 		if (!addr_equal(t->daddr, in->saddr) || !addr_equal(t->saddr, in->daddr))
 			return CT_NEW;
 		/* the quoted packet was sent by the flow's originator, or is one of its replies */
-		ct_key_set(&k, in->saddr, in->daddr, in->sport, in->dport, in->proto, dir ^ 1);
-		if (ct_find(&k, cfg, now))
+		if (ct_find(in->saddr, in->daddr, in->sport, in->dport, in->proto, dir ^ 1, cfg, now))
 			return CT_RELATED;
-		ct_key_set(&k, in->daddr, in->saddr, in->dport, in->sport, in->proto, dir);
-		if (ct_find(&k, cfg, now))
+		if (ct_find(in->daddr, in->saddr, in->dport, in->sport, in->proto, dir, cfg, now))
 			return CT_RELATED;
 		return CT_NEW;
 	}
 	if (t->icmp_kind == ICMP_KIND_ECHO_REPLY) {
-		ct_key_set(&k, t->daddr, t->saddr, t->sport, 0, t->proto, dir ^ 1);
-		e = ct_find(&k, cfg, now);
-		if (!e)
+		fl = ct_find(t->daddr, t->saddr, t->sport, 0, t->proto, dir ^ 1, cfg, now);
+		if (!fl)
 			return CT_NEW;
-		ct_refresh(e, f, cfg, now, 1);
+		ct_refresh(fl, f, cfg, now, 1);
 		return CT_REPLY;
 	}
-	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
-	e = ct_find(&k, cfg, now);
-	if (e) {
-		ct_refresh(e, f, cfg, now, 0);
+	/* One lookup: the packet's own flow (established) and the flow it answers (a reply) share
+	 * the entry, in its two slots. */
+	slot = ct_key_norm(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	fl = e ? ct_live(&k, e, slot, cfg, now) : NULL;
+	if (fl) {
+		ct_refresh(fl, f, cfg, now, 0);
 		return CT_ESTABLISHED;
 	}
 	if (t->icmp_kind == ICMP_KIND_ECHO_REQUEST || tcp_is_bare_syn(f))
 		return CT_NEW;
-	ct_key_set(&k, t->daddr, t->saddr, t->dport, t->sport, t->proto, dir ^ 1);
-	e = ct_find(&k, cfg, now);
-	if (!e)
+	/* a tuple equal to its reverse: the flow it answers is under the other direction's key */
+	if (ct_key_symmetric(&k))
+		fl = ct_find(t->daddr, t->saddr, t->dport, t->sport, t->proto, dir ^ 1, cfg, now);
+	else
+		fl = e ? ct_live(&k, e, !slot, cfg, now) : NULL;
+	if (!fl)
 		return CT_NEW;
-	ct_refresh(e, f, cfg, now, 1);
+	ct_refresh(fl, f, cfg, now, 1);
 	return CT_REPLY;
+}
+
+/* Record flow `fl` under its original tuple `o` (a ct_key as ct_key_set writes it).
+ * `replace`: a live flow there already is overwritten (keeping its count), else kept. Returns 1
+ * when the flow took an empty slot, which the caller counts against `fl->owner`, else 0. */
+static __always_inline int ct_put(const struct ct_key *o, const struct ct_flow *fl, int replace)
+{
+	struct ct_key k;
+	struct ct_entry fresh = {};
+	struct ct_entry *e;
+	struct ct_flow *dst;
+	int slot = ct_key_norm(&k, o->saddr, o->daddr, o->sport, o->dport, o->proto, o->dir);
+
+	/* most new flows have no entry yet: try to make it first, look it up when it exists */
+	*ct_slot(&fresh, slot) = *fl;
+	if (bpf_map_update_elem(&conntrack, &k, &fresh, BPF_NOEXIST) == 0)
+		return 1;
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	if (!e)
+		return 0;
+	dst = ct_slot(e, slot);
+	if (dst->expires_ns) {
+		if (replace)
+			*dst = *fl;
+		return 0;
+	}
+	*dst = *fl;
+	return 1;
 }
 
 /* Record an allowed new flow, against the budget of the endpoint that judged it (`d`). Echo
@@ -262,8 +380,8 @@ static __always_inline int ct_create(const struct flow *f, __u32 dir, const stru
 				     const struct config *cfg, __u64 now)
 {
 	const struct tuple *t = &f->t;
-	struct ct_key k;
-	struct ct_entry e = {};
+	struct ct_key o;
+	struct ct_flow e = {};
 	__u32 owner = d->endpoint_id;
 
 	if (t->icmp_kind == ICMP_KIND_ECHO_REPLY || t->icmp_kind == ICMP_KIND_ERROR)
@@ -276,7 +394,7 @@ static __always_inline int ct_create(const struct flow *f, __u32 dir, const stru
 	if (held && *held >= STOCKADE_CONNTRACK_PER_ENDPOINT)
 		return -1;
 #endif
-	ct_key_set(&k, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
+	ct_key_set(&o, t->saddr, t->daddr, t->sport, t->dport, t->proto, dir);
 	if (t->proto == IPPROTO_TCP) {
 		e.tcp = ct_tcp_next(0, f->tcp_flags, 0);
 		e.closing = ct_tcp_closing(e.tcp);
@@ -286,8 +404,15 @@ static __always_inline int ct_create(const struct flow *f, __u32 dir, const stru
 	e.rule_id = d->rule_id;
 	e.port = f->port;
 	e.owner = owner;
-	if (bpf_map_update_elem(&conntrack, &k, &e, BPF_NOEXIST) == 0)
+	if (ct_put(&o, &e, 0)) {
+#if STOCKADE_CONNTRACK_PER_ENDPOINT
+		if (held) {
+			__sync_fetch_and_add(held, 1);
+			return 0;
+		}
+#endif
 		ct_owned_add(owner, 1);
+	}
 	return 0;
 }
 

@@ -180,8 +180,15 @@ struct {
 } config SEC(".maps");
 
 #if STOCKADE_CONNTRACK
-/* conntrack: the original tuple of an allowed flow plus the direction of the hook that judged
- * it, so that the destination's INGRESS hook still judges a flow the source's EGRESS allowed. */
+/* conntrack: one entry per pair of flows a packet may belong to, found with one lookup whatever
+ * the packet's direction. A flow is its original tuple plus the direction of the hook that
+ * judged it, so that the destination's INGRESS hook still judges a flow the source's EGRESS
+ * allowed. The map's key is that tuple ordered (conntrack.h, ct_key_norm: the lower address and
+ * port first) with `dir` = the hook's direction XOR whether the tuple was swapped; the two flows
+ * that share a key, a tuple in one direction and its reverse in the other, are the entry's two
+ * slots: slot 0 the flow whose original tuple is the key's order, slot 1 the reverse. A packet
+ * and its reply thus meet the same entry. struct ct_key is also how a flow's original tuple is
+ * written (svc_flows' key). */
 struct ct_key {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -192,14 +199,19 @@ struct ct_key {
 	__u16 pad;
 };
 
-struct ct_entry {
-	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which the entry is dead */
-	__u32 epoch;		/* config.epoch when the entry was last judged */
+/* One flow of an entry; expires_ns 0: the slot is empty. */
+struct ct_flow {
+	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which the flow is dead */
+	__u32 epoch;		/* config.epoch when the flow was last judged */
 	__u32 rule_id;		/* the rule that allowed it */
 	__u16 port;		/* the policy port of the flow, to judge it again */
 	__u8 closing;		/* the short timeout applies (TCP: see conntrack.h) */
 	__u8 tcp;		/* CT_TCP_* flags of a TCP flow (conntrack.h) */
-	__u32 owner;		/* the endpoint whose budget holds the entry (ct_owned) */
+	__u32 owner;		/* the endpoint whose budget holds the flow (ct_owned) */
+};
+
+struct ct_entry {
+	struct ct_flow flow[2];	/* by slot: the key's order, its reverse */
 };
 
 struct {
@@ -211,8 +223,9 @@ struct {
 } conntrack SEC(".maps");
 
 /* ct_owned: endpoint id -> how many conntrack entries it holds, against the Shape's
- * STOCKADE_CONNTRACK_PER_ENDPOINT (conntrack.h). The programs count their own creations and
- * deletions; the LRU's evictions are silent, so the agent recounts from the table now and then. */
+ * STOCKADE_CONNTRACK_PER_ENDPOINT (conntrack.h), one per flow (slot). The programs count their
+ * own creations and deletions; the LRU's evictions are silent, so the agent recounts from the
+ * table now and then. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, STOCKADE_ENDPOINTS_MAX);

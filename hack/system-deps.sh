@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages stockade's build and tests need, and mounts bpffs. Idempotent.
 set -euo pipefail
-pkgs=(clang llvm libbpf-dev bpftool iproute2 iperf3 iptables nftables ethtool)
+pkgs=(clang llvm libbpf-dev bpftool iproute2 iperf3 netsniff-ng iptables nftables ethtool)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

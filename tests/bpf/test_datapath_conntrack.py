@@ -6,18 +6,22 @@ config map), and policy changes either re-judge established flows or keep them, 
 from __future__ import annotations
 
 import ipaddress
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from stockade.agent import migrate
 from stockade.agent.conntrack import ConntrackRecount
 from stockade.compiler import abi, ir
 from stockade.compiler.abi import ConntrackMode
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.shape import Shape
-from stockade.datapath import events, maps
+from stockade.datapath import events, libbpf, maps
 from stockade.datapath.maps import DatapathConfig
 from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
@@ -333,3 +337,87 @@ def test_the_budget_follows_deletions_and_the_agents_recount() -> None:
         assert maps.conntrack_entries(d.maps) == []
         assert d.run(udp(A4, CLIENT4, 5002, 53), OUT) is ALLOW
         assert maps.conntrack_owned(d.maps) == {1: 1}
+
+
+def test_flows_of_the_one_flow_per_entry_layout_are_converted_and_still_pass(
+    dp: Datapath,
+) -> None:
+    # A conntrack table of the layout before one entry held both directions (a ct_key of the
+    # original tuple -> one ct_flow), as an agent upgrade finds it pinned.
+    assert dp.maps is not None
+    pin = Path("/sys/fs/bpf") / f"stockade-test-oldct-{os.getpid()}"
+    old_key = abi.CT_KEY.size
+    subprocess.run(
+        [
+            "bpftool",
+            "map",
+            "create",
+            str(pin),
+            "type",
+            "lru_hash",
+            "key",
+            str(old_key),
+            "value",
+            str(migrate.OLD_CT_ENTRY_SIZE),
+            "entries",
+            "64",
+            "name",
+            "conntrack",
+        ],
+        check=True,
+    )
+    try:
+        fd = libbpf.obj_get(pin)
+        try:
+            expires = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 60_000 * MS
+            epoch = maps.read_epoch(dp.maps)
+
+            def flow(
+                src: ir.IPAddress,
+                dst: ir.IPAddress,
+                sport: int,
+                dport: int,
+                direction: Direction,
+                rule_id: int,
+            ) -> bytes:
+                key = abi.CT_KEY.pack(
+                    ir.to_v6(src).packed,
+                    ir.to_v6(dst).packed,
+                    sport.to_bytes(2, "big"),
+                    dport.to_bytes(2, "big"),
+                    TCP,
+                    int(direction),
+                    0,
+                )
+                value = abi.CT_FLOW.pack(expires, epoch, rule_id, dport, 0, 1, 1)
+                libbpf.map_update(fd, key, value)
+                return key
+
+            # A's connection out, A's connection in from the same peer in the other order of
+            # addresses, and a flow and its reverse-direction flow that share one new entry.
+            flow(A4, CLIENT4, 40001, 443, OUT, 0)
+            flow(CLIENT4, A4, 5000, 80, IN, 7)
+            flow(A6, CLIENT6, 40002, 443, OUT, 0)
+            flow(CLIENT6, A6, 443, 40002, IN, 8)
+            old = migrate.MapDef(abi.MapType.LRU_HASH, old_key, migrate.OLD_CT_ENTRY_SIZE, 64)
+            assert migrate._convert_conntrack(fd, dp.maps.fd("conntrack"), old) == 4
+        finally:
+            os.close(fd)
+    finally:
+        pin.unlink()
+    got = {
+        (e.saddr, e.daddr, e.sport, e.dport, e.direction, e.rule_id)
+        for e in maps.conntrack_entries(dp.maps)
+    }
+    v6 = ir.to_v6
+    assert got == {
+        (v6(A4).packed, v6(CLIENT4).packed, 40001, 443, OUT, 0),
+        (v6(CLIENT4).packed, v6(A4).packed, 5000, 80, IN, 7),
+        (v6(A6).packed, v6(CLIENT6).packed, 40002, 443, OUT, 0),
+        (v6(CLIENT6).packed, v6(A6).packed, 443, 40002, IN, 8),
+    }
+    # A is isolated for ingress: only the converted flows let these in.
+    assert dp.run(tcp(CLIENT4, A4, 443, 40001, SYNACK), IN) is ALLOW  # a reply
+    assert dp.run(tcp(CLIENT4, A4, 5000, 80, ACK), IN) is ALLOW  # established
+    assert dp.run(tcp(CLIENT6, A6, 443, 40002, ACK), IN) is ALLOW
+    assert dp.run(tcp(CLIENT4, A4, 443, 40009, SYNACK), IN) is DENY  # no such flow

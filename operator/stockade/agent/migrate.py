@@ -11,7 +11,10 @@ others. `Migration` then:
 1. `copy()`: copies into each new map what carries over from the old one, when the key and value
    layouts are the same: every entry of the tables, conntrack and fragments (an LRU map keeps
    the most recent when the new one is smaller), the rule counters up to the new size; the ring
-   buffer starts empty;
+   buffer starts empty. Conntrack tables of the layout before one entry held both directions
+   (a flow per entry, under its original tuple) are converted: each flow goes to its slot of
+   the entry under its ordered key (`_convert_conntrack`), so that established flows survive the
+   upgrade;
 2. `swap()`: moves the new maps' pins over the old ones (a rename on bpffs, whole or absent);
 3. after the agent has written the tables and moved every link to the new programs,
    `settle()` copies again the conntrack and fragment entries the old programs made since the
@@ -33,11 +36,13 @@ from pathlib import Path
 
 from stockade.compiler import abi
 from stockade.compiler.shape import FragmentPolicy, Shape
-from stockade.datapath import libbpf
+from stockade.datapath import libbpf, maps
 
 log = logging.getLogger(__name__)
 
 MIGRATE_DIR = "migrate"
+# The conntrack value of the layout with one flow per entry (an entry then was one ct_flow).
+OLD_CT_ENTRY_SIZE = abi.CT_FLOW.size
 # Maps whose entries the old programs keep making until the links move: copied again at the end.
 LIVE_MAPS = ("conntrack", "fragments")
 _PERCPU = (abi.MapType.PERCPU_ARRAY,)
@@ -143,6 +148,13 @@ class Migration:
         """Copy what carries over from each old map into its new one (under `staging`)."""
         for name, old in self.old.items():
             new = self.new[name]
+            if _converts(name, old, new):
+                fd = libbpf.obj_get(self.staging / name)
+                try:
+                    self.copied[name] = _convert_conntrack(self.old_fds[name], fd, old)
+                finally:
+                    os.close(fd)
+                continue
             if (old.map_type, old.key_size, old.value_size) != (
                 new.map_type,
                 new.key_size,
@@ -193,11 +205,18 @@ class Migration:
                 if name not in self.old_fds:
                     continue
                 old, new = self.old[name], self.new[name]
-                if (old.key_size, old.value_size) != (new.key_size, new.value_size):
+                converts = _converts(name, old, new)
+                if not converts and (old.key_size, old.value_size) != (
+                    new.key_size,
+                    new.value_size,
+                ):
                     continue
                 fd = libbpf.obj_get(self.pin_root / name)
                 try:
-                    again += self._copy(self.old_fds[name], fd, old, new, libbpf.BPF_NOEXIST)
+                    if converts:
+                        again += _convert_conntrack(self.old_fds[name], fd, old)
+                    else:
+                        again += self._copy(self.old_fds[name], fd, old, new, libbpf.BPF_NOEXIST)
                 finally:
                     os.close(fd)
         finally:
@@ -220,3 +239,39 @@ class Migration:
             f"({self.copied.get(name, 0)} entries carried over)"
             for name in sorted(self.old)
         )
+
+
+def _converts(name: str, old: MapDef, new: MapDef) -> bool:
+    """Whether `name` is a conntrack table of the one-flow-per-entry layout going to the
+    current one."""
+    return (
+        name == "conntrack"
+        and old.key_size == new.key_size == abi.CT_KEY.size
+        and old.value_size == OLD_CT_ENTRY_SIZE
+        and new.value_size == abi.CT_ENTRY.size
+    )
+
+
+def _convert_conntrack(src: int, dst: int, old: MapDef) -> int:
+    """Each flow of the old table (one per entry, under its original tuple) into its slot of the
+    entry under its ordered key in `dst`; a slot `dst` holds already (the new programs made it)
+    is kept. The flows written."""
+    entries: dict[bytes, list[bytes]] = {}
+    empty = bytes(abi.CT_FLOW.size)
+    for key, value in _entries(src, old):
+        norm, slot = maps.ct_normalize(key)
+        entries.setdefault(norm, [empty] * abi.CT_SLOTS)[slot] = value
+    count = 0
+    for norm, flows in entries.items():
+        have = libbpf.map_lookup(dst, norm, abi.CT_ENTRY.size)
+        merged = list(flows)
+        if have is not None:
+            for slot, flow in enumerate(maps.ct_flows(have)):
+                if abi.CT_FLOW.get(flow, "expires_ns"):
+                    merged[slot] = flow
+        try:
+            libbpf.map_update(dst, norm, b"".join(merged))
+        except libbpf.BpfError:
+            continue  # an LRU map smaller than the old one: keeps what fits
+        count += sum(1 for a, b in zip(merged, flows, strict=True) if a is b and b != empty)
+    return count

@@ -90,8 +90,15 @@ def _endpoint(
     return None if raw is None else int(abi.ENDPOINT_VALUE.unpack(raw)[0])
 
 
-def _conntrack_keys(pinned: maps.PinnedMaps) -> set[bytes]:
-    return set(libbpf.map_keys(pinned.fd("conntrack"), abi.CT_KEY.size))
+def _conntrack_flows(pinned: maps.PinnedMaps) -> dict[bytes, int]:
+    """The tracked flows: original tuple (a ct_key) -> the rule id of its flow."""
+    out = {}
+    dump = libbpf.map_dump(pinned.fd("conntrack"), abi.CT_KEY.size, abi.CT_ENTRY.size)
+    for key, value in dump:
+        for slot, flow in enumerate(maps.ct_flows(value)):
+            if abi.CT_FLOW.get(flow, "expires_ns"):
+                out[maps.ct_original(key, slot)] = int(abi.CT_FLOW.get(flow, "rule_id"))
+    return out
 
 
 class Tracer:
@@ -128,7 +135,7 @@ class Tracer:
         ids = sorted({ir.RULE_NONE, *rules})
         counters = pinned.fd("counters")
         before = read_counters(counters, ids)
-        tracked = _conntrack_keys(pinned)
+        tracked = set(_conntrack_flows(pinned))
         bindings = maps.Bindings(pinned)
         bound = bindings.read().get(maps.LOOPBACK_IFINDEX)
         frame = packets.packet_frame(probe.packet(), sport=PROBE_SPORT)
@@ -169,19 +176,18 @@ class Tracer:
     def _forget(pinned: maps.PinnedMaps, probe: Probe, tracked: set[bytes]) -> int | None:
         """Delete the conntrack entries the probe created (the flow's, and the reply's when
         the programs keep one); the rule id the flow's entry names."""
-        fd = pinned.fd("conntrack")
         pair = {ir.to_v6(probe.src).packed, ir.to_v6(probe.dst).packed}
         ports = probe.protocol in (ir.PROTO_TCP, ir.PROTO_UDP, ir.PROTO_SCTP)
         rule_id = None
-        for key in _conntrack_keys(pinned) - tracked:
+        flows = _conntrack_flows(pinned)
+        for key in set(flows) - tracked:
             saddr, daddr, sport, dport, proto, _, _ = abi.CT_KEY.unpack(key)
             if {saddr, daddr} != pair or proto != probe.protocol:
                 continue
             sport_, dport_ = int.from_bytes(sport, "big"), int.from_bytes(dport, "big")
             if ports and PROBE_SPORT not in (sport_, dport_):
                 continue
-            raw = libbpf.map_lookup(fd, key, abi.CT_ENTRY.size)
-            if raw is not None and saddr == ir.to_v6(probe.src).packed:
-                rule_id = int(abi.CT_ENTRY.unpack(raw)[2])
-            libbpf.map_delete(fd, key)
+            if saddr == ir.to_v6(probe.src).packed:
+                rule_id = flows[key]
+            maps.forget_conntrack(pinned, key)
         return rule_id

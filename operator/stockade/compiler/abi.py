@@ -122,8 +122,8 @@ CT_KEY = Layout(
     ("dir", "B"),
     ("pad", "H"),
 )
-CT_ENTRY = Layout(
-    "ct_entry",
+CT_FLOW = Layout(  # one slot of a conntrack entry; expires_ns 0: empty
+    "ct_flow",
     ("expires_ns", "Q"),
     ("epoch", "I"),
     ("rule_id", "I"),
@@ -132,6 +132,8 @@ CT_ENTRY = Layout(
     ("tcp", "B"),  # CT_TCP_* flags
     ("owner", "I"),  # the endpoint whose budget holds the entry
 )
+CT_SLOTS = 2  # a conntrack entry's flows: the key's order, its reverse (bpf/maps.h)
+CT_ENTRY = Layout("ct_entry", ("flow", f"{CT_FLOW.size * CT_SLOTS}s"))
 FRAG_KEY = Layout(
     "frag_key",
     ("saddr", "16s"),
@@ -204,6 +206,7 @@ STRUCTS = (
     RULE_COUNTER,
     CONFIG,
     CT_KEY,
+    CT_FLOW,
     CT_ENTRY,
     FRAG_KEY,
     FRAG_ENTRY,

@@ -16,6 +16,7 @@ that changed something, so that conntrack (in revalidate mode) judges establishe
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,29 +329,76 @@ class ConntrackEntry:
     owner: int  # the endpoint whose budget holds the entry
 
 
+def ct_normalize(key: bytes) -> tuple[bytes, int]:
+    """The map key and slot of the flow whose original tuple is the ct_key `key` (as the
+    programs write it: bpf/conntrack.h, ct_key_norm)."""
+    saddr, daddr, sport, dport, proto, direction, pad = abi.CT_KEY.unpack(key)
+    mine = (struct.unpack("=4I", saddr), struct.unpack("=H", sport)[0])
+    theirs = (struct.unpack("=4I", daddr), struct.unpack("=H", dport)[0])
+    if mine > theirs:
+        return abi.CT_KEY.pack(daddr, saddr, dport, sport, proto, direction ^ 1, pad), 1
+    return key, 0
+
+
+def ct_original(key: bytes, slot: int) -> bytes:
+    """The original tuple (a ct_key) of the flow in `slot` of the entry under map key `key`."""
+    if not slot:
+        return key
+    saddr, daddr, sport, dport, proto, direction, pad = abi.CT_KEY.unpack(key)
+    return abi.CT_KEY.pack(daddr, saddr, dport, sport, proto, direction ^ 1, pad)
+
+
+def ct_flows(value: bytes) -> list[bytes]:
+    """The slots of a conntrack entry, each a packed ct_flow (expires_ns 0: empty)."""
+    size = abi.CT_FLOW.size
+    return [value[i * size : (i + 1) * size] for i in range(abi.CT_SLOTS)]
+
+
 def conntrack_entries(maps: PinnedMaps) -> list[ConntrackEntry]:
+    """Every tracked flow (a non-empty slot), under its original tuple."""
     out = []
     for key, value in libbpf.map_dump(maps.fd("conntrack"), abi.CT_KEY.size, abi.CT_ENTRY.size):
-        saddr, daddr, sport, dport, proto, direction, _ = abi.CT_KEY.unpack(key)
-        expires, epoch, rule_id, port, closing, tcp, owner = abi.CT_ENTRY.unpack(value)
-        out.append(
-            ConntrackEntry(
-                saddr,
-                daddr,
-                int.from_bytes(sport, "big"),
-                int.from_bytes(dport, "big"),
-                proto,
-                direction,
-                expires,
-                epoch,
-                rule_id,
-                port,
-                bool(closing),
-                tcp,
-                owner,
+        for slot, flow in enumerate(ct_flows(value)):
+            expires, epoch, rule_id, port, closing, tcp, owner = abi.CT_FLOW.unpack(flow)
+            if not expires:
+                continue
+            saddr, daddr, sport, dport, proto, direction, _ = abi.CT_KEY.unpack(
+                ct_original(key, slot)
             )
-        )
+            out.append(
+                ConntrackEntry(
+                    saddr,
+                    daddr,
+                    int.from_bytes(sport, "big"),
+                    int.from_bytes(dport, "big"),
+                    proto,
+                    direction,
+                    expires,
+                    epoch,
+                    rule_id,
+                    port,
+                    bool(closing),
+                    tcp,
+                    owner,
+                )
+            )
     return out
+
+
+def forget_conntrack(maps: PinnedMaps, original: bytes) -> None:
+    """Forget the flow whose original tuple is `original` (a ct_key), if tracked; its owner's
+    count is left to the recount."""
+    fd = maps.fd("conntrack")
+    key, slot = ct_normalize(original)
+    raw = libbpf.map_lookup(fd, key, abi.CT_ENTRY.size)
+    if raw is None:
+        return
+    flows = ct_flows(raw)
+    flows[slot] = bytes(abi.CT_FLOW.size)
+    if all(abi.CT_FLOW.get(f, "expires_ns") == 0 for f in flows):
+        libbpf.map_delete(fd, key)
+    else:
+        libbpf.map_update(fd, key, b"".join(flows), libbpf.BPF_EXIST)
 
 
 def conntrack_owned(maps: PinnedMaps) -> dict[int, int]:
@@ -366,15 +414,22 @@ def recount_conntrack(maps: PinnedMaps, now_ns: int) -> dict[int, int]:
     live entries it holds; returns the counts. The programs count their own creations and
     deletions, but not the LRU's evictions nor entries that expired without being looked up
     again: this puts the counts back. A flow created between the table's dump and the write
-    of its owner's count is missed until the next recount."""
+    of its owner's count is missed until the next recount. An entry whose flows are all
+    expired is deleted; an expired flow beside a live one stays, counted, until the programs
+    empty its slot (and uncount it): rewriting the entry here could undo a packet's update of
+    the live flow."""
     fd = maps.fd("conntrack")
     live: dict[int, int] = {}
     for key, value in list(libbpf.map_dump(fd, abi.CT_KEY.size, abi.CT_ENTRY.size)):
-        if abi.CT_ENTRY.get(value, "expires_ns") < now_ns:
+        flows = [
+            (abi.CT_FLOW.get(f, "expires_ns"), abi.CT_FLOW.get(f, "owner")) for f in ct_flows(value)
+        ]
+        if all(expires < now_ns for expires, _ in flows):
             libbpf.map_delete(fd, key)
             continue
-        owner = abi.CT_ENTRY.get(value, "owner")
-        live[owner] = live.get(owner, 0) + 1
+        for expires, owner in flows:
+            if expires:
+                live[owner] = live.get(owner, 0) + 1
     owned = maps.fd("ct_owned")
     for key in list(libbpf.map_keys(owned, abi.U32.size)):
         if abi.U32.unpack(key)[0] not in live:
