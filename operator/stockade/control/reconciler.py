@@ -43,6 +43,10 @@ class Stats:
     last_seconds: float = 0.0
     # the last pass that lowered, by stage: lowering and encoding, writing tables, statuses
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # The latest change to the lowering's inputs (Unix ns) that every node's tables carry, and
+    # when (Unix s) the pass that first carried it finished writing them
+    published_inputs: int | None = None
+    published_at: float = 0.0
 
 
 class Reconciler:
@@ -150,6 +154,9 @@ class Reconciler:
             failure = exc
         stages["publish"] = time.monotonic() - lowered
         self.stats.table_passes += 1
+        if failure is None and snap.latest_change != self.stats.published_inputs:
+            self.stats.published_inputs = snap.latest_change
+            self.stats.published_at = time.time()
         # A node that failed carries the policies at the plan's generation, which its agent
         # has not applied: they stay Pending there until a later publish lands.
         self.reporter.carried(snap, planned.generations)
