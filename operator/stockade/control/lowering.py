@@ -1,11 +1,17 @@
 """The operator's lowering: every node's hand-off parts from one Store snapshot.
 
 No I/O: a function of the snapshot that keeps the compiler's caches between passes, so that a
-pass does only what is new. It keeps each node's ids (stable class and rule numbers), the
-verdict cache (a pass judges only what is new), each node's last inputs and lowering (an
-unchanged node is not lowered again) and its last encoding (unchanged tables are not encoded,
-hence not hashed, again). The reconciler (`stockade.control.reconciler`) calls `desired()` on
-every pass that lowers and hands the result to the publisher.
+pass does work in proportion to what changed, not to the cluster. It keeps each node's ids
+(stable class and rule numbers), the verdict cache (a pass judges only what is new), the members
+of every pod set the policies name (`stockade.compiler.membership`: only the pods that changed
+move), each node's last inputs and lowering, and its last encoding (unchanged tables are not
+encoded, hence not hashed, again). From what changed (pods, policies, the pod sets whose members
+moved) it finds the nodes a change can reach (`_changed_nodes`); the others keep their last
+lowering without being looked at, and a change it cannot place (a namespace or node changed, a
+pod with named ports or on the host network) has every node compared with its last inputs. The
+reconciler (`stockade.control.reconciler`) calls `desired()` on every pass that lowers and hands
+the result to the publisher. tests/unit/test_lower_incremental.py checks every step of
+generated change sequences against a cold lowering.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The operator's reconcile loop: snapshot → lower every node → plan → publish → policy statuses.
 
-Level-triggered: whatever happened, a pass recomputes every node's tables from the Store
-(`stockade.control.lowering`, pure) and writes only what differs from what is published
+Level-triggered: whatever happened, a pass derives every node's tables from a Store snapshot
+(`stockade.control.lowering`, pure, which lowers again only the nodes a change can reach) and
+writes only what differs from what is published
 (`stockade.control.plan`, `stockade.control.publish`), then has the status reporter
 (`stockade.control.reporter`) write the policy statuses that change. This module only sequences
 them: priming the Store before the first pass as leader (`stockade.control.prime`), the leader
