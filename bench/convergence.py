@@ -24,7 +24,8 @@ operator and one agent per node, restarted here with metrics ports) and measures
   holds the last policy holds all of them.
 - `scale` (per run of `--scales`, default 1,000 policies over 10,000 pod objects on 20 nodes
   without an agent): `pod_events_per_s` (pod events the operator took in per second, from the
-  first create to the last event taken in; `pod_events_sent_per_s` is what the bench sent),
+  first create to the last event taken in; `pod_events_sent_per_s` is what the bench sent, and
+  `restart_pod_events_per_s` a restarted operator's watch taking in every pod at once),
   `initial_converged_s` (from the last policy create to the end of the publish that carries every
   input, from the operator's gauges), `statuses_settled_s` (to the last status write),
   `one_label_change_ms` and `one_policy_change_ms` (20 trials each: from sending one pod's label
@@ -529,6 +530,7 @@ class Bench:
             changed.append(self.published_after(op, lambda o=obj: self.sandbox.replace_policy(o)))
         m = metrics(op)
         rss, hwm = memory(self.pids["operator-0"])
+        restart = self.restart_intake(pods)
         return {
             "policies": len(made),
             "pods": pods,
@@ -540,6 +542,8 @@ class Bench:
             "pod_events_per_s": round(events / intake_s, 1),
             # what the bench sent: when it is close to the figure above, the sender bounds it
             "pod_events_sent_per_s": round(2 * pods / sent_s, 1),
+            # a new operator's watch taking in every pod at once while it lowers
+            "restart_pod_events_per_s": restart,
             "operator_rss_mb": rss,
             "operator_peak_rss_mb": hwm,
             "reconcile_pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
@@ -552,6 +556,32 @@ class Bench:
             "policy_create_s": round(created - began, 1),
             "last_policy_checked": name,
         }
+
+    def restart_intake(self, pods: int) -> float:
+        """Restart the operator and measure how fast its pod watch takes in the `pods` pods
+        (from its first pod event to its `pods`-th), while its first passes lower."""
+        child = next(c for c in self.children if c.record.name == "operator-0")
+        child.stop()
+        self.children.remove(child)
+        argv = [*stack.operator_argv(self.sandbox.kubeconfig, 0, 1)]
+        self.ports["operator-0"] = port = free_port()
+        log = self.state_dir / stack.STACK_DIR / "operator-0-restarted.log"
+        child = Child.spawn("operator-0", [*argv, f"--metrics-port={port}"], log, detach=False)
+        self.children.append(child)
+        self.pids["operator-0"] = child.record.pid
+        wait("the operator serves metrics", lambda: metrics(port), 60)
+        m = wait(
+            "the restarted operator takes in every pod",
+            lambda: (
+                (got := metrics(port)).get("stockade_operator_pod_events_total", 0) >= pods and got
+            ),
+            900,
+            0.2,
+        )
+        first = m["stockade_operator_first_pod_event_timestamp_seconds"]
+        last = m["stockade_operator_last_pod_event_timestamp_seconds"]
+        self.settled(port)
+        return round(m["stockade_operator_pod_events_total"] / max(last - first, 1e-3), 1)
 
     def published_after(self, port: int, change: Callable[[], Any]) -> float:
         """Milliseconds from sending `change` to the end of the publish that first carries it

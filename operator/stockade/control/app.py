@@ -144,6 +144,9 @@ class Operator:
             ),
             "stockade_operator_published_timestamp_seconds": stats.published_at,
             "stockade_operator_pod_events_total": self.store.pod_events,
+            "stockade_operator_first_pod_event_timestamp_seconds": _seconds(
+                self.store.first_pod_event
+            ),
             "stockade_operator_last_pod_event_timestamp_seconds": _seconds(
                 self.store.last_pod_event
             ),

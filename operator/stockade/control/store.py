@@ -67,7 +67,8 @@ class Store:
         self._clock = clock
         self._changed_at: int | None = None  # the earliest change no snapshot has taken yet
         self.latest_change: int | None = None  # Unix ns of the latest change to the inputs
-        self.pod_events = 0  # pod events taken in (changed or not), for metrics
+        self.pod_events = 0  # pod watch events taken in (changed or not), for metrics
+        self.first_pod_event: int | None = None  # Unix ns of the first one
         self.last_pod_event: int | None = None  # Unix ns of the last one
         self._pods: dict[str, Pod] = {}
         self._namespaces: dict[str, Namespace] = {}
@@ -85,8 +86,6 @@ class Store:
     def put_pod(self, key: str, pod: Pod | None) -> None:
         """Set (or with None, remove) the pod stored under `namespace/name`."""
         with self._lock:
-            self.pod_events += 1
-            self.last_pod_event = self._clock()
             old = self._pods.get(key)
             if old == pod:
                 return
@@ -96,6 +95,15 @@ class Store:
                 self._pods[key] = pod
             self._mark()
         self._on_change(True)
+
+    def took_pod_event(self) -> None:
+        """Count a pod watch event (the handler calls it; the priming list does not)."""
+        now = self._clock()
+        with self._lock:
+            self.pod_events += 1
+            self.last_pod_event = now
+            if self.first_pod_event is None:
+                self.first_pod_event = now
 
     def put_namespace(self, name: str, namespace: Namespace | None) -> None:
         with self._lock:
