@@ -22,9 +22,15 @@ operator and one agent per node, restarted here with metrics ports) and measures
   effect is seen on real pods and every agent reports the published generation. Policies are
   created in order and the operator reconciles a level-triggered snapshot, so a snapshot that
   holds the last policy holds all of them.
-- `operator_rss_mb_1000_policies_10000_pods`: the operator's resident memory once it has
-  published tables that carry the last of 1,000 policies over 10,000 pods (API objects only), and
-  how long its reconcile pass takes at that scale.
+- `scale` (per run of `--scales`, default 1,000 policies over 10,000 pod objects on 20 nodes
+  without an agent): `pod_events_per_s` (pod events the operator took in per second, from the
+  first create to the last event taken in; `pod_events_sent_per_s` is what the bench sent, and
+  `restart_pod_events_per_s` a restarted operator's watch taking in every pod at once),
+  `initial_converged_s` (from the last policy create to the end of the publish that carries every
+  input, from the operator's gauges), `statuses_settled_s` (to the last status write),
+  `one_label_change_ms` and `one_policy_change_ms` (20 trials each: from sending one pod's label
+  patch, or one policy's replacement, to the end of the publish that first carries it, every
+  node's tables written), `operator_rss_mb` at the end, and the last reconcile pass by stage.
 
 `--quick` is a smoke run (few trials, small scale) for tests; its numbers mean nothing.
 Needs root (network namespaces, eBPF), clang and the sandbox toolchain.
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -66,6 +73,7 @@ PROBE_EVERY_S = 0.005
 PROBE_TIMEOUT_S = 0.1
 STABLE_RUN = 20  # consecutive probes with the new outcome that end a trial
 TRIAL_DEADLINE_S = 10.0
+CHANGE_TRIALS = 20  # one-change trials per scale
 NS = "bench"
 
 
@@ -457,22 +465,45 @@ class Bench:
                 last, since = now, time.monotonic()
         return last
 
-    def operator_at_scale(self, policies: int, pods: int) -> dict[str, float]:
-        nodes = self.virtual_nodes(20)
+    def operator_at_scale(self, policies: int, pods: int, node_count: int) -> dict[str, Any]:
+        """`policies` policies over `pods` pod objects on `node_count` nodes without an agent:
+        the operator's intake, convergence, one-change latencies and memory."""
+        op = self.ports["operator-0"]
+        nodes = self.virtual_nodes(node_count)
         namespaces = [f"big-{i}" for i in range(100)]
-        began = time.monotonic()
+        before = metrics(op)
+        began, began_wall = time.monotonic(), time.time()
         apps = self.api_pods(namespaces, pods, nodes)
-        say(f"{pods} pod objects in {time.monotonic() - began:.0f}s")
+        sent_s = time.monotonic() - began
+        say(f"{pods} pod objects in {sent_s:.0f}s")
+        # Every pod is two events (created, then its status with the address).
+        wait(
+            "the operator takes in every pod event",
+            lambda: (
+                metrics(op).get("stockade_operator_pod_events_total", 0)
+                - before.get("stockade_operator_pod_events_total", 0)
+                >= 2 * pods
+            ),
+            1800,
+            0.5,
+        )
+        taken = metrics(op)
+        events = taken["stockade_operator_pod_events_total"] - before.get(
+            "stockade_operator_pod_events_total", 0
+        )
+        intake_s = taken["stockade_operator_last_pod_event_timestamp_seconds"] - began_wall
+        self.settled(op)
         began = time.monotonic()
         made = self.many_policies(namespaces, policies)
-        created = time.monotonic()
+        created, created_wall = time.monotonic(), time.time()
         say(f"{len(made)} policies in {created - began:.0f}s")
         # The last policy that selects pods (one that selects none publishes no rule).
-        last = [
+        selecting = [
             p
             for p in made
             if (p["metadata"]["namespace"], p["spec"]["podSelector"]["matchLabels"]["app"]) in apps
-        ][-1]
+        ]
+        last = selecting[-1]
         name = last["metadata"]["name"]
         wait(
             "the operator publishes the last policy",
@@ -480,26 +511,41 @@ class Bench:
             1800,
             1.0,
         )
-        caught_up = time.monotonic() - created
-        op = self.ports["operator-0"]
-        first = self.settled(op)
-        settled = time.monotonic() - created
-        # One more table pass for a steady figure: a label change on one pod object.
-        set_pod_labels(self.api, namespaces[0], "p0", {"app": "app9", "pod": "p0"})
-        wait(
-            "a table pass after a label change",
-            lambda: (
-                metrics(op).get("stockade_operator_generation", 0)
-                > first.get("stockade_operator_generation", 0)
-            ),
-            600,
-            0.5,
-        )
+        self.settled(op)
+        m = metrics(op)
+        initial = m["stockade_operator_published_timestamp_seconds"] - created_wall
+        statuses = m["stockade_operator_last_status_write_timestamp_seconds"] - created_wall
+        core = kubernetes.client.CoreV1Api(self.api)
+        labels = []
+        for trial in range(CHANGE_TRIALS):
+            app = "app9" if trial % 2 == 0 else "app0"
+            body = {"metadata": {"labels": {"app": app}}}
+            patch = functools.partial(core.patch_namespaced_pod, "p0", namespaces[0], body)
+            labels.append(self.published_after(op, patch))
+        changed = []
+        for trial in range(CHANGE_TRIALS):
+            obj = json.loads(json.dumps(selecting[trial % len(selecting)]))
+            port = obj["spec"]["ingress"][0]["ports"][0]
+            port["port"] += 20_000 if (trial // len(selecting)) % 2 == 0 else 0
+            changed.append(self.published_after(op, lambda o=obj: self.sandbox.replace_policy(o)))
         m = metrics(op)
         rss, hwm = memory(self.pids["operator-0"])
+        restart = self.restart_intake(pods)
         return {
-            "rss_mb": rss,
-            "peak_rss_mb": hwm,
+            "policies": len(made),
+            "pods": pods,
+            "nodes": node_count,
+            "initial_converged_s": round(initial, 2),
+            "statuses_settled_s": round(statuses, 2),
+            "one_label_change_ms": percentiles(labels),
+            "one_policy_change_ms": percentiles(changed),
+            "pod_events_per_s": round(events / intake_s, 1),
+            # what the bench sent: when it is close to the figure above, the sender bounds it
+            "pod_events_sent_per_s": round(2 * pods / sent_s, 1),
+            # a new operator's watch taking in every pod at once while it lowers
+            "restart_pod_events_per_s": restart,
+            "operator_rss_mb": rss,
+            "operator_peak_rss_mb": hwm,
             "reconcile_pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
             "reconcile_stage_s": {
                 stage: round(
@@ -507,12 +553,52 @@ class Bench:
                 )
                 for stage in ("lower", "publish", "status")
             },
-            "caught_up_after_last_create_s": round(caught_up, 1),
-            "statuses_settled_after_last_create_s": round(settled, 1),
-            "pods": pods,
-            "policies": len(made),
+            "policy_create_s": round(created - began, 1),
             "last_policy_checked": name,
         }
+
+    def restart_intake(self, pods: int) -> float:
+        """Restart the operator and measure how fast its pod watch takes in the `pods` pods
+        (from its first pod event to its `pods`-th), while its first passes lower."""
+        child = next(c for c in self.children if c.record.name == "operator-0")
+        child.stop()
+        self.children.remove(child)
+        argv = [*stack.operator_argv(self.sandbox.kubeconfig, 0, 1)]
+        self.ports["operator-0"] = port = free_port()
+        log = self.state_dir / stack.STACK_DIR / "operator-0-restarted.log"
+        child = Child.spawn("operator-0", [*argv, f"--metrics-port={port}"], log, detach=False)
+        self.children.append(child)
+        self.pids["operator-0"] = child.record.pid
+        wait("the operator serves metrics", lambda: metrics(port), 60)
+        m = wait(
+            "the restarted operator takes in every pod",
+            lambda: (
+                (got := metrics(port)).get("stockade_operator_pod_events_total", 0) >= pods and got
+            ),
+            900,
+            0.2,
+        )
+        first = m["stockade_operator_first_pod_event_timestamp_seconds"]
+        last = m["stockade_operator_last_pod_event_timestamp_seconds"]
+        self.settled(port)
+        return round(m["stockade_operator_pod_events_total"] / max(last - first, 1e-3), 1)
+
+    def published_after(self, port: int, change: Callable[[], Any]) -> float:
+        """Milliseconds from sending `change` to the end of the publish that first carries it
+        (every node's tables written), from the operator's gauges on this machine's clock; then
+        waits until its statuses are written too, so that trials do not overlap."""
+        sent = time.time()
+        change()
+
+        def done() -> dict[str, float] | None:
+            m = metrics(port)
+            latest = m.get("stockade_operator_input_change_timestamp_seconds", 0.0)
+            published = m.get("stockade_operator_published_input_change_timestamp_seconds", 0.0)
+            return m if latest >= sent and published == latest else None
+
+        m = wait("the change is published", done, 600, 0.01)
+        self.settled(port, quiet=1.0)
+        return (m["stockade_operator_published_timestamp_seconds"] - sent) * 1000.0
 
 
 def memory(pid: int) -> tuple[float, float]:
@@ -541,10 +627,14 @@ PHASES = ("latency", "small", "scale")
 
 
 def run(
-    quick: bool, policies: int = 1000, pods: int = 10_000, phases: tuple[str, ...] = PHASES
+    quick: bool,
+    scales: tuple[tuple[int, int, int], ...] = ((1000, 10_000, 20),),
+    phases: tuple[str, ...] = PHASES,
 ) -> dict[str, Any]:
     trials = 3 if quick else 40
-    scale = (20, 10, 50, 200) if quick else (250, 100, policies, pods)
+    scale = (20, 10) if quick else (250, 100)
+    if quick:
+        scales = ((50, 200, 4),)
     out: dict[str, Any] = {
         "quick": quick,
         "phases": list(phases),
@@ -572,11 +662,13 @@ def run(
             out["policies_250_pods_100_s"] = small["seconds"]
             out["policies_250_pods_100"] = {**small, "policies": scale[0], "pods": scale[1]}
         if "scale" in phases:
-            big = b.operator_at_scale(scale[2], scale[3])
-            say(f"operator at {scale[2]} policies, {scale[3]} pods: {big}")
-            out["operator_rss_mb_1000_policies_10000_pods"] = big["rss_mb"]
-            out["operator_1000_policies_10000_pods"] = big
+            out["scale"] = {}
+            for policies, pods, nodes in scales:
+                big = b.operator_at_scale(policies, pods, nodes)
+                say(f"operator at {policies} policies, {pods} pods, {nodes} nodes: {big}")
+                out["scale"][f"{policies}x{pods}"] = big
         out["stack_alive_at_end"] = all(is_alive(c.record) for c in b.children)
+    out["load_average_at_end"] = round(os.getloadavg()[0], 2)
     out["probe"] = {"every_ms": PROBE_EVERY_S * 1000, "timeout_ms": PROBE_TIMEOUT_S * 1000}
     return out
 
@@ -599,8 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=ROOT / "bench" / "results" / "convergence.json"
     )
-    parser.add_argument("--scale-policies", type=int, default=1000, help="(default 1000)")
-    parser.add_argument("--scale-pods", type=int, default=10_000, help="(default 10000)")
+    parser.add_argument(
+        "--scales",
+        default="1000x10000x20",
+        help="comma-separated POLICIESxPODSxNODES runs of the scale phase (default 1000x10000x20)",
+    )
     parser.add_argument(
         "--phases",
         default=",".join(PHASES),
@@ -612,7 +707,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--phases: unknown phase(s) {', '.join(unknown)}; choose from {PHASES}")
     signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))
-    result = run(args.quick, args.scale_policies, args.scale_pods, phases)
+    try:
+        scales = tuple(
+            (int(p), int(n), int(k))
+            for p, n, k in (item.split("x") for item in args.scales.split(",") if item)
+        )
+    except ValueError:
+        parser.error(f"--scales: {args.scales!r} is not POLICIESxPODSxNODES[,...]")
+    result = run(args.quick, scales, phases)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     say(f"wrote {args.output}")

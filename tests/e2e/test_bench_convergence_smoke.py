@@ -33,8 +33,16 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
         figures["label_change_ms"]["p99"],
         figures["label_change_to_probe_ms"]["p50"],
         figures["policies_250_pods_100_s"],
-        figures["operator_rss_mb_1000_policies_10000_pods"],
-        figures["operator_1000_policies_10000_pods"]["reconcile_pass_s"],
+    ]
+    (scale,) = figures["scale"].values()
+    values += [
+        scale["initial_converged_s"],
+        scale["statuses_settled_s"],
+        scale["one_label_change_ms"]["p99"],
+        scale["one_policy_change_ms"]["p99"],
+        scale["pod_events_per_s"],
+        scale["operator_rss_mb"],
+        scale["reconcile_pass_s"],
     ]
     assert all(isinstance(v, int | float) and v > 0 for v in values), values
     assert figures["recompiles_on_label_change"] == 0

@@ -22,6 +22,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from stockade.compiler.membership import Membership
 from stockade.model.cluster import ClusterState
 from stockade.model.policy import (
     CidrPeer,
@@ -69,8 +70,10 @@ class Addresses:
     """What every node's regions share in one state: the member addresses of each pod and node
     peer (found through the state's label indexes, cached per peer) and the pods by named port."""
 
-    def __init__(self, state: ClusterState) -> None:
+    def __init__(self, state: ClusterState, membership: Membership | None = None) -> None:
+        """`membership`, when given, has been updated to `state` and answers pod sets."""
         self.state = state
+        self._membership = membership
         self._members: dict[Peer, frozenset[IPAddress]] = {}
         self._named: dict[str, set[IPAddress]] | None = None
 
@@ -78,7 +81,11 @@ class Addresses:
         found = self._members.get(peer)
         if found is None:
             if isinstance(peer, PodPeer):
-                pods = self.state.index.pods_in(peer.pods)
+                pods = (
+                    self._membership.pods_in(self.state, peer.pods)
+                    if self._membership is not None
+                    else self.state.index.pods_in(peer.pods)
+                )
                 found = frozenset(ip for pod in pods for ip in pod.ips)
             else:
                 found = frozenset(

@@ -35,6 +35,7 @@ from stockade.compiler.classes import (
     protocols_for,
 )
 from stockade.compiler.ids import IdTable
+from stockade.compiler.membership import Membership
 from stockade.model.cluster import ClusterState, Pod
 from stockade.model.evaluator import DirectionJudgement, judge
 from stockade.model.flow import Flow
@@ -47,6 +48,7 @@ from stockade.model.policy import (
     IPAddress,
     NamedPort,
     Peer,
+    PodSet,
     Policy,
     PortRange,
     PortSpec,
@@ -368,12 +370,17 @@ class Lowering:
         policies: Sequence[Policy],
         verdicts: Verdicts | None = None,
         previous: dict[str, tuple[object, Lowered]] | None = None,
+        membership: Membership | None = None,
     ) -> None:
-        """`verdicts` and `previous` (node -> the inputs and result of its last lowering) are
-        carried from pass to pass by the caller; both are updated in place."""
+        """`verdicts`, `previous` (node -> the inputs and result of its last lowering) and
+        `membership` (pod sets' members, `stockade.compiler.membership`) are carried from pass
+        to pass by the caller; all are updated in place."""
         self.state = state
         self.policies = tuple(policies)
-        self.addresses = Addresses(state)
+        self.membership = membership
+        if membership is not None:
+            membership.update(state)
+        self.addresses = Addresses(state, membership)
         self.verdicts = verdicts if verdicts is not None else Verdicts()
         self.previous = previous if previous is not None else {}
         self._selecting: dict[str, list[Policy]] | None = None
@@ -384,9 +391,14 @@ class Lowering:
         if self._selecting is None:
             self._selecting = {}
             for policy in self.policies:
-                for member in self.state.index.pods_in(policy.subject):
+                for member in self._pods_in(policy.subject):
                     self._selecting.setdefault(member.key, []).append(policy)
         return self._selecting.get(pod.key, [])
+
+    def _pods_in(self, pods: PodSet) -> list[Pod]:
+        if self.membership is not None:
+            return self.membership.pods_in(self.state, pods)
+        return self.state.index.pods_in(pods)
 
     def _endpoints(self) -> dict[str, list[Pod]]:
         """node -> its endpoints (scheduled, addressed, not host-network pods)."""
@@ -397,10 +409,15 @@ class Lowering:
                     self._by_node.setdefault(pod.node, []).append(pod)
         return self._by_node
 
-    def node(self, node: str, ids: Ids | None = None) -> Lowered:
+    def node(self, node: str, ids: Ids | None = None, unchanged: bool = False) -> Lowered:
         """The tables for the endpoints on `node`; `ids` from the previous lowering keeps ids
-        stable."""
+        stable. `unchanged`: the caller knows that nothing the node's previous lowering read has
+        changed since (`stockade.control.lowering` decides it from what changed), so that
+        lowering is the answer without comparing its inputs."""
         ids = ids if ids is not None else Ids()
+        before = self.previous.get(node)
+        if unchanged and before is not None and before[1].ids is ids:
+            return before[1]
         pods = sorted(self._endpoints().get(node, ()), key=lambda p: p.key)
         affecting = {
             (pod.key, d): [p for p in self.selecting(pod) if d in p.directions]
@@ -417,7 +434,6 @@ class Lowering:
             tuple(peers),
             self.addresses.region_inputs(node, peers, port_names),
         )
-        before = self.previous.get(node)
         if before is not None and before[1].ids is ids and before[0] == inputs:
             return before[1]
         lowered = self._lower(node, ids, pods, affecting, peers, port_names)

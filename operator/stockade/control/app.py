@@ -49,6 +49,10 @@ def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo
     )
 
 
+def _seconds(ns: int | None) -> float:
+    return ns / 1e9 if ns is not None else 0.0
+
+
 class Operator:
     """One operator replica. Attributes are public for metrics and tests."""
 
@@ -132,6 +136,21 @@ class Operator:
             "stockade_operator_write_conflicts_total": self.reconciler.publisher.conflicts,
             "stockade_operator_status_writes_total": self.reconciler.reporter.status_writes,
             "stockade_operator_events_total": self.reconciler.reporter.events,
+            "stockade_operator_last_status_write_timestamp_seconds": (
+                self.reconciler.reporter.last_status_write
+            ),
+            "stockade_operator_input_change_timestamp_seconds": _seconds(self.store.latest_change),
+            "stockade_operator_published_input_change_timestamp_seconds": _seconds(
+                stats.published_inputs
+            ),
+            "stockade_operator_published_timestamp_seconds": stats.published_at,
+            "stockade_operator_pod_events_total": self.store.pod_events,
+            "stockade_operator_first_pod_event_timestamp_seconds": _seconds(
+                self.store.first_pod_event
+            ),
+            "stockade_operator_last_pod_event_timestamp_seconds": _seconds(
+                self.store.last_pod_event
+            ),
         }
 
     def settings(self) -> kopf.OperatorSettings:

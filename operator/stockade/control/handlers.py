@@ -69,6 +69,7 @@ def build_registry(
     @kopf.on.event("", "v1", "pods", registry=registry)
     async def pod_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
+        store.took_pod_event()
         store.put_pod(object_key(obj), None if deleted else pod_from_api(obj))
 
     @kopf.on.event("", "v1", "namespaces", registry=registry)

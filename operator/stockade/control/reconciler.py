@@ -1,7 +1,8 @@
 """The operator's reconcile loop: snapshot → lower every node → plan → publish → policy statuses.
 
-Level-triggered: whatever happened, a pass recomputes every node's tables from the Store
-(`stockade.control.lowering`, pure) and writes only what differs from what is published
+Level-triggered: whatever happened, a pass derives every node's tables from a Store snapshot
+(`stockade.control.lowering`, pure, which lowers again only the nodes a change can reach) and
+writes only what differs from what is published
 (`stockade.control.plan`, `stockade.control.publish`), then has the status reporter
 (`stockade.control.reporter`) write the policy statuses that change. This module only sequences
 them: priming the Store before the first pass as leader (`stockade.control.prime`), the leader
@@ -43,6 +44,10 @@ class Stats:
     last_seconds: float = 0.0
     # the last pass that lowered, by stage: lowering and encoding, writing tables, statuses
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # The latest change to the lowering's inputs (Unix ns) that every node's tables carry, and
+    # when (Unix s) the pass that first carried it finished writing them
+    published_inputs: int | None = None
+    published_at: float = 0.0
 
 
 class Reconciler:
@@ -150,6 +155,9 @@ class Reconciler:
             failure = exc
         stages["publish"] = time.monotonic() - lowered
         self.stats.table_passes += 1
+        if failure is None and snap.latest_change != self.stats.published_inputs:
+            self.stats.published_inputs = snap.latest_change
+            self.stats.published_at = time.time()
         # A node that failed carries the policies at the plan's generation, which its agent
         # has not applied: they stay Pending there until a later publish lands.
         self.reporter.carried(snap, planned.generations)

@@ -12,6 +12,7 @@ Nothing is written unless this replica is the leader.
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ class StatusReporter:
         self._written: dict[PolicyKey, dict[str, Any]] = {}  # statuses written, not yet seen
         self.status_writes = 0
         self.events = 0
+        self.last_status_write = 0.0  # Unix s of the last status write
 
     def carried(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
         """After a publish: each accepted policy whose version is new is carried from
@@ -94,6 +96,7 @@ class StatusReporter:
         for (record, status), result in zip(writes, results, strict=True):
             if result is True:
                 self.status_writes += 1
+                self.last_status_write = time.time()
                 self._written[record.key] = status
         if errors:
             raise errors[0]

@@ -49,6 +49,8 @@ class Snapshot:
     changed_at: int | None = None
     # Service -> ready backends from EndpointSlices (control.services): the fallback mode's input
     service_backends: tuple[ir.ServiceBackends, ...] = ()
+    # Unix ns of the latest change to the lowering's inputs this snapshot holds (None: none yet)
+    latest_change: int | None = None
 
 
 class Store:
@@ -64,6 +66,10 @@ class Store:
         self._on_change = on_change
         self._clock = clock
         self._changed_at: int | None = None  # the earliest change no snapshot has taken yet
+        self.latest_change: int | None = None  # Unix ns of the latest change to the inputs
+        self.pod_events = 0  # pod watch events taken in (changed or not), for metrics
+        self.first_pod_event: int | None = None  # Unix ns of the first one
+        self.last_pod_event: int | None = None  # Unix ns of the last one
         self._pods: dict[str, Pod] = {}
         self._namespaces: dict[str, Namespace] = {}
         self._nodes: dict[str, Node] = {}
@@ -89,6 +95,15 @@ class Store:
                 self._pods[key] = pod
             self._mark()
         self._on_change(True)
+
+    def took_pod_event(self) -> None:
+        """Count a pod watch event (the handler calls it; the priming list does not)."""
+        now = self._clock()
+        with self._lock:
+            self.pod_events += 1
+            self.last_pod_event = now
+            if self.first_pod_event is None:
+                self.first_pod_event = now
 
     def put_namespace(self, name: str, namespace: Namespace | None) -> None:
         with self._lock:
@@ -149,8 +164,9 @@ class Store:
 
     def _mark(self) -> None:
         """A change to the lowering's inputs was taken in now (called under the lock)."""
+        self.latest_change = self._clock()
         if self._changed_at is None:
-            self._changed_at = self._clock()
+            self._changed_at = self.latest_change
 
     def put_report(self, node: str, status: Mapping[str, Any] | None) -> None:
         """The agent report of `node` (the status of its program.0 DatapathTable)."""
@@ -191,6 +207,7 @@ class Store:
                     self.node_port_range,
                 ),
                 changed_at=changed_at,
+                latest_change=self.latest_change,
                 service_backends=service_backends(
                     self._services,
                     self._slices.values(),
