@@ -107,7 +107,7 @@ class Agent:
         self.backstop: Backstop | None = None
         if config.cni_socket:
             self.backstop = Backstop(
-                self.syncer, self._lock, self.runner.request, config.pending_on_timeout == "open"
+                self.syncer, self.runner.request, config.pending_on_timeout == "open"
             )
             self.syncer.sweep = self.backstop.sweep
         self.pending = PendingPods(

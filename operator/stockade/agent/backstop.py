@@ -41,12 +41,10 @@ class Backstop:
     def __init__(
         self,
         syncer: Syncer,
-        lock: threading.Lock,
         request_sync: Callable[[], None],
         fail_open: bool = False,
     ) -> None:
         self.syncer = syncer
-        self.lock = lock  # the one the agent's syncs hold
         self.request_sync = request_sync
         self.state = PendingState.OPEN if fail_open else PendingState.CLOSED
         self.adopted = 0
@@ -59,9 +57,10 @@ class Backstop:
         self._thread: threading.Thread | None = None
 
     def sweep(self) -> list[int]:
-        """Put every unknown pod veth in the pending state; the caller holds the sync lock and
-        the Syncer's `apply_lock` (the Syncer calls this at the end of `_apply`). The ifindexes
-        it took."""
+        """Put every unknown pod veth in the pending state; the caller holds the Syncer's
+        `apply_lock` (the Syncer calls this at the end of `_apply`; the link watch takes it,
+        not the whole sync's lock, so a sync looking up interfaces does not hold it back). The
+        ifindexes it took."""
         syncer = self.syncer
         maps = syncer.maps
         programs = {hook: (p.fd, p.id) for hook, p in syncer.programs.programs.items()}
@@ -110,7 +109,7 @@ class Backstop:
                     continue
                 self.events += 1
                 try:
-                    with self.lock, self.syncer.apply_lock:
+                    with self.syncer.apply_lock:
                         self.sweep()
                 except Exception as exc:
                     log.warning("backstop sweep failed: %s", exc)

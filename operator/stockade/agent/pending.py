@@ -4,8 +4,11 @@
 the pod's host-side veth from the container interface the chain's result names (its peer's
 ifindex: `stockade.datapath.iface.peer_ifindex`), marks that ifindex PENDING_CLOSED in the pinned
 `pending` map and attaches both programs there, all before answering, so the pod's first packet
-meets them. It then waits, up to the budget, until a sync has applied tables that make the pod
-an endpoint on that interface: `Syncer` calls `released()` with the interfaces it cleared from
+meets them. The backstop's link watch (`stockade.agent.backstop`) has usually done just that
+already, when the primary plugin made the veth: then the ADD writes nothing and waits for no
+sync. Its writes otherwise hold the Syncer's `apply_lock`, not the agent's sync lock. It then
+waits, up to the budget, until a sync has applied tables that make the pod an endpoint on that
+interface: `Syncer` calls `released()` with the interfaces it cleared from
 the `pending` map (an interface leaves it only once its endpoint, binding and policy entries are
 written and its links carry them).
 
@@ -172,7 +175,13 @@ class AgentDatapath:
         just that already (same state, links attached), nothing is left to do: the ADD then
         waits for no sync in progress."""
         already = self.taken(ifindex) if self.taken is not None else None
-        if already is not None and already[0] is state:
+        maps = self.syncer.maps
+        if (
+            already is not None
+            and already[0] is state
+            and maps is not None
+            and Pending(maps).state(ifindex) is state  # not released nor forgotten since
+        ):
             phases.lap("taken_by_backstop")
             return already[1]
         with self.lock:

@@ -159,6 +159,7 @@ class Syncer:
         self.stats.waiting = ""
         same = self.current is not None and _identity(self.current) == _identity(wanted)
         try:
+            self.attachments.prefetch(endpoints_of(wanted.tables))  # before the lock: it may wait
             with self.apply_lock:
                 result = self._apply(wanted)
         except Exception as exc:
@@ -305,6 +306,7 @@ class Syncer:
             log.warning("could not report %r: %s", message, exc)
 
     def close(self) -> None:
+        self.attachments.close()
         self._close_retired()
         if self.programs.migration is not None and self.programs.migration.swapped:
             self.programs.migration.close()
