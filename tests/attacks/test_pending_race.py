@@ -155,8 +155,8 @@ def test_a_pod_sending_from_the_instant_its_veth_exists_reaches_no_denied_peer(
         syncer.released = pods.released
         syncer.sync()
         server = CniServer(cni.socket, pods)
-        netns.create(racer_ns, POD_SYSCTLS)
         try:
+            netns.create(racer_ns, POD_SYSCTLS)
             server.start()
             backstop.start()
             counter = _start(topo.pods["demo/other"].netns, COUNTER, str(PEER_PORT))
