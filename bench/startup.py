@@ -23,6 +23,17 @@ chain's ADD, as a runtime waits for it), `first_allowed_packet_ms` {p50, p99} (A
 the first connection to `allowed` established: the pod's tables published and applied). Goals:
 0 leaked over >= 200 starts per topology; cni_add_ms p99 <= 250 ms. `--unchained` is the
 control run: the same starts without stockade-cni in the chain, where packets do leak.
+
+Where an ADD's time goes, per topology under `breakdown` (each {p50, p99}): `plugins_ms`, each
+plugin's run as the runtime makes it (`ip netns exec` and the process included; ptp's and
+bridge's include host-local, which they run); `stockade_share_ms`, the stockade-cni plugin's run,
+beside `chain_without_stockade_ms`, the rest of the same ADD, and `stockade_ratio`, the one over
+the other per start (the figure that keeps its meaning on a loaded machine, where both grow);
+inside stockade's share, `agent_ms` (the agent's own account of the ADD, its /status
+`lastCniAdd`) with `agent_phases_ms` (parse, netns_lookup, open_namespaces, lock_wait,
+map_write, attach, or taken_by_backstop when the link watch had already made the veth pending),
+and `relay_ms` (the share less the agent's part: starting the relay, the socket round trip).
+`load_average` is the machine's (1, 5, 15 minutes) before and after the starts, with its cores.
 Needs root (network namespaces, eBPF), clang and the sandbox toolchain.
 """
 
@@ -30,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +152,9 @@ def say(message: str) -> None:
     print(f"startup: {message}", file=sys.stderr, flush=True)
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float, digits: int = 1) -> float:
     ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits)
 
 
 def _in_netns(name: str, code: str, *args: str) -> subprocess.Popen[str]:
@@ -153,8 +166,24 @@ def _in_netns(name: str, code: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def _agent_add(agent_url: str | None, container_id: str) -> dict[str, Any] | None:
+    """The agent's own account of the ADD of `container_id` (`lastCniAdd` of its /status):
+    its total and its phases, in ms; None without stockade-cni in the chain."""
+    if agent_url is None:
+        return None
+    with urllib.request.urlopen(f"{agent_url}/status", timeout=10) as answer:
+        last = json.load(answer).get("lastCniAdd") or {}
+    return last if last.get("containerID") == container_id else None
+
+
 def one_start(
-    rs: RunningSandbox, cni: NodeCni, i: int, run_id: str, denied: str, allowed: str
+    rs: RunningSandbox,
+    cni: NodeCni,
+    i: int,
+    run_id: str,
+    denied: str,
+    allowed: str,
+    agent_url: str | None,
 ) -> dict[str, Any]:
     name = f"start-{i}"
     ns_name = f"stk-{run_id}-st{i}"
@@ -186,8 +215,9 @@ def one_start(
         f"{NAMESPACE}/{name}",
     )
     try:
+        timings: dict[str, float] = {}
         began = time.monotonic()
-        result = cni.add(rt)
+        result = cni.add(rt, timings)
         returned = time.monotonic()
         assert sender.stdin is not None
         sender.stdin.write("go\n")
@@ -198,8 +228,11 @@ def one_start(
         out, _ = sender.communicate(timeout=30)
         report = json.loads(out)
         first = report["first"]
+        agent = _agent_add(agent_url, rt.container_id)
         return {
             "cni_add_ms": (returned - began) * 1000,
+            "plugins_ms": {kind: seconds * 1000 for kind, seconds in timings.items()},
+            "agent": agent,
             "first_allowed_ms": (first - returned) * 1000 if first is not None else None,
             "sent": report["sent"],
         }
@@ -233,13 +266,21 @@ def run_topology(mode: str, starts: int, unchained: bool = False) -> dict[str, A
             rs.create_policy(POLICY)
             node = rs.topology.node("node-1")
             cni = NodeCni(node_state_dir(state_dir, "node-1"), node, cni_bin_dir())
+            stack = session.SandboxState.load(state_dir)
+            agent_url = None
+            if stack is not None and stack.stack is not None:
+                agent_url = stack.stack.agent_urls().get("node-1")
             if unchained:  # the control run: node-1's network without stockade-cni
                 cnichain.uninstall(cni.conf_dir)
+                agent_url = None
             time.sleep(1.0)  # let the policy reach the agents before the first start
             samples = []
+            load_before = os.getloadavg()
             for i in range(starts):
                 samples.append(
-                    one_start(rs, cni, i, rs.topology.run_id, denied.ip_v4, allowed.ip_v4)
+                    one_start(
+                        rs, cni, i, rs.topology.run_id, denied.ip_v4, allowed.ip_v4, agent_url
+                    )
                 )
                 if (i + 1) % 20 == 0:
                     say(f"{mode}: {i + 1}/{starts} starts")
@@ -247,6 +288,7 @@ def run_topology(mode: str, starts: int, unchained: bool = False) -> dict[str, A
             counter.stdin.write("stop\n")
             counter.stdin.flush()
             leaked = int(counter.communicate(timeout=10)[0].strip())
+            load_after = os.getloadavg()
         finally:
             if counter is not None and counter.poll() is None:
                 counter.kill()
@@ -264,7 +306,55 @@ def run_topology(mode: str, starts: int, unchained: bool = False) -> dict[str, A
         "first_allowed_packet_ms": {"p50": pct(firsts, 0.5), "p99": pct(firsts, 0.99)}
         if firsts
         else None,
+        "breakdown": breakdown(samples),
+        "load_average": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in load_after],
+            "cores": os.cpu_count(),
+        },
     }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"p50": pct(values, 0.5), "p99": pct(values, 0.99)}
+
+
+def breakdown(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the ADDs' time went: per plugin; stockade's share (the stockade-cni plugin's run)
+    against the rest of the same chain in the same ADD (`stockade_ratio`, so that the figure
+    means something on a loaded machine); inside stockade's share, the agent's work by phase and
+    the relay (process start, `ip netns exec`, the socket round trip: the share less the
+    agent's work)."""
+    kinds = sorted({kind for s in samples for kind in s["plugins_ms"]})
+    out: dict[str, Any] = {
+        "plugins_ms": {
+            kind: spread([s["plugins_ms"][kind] for s in samples if kind in s["plugins_ms"]])
+            for kind in kinds
+        }
+    }
+    shares = [s["plugins_ms"].get(cnichain.PLUGIN_TYPE) for s in samples]
+    if not all(share is not None for share in shares):
+        return out
+    without = [s["cni_add_ms"] - (share or 0.0) for s, share in zip(samples, shares, strict=True)]
+    ratios = [(share or 0.0) / rest for share, rest in zip(shares, without, strict=True)]
+    out["stockade_share_ms"] = spread([share or 0.0 for share in shares])
+    out["chain_without_stockade_ms"] = spread(without)
+    out["stockade_ratio"] = {"p50": pct(ratios, 0.5, 3), "p99": pct(ratios, 0.99, 3)}
+    agents = [s["agent"] for s in samples if s["agent"] is not None]
+    if agents:
+        out["agent_ms"] = spread([a["total_ms"] for a in agents])
+        phases = sorted({p for a in agents for p in a["phases_ms"]})
+        out["agent_phases_ms"] = {
+            p: spread([a["phases_ms"].get(p, 0.0) for a in agents]) for p in phases
+        }
+        out["relay_ms"] = spread(
+            [
+                s["plugins_ms"][cnichain.PLUGIN_TYPE] - s["agent"]["total_ms"]
+                for s in samples
+                if s["agent"] is not None
+            ]
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
             "p50": max((r["first_allowed_packet_ms"] or {}).get("p50", 0) for r in per.values()),
             "p99": max((r["first_allowed_packet_ms"] or {}).get("p99", 0) for r in per.values()),
         },
+        "stockade_share_ms": {
+            q: max(r["breakdown"].get("stockade_share_ms", {}).get(q, 0) for r in per.values())
+            for q in ("p50", "p99")
+        },
+        "stockade_ratio": {
+            q: max(r["breakdown"].get("stockade_ratio", {}).get(q, 0) for r in per.values())
+            for q in ("p50", "p99")
+        },
+        "load_average_1m": max(
+            max(r["load_average"]["before"][0], r["load_average"]["after"][0]) for r in per.values()
+        ),
         "unchained": args.unchained,
         "goals": {"leaked_packets": 0, "cni_add_ms_p99_max": 250, "starts_per_topology_min": 200},
         "topologies": per,

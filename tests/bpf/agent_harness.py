@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from stockade import handoff
 from stockade.agent.attachments import LINKS_DIR, Attachments
@@ -33,6 +33,7 @@ from stockade.handoff import TableObject
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.fastopen import fast_open_namespaces
 from stockade.model.parse import parse_policy
+from stockade.model.policy import Policy
 from stockade.sandbox.topology import Topology
 from stockade.sandbox.workloads.traffic import Outcome, PodProcesses, Probe
 from tests.fixtures.netns import MakeProcesses, MakeTopology
@@ -96,7 +97,7 @@ class Cluster:
     deleted: set[str] = field(default_factory=set)  # pods deleted in the API, veth still there
 
     @classmethod
-    def create(cls, topo: Topology, node_name: str = "node-1") -> Cluster:
+    def create(cls, topo: Topology, node_name: str = "node-1") -> Self:
         for key, (node, _) in ROLES.items():
             topo.add_pod(key, node)
         return cls(topo, node_name, {key: role for key, (_, role) in ROLES.items()})
@@ -121,8 +122,11 @@ class Cluster:
         namespaces = [Namespace(n, {"kubernetes.io/metadata.name": n}) for n in sorted(names)]
         return ClusterState(namespaces, pods, nodes)
 
+    def policies(self) -> list[Policy]:
+        return [parse_policy(POLICY)]
+
     def tables(self) -> ir.NodeTables:
-        lowered = lower_node(self.state(), [parse_policy(POLICY)], self.node_name, self.ids)
+        lowered = lower_node(self.state(), self.policies(), self.node_name, self.ids)
         self.ids = lowered.ids
         return lowered.tables
 
@@ -130,7 +134,7 @@ class Cluster:
         """The DatapathTable objects of node-1 at the next generation (every part, as the
         operator's plan builds them with `TableObject.build`), in shards as a large node's are."""
         self.generation += 1
-        opened = fast_open_namespaces(self.state(), [parse_policy(POLICY)])
+        opened = fast_open_namespaces(self.state(), self.policies())
         parts = handoff.encode(self.tables(), shape, inline_max=0, open_namespaces=opened)
         return [
             TableObject.build(

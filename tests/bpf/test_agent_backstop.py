@@ -11,7 +11,6 @@ tests/bpf/test_agent_pending.py.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -42,7 +41,7 @@ def late_ifindex(syncer: Syncer, topo: Topology) -> int:
 
 
 def wire(syncer: Syncer, requests: list[int]) -> Backstop:
-    backstop = Backstop(syncer, threading.Lock(), lambda: requests.append(1))
+    backstop = Backstop(syncer, lambda: requests.append(1))
     syncer.sweep = backstop.sweep  # as the agent wires them
     return backstop
 

@@ -89,8 +89,7 @@ class Scene:
         return self.procs.probe(LATE, self.cluster.ip("demo/other"), PORT, "tcp", 1.0)
 
     def pods(self, budget: float, fail_open: bool = False, add_wait: float = 0.0) -> PendingPods:
-        lock = threading.Lock()
-        datapath = AgentDatapath(self.syncer, self.syncer.attachments, lock)
+        datapath = AgentDatapath(self.syncer, self.syncer.attachments)
         pods = PendingPods(
             datapath, lambda: None, None, budget=budget, fail_open=fail_open, add_wait=add_wait
         )
@@ -140,9 +139,12 @@ def test_a_pod_added_before_its_tables_is_pending_until_the_sync_that_applies_th
         try:
             if add_wait == 0.0:
                 add.join()  # returned at once, the rest of the budget runs on
-            while not s.pending() and add.is_alive():  # ADD marks the interface, attaches
-                add.join(0.01)
             ifindex = s.late_ifindex()
+            # ADD marks the interface, then attaches: wait for both (not the mark alone)
+            while add.is_alive() and not (
+                s.pending() and ifindex in s.syncer.attachments.attached_ifindexes()
+            ):
+                add.join(0.01)
             assert s.pending() == {ifindex: PendingState.CLOSED}
             assert s.to_other() is Outcome.TIMEOUT  # no policy denies it, but it is pending
             assert s.procs.ping(LATE, s.topo.node("node-1").ip_v4) is Outcome.CONNECTED

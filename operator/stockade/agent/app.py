@@ -103,8 +103,19 @@ class Agent:
         self.recount = ConntrackRecount(
             lambda: self.syncer.maps, self._lock, config.conntrack_recount_seconds
         )
+        # With the CNI socket, pod veths made without it are put pending too (agent.backstop).
+        self.backstop: Backstop | None = None
+        if config.cni_socket:
+            self.backstop = Backstop(
+                self.syncer, self.runner.request, config.pending_on_timeout == "open"
+            )
+            self.syncer.sweep = self.backstop.sweep
         self.pending = PendingPods(
-            AgentDatapath(self.syncer, self.attachments, self._lock),
+            AgentDatapath(
+                self.syncer,
+                self.attachments,
+                self.backstop.taken_as if self.backstop is not None else None,
+            ),
             self.runner.request,
             self.reporter.pod_event,
             budget=config.pending_budget,
@@ -112,13 +123,6 @@ class Agent:
             add_wait=config.pending_add_wait,
         )
         self.cni = CniServer(config.cni_socket, self.pending) if config.cni_socket else None
-        # With the CNI socket, pod veths made without it are put pending too (agent.backstop).
-        self.backstop: Backstop | None = None
-        if config.cni_socket:
-            self.backstop = Backstop(
-                self.syncer, self._lock, self.runner.request, config.pending_on_timeout == "open"
-            )
-            self.syncer.sweep = self.backstop.sweep
 
     def _released(self, ifindexes: list[int]) -> None:
         self.pending.released(ifindexes)
@@ -214,6 +218,8 @@ class Agent:
             "applied": self.syncer.applied,
             "rules": len(self.syncer.rules),
             "flowEvents": self.flows.events,
+            # the agent's part of the last CNI ADD (bench/startup.py reads it)
+            "lastCniAdd": self.pending.stats.last_add or None,
             "eventsLost": self._events_lost(),
             "gauges": self.gauges(),
         }

@@ -149,6 +149,9 @@ class Attachments:
         # ifindex (a deleted veth leaves its link with ifindex 0), so a sync does not look up
         # every pod's route again.
         self._found: dict[tuple[IPAddress, ...], HostInterface] = {}
+        # Looked up by `prefetch` before a sync's apply: an interface, or why it was not found.
+        self._prefetched: dict[tuple[IPAddress, ...], HostInterface | str] = {}
+        self._resolver: NetnsExecutor | None = None
         self.lookups = 0
 
     def _run(self, fn: Callable[[], T]) -> T:
@@ -184,6 +187,39 @@ class Attachments:
         attached before their tables arrived: see `stockade.agent.pending`)."""
         return self._run(lambda: self._reconcile(endpoints, programs, bindings, pending))
 
+    def prefetch(self, endpoints: Sequence[Endpoint]) -> None:
+        """Look up the interfaces of endpoints no earlier sync found, before the sync's apply
+        takes its lock: on a bridge a lookup may wait up to a second for the node to resolve
+        the pod's address, and a CNI ADD must not wait for that. It runs on a thread of its own
+        in the node's namespace, so the one that attaches is free meanwhile. `reconcile` uses
+        what it found (and does not retry what it did not)."""
+        wanted = [e for e in endpoints if e.addresses not in self._found]
+        if not wanted:
+            self._prefetched = {}
+            return
+
+        def look() -> dict[tuple[IPAddress, ...], HostInterface | str]:
+            out: dict[tuple[IPAddress, ...], HostInterface | str] = {}
+            for endpoint in wanted:
+                self.lookups += 1
+                try:
+                    out[endpoint.addresses] = find_interface(endpoint)
+                except InterfaceNotFoundError as exc:
+                    out[endpoint.addresses] = str(exc)
+            return out
+
+        if self._executor is None:
+            self._prefetched = look()
+            return
+        if self._resolver is None:
+            self._resolver = NetnsExecutor(self._executor.path)
+        self._prefetched = self._resolver.run(look)
+
+    def close(self) -> None:
+        if self._resolver is not None:
+            self._resolver.close()
+            self._resolver = None
+
     def attach_interface(self, ifindex: int, programs: Mapping[Hook, tuple[int, int]]) -> str:
         """Attach `programs` to the interface `ifindex` (a pending pod's); its name."""
 
@@ -211,8 +247,14 @@ class Attachments:
         found_now: dict[tuple[IPAddress, ...], HostInterface] = {}
         for endpoint in endpoints:
             known = self._found.get(endpoint.addresses)
+            prefetched = self._prefetched.get(endpoint.addresses)
             if known is not None and self._alive(known):
                 found = known
+            elif isinstance(prefetched, HostInterface):
+                found = prefetched
+            elif isinstance(prefetched, str):  # not found just now: the next sync looks again
+                result.failures.append(Failure(endpoint, "InterfaceNotFound", prefetched))
+                continue
             else:
                 try:
                     self.lookups += 1
@@ -238,6 +280,7 @@ class Attachments:
             result.attached[endpoint.endpoint_id] = found.name
             result.ifindexes.add(found.ifindex)
         self._found = found_now
+        self._prefetched = {}
         for name in self.pinned_interfaces():
             if name in wanted or (pending and self._on_any(name, pending)):
                 continue

@@ -41,22 +41,26 @@ class Backstop:
     def __init__(
         self,
         syncer: Syncer,
-        lock: threading.Lock,
         request_sync: Callable[[], None],
         fail_open: bool = False,
     ) -> None:
         self.syncer = syncer
-        self.lock = lock  # the one the agent's syncs hold
         self.request_sync = request_sync
         self.state = PendingState.OPEN if fail_open else PendingState.CLOSED
         self.adopted = 0
         self.events = 0
+        # The veths a sweep took, their links attached: ifindex -> (state, name). A CNI ADD of a
+        # pod whose veth is here finds it pending already (`taken_as`). Replaced whole by each
+        # sweep, so it is read without a lock.
+        self._taken: dict[int, tuple[PendingState, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sweep(self) -> list[int]:
-        """Put every unknown pod veth in the pending state; the caller holds the sync lock (the
-        Syncer calls this at the end of a sync). The ifindexes it took."""
+        """Put every unknown pod veth in the pending state; the caller holds the Syncer's
+        `apply_lock` (the Syncer calls this at the end of `_apply`; the link watch takes it,
+        not the whole sync's lock, so a sync looking up interfaces does not hold it back). The
+        ifindexes it took."""
         syncer = self.syncer
         maps = syncer.maps
         programs = {hook: (p.fd, p.id) for hook, p in syncer.programs.programs.items()}
@@ -66,7 +70,9 @@ class Backstop:
         pending = Pending(maps)
         waiting = pending.read()
         taken = []
-        for ifindex, name in syncer.attachments.pod_veths().items():
+        veths = syncer.attachments.pod_veths()
+        held = {i: t for i, t in self._taken.items() if i in veths and i in waiting}
+        for ifindex, name in veths.items():
             if ifindex in last.ifindexes or ifindex in waiting:
                 continue
             try:
@@ -76,11 +82,18 @@ class Backstop:
                 log.warning("could not put pod veth %s in the pending state: %s", name, exc)
                 continue
             taken.append(ifindex)
+            held[ifindex] = (self.state, name)
             log.info("pod veth %s (%d) is no known endpoint's: pending", name, ifindex)
+        self._taken = held
         if taken:
             self.request_sync()
             self.adopted += len(taken)
         return taken
+
+    def taken_as(self, ifindex: int) -> tuple[PendingState, str] | None:
+        """How a sweep left `ifindex` (its state, its interface's name) when a sweep took it and
+        attached its links; None when no sweep did (or the veth, or its pending mark, is gone)."""
+        return self._taken.get(ifindex)
 
     def start(self) -> None:
         links = self.syncer.attachments.link_events()
@@ -96,7 +109,7 @@ class Backstop:
                     continue
                 self.events += 1
                 try:
-                    with self.lock:
+                    with self.syncer.apply_lock:
                         self.sweep()
                 except Exception as exc:
                     log.warning("backstop sweep failed: %s", exc)

@@ -4,8 +4,11 @@
 the pod's host-side veth from the container interface the chain's result names (its peer's
 ifindex: `stockade.datapath.iface.peer_ifindex`), marks that ifindex PENDING_CLOSED in the pinned
 `pending` map and attaches both programs there, all before answering, so the pod's first packet
-meets them. It then waits, up to the budget, until a sync has applied tables that make the pod
-an endpoint on that interface: `Syncer` calls `released()` with the interfaces it cleared from
+meets them. The backstop's link watch (`stockade.agent.backstop`) has usually done just that
+already, when the primary plugin made the veth: then the ADD writes nothing and waits for no
+sync. Its writes otherwise hold the Syncer's `apply_lock`, not the agent's sync lock. It then
+waits, up to the budget, until a sync has applied tables that make the pod an endpoint on that
+interface: `Syncer` calls `released()` with the interfaces it cleared from
 the `pending` map (an interface leaves it only once its endpoint, binding and policy entries are
 written and its links carry them).
 
@@ -114,38 +117,75 @@ class CniRequest:
         return tuple(out)
 
 
+class Phases:
+    """Where one ADD's time went: milliseconds per phase, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap (or since this stopwatch was made) is `phase`'s."""
+        now = time.monotonic()
+        self.ms[phase] = round(self.ms.get(phase, 0.0) + (now - self._mark) * 1000, 3)
+        self._mark = now
+
+
 class Datapath(Protocol):
     """What PendingPods needs of the agent's datapath (`stockade.agent.app` provides it)."""
 
     def host_ifindex(self, netns: Path, ifname: str) -> int: ...
     def open_namespaces(self) -> frozenset[str]: ...
-    def attach_pending(self, ifindex: int, state: PendingState) -> str: ...
+    def attach_pending(self, ifindex: int, state: PendingState, phases: Phases) -> str: ...
     def set_pending(self, ifindex: int, state: PendingState) -> None: ...
     def is_pending(self, ifindex: int) -> bool: ...
     def forget(self, ifindex: int) -> None: ...
 
 
 class AgentDatapath:
-    """`Datapath` over the agent's own Syncer and Attachments; `lock` is the one its syncs hold,
-    so that a sync never sees an interface marked pending without its links."""
+    """`Datapath` over the agent's own Syncer and Attachments. Its writes hold the Syncer's
+    `apply_lock`, so that a sync never sees an interface marked pending without its links, nor
+    attaches with programs it is replacing; they do not wait for the rest of a sync (assembling
+    the set, reporting status to the API server)."""
 
-    def __init__(self, syncer: Syncer, attachments: Attachments, lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        syncer: Syncer,
+        attachments: Attachments,
+        taken: Callable[[int], tuple[PendingState, str] | None] | None = None,
+    ) -> None:
         self.syncer = syncer
         self.attachments = attachments
-        self.lock = lock
+        self.lock = syncer.apply_lock
+        # `Backstop.taken_as`: the link watch usually puts a new pod's veth in the pending
+        # state milliseconds after the CNI plugin made it, before stockade-cni's ADD comes.
+        self.taken = taken
 
     def host_ifindex(self, netns: Path, ifname: str) -> int:
         return self.attachments.host_ifindex(netns, ifname)
 
     def open_namespaces(self) -> frozenset[str]:
-        """Where a new pod may open at once, as the applied program lists them."""
-        with self.lock:
-            current = self.syncer.current
-            return current.program.open_namespaces if current is not None else frozenset()
+        """Where a new pod may open at once, as the applied program lists them (the set in force
+        is replaced whole by a sync: read without a lock, it is the one before or after)."""
+        current = self.syncer.current
+        return current.program.open_namespaces if current is not None else frozenset()
 
-    def attach_pending(self, ifindex: int, state: PendingState) -> str:
-        """Mark `ifindex` pending, then attach the programs there."""
+    def attach_pending(self, ifindex: int, state: PendingState, phases: Phases) -> str:
+        """Mark `ifindex` pending, then attach the programs there. When the backstop has done
+        just that already (same state, links attached), nothing is left to do: the ADD then
+        waits for no sync in progress."""
+        already = self.taken(ifindex) if self.taken is not None else None
+        maps = self.syncer.maps
+        if (
+            already is not None
+            and already[0] is state
+            and maps is not None
+            and Pending(maps).state(ifindex) is state  # not released nor forgotten since
+        ):
+            phases.lap("taken_by_backstop")
+            return already[1]
         with self.lock:
+            phases.lap("lock_wait")
             maps = self.syncer.maps
             programs = {hook: (p.fd, p.id) for hook, p in self.syncer.programs.programs.items()}
             if maps is None or not programs:
@@ -153,7 +193,10 @@ class AgentDatapath:
                     "the agent has applied no tables yet: no programs to attach the pod to"
                 )
             Pending(maps).mark(ifindex, state)
-            return self.attachments.attach_interface(ifindex, programs)
+            phases.lap("map_write")
+            name = self.attachments.attach_interface(ifindex, programs)
+            phases.lap("attach")
+            return name
 
     def set_pending(self, ifindex: int, state: PendingState) -> None:
         with self.lock:
@@ -182,6 +225,7 @@ class PendingStats:
     add_failures: int = 0
     fast_open: int = 0  # opened at once: their namespace is one no policy can select
     add_seconds: list[float] = field(default_factory=list)
+    last_add: dict[str, object] = field(default_factory=dict)  # the last ADD's phases, in ms
 
 
 @dataclass
@@ -222,36 +266,44 @@ class PendingPods:
 
     def add(self, req: CniRequest) -> None:
         began = time.monotonic()
+        phases = Phases()
         self.stats.adds += 1
         try:
             req.addresses()  # the result must name the pod's addresses
             if not req.netns or not req.ifname:
                 raise CniRequestError("ADD needs CNI_NETNS and CNI_IFNAME")
+            phases.lap("parse")
             ifindex = self.datapath.host_ifindex(Path(req.netns), req.ifname)
+            phases.lap("netns_lookup")
             namespace = req.pod[0]
-            if namespace and namespace in self.datapath.open_namespaces():
+            fast = bool(namespace) and namespace in self.datapath.open_namespaces()
+            phases.lap("open_namespaces")
+            if fast:
                 # The fast path: no policy can select a pod of this namespace, so it is judged as
                 # with none; it passes everything until its tables arrive, and no budget runs.
-                self.datapath.attach_pending(ifindex, PendingState.OPEN)
+                self.datapath.attach_pending(ifindex, PendingState.OPEN, phases)
                 with self._lock:
                     self._containers[req.container_id] = ifindex
                 self.stats.fast_open += 1
-                self.stats.add_seconds.append(time.monotonic() - began)
+                self._record(req, began, phases)
                 self.request_sync()
                 return
             waiter = _Waiter(ifindex)
             with self._lock:
                 self._waiters.setdefault(ifindex, []).append(waiter)
                 self._containers[req.container_id] = ifindex
-            name = self.datapath.attach_pending(ifindex, PendingState.CLOSED)
+            name = self.datapath.attach_pending(ifindex, PendingState.CLOSED, phases)
         except Exception:
             self.stats.add_failures += 1
             raise
         self.request_sync()
         held = min(self.add_wait, self.budget)
-        released = waiter.done.wait(held) or not self.datapath.is_pending(ifindex)
-        self.stats.add_seconds.append(time.monotonic() - began)
-        del self.stats.add_seconds[:-10000]
+        if held > 0:
+            released = waiter.done.wait(held) or not self.datapath.is_pending(ifindex)
+            phases.lap("wait")
+        else:  # no wait: only a sync that ran since the attach can have released it
+            released = waiter.done.is_set()
+        self._record(req, began, phases)
         if released or held >= self.budget:
             self._settle(req, ifindex, name, waiter, released)
         else:  # the rest of the budget runs after ADD returned; the pod stays closed meanwhile
@@ -261,6 +313,16 @@ class PendingPods:
                 name=f"pending-{ifindex}",
                 daemon=True,
             ).start()
+
+    def _record(self, req: CniRequest, began: float, phases: Phases) -> None:
+        total = time.monotonic() - began
+        self.stats.add_seconds.append(total)
+        del self.stats.add_seconds[:-10000]
+        self.stats.last_add = {
+            "containerID": req.container_id,
+            "total_ms": round(total * 1000, 3),
+            "phases_ms": dict(phases.ms),
+        }
 
     def _wait_rest(
         self, req: CniRequest, ifindex: int, name: str, waiter: _Waiter, rest: float

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -121,6 +122,10 @@ class Syncer:
         self.current: HandoffSet | None = None
         self.stats = SyncStats()
         self.retired_fds: list[int] = []  # old maps' fds, closed on the next sync
+        # Held while the datapath is changed (`_apply`: programs, maps, links, the pending
+        # state), not while the set is assembled or status is reported: a CNI ADD marking and
+        # attaching a new pod (`stockade.agent.pending`) waits for this one only.
+        self.apply_lock = threading.Lock()
 
     @property
     def applied(self) -> bool:
@@ -154,7 +159,9 @@ class Syncer:
         self.stats.waiting = ""
         same = self.current is not None and _identity(self.current) == _identity(wanted)
         try:
-            result = self._apply(wanted)
+            self.attachments.prefetch(endpoints_of(wanted.tables))  # before the lock: it may wait
+            with self.apply_lock:
+                result = self._apply(wanted)
         except Exception as exc:
             self._report_problem(f"datapath: {exc}")
             raise
@@ -299,6 +306,7 @@ class Syncer:
             log.warning("could not report %r: %s", message, exc)
 
     def close(self) -> None:
+        self.attachments.close()
         self._close_retired()
         if self.programs.migration is not None and self.programs.migration.swapped:
             self.programs.migration.close()

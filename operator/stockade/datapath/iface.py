@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import select
 import socket
 import struct
@@ -20,11 +21,19 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from stockade.datapath.netns import NetnsExecutor
+from stockade.datapath.netns import socket_in
 
 AF_BRIDGE = 7
 RTM_NEWLINK = 16
+RTM_GETLINK = 18
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+IFLA_IFNAME = 3
+IFLA_LINK = 5
 _NLMSG_HEADER = struct.Struct("=IH")  # nlmsg_len, nlmsg_type (the rest of the header unread)
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+_IFINFOMSG = struct.Struct("=BBHiII")  # family, pad, type, index, flags, change
+_RTATTR = struct.Struct("=HH")  # rta_len, rta_type
 
 
 class InterfaceNotFoundError(LookupError):
@@ -92,21 +101,45 @@ def peer_ifindex(pod_netns: Path, ifname: str) -> int:
     """The ifindex, in the node's namespace, of the host-side peer of the veth `ifname` inside the
     pod's namespace `pod_netns` (its IFLA_LINK). The CNI chain's result lists the container
     interface by name and namespace; the host side is found from it, never by guessing among the
-    result's sandbox-less interfaces (the bridge plugin lists the bridge there too)."""
-    with NetnsExecutor(pod_netns) as inside:
-        return inside.run(_peer_of, ifname)
+    result's sandbox-less interfaces (the bridge plugin lists the bridge there too).
+
+    It runs on every CNI ADD, so it asks with one RTM_GETLINK on a plain netlink socket made in
+    the pod's namespace (`netns.socket_in`: no thread, no pyroute2 machinery)."""
+    with socket_in(pod_netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5.0)
+        name = ifname.encode() + b"\0"
+        attr = _RTATTR.pack(_RTATTR.size + len(name), IFLA_IFNAME) + name
+        attr += b"\0" * (-len(attr) % 4)
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0) + attr
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETLINK, NLM_F_REQUEST, 1, 0) + body)
+        data = sock.recv(1 << 16)
+    return _link_of_reply(data, ifname)
 
 
-def _peer_of(ifname: str) -> int:
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise InterfaceNotFoundError(f"no interface {ifname} in the pod's namespace")
-        (link,) = ipr.link("get", index=found[0])
-        peer = link.get_attr("IFLA_LINK")
-        if not peer:
-            raise InterfaceNotFoundError(f"{ifname} in the pod's namespace is no veth")
-        return int(peer)
+def _link_of_reply(data: bytes, ifname: str) -> int:
+    """IFLA_LINK of the RTM_NEWLINK answer in `data` (or the error it carries)."""
+    if len(data) < _NLMSG.size:
+        raise InterfaceNotFoundError(f"{ifname}: a short netlink answer ({len(data)} bytes)")
+    length, kind, _, _, _ = _NLMSG.unpack_from(data)
+    if kind == NLMSG_ERROR:
+        (error,) = struct.unpack_from("=i", data, _NLMSG.size)
+        raise InterfaceNotFoundError(
+            f"no interface {ifname} in the pod's namespace: {os.strerror(-error)}"
+        )
+    if kind != RTM_NEWLINK:
+        raise InterfaceNotFoundError(f"{ifname}: unexpected netlink answer type {kind}")
+    offset = _NLMSG.size + _IFINFOMSG.size
+    end = min(length, len(data))
+    while offset + _RTATTR.size <= end:
+        size, attr_type = _RTATTR.unpack_from(data, offset)
+        if size < _RTATTR.size:
+            break
+        if attr_type == IFLA_LINK and size >= _RTATTR.size + 4:
+            (peer,) = struct.unpack_from("=I", data, offset + _RTATTR.size)
+            if peer:
+                return int(peer)
+        offset += (size + 3) & ~3
+    raise InterfaceNotFoundError(f"{ifname} in the pod's namespace is no veth")
 
 
 def pod_veths() -> dict[int, str]:

@@ -263,6 +263,11 @@ class Pending:
     def clear(self, ifindex: int) -> bool:
         return libbpf.map_delete(self._fd, abi.U32.pack(ifindex))
 
+    def state(self, ifindex: int) -> abi.PendingState | None:
+        """The state of one interface; None when it is not pending."""
+        raw = libbpf.map_lookup(self._fd, abi.U32.pack(ifindex), abi.U32.size)
+        return abi.PendingState(abi.U32.unpack(raw)[0]) if raw else None
+
     def read(self) -> dict[int, abi.PendingState]:
         return {
             abi.U32.unpack(k)[0]: abi.PendingState(abi.U32.unpack(v)[0])

@@ -5,12 +5,17 @@ sandbox; on a real node this is the root namespace itself). Netlink sockets and 
 BPF_LINK_CREATE resolve interface indexes in the calling thread's namespace, so the work runs on
 a dedicated thread that entered the namespace with setns(2) and never leaves it. BPF map and
 program fds are not per-namespace and can be shared with that thread freely.
+
+`socket_in` is the cheap way for one query in a namespace visited once (a new pod's, on CNI
+ADD): a socket belongs to the namespace it was made in, so the calling thread enters the
+namespace only for the socket(2) call and returns at once; no thread is started.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -67,3 +72,28 @@ class NetnsExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def socket_in(path: Path, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket made in the network namespace at `path` (it stays there whatever thread uses
+    it); the calling thread is back in its own namespace when this returns, or it raises."""
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        os.close(target)
+        raise
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
+        try:
+            return socket.socket(family, kind, proto)
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                # The thread would go on in the pod's namespace: nothing it does is safe.
+                raise SystemExit(f"setns back from {path}: {os.strerror(err)}")
+    finally:
+        os.close(own)
+        os.close(target)

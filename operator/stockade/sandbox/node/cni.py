@@ -24,6 +24,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,13 +300,21 @@ class Runtime:
             raise CniError(f"{what}: the result is not a JSON object")
         return result
 
-    def add(self, net: NetworkList, rt: RuntimeConf) -> dict[str, Any]:
-        """ADD every plugin in order, each given the previous one's result; cache the last."""
+    def add(
+        self, net: NetworkList, rt: RuntimeConf, timings: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """ADD every plugin in order, each given the previous one's result; cache the last.
+        With `timings`, each plugin's run (its `ip netns exec` included) is added there in
+        seconds, under its type (bench/startup.py reports them)."""
         rt.validate(net.name)
         result: dict[str, Any] | None = None
         for plugin in net.plugins:
             conf = build_one_config(net.name, net.cni_version, plugin, result)
+            began = time.monotonic()
             result = self._exec("ADD", net, plugin, conf, rt)
+            if timings is not None:
+                kind = str(plugin["type"])
+                timings[kind] = timings.get(kind, 0.0) + time.monotonic() - began
         assert result is not None
         self._write_cache(net, rt, result)
         return result

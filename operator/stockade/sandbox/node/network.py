@@ -150,11 +150,12 @@ class NodeCni:
     def network(self) -> NetworkList:
         return load_conflist(self.conf_dir)
 
-    def add(self, rt: RuntimeConf) -> dict[str, Any]:
-        """loopback on `lo`, then the node's network on `rt.ifname`; the latter's result."""
+    def add(self, rt: RuntimeConf, timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """loopback on `lo`, then the node's network on `rt.ifname`; the latter's result.
+        `timings`: seconds per plugin, as `Runtime.add` records them."""
         lo = RuntimeConf(rt.container_id, rt.netns, "lo", rt.args, rt.pod)
-        self.runtime.add(NetworkList.of(LOOPBACK_CONF), lo)
-        return self.runtime.add(self.network(), rt)
+        self.runtime.add(NetworkList.of(LOOPBACK_CONF), lo, timings)
+        return self.runtime.add(self.network(), rt, timings)
 
     def delete(self, rt: RuntimeConf) -> None:
         """DEL the node's network, then loopback (reverse of `add`)."""
