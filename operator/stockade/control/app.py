@@ -155,9 +155,6 @@ class Operator:
             # kopf waits for `stop` in an executor thread; when a signal (kopf's own handler)
             # stopped it instead, that thread must be released or asyncio.run() never returns.
             stop.set()
-            # The watch streams' transports close on the loop's next iterations: without them
-            # asyncio.run() ends with their sockets open (ResourceWarning: unclosed transport).
-            await asyncio.sleep(0.1)
 
     def run(self, stop: threading.Event) -> None:
         """Run until `stop` is set (blocking; kopf gets its own event loop in this thread)."""
