@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup system-deps venv toolchain lint test check demo sandbox sandbox-down bench clean chart-crds
+.PHONY: setup system-deps venv toolchain lint test check demo sandbox sandbox-down bench conformance-services clean chart-crds
 
 ## setup: Debian packages, the Python environment and the Go-built toolchain (idempotent)
 setup: system-deps venv toolchain
@@ -58,6 +58,10 @@ chart-crds:
 
 bench: setup
 	$(PY) bench/datapath.py
+
+## conformance-services: the shared suites through Services in every Service mode (outside CI: hours)
+conformance-services: setup
+	$(PY) bench/conformance_services.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

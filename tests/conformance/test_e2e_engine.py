@@ -9,6 +9,7 @@ starts itself, and must fail and leave nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import conformance_services
 from stockade.sandbox import netns, stack
 from tests.conformance.generated import SEED, generate
 from tests.e2e.stack_fixtures import stockade
@@ -125,3 +127,18 @@ def test_a_wrong_expectation_fails_on_the_whole_stack_and_its_sandbox_is_removed
     assert netns.list_names(f"stk-{run_id}-") == []
     assert not stack.pin_root(run_id).exists()
     assert _engine_dirs() == dirs_before
+
+
+@pytest.mark.parametrize("mode", ["iptables-netfilter", "nftables-fallback"])
+def test_a_fixed_seed_sample_of_upstream_cases_passes_through_cluster_ips(
+    mode: str, tmp_path: Path
+) -> None:
+    """The outside-CI run of the suites through Services (`bench/conformance_services.py`) on a
+    sample drawn with a fixed seed, in kube-proxy's iptables mode and in the agents' fallback
+    mode (nftables with netfilter is the test above)."""
+    output = tmp_path / "conformance_services.json"
+    args = ["--mode", mode, "--file", "netpol-upstream.yaml", "--sample", "3", "--seed", "13"]
+    status = conformance_services.main([*args, "--output", str(output)])
+    result = json.loads(output.read_text())["modes"][mode]["files"]["netpol-upstream.yaml"]
+    assert (result["passed"], result["failed"]) == (3, 0), result
+    assert status == 0

@@ -52,10 +52,11 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument(
         "--via",
-        choices=("pod", "service"),
+        choices=("pod", "service", "nodeport"),
         default="pod",
-        help="e2e engine: probe each pod at its address (pod, the default) or through a "
-        "ClusterIP Service of its own (service)",
+        help="e2e engine: probe each pod at its address (pod, the default), through a "
+        "ClusterIP Service of its own (service) or through that Service's node port on another "
+        "node (nodeport)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="explain every wrong check")
     run.set_defaults(run=run_command)

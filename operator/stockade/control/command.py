@@ -59,10 +59,10 @@ def add_parser(subparsers: Any) -> None:
     op.add_argument(
         "--service-space",
         type=on_off,
-        default=on_off(env("STOCKADE_SERVICE_SPACE", "off") or "off"),
+        default=on_off(env("STOCKADE_SERVICE_SPACE", "on") or "on"),
         metavar="on|off",
         help="judge flows to Services on their backends: hand the agents the Service address "
-        "space and a Shape with services ($STOCKADE_SERVICE_SPACE, off)",
+        "space and a Shape with services ($STOCKADE_SERVICE_SPACE, on)",
     )
     op.add_argument(
         "--service-cidrs",

@@ -36,7 +36,7 @@ class OperatorConfig:
     # Hand every node the Service address space (ServiceCIDRs, else `service_cidrs`; Services'
     # cluster, external and load-balancer IPs; node addresses on the NodePort range) and a Shape
     # with services, so that flows to Services are judged on their backends (docs/services.md).
-    service_space: bool = False
+    service_space: bool = True
     service_cidrs: tuple[str, ...] = ()
     node_port_range: tuple[int, int] = (30000, 32767)
 

@@ -18,6 +18,11 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
+from stockade.control.services import (
+    endpoint_slice_from_api,
+    service_cidr_from_api,
+    service_from_api,
+)
 from stockade.control.store import Store
 from stockade.model.kinds import enforced
 
@@ -28,8 +33,12 @@ def _dicts(api: ApiClient, items: Iterable[Any]) -> list[Mapping[str, Any]]:
     return [api.sanitize_for_serialization(i) for i in items]  # type: ignore[no-untyped-call]
 
 
-def prime(store: Store, api: ApiClient, *, upstream_cnp: bool = True) -> None:
-    """LIST pods, namespaces, nodes and every policy kind whose API exists into `store`."""
+def prime(
+    store: Store, api: ApiClient, *, upstream_cnp: bool = True, services: bool = False
+) -> None:
+    """LIST pods, namespaces, nodes and every policy kind whose API exists into `store`, and,
+    with `services`, the Services, EndpointSlices and ServiceCIDRs (without them a first pass
+    would publish a Service address space that is not the cluster's, then the real one)."""
     core = CoreV1Api(api)
     for obj in _dicts(api, core.list_namespace().items):
         namespace = namespace_from_api(obj)
@@ -59,4 +68,24 @@ def prime(store: Store, api: ApiClient, *, upstream_cnp: bool = True) -> None:
         record = parse_record(obj)
         if record is not None:
             store.put_policy(record.key, record)
+    if services:
+        _prime_services(store, api)
     log.info("primed the store with %d policies", len(policies))
+
+
+def _prime_services(store: Store, api: ApiClient) -> None:
+    core = CoreV1Api(api)
+    for obj in _dicts(api, core.list_service_for_all_namespaces().items):
+        store.put_service(object_key(obj), service_from_api(obj))
+    custom = CustomObjectsApi(api)
+    slices: Any = custom.list_cluster_custom_object("discovery.k8s.io", "v1", "endpointslices")
+    for obj in slices.get("items", []):
+        store.put_endpoint_slice(object_key(obj), endpoint_slice_from_api(obj))
+    try:
+        cidrs: Any = custom.list_cluster_custom_object("networking.k8s.io", "v1", "servicecidrs")
+    except ApiException as exc:
+        if exc.status != 404:  # not served: the operator's --service-cidrs stand in
+            raise
+        return
+    for obj in cidrs.get("items", []):
+        store.put_service_cidr(object_key(obj), service_cidr_from_api(obj))

@@ -67,6 +67,7 @@ class Reconciler:
         relist: float = RELIST,
     ) -> None:
         self._upstream_cnp = upstream_cnp
+        self._services = services
         self._store = store
         self._api = api
         self._is_leader = is_leader
@@ -99,7 +100,12 @@ class Reconciler:
         started = time.monotonic()
         if not self._synced:
             # Never publish from a partial picture.
-            prime(self._store, self._api, upstream_cnp=self._upstream_cnp)
+            prime(
+                self._store,
+                self._api,
+                upstream_cnp=self._upstream_cnp,
+                services=self._services,
+            )
         if (
             not self._synced
             or self.publisher.stale

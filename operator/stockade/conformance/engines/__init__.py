@@ -16,7 +16,7 @@ from stockade.conformance.engine import Engine
 @dataclass(frozen=True)
 class EngineOptions:
     ip_family: int = 4
-    via: str = "pod"  # e2e: probe pods at their address, or through a ClusterIP ("service")
+    via: str = "pod"  # e2e: probe pods at their address, a ClusterIP ("service") or a node port
 
 
 def _reference(options: EngineOptions) -> Engine:

@@ -28,6 +28,15 @@ ClusterIP to the pod, and stockade judges the flow on it (docs/services.md): a s
 starts runs its operator with the Service space on. ICMP and SCTP probes (no Service translates
 ICMP; SCTP is crafted here, as the kernel has no SCTP module) still go to the pod's address.
 
+With `via="nodeport"` (`--via nodeport`) the per-pod Service is of type NodePort, and every TCP
+and UDP probe goes to its node port on a node other than the source's (the other node of a
+two-node sandbox): the client's node forwards the packet to that node, whose kube-proxy DNATs
+it to the pod (docs/services.md says how such a flow is judged).
+
+A sandbox the engine starts runs kube-proxy in the mode `$STOCKADE_E2E_PROXY_MODE` names
+(nftables by default), and its agents in the Service mode `$STOCKADE_SERVICE_MODE` names (auto by
+default): `bench/conformance_services.py` runs the suites through Services in each.
+
 Fresh namespaces between cases would be slow: the controller manager deletes a Namespace in the
 background while the next case wants the same name at once, so the engine resets instead.
 `teardown` deletes every policy the case created and restores the labels of every namespace and pod
@@ -47,7 +56,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kubernetes.client
 
@@ -66,6 +75,7 @@ from stockade.conformance.engines.apiserver import ApiServerActions, call_api
 from stockade.conformance.world import World, default_placement
 from stockade.model.policy import IPAddress, Protocol
 from stockade.sandbox import session
+from stockade.sandbox.node.proxy import DEFAULT_MODE, PROXY_MODES, ProxyMode
 from stockade.sandbox.stack import published_generations, wait_applied
 from stockade.sandbox.topology import PodNet
 from stockade.sandbox.workloads.running import Port, RunningSandbox, UnknownPolicyKindError
@@ -73,8 +83,9 @@ from stockade.sandbox.workloads.traffic import Outcome as Seen
 from stockade.sandbox.workloads.traffic import PodProcesses, Probe, ProbeResult
 
 SANDBOX_ENV = "STOCKADE_E2E_SANDBOX"
-VIA_POD, VIA_SERVICE = "pod", "service"
-VIAS = (VIA_POD, VIA_SERVICE)
+VIA_POD, VIA_SERVICE, VIA_NODEPORT = "pod", "service", "nodeport"
+VIAS = (VIA_POD, VIA_SERVICE, VIA_NODEPORT)
+PROXY_MODE_ENV = "STOCKADE_E2E_PROXY_MODE"
 SERVICE_PREFIX = "stk-"
 DEADLINE_S = 10.0
 PROBE_TIMEOUT_S = 1.0
@@ -145,6 +156,8 @@ class E2EEngine(ApiServerActions):
             raise ValueError(f"via must be one of {', '.join(VIAS)}, got {via!r}")
         self.via = via
         self.services: dict[str, str] = {}  # pod key -> its Service's ClusterIP (via service)
+        # pod key -> (port, protocol) -> its Service's node port (via nodeport)
+        self.node_ports: dict[str, dict[tuple[int, str], int]] = {}
         self.family = ip_family
         self.sandbox_dir = sandbox_dir
         self.deadline_s = deadline_s
@@ -262,9 +275,19 @@ class E2EEngine(ApiServerActions):
             self.own_state_dir = Path(tempfile.mkdtemp(prefix="stockade-e2e-", dir="/run"))
             self.progress(f"starting a {nodes}-node sandbox in {self.own_state_dir}")
             started = time.monotonic()
-            if self.via == VIA_SERVICE:  # the operator (a child) hands out the Service space
+            if self.via != VIA_POD:  # the operator (a child) hands out the Service space
                 os.environ["STOCKADE_SERVICE_SPACE"] = "on"
-            session.up(self.own_state_dir, nodes, "routed", self._quiet, detach=False)
+            proxy_mode = os.environ.get(PROXY_MODE_ENV) or DEFAULT_MODE
+            if proxy_mode not in PROXY_MODES:
+                raise ValueError(f"${PROXY_MODE_ENV}: {proxy_mode!r} is not one of {PROXY_MODES}")
+            session.up(
+                self.own_state_dir,
+                nodes,
+                "routed",
+                self._quiet,
+                detach=False,
+                proxy_mode=cast(ProxyMode, proxy_mode),
+            )
             self.sandbox = RunningSandbox.open(self.own_state_dir)
             self.progress(
                 f"sandbox run {self.sandbox.topology.run_id} with operator and agents up in "
@@ -318,7 +341,7 @@ class E2EEngine(ApiServerActions):
             if serve:
                 self.workload.serve(pod.who, sorted(serve))
                 pod.served |= serve
-            wants_service = self.via == VIA_SERVICE and not pod.host_network
+            wants_service = self.via != VIA_POD and not pod.host_network
             if wants_service and (new or model.key not in self.services):
                 self.services[model.key] = self._publish_service(pod)
 
@@ -365,12 +388,16 @@ class E2EEngine(ApiServerActions):
         for index, check in enumerate(checks):
             src = self.pods[check.src].who
             dst = str(self.addresses.pod_ip(check.dst))
+            port = check.port or 0
             if check.protocol in (Protocol.TCP, Protocol.UDP) and check.dst in self.services:
                 dst = self.services[check.dst]
+                if self.via == VIA_NODEPORT:
+                    dst = self._other_node_address(check.src)
+                    port = self.node_ports[check.dst].get((port, check.protocol.value), 0)
             if check.protocol.has_ports:
                 proto = check.protocol.value.lower()
                 timeout = self.probe_timeout_s
-                probes.append((index, Probe(src, dst, check.port or 0, proto, timeout)))
+                probes.append((index, Probe(src, dst, port, proto, timeout)))
             else:
                 pings.append((index, (src, dst)))
         results: list[tuple[int, ProbeResult]] = []
@@ -421,7 +448,15 @@ class E2EEngine(ApiServerActions):
             sandbox = self._sandbox()
             wait_applied(sandbox.api, [n.name for n in sandbox.nodes], before, SETTLE_TIMEOUT_S)
 
-    # -- Services (via service) ------------------------------------------------------------------
+    def _other_node_address(self, src: str) -> str:
+        """The address of a node other than the one pod `src` runs on (via nodeport)."""
+        sandbox = self._sandbox()
+        here = self.node_names[self.placement[src]]
+        other = next(n for n in sandbox.nodes if n.name != here)
+        node = sandbox.topology.node(other.name)
+        return node.ip_v4 if self.family == 4 else node.ip_v6
+
+    # -- Services (via service, via nodeport) ----------------------------------------------------
 
     def _publish_service(self, pod: _Pod) -> str:
         """(Re)create the pod's selector-less Service and its EndpointSlice; its ClusterIP."""
@@ -448,12 +483,16 @@ class E2EEngine(ApiServerActions):
                 "kind": "Service",
                 "metadata": {"name": service, "namespace": namespace},
                 "spec": {
+                    "type": "NodePort" if self.via == VIA_NODEPORT else "ClusterIP",
                     "ports": [{**p, "targetPort": p["port"]} for p in ports],
                     "ipFamilies": [family],
                     "ipFamilyPolicy": "SingleStack",
                 },
             },
         )
+        self.node_ports[pod.key] = {
+            (p.port, p.protocol): p.node_port for p in created.spec.ports if p.node_port
+        }
         slice_body: dict[str, Any] = {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
@@ -482,6 +521,7 @@ class E2EEngine(ApiServerActions):
             with contextlib.suppress(Exception):
                 discovery.delete_namespaced_endpoint_slice(f"{SERVICE_PREFIX}{name}", namespace)
         self.services.clear()
+        self.node_ports.clear()
 
     # -- the API server --------------------------------------------------------------------------
 
