@@ -237,6 +237,10 @@ def netfilter_supported() -> bool:
     except libbpf.BpfError as exc:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
             return False
+        # A restarted agent finds its predecessor's pinned link at this hook and priority, and
+        # the kernel keeps one link per priority: the kernel has netfilter links.
+        if exc.errno == errno.EBUSY:
+            return True
         raise
     finally:
         os.close(prog_fd)
