@@ -558,6 +558,32 @@ RULES = [
         ("clusternetworkpolicies",),
         operator_never_publishes(RECONCILE),
     ),
+    # The Service space (on by default): a new leader lists Services, EndpointSlices and
+    # ServiceCIDRs before its first publish, so without any of them it never publishes.
+    Rule(
+        "operator-list-services-or-it-never-publishes",
+        "operator",
+        OPERATOR_ROLE,
+        "",
+        ("services",),
+        operator_never_publishes(RECONCILE),
+    ),
+    Rule(
+        "operator-list-endpointslices-or-it-never-publishes",
+        "operator",
+        OPERATOR_ROLE,
+        "discovery.k8s.io",
+        ("endpointslices",),
+        operator_never_publishes(RECONCILE),
+    ),
+    Rule(
+        "operator-list-servicecidrs-or-it-never-publishes",
+        "operator",
+        OPERATOR_ROLE,
+        "networking.k8s.io",
+        ("servicecidrs",),
+        operator_never_publishes(RECONCILE),
+    ),
     Rule(
         "operator-patch-upstream-policy-status-or-no-status",
         "operator",
