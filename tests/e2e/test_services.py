@@ -1,44 +1,182 @@
-"""Policy through Services in the sandbox, with its real kube-proxy in both modes: the operator
-hands the nodes the Service address space (its default), the agents run in netfilter mode, and
-connections to ClusterIPs and NodePorts are judged on the backend kube-proxy picked.
+"""Policy through Services in the sandbox, with its real kube-proxy in both modes, over IPv4 and
+IPv6: the operator hands the nodes the Service address space (its default) and connections to
+ClusterIPs and NodePorts are judged on their backends, by the agents in netfilter mode (the
+backend kube-proxy picked) and in fallback mode (`STOCKADE_SERVICE_MODE=fallback`: every ready
+backend of the Service, at the client's veth). One module-scoped sandbox per setup (kube-proxy
+nftables and iptables with netfilter, nftables with the fallback) runs every case in both
+families (dual-stack Services, the pods' and nodes' addresses of each family):
 
 - egress: a namespace with a default-deny egress policy and an allow to its database pods on
   the named port reaches the database through its ClusterIP (Service port 80, targetPort `pg`),
   and not another Service's backend;
 - ingress: a database that admits only the client refuses another pod coming through the
   ClusterIP from the other node, and itself through its own Service (a hairpin, which kube-proxy
-  masquerades: it is judged as the pod it is, before the masquerade);
-- an egress ipBlock of one backend's address (/32) opens its ClusterIP and no other;
-- two backends behind one ClusterIP, a client allowed to one of them: each connection's outcome
-  follows the backend kube-proxy picked, and the node's conntrack shows that every connection
-  went to the allowed backend and that the other backend's node never saw the client;
+  masquerades: netfilter judges it as the pod it is, before the masquerade; the fallback's
+  backend veth judges it on the masqueraded node address, which the policy does not admit
+  either);
+- an egress ipBlock of one backend's address (/32, /128) opens its ClusterIP and no other;
+- two backends behind one ClusterIP, a peer label that is not part of the Service's selector
+  allowing one of them: in netfilter mode each connection's outcome follows the backend
+  kube-proxy picked (the node's conntrack shows every connection went to the allowed backend
+  and the other backend's node never saw the client); in fallback mode every connection is
+  denied at the client's veth, with the drop reason `service` in the flow log (the documented
+  divergence), and no backend sees the client;
+- a named targetPort whose number differs between two backends, allowed by a named-port rule:
+  every connection passes, to both backends each on its own number;
 - a selector-less Service whose EndpointSlice names a non-pod address (a node's): a
   `namespaceSelector: {}` peer selects pods only, so the client cannot reach it, while a pod on
   the same port can be reached;
 - a NodePort reached from a pod on its own node is judged on its backend, and one reached from
   another node's host network is judged on the backend's ingress (a node that the backend's
-  policy does not admit cannot reach it through the NodePort);
-- in fallback mode (`STOCKADE_SERVICE_MODE=fallback`), the client's egress to a ClusterIP is
-  judged at its veth by the operator's verdict over the Service's ready backends: the database
-  allowed, the other Service not.
+  policy does not admit cannot reach it through the NodePort).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from stockade.sandbox.controlplane.server import kubectl
-from stockade.sandbox.session import TOPOLOGY_FILE
-from stockade.sandbox.topology import Topology
+from stockade.sandbox.session import TOPOLOGY_FILE, SandboxState
+from stockade.sandbox.topology import NodeNet, Topology
 from tests.e2e.stack_fixtures import sandbox_state_dir, stockade
 from tests.fixtures.controlplane import wait_for
+
+NETFILTER, FALLBACK = "netfilter", "fallback"
+FAMILIES = (4, 6)
+CONNECTED, TIMED_OUT = "connected", "timed out"
+# What each case must give in each mode (netfilter, fallback): the outcomes its probes see.
+# netfilter judges the backend kube-proxy picked; the fallback allows a flow to a Service only
+# when the client may reach every ready backend on its target port and denies it otherwise
+# (docs/services.md). The backend's ingress is judged at the backend's veth in both (netfilter
+# before the masquerade, the fallback on the address the packet arrives with), and a NodePort
+# reached from another node's host network is judged there by the backend's ingress in both.
+EXPECTED: dict[str, tuple[set[str], set[str]]] = {
+    "egress to another Service's backend": ({TIMED_OUT}, {TIMED_OUT}),
+    "egress to the allowed backend on its named port": ({CONNECTED}, {CONNECTED}),
+    "ingress from a pod the backend does not admit": ({TIMED_OUT}, {TIMED_OUT}),
+    "a hairpin the backend does not admit": ({TIMED_OUT}, {TIMED_OUT}),
+    "ingress from the admitted pod": ({CONNECTED}, {CONNECTED}),
+    "ipBlock of one backend, another Service": ({TIMED_OUT}, {TIMED_OUT}),
+    "ipBlock of one backend, its Service": ({CONNECTED}, {CONNECTED}),
+    "a non-pod backend and a namespaceSelector {} peer": ({TIMED_OUT}, {TIMED_OUT}),
+    "two backends, one allowed": ({CONNECTED, TIMED_OUT}, {TIMED_OUT}),
+    "a named targetPort of two numbers, both allowed": ({CONNECTED}, {CONNECTED}),
+    "the allowed backend's NodePort from a pod": ({CONNECTED}, {CONNECTED}),
+    "the denied backend's NodePort from a pod": ({TIMED_OUT}, {TIMED_OUT}),
+    "a NodePort from another node's host network": ({CONNECTED}, {CONNECTED}),
+    "that NodePort once the backend admits no node": ({TIMED_OUT}, {TIMED_OUT}),
+}
+CONVERGE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    state_dir: Path
+    kubeconfig: Path
+    mode: str  # NETFILTER | FALLBACK: the agents' Service mode
+
+    def expect(self, case: str) -> set[str]:
+        netfilter, fallback = EXPECTED[case]
+        return netfilter if self.mode == NETFILTER else fallback
+
+    def one(self, case: str) -> str:
+        (outcome,) = self.expect(case)
+        return outcome
+
+    def check(self, case: str, namespace: str, pod: str, address: str, port: int = 80) -> None:
+        """One probe from the pod, which must give what `case` gives in this mode."""
+        seen = _probe(self.state_dir, namespace, pod, address, port)
+        assert seen == self.one(case), f"{case}: {namespace}/{pod} -> [{address}]:{port} {seen}"
+
+    def until(self, case: str, namespace: str, pod: str, address: str) -> None:
+        """Probes until one gives what `case` gives in this mode (a policy change converging)."""
+        _until(self.state_dir, namespace, pod, address, self.one(case))
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("nftables", NETFILTER), ("iptables", NETFILTER), ("nftables", FALLBACK)],
+    ids=["nftables", "iptables", "nftables-fallback"],
+)
+def sandbox(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sandbox]:
+    """A 2-node sandbox whose operator hands out the Service space (its default), shared by the
+    tests of one setup (each in namespaces of its own)."""
+    proxy_mode, service_mode = request.param
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STOCKADE_SERVICE_MODE", service_mode)
+        with sandbox_state_dir(tmp_path_factory.mktemp(f"{proxy_mode}-{service_mode}")) as path:
+            started = stockade(path, "up", "--nodes", "2", "--proxy-mode", proxy_mode)
+            assert started.returncode == 0, started.stderr
+            yield Sandbox(path, Path(started.stdout.strip().splitlines()[-1]), service_mode)
+
+
+def _ip(text: str) -> str:
+    """An address in one spelling (conntrack writes IPv6 uncompressed)."""
+    return str(ipaddress.ip_address(text))
+
+
+def _by_family(texts: list[str]) -> dict[int, str]:
+    return {ipaddress.ip_address(t).version: _ip(t) for t in texts}
+
+
+def _node_ip(node: NodeNet, family: int) -> str:
+    return _ip(node.ip_v4 if family == 4 else node.ip_v6)
+
+
+def _probe(
+    state_dir: Path, namespace: str, pod: str, address: str, port: int = 80, timeout: str = "2"
+) -> str:
+    args = ("probe", "-n", namespace, pod, address, str(port), "--timeout", timeout)
+    out = stockade(state_dir, *args, timeout=60)
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr
+
+
+def _until(state_dir: Path, namespace: str, pod: str, address: str, outcome: str) -> None:
+    wait_for(
+        f"{namespace}/{pod} -> {address}:80 {outcome}",
+        lambda: _probe(state_dir, namespace, pod, address) == outcome,
+        CONVERGE_S,
+    )
+
+
+def _cluster_ips(kubeconfig: Path, name: str, namespace: str) -> dict[int, str]:
+    path = "jsonpath={.spec.clusterIPs}"
+    ips = json.loads(kubectl(kubeconfig, "get", "svc", "-n", namespace, name, "-o", path).stdout)
+    assert len(ips) == 2, ips  # dual stack: one per family
+    return _by_family(ips)
+
+
+def _pod_ips(kubeconfig: Path, namespace: str, name: str) -> dict[int, str]:
+    path = "jsonpath={.status.podIPs[*].ip}"
+    ips = kubectl(kubeconfig, "get", "pod", "-n", namespace, name, "-o", path).stdout.split()
+    assert len(ips) == 2, ips
+    return _by_family(ips)
+
+
+def _pods_running(kubeconfig: Path, namespaces: tuple[str, ...], count: int) -> bool:
+    pods = json.loads(kubectl(kubeconfig, "get", "pods", "-A", "-o", "json").stdout)["items"]
+    ours = [p for p in pods if p["metadata"]["namespace"] in namespaces]
+    return len(ours) == count and all(p["status"].get("phase") == "Running" for p in ours)
+
+
+def _service_mode(sandbox: Sandbox, node: str) -> str | None:
+    table = kubectl(sandbox.kubeconfig, "get", "sdt", f"{node}.program.0", "-o", "json").stdout
+    mode: str | None = json.loads(table)["status"].get("serviceMode")
+    return mode
+
 
 APP = """
 apiVersion: v1
@@ -66,12 +204,18 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: shop}
-spec: {selector: {app: db}, ports: [{port: 80, targetPort: pg}]}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: db}
+  ports: [{port: 80, targetPort: pg}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: cache, namespace: shop}
-spec: {selector: {app: cache}, ports: [{port: 80, targetPort: 6379}]}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: cache}
+  ports: [{port: 80, targetPort: 6379}]
 ---
 apiVersion: v1
 kind: Pod
@@ -114,84 +258,45 @@ spec:
   podSelector: {}
   policyTypes: [Egress]
   egress:
-  - to: [{ipBlock: {cidr: DB_POD/32}}]
+  - to: [{ipBlock: {cidr: DB_V4/32}}, {ipBlock: {cidr: DB_V6/128}}]
     ports: [{port: 5432}]
 """
-CONVERGE_S = 30.0
 
 
-@pytest.fixture(scope="module", params=["nftables", "iptables"])
-def sandbox(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Path, Path]]:
-    """(state dir, kubeconfig) of a 2-node sandbox whose operator hands out the Service space
-    (its default), shared by the tests of one kube-proxy mode (each in namespaces of its own)."""
-    with sandbox_state_dir(tmp_path_factory.mktemp(request.param)) as state_dir:
-        started = stockade(state_dir, "up", "--nodes", "2", "--proxy-mode", request.param)
-        assert started.returncode == 0, started.stderr
-        yield state_dir, Path(started.stdout.strip().splitlines()[-1])
-
-
-def _probe(
-    state_dir: Path, namespace: str, pod: str, address: str, port: int = 80, timeout: str = "2"
-) -> str:
-    args = ("probe", "-n", namespace, pod, address, str(port), "--timeout", timeout)
-    out = stockade(state_dir, *args, timeout=60)
-    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr
-
-
-def _until(state_dir: Path, namespace: str, pod: str, address: str, outcome: str) -> None:
-    wait_for(
-        f"{namespace}/{pod} -> {address}:80 {outcome}",
-        lambda: _probe(state_dir, namespace, pod, address) == outcome,
-        CONVERGE_S,
-    )
-
-
-def _cluster_ip(kubeconfig: Path, name: str, namespace: str = "shop") -> str:
-    return kubectl(
-        kubeconfig, "get", "svc", "-n", namespace, name, "-o", "jsonpath={.spec.clusterIP}"
-    ).stdout
-
-
-def _running(kubeconfig: Path) -> bool:
-    pods = json.loads(kubectl(kubeconfig, "get", "pods", "-A", "-o", "json").stdout)["items"]
-    ours = [p for p in pods if p["metadata"]["namespace"] in ("shop", "web")]
-    return len(ours) == 3 and all(p["status"].get("phase") == "Running" for p in ours)
-
-
-def test_connections_to_cluster_ips_are_judged_on_their_backends(
-    sandbox: tuple[Path, Path],
-) -> None:
-    state_dir, kubeconfig = sandbox
+def test_connections_to_cluster_ips_are_judged_on_their_backends(sandbox: Sandbox) -> None:
+    state_dir, kubeconfig = sandbox.state_dir, sandbox.kubeconfig
     kubectl(kubeconfig, "apply", "-f", "-", input=APP)
-    wait_for("the pods running", lambda: _running(kubeconfig), 60)
-    db, cache = _cluster_ip(kubeconfig, "db"), _cluster_ip(kubeconfig, "cache")
-    for name in ("node-1", "node-2"):
-        status = json.loads(
-            kubectl(kubeconfig, "get", "sdt", f"{name}.program.0", "-o", "json").stdout
-        )["status"]
-        assert status.get("serviceMode") == "netfilter", status
-    _until(state_dir, "web", "client", db, "connected")
-    _until(state_dir, "web", "client", cache, "connected")
+    wait_for("the pods running", lambda: _pods_running(kubeconfig, ("shop", "web"), 3), 60)
+    db, cache = _cluster_ips(kubeconfig, "db", "shop"), _cluster_ips(kubeconfig, "cache", "shop")
+    assert [_service_mode(sandbox, n) for n in ("node-1", "node-2")] == [sandbox.mode] * 2
+    for family in FAMILIES:  # kube-proxy programs each family on its own
+        _until(state_dir, "web", "client", db[family], CONNECTED)
+        _until(state_dir, "web", "client", cache[family], CONNECTED)
 
     kubectl(kubeconfig, "apply", "-f", "-", input=EGRESS)
-    _until(state_dir, "web", "client", cache, "timed out")
-    assert _probe(state_dir, "web", "client", db) == "connected"  # the allowed backend's pod
+    sandbox.until("egress to another Service's backend", "web", "client", cache[4])
+    for family in FAMILIES:
+        sandbox.check("egress to another Service's backend", "web", "client", cache[family])
+        sandbox.check(
+            "egress to the allowed backend on its named port", "web", "client", db[family]
+        )
 
     kubectl(kubeconfig, "delete", "-f", "-", input=EGRESS)
     kubectl(kubeconfig, "apply", "-f", "-", input=INGRESS)
-    _until(state_dir, "shop", "cache", db, "timed out")
-    assert _probe(state_dir, "shop", "db", db) == "timed out"  # hairpin: judged as db itself
-    assert _probe(state_dir, "web", "client", db) == "connected"
+    sandbox.until("ingress from a pod the backend does not admit", "shop", "cache", db[4])
+    for family in FAMILIES:
+        sandbox.check("ingress from a pod the backend does not admit", "shop", "cache", db[family])
+        sandbox.check("a hairpin the backend does not admit", "shop", "db", db[family])
+        sandbox.check("ingress from the admitted pod", "web", "client", db[family])
 
     kubectl(kubeconfig, "delete", "-f", "-", input=INGRESS)
-    db_pod = kubectl(
-        kubeconfig, "get", "pod", "-n", "shop", "db", "-o", "jsonpath={.status.podIP}"
-    ).stdout
-    kubectl(kubeconfig, "apply", "-f", "-", input=IPBLOCK.replace("DB_POD", db_pod))
-    _until(state_dir, "web", "client", cache, "timed out")
-    assert _probe(state_dir, "web", "client", db) == "connected"  # the /32 of the backend
+    db_pod = _pod_ips(kubeconfig, "shop", "db")
+    policy = IPBLOCK.replace("DB_V4", db_pod[4]).replace("DB_V6", db_pod[6])
+    kubectl(kubeconfig, "apply", "-f", "-", input=policy)
+    sandbox.until("ipBlock of one backend, another Service", "web", "client", cache[4])
+    for family in FAMILIES:
+        sandbox.check("ipBlock of one backend, another Service", "web", "client", cache[family])
+        sandbox.check("ipBlock of one backend, its Service", "web", "client", db[family])
 
 
 PAIR = """
@@ -208,43 +313,80 @@ kind: Pod
 metadata: {name: a, namespace: pair, labels: {app: pair, name: a}}
 spec:
   nodeName: node-2
-  containers: [{name: a, image: echo, ports: [{containerPort: 5432}, {containerPort: 7070}]}]
+  containers:
+  - name: a
+    image: echo
+    ports: [{containerPort: 5432}, {containerPort: 7070}, {containerPort: 5433, name: srv}]
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: b, namespace: pair, labels: {app: pair, name: b}}
 spec:
   nodeName: node-2
-  containers: [{name: b, image: echo, ports: [{containerPort: 5432}]}]
+  containers:
+  - name: b
+    image: echo
+    ports: [{containerPort: 5432}, {containerPort: 6433, name: srv}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: pair, namespace: pair}
-spec: {selector: {app: pair}, ports: [{port: 80, targetPort: 5432}]}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: pair}
+  ports: [{port: 80, targetPort: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: named, namespace: pair}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  selector: {app: pair}
+  ports: [{port: 80, targetPort: srv}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: a-np, namespace: pair}
-spec: {type: NodePort, selector: {name: a}, ports: [{port: 80, targetPort: 5432}]}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  selector: {name: a}
+  ports: [{port: 80, targetPort: 5432}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: b-np, namespace: pair}
-spec: {type: NodePort, selector: {name: b}, ports: [{port: 80, targetPort: 5432}]}
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  selector: {name: b}
+  ports: [{port: 80, targetPort: 5432}]
 ---
 apiVersion: v1
 kind: Service
 metadata: {name: outside, namespace: pair}
-spec: {ports: [{name: echo, port: 80, targetPort: 7070}]}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ports: [{name: echo, port: 80, targetPort: 7070}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: outside
+  name: outside-v4
   namespace: pair
   labels: {kubernetes.io/service-name: outside}
 addressType: IPv4
-endpoints: [{addresses: [NODE_2], conditions: {ready: true}}]
+endpoints: [{addresses: [NODE_2_V4], conditions: {ready: true}}]
+ports: [{name: echo, port: 7070, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: outside-v6
+  namespace: pair
+  labels: {kubernetes.io/service-name: outside}
+addressType: IPv6
+endpoints: [{addresses: [NODE_2_V6], conditions: {ready: true}}]
 ports: [{name: echo, port: 7070, protocol: TCP}]
 ---
 apiVersion: v1
@@ -268,6 +410,8 @@ spec:
     - namespaceSelector: {matchLabels: {ns: pair}}
       podSelector: {matchLabels: {name: a}}
     ports: [{port: 5432}]
+  - to: [{namespaceSelector: {matchLabels: {ns: pair}}}]
+    ports: [{port: srv}]
 """
 A_FROM_PATRON = """
 apiVersion: networking.k8s.io/v1
@@ -280,11 +424,12 @@ spec:
   - from: [{namespaceSelector: {matchLabels: {ns: patron}}}]
     ports: [{port: 5432}]
 """
-# echoes one message per connection on the node's address until killed (the selector-less
-# Service's backend, answering as the probes expect)
+# echoes one message per connection on one of the node's addresses until killed (the
+# selector-less Service's backend, answering as the probes expect)
 LISTEN = """
 import socket, sys
-s = socket.create_server((sys.argv[1], 7070))
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.create_server((sys.argv[1], 7070), family=family)
 while True:
     c = s.accept()[0]
     c.settimeout(2.0)
@@ -294,41 +439,83 @@ while True:
         pass
     c.close()
 """
+# COUNT TCP connections one after the other, each printing what happened
 CONNECT = """
 import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1.0).close()
-    print("connected")
-except ConnectionRefusedError:
-    print("refused")
-except OSError:
-    print("timed out")
+address, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+for _ in range(count):
+    try:
+        socket.create_connection((address, port), timeout=timeout).close()
+        print("connected")
+    except ConnectionRefusedError:
+        print("refused")
+    except OSError:
+        print("timed out")
 """
-TWO_BACKEND_PROBES = 12
-# a flow is in /proc/net/nf_conntrack as "... src=C dst=V sport=S dport=P src=B dst=C ...":
-# its original tuple, then its reply tuple (whose source is the backend DNAT picked)
-CONNTRACK = re.compile(r"src=(\S+) dst=(\S+) sport=\d+ dport=(\d+) .*?src=(\S+) dst=")
+MANY = 12  # connections to a two-backend Service: both are picked but once in 2,048
+# a flow is in /proc/net/nf_conntrack as "... src=C dst=V sport=S dport=P src=B dst=C sport=BP
+# ...": its original tuple, then its reply tuple (whose source is the backend DNAT picked)
+CONNTRACK = re.compile(
+    r"src=(\S+) dst=(\S+) sport=\d+ dport=(\d+) .*?src=(\S+) dst=\S+ sport=(\d+)"
+)
+
+
+@dataclass(frozen=True)
+class Flow:
+    client: str
+    dst: str  # as the client sent it
+    port: int
+    backend: str  # as DNAT left it
+    backend_port: int
 
 
 def _host_probe(netns: str, address: str, port: int) -> str:
     """One TCP connection from a node's own network namespace (its host network)."""
     argv = ["ip", "netns", "exec", netns, sys.executable, "-c", CONNECT, address, str(port)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+    done = subprocess.run(
+        [*argv, "1", "1.0"], capture_output=True, text=True, timeout=30, check=True
+    )
     return done.stdout.strip()
 
 
-def _flows(netns: str) -> list[tuple[str, str, int, str]]:
-    """(client, original destination, its port, reply source) of the node's TCP flows."""
+def _connections(sandbox: Sandbox, namespace: str, pod: str, address: str, port: int) -> list[str]:
+    """MANY TCP connections from a pod, in one process (0.8 s for each that times out)."""
+    args = (address, str(port), str(MANY), "0.8")
+    done = stockade(
+        sandbox.state_dir, "exec", "-n", namespace, pod, "--", sys.executable, "-c", CONNECT, *args
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def _flows(netns: str) -> list[Flow]:
+    """The node's TCP flows."""
     argv = ["ip", "netns", "exec", netns, "cat", "/proc/net/nf_conntrack"]
     table = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     found = (CONNTRACK.search(line) for line in table.splitlines() if " tcp " in line)
-    return [(m[1], m[2], int(m[3]), m[4]) for m in found if m is not None]
+    return [
+        Flow(_ip(m[1]), _ip(m[2]), int(m[3]), _ip(m[4]), int(m[5])) for m in found if m is not None
+    ]
 
 
-def _pod_ip(kubeconfig: Path, namespace: str, name: str) -> str:
-    return kubectl(
-        kubeconfig, "get", "pod", "-n", namespace, name, "-o", "jsonpath={.status.podIP}"
-    ).stdout
+def _service_drops(sandbox: Sandbox, node: str, client: str, dst: str, port: int) -> int:
+    """How many of the client's packets to dst:port the node's agent logged as dropped by the
+    Service fallback (drop events with reason `service`, for the client's egress)."""
+    state = SandboxState.load(sandbox.state_dir)
+    assert state is not None and state.stack is not None
+    url = f"{state.stack.agent_urls()[node]}/flows?cursor=0"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        records = json.load(answer)["flows"]
+    return sum(
+        r["count"]
+        for r in records
+        if (r["event"], r["reason"], r["direction"]) == ("drop", "service", "egress")
+        and (_ip(r["src"]), _ip(r["dst"]), r["port"]) == (client, dst, port)
+    )
+
+
+CLIENT = ("patron", "client")
+SERVICES = ("pair", "named", "outside")  # the ClusterIP Services of PAIR
 
 
 def _node_port(kubeconfig: Path, name: str) -> int:
@@ -336,97 +523,95 @@ def _node_port(kubeconfig: Path, name: str) -> int:
     return int(kubectl(kubeconfig, "get", "svc", "-n", "pair", name, "-o", path).stdout)
 
 
-def _pods_running(kubeconfig: Path, namespaces: tuple[str, ...], count: int) -> bool:
-    pods = json.loads(kubectl(kubeconfig, "get", "pods", "-A", "-o", "json").stdout)["items"]
-    ours = [p for p in pods if p["metadata"]["namespace"] in namespaces]
-    return len(ours) == count and all(p["status"].get("phase") == "Running" for p in ours)
-
-
 def test_what_only_services_show_is_judged_on_the_backend_really_reached(
-    sandbox: tuple[Path, Path],
+    sandbox: Sandbox,
 ) -> None:
-    state_dir, kubeconfig = sandbox
+    state_dir, kubeconfig = sandbox.state_dir, sandbox.kubeconfig
     topology = Topology.load(state_dir / TOPOLOGY_FILE)
     node_1, node_2 = topology.node("node-1"), topology.node("node-2")
-    listener = subprocess.Popen(
-        ["ip", "netns", "exec", node_2.netns, sys.executable, "-c", LISTEN, node_2.ip_v4]
-    )
+    listeners = [
+        subprocess.Popen(["ip", "netns", "exec", node_2.netns, sys.executable, "-c", LISTEN, ip])
+        for ip in (node_2.ip_v4, node_2.ip_v6)
+    ]
     try:
-        kubectl(kubeconfig, "apply", "-f", "-", input=PAIR.replace("NODE_2", node_2.ip_v4))
+        app = PAIR.replace("NODE_2_V4", node_2.ip_v4).replace("NODE_2_V6", node_2.ip_v6)
+        kubectl(kubeconfig, "apply", "-f", "-", input=app)
         wait_for("the pods running", lambda: _pods_running(kubeconfig, ("pair", "patron"), 3), 60)
-        pair = _cluster_ip(kubeconfig, "pair", "pair")
-        outside = _cluster_ip(kubeconfig, "outside", "pair")
-        a_ip, b_ip = _pod_ip(kubeconfig, "pair", "a"), _pod_ip(kubeconfig, "pair", "b")
-        client = _pod_ip(kubeconfig, "patron", "client")
+        pair, named, outside = (_cluster_ips(kubeconfig, n, "pair") for n in SERVICES)
+        a_ip, b_ip = _pod_ips(kubeconfig, "pair", "a"), _pod_ips(kubeconfig, "pair", "b")
+        client = _pod_ips(kubeconfig, "patron", "client")
         a_np, b_np = _node_port(kubeconfig, "a-np"), _node_port(kubeconfig, "b-np")
-        _until(state_dir, "patron", "client", outside, "connected")
+        for family in FAMILIES:
+            _until(state_dir, *CLIENT, outside[family], CONNECTED)
 
-        # a namespaceSelector {} peer selects pods, not the non-pod backend of a Service
         kubectl(kubeconfig, "apply", "-f", "-", input=ONLY_A)
-        _until(state_dir, "patron", "client", outside, "timed out")
-        assert _probe(state_dir, "patron", "client", a_ip, 7070) == "connected"
+        for family in FAMILIES:
+            sandbox.until(
+                "a non-pod backend and a namespaceSelector {} peer", *CLIENT, outside[family]
+            )
+            # the same peer selects a pod on that port
+            assert _probe(state_dir, *CLIENT, a_ip[family], 7070) == CONNECTED
 
-        # two backends, one allowed: each connection follows the backend kube-proxy picked
-        seen = [
-            _probe(state_dir, "patron", "client", pair, timeout="0.8")
-            for _ in range(TWO_BACKEND_PROBES)
-        ]
-        assert set(seen) == {"connected", "timed out"}, seen  # both backends were picked
-        here = [backend for *flow, backend in _flows(node_1.netns) if flow == [client, pair, 80]]
-        # (a flow that ended with a reset may have left the table already: no count to match)
-        assert set(here) == {a_ip}, here
-        there = [f for f in _flows(node_2.netns) if f[0] == client]
-        assert b_ip not in {dst for _, dst, _, _ in there} | {b for *_, b in there}, there
+            # two backends, a peer label that is not the Service's selector allowing one
+            seen = _connections(sandbox, *CLIENT, pair[family], 80)
+            assert set(seen) == sandbox.expect("two backends, one allowed"), (family, seen)
+            # netfilter lets through the connections kube-proxy sent to a, the fallback none
+            # (a flow that ended with a reset may have left the table already: no count to match)
+            reached = {a_ip[family]} if sandbox.mode == NETFILTER else set()
+            here = {
+                f.backend
+                for f in _flows(node_1.netns)
+                if (f.client, f.dst, f.port) == (client[family], pair[family], 80)
+            }
+            assert here == reached, here
+            there = {
+                address
+                for f in _flows(node_2.netns)
+                if f.client == client[family] and f.port == 5432
+                for address in (f.dst, f.backend)
+            }
+            assert there <= reached, there  # b's node never saw the client
+            if sandbox.mode == FALLBACK:  # the divergence, said in the flow log
+                wait_for(
+                    "the fallback's drops in node-1's flow log, reason service",
+                    partial(_service_drops, sandbox, "node-1", client[family], pair[family], 80),
+                    10,
+                )
 
-        # a NodePort from a pod on its own node: judged on its backend (one on another node is
-        # judged on that node's address: docs/services.md)
-        assert _probe(state_dir, "patron", "client", node_1.ip_v4, a_np) == "connected"
-        assert _probe(state_dir, "patron", "client", node_1.ip_v4, b_np) == "timed out"
+            # a named targetPort: each backend on its own number, both allowed by the name
+            seen = _connections(sandbox, *CLIENT, named[family], 80)
+            expected = sandbox.expect("a named targetPort of two numbers, both allowed")
+            assert set(seen) == expected, (family, seen)
+            reached = {
+                (f.backend, f.backend_port)
+                for f in _flows(node_1.netns)
+                if (f.client, f.dst, f.port) == (client[family], named[family], 80)
+            }
+            assert reached == {(a_ip[family], 5433), (b_ip[family], 6433)}, reached
 
-        # a NodePort from another node's host network: judged by the backend's ingress
-        assert _host_probe(node_1.netns, node_2.ip_v4, a_np) == "connected"
+            # a NodePort from a pod on its own node: judged on its backend (one on another
+            # node is judged on that node's address: docs/services.md)
+            node_ip = _node_ip(node_1, family)
+            sandbox.check("the allowed backend's NodePort from a pod", *CLIENT, node_ip, a_np)
+            sandbox.check("the denied backend's NodePort from a pod", *CLIENT, node_ip, b_np)
+
+            # a NodePort from another node's host network: judged by the backend's ingress
+            assert _host_probe(node_1.netns, _node_ip(node_2, family), a_np) == sandbox.one(
+                "a NodePort from another node's host network"
+            ), family
+
         kubectl(kubeconfig, "apply", "-f", "-", input=A_FROM_PATRON)
+        outcome = sandbox.one("that NodePort once the backend admits no node")
         wait_for(
-            "node-1 refused by a's ingress through the NodePort",
-            lambda: _host_probe(node_1.netns, node_2.ip_v4, a_np) == "timed out",
+            f"node-1 {outcome} by a's ingress through the NodePort",
+            lambda: _host_probe(node_1.netns, node_2.ip_v4, a_np) == outcome,
             CONVERGE_S,
         )
-        assert _probe(state_dir, "patron", "client", a_ip, 5432) == "connected"
+        assert _host_probe(node_1.netns, _node_ip(node_2, 6), a_np) == outcome
+        for family in FAMILIES:
+            assert _probe(state_dir, *CLIENT, a_ip[family], 5432) == CONNECTED
     finally:
-        listener.kill()
-        listener.wait()
+        for listener in listeners:
+            listener.kill()
+            listener.wait()
         kubectl(kubeconfig, "delete", "namespace", "pair", "patron", "--wait=false")
-
-
-@pytest.fixture
-def fallback_sandbox(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[Path, Path]]:
-    """(state dir, kubeconfig) of a 2-node sandbox (kube-proxy in nftables mode) whose agents
-    run the Service fallback."""
-    monkeypatch.setenv("STOCKADE_SERVICE_MODE", "fallback")
-    with sandbox_state_dir(tmp_path) as state_dir:
-        started = stockade(state_dir, "up", "--nodes", "2", "--proxy-mode", "nftables")
-        assert started.returncode == 0, started.stderr
-        yield state_dir, Path(started.stdout.strip().splitlines()[-1])
-
-
-def test_in_fallback_mode_a_cluster_ip_is_judged_on_every_ready_backend_at_the_veth(
-    fallback_sandbox: tuple[Path, Path],
-) -> None:
-    state_dir, kubeconfig = fallback_sandbox
-    kubectl(kubeconfig, "apply", "-f", "-", input=APP)
-    wait_for("the pods running", lambda: _running(kubeconfig), 60)
-    db, cache = _cluster_ip(kubeconfig, "db"), _cluster_ip(kubeconfig, "cache")
-    for name in ("node-1", "node-2"):
-        status = json.loads(
-            kubectl(kubeconfig, "get", "sdt", f"{name}.program.0", "-o", "json").stdout
-        )["status"]
-        assert status.get("serviceMode") == "fallback", status
-    _until(state_dir, "web", "client", db, "connected")
-    _until(state_dir, "web", "client", cache, "connected")
-
-    kubectl(kubeconfig, "apply", "-f", "-", input=EGRESS)
-    _until(state_dir, "web", "client", cache, "timed out")
-    # the ClusterIP matches no podSelector: only the verdict over its backend (db) opens it
-    _until(state_dir, "web", "client", db, "connected")
