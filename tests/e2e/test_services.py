@@ -41,7 +41,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import pytest
@@ -136,12 +136,44 @@ def _node_ip(node: NodeNet, family: int) -> str:
     return _ip(node.ip_v4 if family == 4 else node.ip_v6)
 
 
-def _probe(
-    state_dir: Path, namespace: str, pod: str, address: str, port: int = 80, timeout: str = "2"
-) -> str:
-    args = ("probe", "-n", namespace, pod, address, str(port), "--timeout", timeout)
-    out = stockade(state_dir, *args, timeout=60)
-    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr
+# COUNT TCP connections one after the other, each printing what happened
+CONNECT = """
+import socket, sys
+address, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+for _ in range(count):
+    try:
+        socket.create_connection((address, port), timeout=timeout).close()
+        print("connected")
+    except ConnectionRefusedError:
+        print("refused")
+    except OSError:
+        print("timed out")
+"""
+
+
+def _connect(
+    netns: str, address: str, port: int, count: int = 1, timeout: float = 1.0
+) -> list[str]:
+    """`count` TCP connections from a network namespace, in one process: what each gave."""
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-c", CONNECT, address, str(port)]
+    done = subprocess.run(
+        [*argv, str(count), str(timeout)], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout.splitlines()
+
+
+@cache
+def _pod_netns(state_dir: Path, namespace: str, pod: str) -> str:
+    """The pod's network namespace (asked once: the probes then run in it directly)."""
+    done = stockade(state_dir, "exec", "-n", namespace, pod, "--", "ip", "netns", "identify")
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    return done.stdout.strip()
+
+
+def _probe(state_dir: Path, namespace: str, pod: str, address: str, port: int = 80) -> str:
+    """One TCP connection from the pod (1 s for one that times out)."""
+    (outcome,) = _connect(_pod_netns(state_dir, namespace, pod), address, port)
+    return outcome
 
 
 def _until(state_dir: Path, namespace: str, pod: str, address: str, outcome: str) -> None:
@@ -439,19 +471,6 @@ while True:
         pass
     c.close()
 """
-# COUNT TCP connections one after the other, each printing what happened
-CONNECT = """
-import socket, sys
-address, port, count, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-for _ in range(count):
-    try:
-        socket.create_connection((address, port), timeout=timeout).close()
-        print("connected")
-    except ConnectionRefusedError:
-        print("refused")
-    except OSError:
-        print("timed out")
-"""
 MANY = 12  # connections to a two-backend Service: both are picked but once in 2,048
 # a flow is in /proc/net/nf_conntrack as "... src=C dst=V sport=S dport=P src=B dst=C sport=BP
 # ...": its original tuple, then its reply tuple (whose source is the backend DNAT picked)
@@ -471,21 +490,13 @@ class Flow:
 
 def _host_probe(netns: str, address: str, port: int) -> str:
     """One TCP connection from a node's own network namespace (its host network)."""
-    argv = ["ip", "netns", "exec", netns, sys.executable, "-c", CONNECT, address, str(port)]
-    done = subprocess.run(
-        [*argv, "1", "1.0"], capture_output=True, text=True, timeout=30, check=True
-    )
-    return done.stdout.strip()
+    (outcome,) = _connect(netns, address, port)
+    return outcome
 
 
 def _connections(sandbox: Sandbox, namespace: str, pod: str, address: str, port: int) -> list[str]:
-    """MANY TCP connections from a pod, in one process (0.8 s for each that times out)."""
-    args = (address, str(port), str(MANY), "0.8")
-    done = stockade(
-        sandbox.state_dir, "exec", "-n", namespace, pod, "--", sys.executable, "-c", CONNECT, *args
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()
+    """MANY TCP connections from a pod (0.8 s for each that times out)."""
+    return _connect(_pod_netns(sandbox.state_dir, namespace, pod), address, port, MANY, 0.8)
 
 
 def _flows(netns: str) -> list[Flow]:
