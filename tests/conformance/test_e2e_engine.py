@@ -1,7 +1,8 @@
 """The conformance case files on the e2e engine: the whole stack (API server, operator, agents,
 pods in network namespaces, real connections) gives every upstream case the expected result.
 
-The two upstream files run on one sandbox started for this module (`$STOCKADE_E2E_SANDBOX`), the
+The two upstream files run on the sandbox this tier's e2e and explain engine tests share
+(`sandbox`, tests/conformance/conftest.py, as `$STOCKADE_E2E_SANDBOX`), the
 ClusterNetworkPolicy file with its standard profile only (its experimental cases need named ports
 and node peers on host-network pods). A file with a wrong expectation runs on a sandbox the engine
 starts itself, and must fail and leave nothing behind.
@@ -14,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,6 @@ import pytest
 from bench import conformance_services
 from stockade.sandbox import netns, stack
 from tests.conformance.generated import SEED, generate
-from tests.e2e.stack_fixtures import stockade
 from tests.paths import CONFORMANCE, ROOT
 
 DATA = Path(__file__).parent / "data"
@@ -42,19 +41,6 @@ def run(*args: str, sandbox: Path | None = None) -> subprocess.CompletedProcess[
         check=False,
         timeout=TIMEOUT,
     )
-
-
-def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return stockade(state_dir, *args, timeout=TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state_dir = tmp_path_factory.mktemp("e2e") / "sandbox"
-    started = sandbox_cli(state_dir, "up", "--nodes", "2")
-    assert started.returncode == 0, started.stderr
-    yield state_dir
-    sandbox_cli(state_dir, "down")
 
 
 @pytest.mark.parametrize(
