@@ -28,5 +28,5 @@ def _cli_sandbox(state_dir: Path) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def sandbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def e2e_sandbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared(request, _cli_sandbox(tmp_path_factory.mktemp("e2e") / "sandbox"))

@@ -51,19 +51,19 @@ def sample(case_file: Path, profile: str | None) -> list[str]:
     ids=["network-policy", "cluster-network-policy-standard"],
 )
 def test_explain_agrees_with_the_datapath_and_the_expectation_on_every_check(
-    sandbox: Path, case_file: str, profile: str | None
+    e2e_sandbox: Path, case_file: str, profile: str | None
 ) -> None:
     ids = sample(CONFORMANCE / case_file, profile)
     options = [arg for case in ids for arg in ("--case", case)]
-    result = run(str(CONFORMANCE / case_file), *options, sandbox=sandbox)
+    result = run(str(CONFORMANCE / case_file), *options, sandbox=e2e_sandbox)
     assert result.stdout.splitlines()[-1] == f"{len(ids)} passed, 0 failed", (
         f"seed {SEED}\n" + result.stdout + result.stderr
     )
     assert result.returncode == 0
 
 
-def test_a_wrong_expectation_fails_on_explain(sandbox: Path) -> None:
-    result = run(str(DATA / "wrong-expectation.yaml"), sandbox=sandbox)
+def test_a_wrong_expectation_fails_on_explain(e2e_sandbox: Path) -> None:
+    result = run(str(DATA / "wrong-expectation.yaml"), sandbox=e2e_sandbox)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "PASS right"
