@@ -185,7 +185,6 @@ class Stack:
 
     def reset(self) -> None:
         """Back to the model: no policies, the model's labels and pods, everything reachable."""
-        before = self.published()
         self.sandbox.delete_all_policies(sorted(NAMESPACES))
         for name, labels in NAMESPACES.items():
             self.sandbox.set_namespace_labels(name, labels)
@@ -194,10 +193,6 @@ class Stack:
         for key, (_, labels) in PODS.items():
             if self.labels.get(key) != labels:
                 self.set_pod_labels(key, labels)
-        # Probed before the agents applied the reset, every pair the test denied would wait out
-        # a probe timeout; waiting for them is shorter, and never longer than that timeout.
-        nodes = [n.name for n in self.sandbox.nodes]
-        stack.wait_applied(self.api, nodes, before, DENIED_TIMEOUT_S)
         self.wait_reachability(denied=())
 
     # -- stockade's processes ------------------------------------------------------------------

@@ -238,8 +238,7 @@ class E2EEngine(ApiServerActions):
         if before is not None:
             # A shortcut, as `_settle`: the next `_confirm_reset` judges the reset, but its
             # first round, sent before the agents applied it, would wait out a probe timeout
-            # on every pair the case denied. Waiting for them costs ~0.1 s, and never longer
-            # than that round.
+            # on every pair the case denied. This wait is never longer than that timeout.
             nodes = [n.name for n in self.sandbox.nodes]
             wait_applied(self.sandbox.api, nodes, before, self.probe_timeout_s)
         self._relabelled_pods.clear()
