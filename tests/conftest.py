@@ -13,6 +13,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.controlplane",
     "tests.fixtures.netns",
+    "tests.fixtures.shared",
 ]
 
 TIERS = ("unit", "compile", "bpf", "attacks", "apiserver", "node", "e2e", "conformance", "chart")

@@ -1,7 +1,8 @@
 """The conformance case files on the e2e engine: the whole stack (API server, operator, agents,
 pods in network namespaces, real connections) gives every upstream case the expected result.
 
-The two upstream files run on one sandbox started for this module (`$STOCKADE_E2E_SANDBOX`), the
+The two upstream files run on the sandbox this tier's e2e and explain engine tests share
+(`e2e_sandbox`, tests/conformance/conftest.py, as `$STOCKADE_E2E_SANDBOX`), the
 ClusterNetworkPolicy file with its standard profile only (its experimental cases need named ports
 and node peers on host-network pods). A file with a wrong expectation runs on a sandbox the engine
 starts itself, and must fail and leave nothing behind.
@@ -14,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,6 @@ import pytest
 from bench import conformance_services
 from stockade.sandbox import netns, stack
 from tests.conformance.generated import SEED, generate
-from tests.e2e.stack_fixtures import stockade
 from tests.paths import CONFORMANCE, ROOT
 
 DATA = Path(__file__).parent / "data"
@@ -44,19 +43,6 @@ def run(*args: str, sandbox: Path | None = None) -> subprocess.CompletedProcess[
     )
 
 
-def sandbox_cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return stockade(state_dir, *args, timeout=TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state_dir = tmp_path_factory.mktemp("e2e") / "sandbox"
-    started = sandbox_cli(state_dir, "up", "--nodes", "2")
-    assert started.returncode == 0, started.stderr
-    yield state_dir
-    sandbox_cli(state_dir, "down")
-
-
 @pytest.mark.parametrize(
     ("case_file", "options", "closing"),
     [
@@ -66,25 +52,25 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ids=["network-policy", "cluster-network-policy-standard"],
 )
 def test_every_upstream_case_passes_on_the_whole_stack(
-    sandbox: Path, case_file: str, options: list[str], closing: str
+    e2e_sandbox: Path, case_file: str, options: list[str], closing: str
 ) -> None:
-    result = run(str(CONFORMANCE / case_file), *options, sandbox=sandbox)
+    result = run(str(CONFORMANCE / case_file), *options, sandbox=e2e_sandbox)
     assert result.stdout.splitlines()[-1] == closing, result.stdout + result.stderr
     assert result.returncode == 0
 
 
 @pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
 def test_a_named_port_on_a_rule_with_a_pod_ipblock_is_decided_on_the_pod(
-    sandbox: Path, family: str
+    e2e_sandbox: Path, family: str
 ) -> None:
-    result = run(str(DATA / "named-port-ipblock.yaml"), "--ip-family", family, sandbox=sandbox)
+    result = run(str(DATA / "named-port-ipblock.yaml"), "--ip-family", family, sandbox=e2e_sandbox)
     assert result.stdout.splitlines()[-1] == "2 passed, 0 failed", result.stdout + result.stderr
 
 
-def test_generated_cases_pass_on_the_whole_stack(sandbox: Path, tmp_path: Path) -> None:
+def test_generated_cases_pass_on_the_whole_stack(e2e_sandbox: Path, tmp_path: Path) -> None:
     """50 cases of `hack/gen_conformance.py` (12 checks per probed port) on real pods."""
     path = generate(tmp_path / "generated.yaml", 50, 4, checks_per_probe=12)
-    result = run(str(path), sandbox=sandbox)
+    result = run(str(path), sandbox=e2e_sandbox)
     assert result.stdout.splitlines()[-1] == "50 passed, 0 failed", (
         f"seed {SEED}\n" + result.stdout + result.stderr
     )

@@ -1,6 +1,7 @@
 """`stockade explain` on the conformance model: the shared case files run on the `explain`
-engine (the e2e engine's sandbox, pods and policies; every check answered by explain, the
-reference evaluator on the live cluster beside the agents' test runs of their loaded programs).
+engine (the e2e engine's sandbox, the one test_e2e_engine.py uses: tests/conformance/conftest.py;
+its pods and policies; every check answered by explain, the reference evaluator on the live
+cluster beside the agents' test runs of their loaded programs).
 A case passes only when explain gives the expected verdict on every check and the datapath
 agrees with it on every hop. CI runs a fixed-seed sample of each file's cases
 (`STOCKADE_EXPLAIN_SAMPLE=all` runs them all); a wrong expectation fails."""
@@ -11,14 +12,12 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from stockade.conformance.casefile import load_case_file
 from tests.conformance.generated import SEED
-from tests.e2e.stack_fixtures import stockade
 from tests.paths import CONFORMANCE, ROOT
 
 DATA = Path(__file__).parent / "data"
@@ -39,15 +38,6 @@ def run(*args: str, sandbox: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    state_dir = tmp_path_factory.mktemp("explain") / "sandbox"
-    started = stockade(state_dir, "up", "--nodes", "2", timeout=TIMEOUT)
-    assert started.returncode == 0, started.stderr
-    yield state_dir
-    stockade(state_dir, "down", timeout=TIMEOUT)
-
-
 def sample(case_file: Path, profile: str | None) -> list[str]:
     ids = [c.id for c in load_case_file(case_file).cases if profile is None or c.profile == profile]
     if SAMPLE == "all":
@@ -61,19 +51,19 @@ def sample(case_file: Path, profile: str | None) -> list[str]:
     ids=["network-policy", "cluster-network-policy-standard"],
 )
 def test_explain_agrees_with_the_datapath_and_the_expectation_on_every_check(
-    sandbox: Path, case_file: str, profile: str | None
+    e2e_sandbox: Path, case_file: str, profile: str | None
 ) -> None:
     ids = sample(CONFORMANCE / case_file, profile)
     options = [arg for case in ids for arg in ("--case", case)]
-    result = run(str(CONFORMANCE / case_file), *options, sandbox=sandbox)
+    result = run(str(CONFORMANCE / case_file), *options, sandbox=e2e_sandbox)
     assert result.stdout.splitlines()[-1] == f"{len(ids)} passed, 0 failed", (
         f"seed {SEED}\n" + result.stdout + result.stderr
     )
     assert result.returncode == 0
 
 
-def test_a_wrong_expectation_fails_on_explain(sandbox: Path) -> None:
-    result = run(str(DATA / "wrong-expectation.yaml"), sandbox=sandbox)
+def test_a_wrong_expectation_fails_on_explain(e2e_sandbox: Path) -> None:
+    result = run(str(DATA / "wrong-expectation.yaml"), sandbox=e2e_sandbox)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "PASS right"

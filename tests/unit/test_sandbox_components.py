@@ -1,11 +1,15 @@
 """The sandbox's Kubernetes components are started as intended: the controller manager and the
 scheduler with their own identities, no leader election and loopback-only serving; kube-proxy
 inside its node namespace, leaving the machine-wide conntrack limit alone, with one cluster CIDR
-per family covering every node; `stockade sandbox up` refuses an unknown proxy mode; and a Pod
-refused only because its namespace's ServiceAccount is not there yet is created again."""
+per family covering every node; `stockade sandbox up` refuses an unknown proxy mode; a Pod
+refused only because its namespace's ServiceAccount is not there yet is created again; and
+processes stopped together each end, one that ignores SIGTERM by SIGKILL."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from stockade.sandbox.node.proxy import (
     proxy_argv,
     synced_families,
 )
-from stockade.sandbox.processes import ProcessRecord
+from stockade.sandbox.processes import Child, ProcessRecord, is_alive, stop_all, stop_records
 from stockade.sandbox.topology import node_net
 
 
@@ -239,3 +243,41 @@ def test_retrying_a_missing_service_account_gives_up_after_the_bound(
         kubelet.create_pod(object(), "ns", POD)
     assert "service account" in str(refused.value.body)
     assert 1 < core.calls < 1000
+
+
+# Ignores SIGTERM, then says so on its log.
+STUBBORN = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ignoring SIGTERM', flush=True); time.sleep(60)"
+)
+
+
+def _stubborn(log: Path, *, detach: bool) -> Child:
+    child = Child.spawn("stubborn", [sys.executable, "-c", STUBBORN], log, detach=detach)
+    while "ignoring SIGTERM" not in log.read_text():
+        assert child.running(), log.read_text()
+        time.sleep(0.02)
+    return child
+
+
+def test_stopping_processes_together_ends_each_and_kills_one_that_ignores_sigterm(
+    tmp_path: Path,
+) -> None:
+    """`stop_all` (children) and `stop_records` (processes another run started) SIGTERM every
+    process first and SIGKILL what still runs after the grace period."""
+    children = [
+        Child.spawn("polite", ["sleep", "60"], tmp_path / "polite.log", detach=False),
+        _stubborn(tmp_path / "stubborn.log", detach=False),
+    ]
+    stop_all(children, grace=0.5)
+    assert [c.popen.returncode for c in children if c.popen] == [-signal.SIGTERM, -signal.SIGKILL]
+    detached = [
+        Child.spawn("polite", ["sleep", "60"], tmp_path / "d-polite.log", detach=True),
+        _stubborn(tmp_path / "d-stubborn.log", detach=True),
+    ]
+    stop_records([c.record for c in detached], grace=0.5)
+    assert not any(is_alive(c.record) for c in detached)
+    for child in detached:
+        assert child.popen is not None
+        child.popen.wait()  # reap them here
+    assert [c.popen.returncode for c in detached if c.popen] == [-signal.SIGTERM, -signal.SIGKILL]

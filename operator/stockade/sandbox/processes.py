@@ -8,11 +8,13 @@ never mistaken for ours and never signalled.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,32 +122,68 @@ class Child:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds; returns once the process is gone."""
+        stop_all([self], grace)
+
+    def _terminate(self) -> None:
         if self.popen is not None:
             if self.popen.poll() is None:
                 self.popen.terminate()
-                try:
-                    self.popen.wait(grace)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait()
+        else:
+            _signal(self.record, signal.SIGTERM)
+
+    def _wait_or_kill(self, deadline: float) -> None:
+        if self.popen is None:
+            _wait_or_kill(self.record, deadline)
             return
-        stop_record(self.record, grace)
+        try:
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def stop_all(children: Sequence[Child], grace: float = 10.0) -> None:
+    """Stop several processes at once: SIGTERM to each, then wait for them together, SIGKILL
+    to those still running `grace` seconds later. Processes that each take a second to stop
+    then cost a second, not one each."""
+    for child in children:
+        child._terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child._wait_or_kill(deadline)
 
 
 def stop_record(record: ProcessRecord, grace: float = 10.0) -> None:
     """Stop a process this process did not start (it was recorded by an earlier run)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        if not is_alive(record):
-            return
-        try:
+    stop_records([record], grace)
+
+
+def stop_records(records: Sequence[ProcessRecord], grace: float = 10.0) -> None:
+    """`stop_record` for several processes at once (as `stop_all`)."""
+    for record in records:
+        _signal(record, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for record in records:
+        _wait_or_kill(record, deadline)
+
+
+def _signal(record: ProcessRecord, sig: signal.Signals) -> None:
+    if is_alive(record):
+        with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
+
+
+def _wait_or_kill(record: ProcessRecord, deadline: float) -> None:
+    """Wait until `deadline` for the process to be gone, then SIGKILL it and wait 10 s more."""
+    for sig in (None, signal.SIGKILL):
+        if sig is not None:
+            _signal(record, sig)
+            deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and is_alive(record):
             time.sleep(0.05)
-    if is_alive(record):
-        raise ProcessError(f"{record.name} (pid {record.pid}) survived SIGKILL")
+        if not is_alive(record):
+            return
+    raise ProcessError(f"{record.name} (pid {record.pid}) survived SIGKILL")
 
 
 def find_processes(binaries: set[Path], directory: Path) -> list[ProcessRecord]:

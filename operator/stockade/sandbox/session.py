@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import kubernetes.client
 from stockade.runtime import AGENTS_ENV
 from stockade.sandbox import netns, stack, toolchain
 from stockade.sandbox.cluster import dns, podcmd
-from stockade.sandbox.controlplane.crds import install_crds
+from stockade.sandbox.controlplane.crds import install_crds, warm_watch_caches
 from stockade.sandbox.controlplane.server import (
     ControlPlane,
     ControlPlaneRecord,
@@ -235,6 +236,10 @@ def up(
             names = _wait_nodes_ready(client, len(topo.nodes))
             progress("installing the CRDs (stockade's and the upstream ClusterNetworkPolicy)")
             install_crds(client)
+        warming = threading.Thread(
+            target=_warm_watch_caches, args=(plane,), name="warm-watch-caches", daemon=True
+        )
+        warming.start()
         state = dataclasses.replace(state, node_names=names)
         state.save(state_dir)
         progress(f"nodes ready: {', '.join(names)}")
@@ -268,6 +273,7 @@ def up(
             with plane.api_client() as client:
                 dns.install(client)
                 dns.wait_available(client)
+        warming.join()
         record = stack.start_stack(
             state_dir,
             kubeconfig_path(state_dir),
@@ -287,6 +293,12 @@ def up(
         down(state_dir, progress)
         raise
     return kubeconfig_path(state_dir)
+
+
+def _warm_watch_caches(plane: ControlPlane) -> None:
+    """`warm_watch_caches` with a client of its own (it runs beside `up`'s next steps)."""
+    with plane.api_client() as client:
+        warm_watch_caches(client)
 
 
 def chain_stockade(state_dir: Path, topo: Topology, plugins: Path) -> None:

@@ -40,7 +40,8 @@ from stockade.sandbox.processes import (
     find_processes,
     is_alive,
     log_tail,
-    stop_record,
+    stop_all,
+    stop_records,
 )
 from stockade.sandbox.topology import NodeNet
 
@@ -197,9 +198,8 @@ def start_stack(
         progress("waiting for every agent to apply its node's DatapathTables")
         wait_ready(kubeconfig, record, [n.name for n in nodes], READY_TIMEOUT)
     except BaseException:
-        for child in reversed(children):
-            with contextlib.suppress(ProcessError):
-                child.stop()
+        with contextlib.suppress(ProcessError):
+            stop_all(list(reversed(children)))
         raise
     progress(f"operator and {len(nodes)} agent(s) ready in {time.monotonic() - started:.1f}s")
     return record
@@ -281,15 +281,16 @@ def stray_processes(state_dir: Path) -> list[ProcessRecord]:
 
 
 def stop_stack(record: StackRecord | None, state_dir: Path, progress: Progress) -> None:
-    """Stop the agents, then the operator replicas (SIGTERM, then SIGKILL). Idempotent."""
-    recorded = list(record.processes) if record is not None else []
-    for process in reversed(recorded):
-        if is_alive(process):
-            progress(f"stopping {process.name} (pid {process.pid})")
-        stop_record(process)
-    for process in stray_processes(state_dir):
+    """Stop the agents and the operator replicas, all at once (SIGTERM, then SIGKILL): each
+    takes about a second, which one after the other would add up. Idempotent."""
+    recorded = [p for p in (record.processes if record is not None else ()) if is_alive(p)]
+    for process in recorded:
+        progress(f"stopping {process.name} (pid {process.pid})")
+    stop_records(recorded)
+    strays = stray_processes(state_dir)
+    for process in strays:
         progress(f"stopping leftover {process.name} (pid {process.pid})")
-        stop_record(process)
+    stop_records(strays)
 
 
 def remove_pins(root: Path, progress: Progress) -> None:

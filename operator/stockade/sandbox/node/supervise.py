@@ -20,7 +20,14 @@ from stockade.sandbox import netns
 from stockade.sandbox.node.cni import CniError
 from stockade.sandbox.node.kubelet import NODES_DIR, node_state_dir
 from stockade.sandbox.node.network import NodeCni
-from stockade.sandbox.processes import Child, ProcessError, ProcessRecord, is_alive, stop_record
+from stockade.sandbox.processes import (
+    Child,
+    ProcessError,
+    ProcessRecord,
+    is_alive,
+    stop_record,
+    stop_records,
+)
 from stockade.sandbox.topology import PREFIX, Topology
 
 Progress = Callable[[str], None]
@@ -73,11 +80,12 @@ def start_kubelets(
 
 
 def stop_kubelets(records: Sequence[ProcessRecord], progress: Progress) -> None:
-    """SIGTERM each kubelet (it runs CNI DEL for its pods), SIGKILL after the grace period."""
-    for record in records:
-        if is_alive(record):
-            progress(f"stopping {record.name} (pid {record.pid}): its pods are unwired")
-        stop_record(record, grace=30.0)
+    """SIGTERM every kubelet at once (each runs CNI DEL for its pods), SIGKILL those still
+    running after the grace period."""
+    running = [r for r in records if is_alive(r)]
+    for record in running:
+        progress(f"stopping {record.name} (pid {record.pid}): its pods are unwired")
+    stop_records(running, grace=30.0)
 
 
 def stray_kubelets(state_dir: Path) -> list[ProcessRecord]:
