@@ -146,9 +146,10 @@ class ClusterIndex:
     Pods by namespace and by (namespace, label key, value); namespaces by (key, value). A
     selector's candidates come from the postings of its most selective `In` requirement (or, with
     none, every pod of the candidate namespaces); each candidate is then checked with
-    `ClusterState.holds`. The operator's status aggregation (`stockade.control.selection`) and the
-    compiler's subject and peer sets (`stockade.compiler.lower`, `stockade.compiler.classes`)
-    read it.
+    `ClusterState.holds`. The pod-set membership the operator carries from pass to pass
+    (`stockade.compiler.membership`, which also counts each policy's endpoints for its status)
+    and the compiler's subject and peer sets (`stockade.compiler.lower`,
+    `stockade.compiler.classes`) read it.
     """
 
     def __init__(self, state: ClusterState) -> None:
