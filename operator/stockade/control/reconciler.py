@@ -72,7 +72,7 @@ class Reconciler:
         services: bool = False,
         again: Callable[[], None] = lambda: None,
         relist: float = RELIST,
-        mode: str = "thread",
+        mode: str = "process",  # where the lowering runs (`stockade.control.worker`)
     ) -> None:
         self._upstream_cnp = upstream_cnp
         self._services = services

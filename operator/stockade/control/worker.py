@@ -94,6 +94,12 @@ class Engine:
 
     def lower(self, changes: Changes) -> Result:
         began = time.monotonic()
+        same = (changes.configured_cidrs, changes.node_port_range) == (
+            self.mirror.configured_cidrs,
+            self.mirror.node_port_range,
+        )
+        if self._answered and not changes.full and not changes.entries and same:
+            return Result({}, (), {}, (), full=False)  # nothing changed: the last answer holds
         self.mirror.apply(changes)
         snap = self.mirror.snapshot()
         built = time.monotonic()
