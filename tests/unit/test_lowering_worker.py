@@ -123,7 +123,7 @@ def test_every_pass_fed_the_journal_equals_a_cold_lowering_of_the_store(
         cluster.change()
 
 
-@settings(settings.get_profile(PROFILE), max_examples=examples(4))
+@settings(settings.get_profile(PROFILE), max_examples=min(examples(4), 25))  # a worker each
 @given(data=st.data())
 def test_the_worker_process_answers_as_the_thread_does_and_a_killed_one_loses_nothing(
     data: st.DataObject,
