@@ -130,6 +130,13 @@ def test_operator_runs_two_leader_elected_replicas_locked_down() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["STOCKADE_LEASE_NAME"]["value"] == "stockade-operator"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["STOCKADE_LOWERING"]["value"] == "process"  # a worker process: docs/install.md
+
+
+def test_the_lowering_value_reaches_the_operator() -> None:
+    deploy = find(render({"operator": {"lowering": "thread"}}), "Deployment", "stockade-operator")
+    env = {e["name"]: e for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STOCKADE_LOWERING"]["value"] == "thread"
 
 
 def test_operator_without_leader_election_runs_one_replica_without_the_flag() -> None:

@@ -15,7 +15,8 @@ from kubernetes.client.exceptions import ApiException
 
 from stockade.control.plan import Plan
 from stockade.control.reconciler import Reconciler
-from stockade.control.store import Snapshot, Store
+from stockade.control.store import Changes, Store, View
+from stockade.control.worker import Result
 from stockade.model.cluster import Namespace
 
 TOO_LARGE = 413
@@ -36,11 +37,21 @@ class Reporter:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, int]]] = []
 
-    def carried(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+    def carried(self, snap: View, generations: Mapping[str, int]) -> None:
         self.calls.append(("carried", dict(generations)))
 
-    def report(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+    def report(self, snap: View, generations: Mapping[str, int], selected: object) -> None:
         self.calls.append(("report", dict(generations)))
+
+
+class Lowering:
+    """Lowers nothing."""
+
+    def lower(self, changes: Changes, full: object) -> Result:
+        return Result({}, (), {}, (), full=False)
+
+    def close(self) -> None:
+        pass
 
 
 def test_a_failed_write_still_writes_the_statuses_then_fails_the_pass() -> None:
@@ -49,7 +60,7 @@ def test_a_failed_write_still_writes_the_statuses_then_fails_the_pass() -> None:
     reconciler.publisher = Publisher()  # type: ignore[assignment]
     reconciler.reporter = reporter  # type: ignore[assignment]
     reconciler._synced, reconciler._listed_at = True, time.monotonic()
-    reconciler.lowerer.desired = lambda snap: {}  # type: ignore[method-assign]
+    reconciler.lowering = Lowering()
     with pytest.raises(ApiException) as failed:
         reconciler.run(tables=True)
     assert failed.value.status == TOO_LARGE
@@ -82,7 +93,7 @@ def test_a_lowering_pass_hands_the_earliest_change_to_the_plan_and_a_status_pass
     reconciler.publisher = publisher  # type: ignore[assignment]
     reconciler.reporter = Reporter()  # type: ignore[assignment]
     reconciler._synced, reconciler._listed_at = True, time.monotonic()
-    reconciler.lowerer.desired = lambda snap: {}  # type: ignore[method-assign]
+    reconciler.lowering = Lowering()
     store.put_namespace("a", Namespace("a"))
     store.put_namespace("b", Namespace("b"))
     reconciler.run(tables=False)  # a status pass: no plan, the change stays for the next

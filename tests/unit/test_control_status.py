@@ -73,7 +73,7 @@ def test_a_policy_parser_never_raises_on_garbage() -> None:
 
 
 def test_endpoints_count_once_their_agent_reports_the_required_generation() -> None:
-    selected = {"a": {"x/1", "x/2"}, "b": {"x/3"}}
+    selected = {"a": 2, "b": 1}  # node -> the policy's endpoints there
     reports = {"a": {"appliedGeneration": 7}, "b": {"appliedGeneration": 4}}
     assert progress(selected, {"a": 7, "b": 5}, reports) == Progress(2, 3)
     assert progress(selected, {"a": 7, "b": 4}, reports) == Progress(3, 3)

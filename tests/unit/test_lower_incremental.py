@@ -38,6 +38,45 @@ def _snapshot(state: ClusterState, policies: list[Policy]) -> Snapshot:
     return Snapshot(state, MappingProxyType(records), MappingProxyType({}))
 
 
+def step(
+    data: st.DataObject,
+    namespaces: list[Namespace],
+    pods: dict[str, Pod],
+    removed: dict[str, Pod],
+    active: list[Policy],
+    pool: list[Policy],
+) -> None:
+    """One generated change, in place: pods relabelled, removed and added back, moved to the
+    other node, a namespace relabelled, policies removed, added back and changed."""
+    kind = data.draw(st.sampled_from(STEPS))
+    keys = sorted(pods)
+    if kind == "relabel" and keys:
+        for key in data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True)):
+            pods[key] = replace(pods[key], labels=data.draw(labels))
+    elif kind == "remove" and keys:
+        key = data.draw(st.sampled_from(keys))
+        removed[key] = pods.pop(key)
+    elif kind == "add" and removed:
+        key = data.draw(st.sampled_from(sorted(removed)))
+        pods[key] = removed.pop(key)
+    elif kind == "move" and keys:
+        key = data.draw(st.sampled_from(keys))
+        pods[key] = replace(pods[key], node="n1" if pods[key].node == "n0" else "n0")
+    elif kind == "namespace":
+        i = data.draw(st.integers(0, len(namespaces) - 1))
+        name = namespaces[i].name
+        namespaces[i] = Namespace(name, {"kubernetes.io/metadata.name": name, **data.draw(labels)})
+    elif kind == "drop" and active:
+        active.remove(data.draw(st.sampled_from(active)))
+    elif kind == "restore":
+        active += [p for p in pool if all(p is not q for q in active)]
+    elif kind == "change" and active:
+        old = data.draw(st.sampled_from(active))
+        new = replace(old, ingress=old.ingress[1:], egress=old.egress[:-1])
+        active[active.index(old)] = new
+        pool[pool.index(old)] = new
+
+
 @settings(settings.get_profile(PROFILE), max_examples=examples(60))
 @given(data=st.data())
 def test_a_lowering_carried_across_changes_equals_a_cold_lowering_at_every_step(
@@ -65,35 +104,7 @@ def test_a_lowering_carried_across_changes_equals_a_cold_lowering_at_every_step(
         for pod_set, members in lowerer.membership._sets.items():
             want = sorted(p.key for p in state.index.pods_in(pod_set))
             assert sorted(members) == want, pod_set
-        step = data.draw(st.sampled_from(STEPS))
-        keys = sorted(pods)
-        if step == "relabel" and keys:
-            for key in data.draw(st.lists(st.sampled_from(keys), min_size=1, unique=True)):
-                pods[key] = replace(pods[key], labels=data.draw(labels))
-        elif step == "remove" and keys:
-            key = data.draw(st.sampled_from(keys))
-            removed[key] = pods.pop(key)
-        elif step == "add" and removed:
-            key = data.draw(st.sampled_from(sorted(removed)))
-            pods[key] = removed.pop(key)
-        elif step == "move" and keys:
-            key = data.draw(st.sampled_from(keys))
-            pods[key] = replace(pods[key], node="n1" if pods[key].node == "n0" else "n0")
-        elif step == "namespace":
-            i = data.draw(st.integers(0, len(namespaces) - 1))
-            name = namespaces[i].name
-            namespaces[i] = Namespace(
-                name, {"kubernetes.io/metadata.name": name, **data.draw(labels)}
-            )
-        elif step == "drop" and active:
-            active.remove(data.draw(st.sampled_from(active)))
-        elif step == "restore":
-            active += [p for p in pool if all(p is not q for q in active)]
-        elif step == "change" and active:
-            old = data.draw(st.sampled_from(active))
-            new = replace(old, ingress=old.ingress[1:], egress=old.egress[:-1])
-            active[active.index(old)] = new
-            pool[pool.index(old)] = new
+        step(data, namespaces, pods, removed, active, pool)
 
 
 def test_membership_moves_only_the_pods_that_changed() -> None:

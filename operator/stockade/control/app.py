@@ -1,5 +1,5 @@
-"""The operator process: Store ← kopf handlers; Runner → Reconciler (Lowerer → Publisher →
-DatapathTables, StatusReporter → policy status and Events);
+"""The operator process: Store ← kopf handlers; Runner → Reconciler (the Store's changes →
+lowering worker process → Publisher → DatapathTables, StatusReporter → policy status and Events);
 a Lease that gates all writing. `stockade operator` (`stockade.control.command`) and the tests
 build an `Operator` and call `run()`, which blocks until the stop flag is set.
 """
@@ -89,6 +89,7 @@ class Operator:
             inline_entries=config.inline_entries,
             services=config.service_space,
             again=lambda: self.runner.request(True),
+            mode=config.lowering,
         )
         self.store.configured_cidrs = tuple(ipaddress.ip_network(c) for c in config.service_cidrs)
         self.store.node_port_range = config.node_port_range
@@ -216,6 +217,7 @@ class Operator:
             if self.elector is not None:
                 self.elector.stop()
             self.runner.stop()
+            self.reconciler.close()  # the lowering's worker process, if any, is reaped
             for server in servers:
                 server.shutdown()
             self.api.close()  # type: ignore[no-untyped-call]

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from stockade.control.config import OperatorConfig
+from stockade.control.config import LOWERING_MODES, OperatorConfig
 from stockade.runtime.command import add_process_arguments, env, on_off, run_process, serve_alone
 
 
@@ -75,6 +75,14 @@ def add_parser(subparsers: Any) -> None:
         default=env("STOCKADE_NODE_PORT_RANGE", "30000-32767"),
         help="the API server's --service-node-port-range ($STOCKADE_NODE_PORT_RANGE, 30000-32767)",
     )
+    op.add_argument(
+        "--lowering",
+        choices=LOWERING_MODES,
+        default=env("STOCKADE_LOWERING", "process") or "process",
+        help="where the lowering runs: a worker process fed the store's changes, so that "
+        "the watches never wait for it, or the reconcile thread, for debugging "
+        "($STOCKADE_LOWERING, process)",
+    )
     op.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
     op.add_argument("--renew-period", type=float, default=2.0, help="seconds (default 2)")
     op.set_defaults(run=run_command)
@@ -97,6 +105,7 @@ def config_from(args: argparse.Namespace) -> OperatorConfig:
         service_space=args.service_space,
         service_cidrs=tuple(c.strip() for c in args.service_cidrs.split(",") if c.strip()),
         node_port_range=_port_range(args.node_port_range),
+        lowering=args.lowering,
     )
 
 

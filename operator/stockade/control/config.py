@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from stockade.handoff import INLINE_ENTRIES, SHARD_ENTRIES
 from stockade.runtime import DEFAULT_BIND_ADDRESS, bind_address_error
 
+LOWERING_MODES = ("process", "thread")  # `stockade.control.worker`
+
 
 @dataclass(frozen=True)
 class OperatorConfig:
@@ -39,6 +41,10 @@ class OperatorConfig:
     service_space: bool = True
     service_cidrs: tuple[str, ...] = ()
     node_port_range: tuple[int, int] = (30000, 32767)
+    # Where the lowering runs (`stockade.control.worker`): "process", a worker process fed the
+    # Store's changes, so that kopf's intake never waits for a lowering; "thread", the same
+    # lowering in the reconcile thread (for debugging).
+    lowering: str = "process"
 
     def __post_init__(self) -> None:
         errors = []
@@ -65,6 +71,10 @@ class OperatorConfig:
                 ipaddress.ip_network(cidr)
             except ValueError:
                 errors.append(f"--service-cidrs: {cidr!r} is not a network")
+        if self.lowering not in LOWERING_MODES:
+            errors.append(
+                f"--lowering: {self.lowering!r} is not one of {', '.join(LOWERING_MODES)}"
+            )
         low, high = self.node_port_range
         if not 1 <= low <= high <= 65535:
             errors.append(f"--node-port-range: {low}-{high} is not a port range")

@@ -9,9 +9,11 @@ encoded, hence not hashed, again). From what changed (pods, policies, the pod se
 moved) it finds the nodes a change can reach (`_changed_nodes`); the others keep their last
 lowering without being looked at, and a change it cannot place (a namespace or node changed, a
 pod with named ports or on the host network) has every node compared with its last inputs. The
-reconciler (`stockade.control.reconciler`) calls `desired()` on every pass that lowers and hands
-the result to the publisher. tests/unit/test_lower_incremental.py checks every step of
-generated change sequences against a cold lowering.
+lowering engine (`stockade.control.worker.Engine`, in the worker process or the reconcile
+thread) calls `desired()` on every pass that lowers, with its mirror's snapshot; the reconciler
+(`stockade.control.reconciler`) hands the nodes that changed to the publisher.
+tests/unit/test_lower_incremental.py checks every step of generated change sequences against a
+cold lowering.
 """
 
 from __future__ import annotations

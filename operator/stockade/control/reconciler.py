@@ -1,8 +1,11 @@
-"""The operator's reconcile loop: snapshot → lower every node → plan → publish → policy statuses.
+"""The operator's reconcile loop: changes → lower every node → plan → publish → policy statuses.
 
-Level-triggered: whatever happened, a pass derives every node's tables from a Store snapshot
-(`stockade.control.lowering`, pure, which lowers again only the nodes a change can reach) and
-writes only what differs from what is published
+Level-triggered: whatever happened, a pass derives every node's tables from the Store's state
+and writes only what differs from what is published. The pass takes the Store's journal of
+changes (O(changes) under the Store's lock, `Store.take`) and hands it to the lowering
+(`stockade.control.worker`: by default a worker process that mirrors the Store and lowers again
+only the nodes a change can reach), which answers with the nodes whose parts changed; the
+reconciler keeps every node's last parts for the plan
 (`stockade.control.plan`, `stockade.control.publish`), then has the status reporter
 (`stockade.control.reporter`) write the policy statuses that change. This module only sequences
 them: priming the Store before the first pass as leader (`stockade.control.prime`), the leader
@@ -24,11 +27,13 @@ from kubernetes.client import ApiClient
 
 from stockade import handoff
 from stockade.compiler.shape import Shape
-from stockade.control.lowering import Lowerer
+from stockade.control.plan import NodeParts
 from stockade.control.prime import prime
 from stockade.control.publish import NotLeaderError, Publisher, WriteConflictError
 from stockade.control.reporter import StatusReporter
-from stockade.control.store import Snapshot, Store
+from stockade.control.store import Changes, Store, View
+from stockade.control.worker import Lowering, Result, Settings, lowering
+from stockade.model.policy import PodSet
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,10 @@ class Stats:
     passes: int = 0
     table_passes: int = 0
     last_seconds: float = 0.0
-    # the last pass that lowered, by stage: lowering and encoding, writing tables, statuses
+    # the last pass that lowered, by stage: taking the changes (under the Store's lock),
+    # lowering and encoding (the lowering's own stages as lower_*), writing tables, statuses
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    nodes_lowered: int = 0  # nodes the last lowering looked at again
     # The latest change to the lowering's inputs (Unix ns) that every node's tables carry, and
     # when (Unix s) the pass that first carried it finished writing them
     published_inputs: int | None = None
@@ -65,13 +72,17 @@ class Reconciler:
         services: bool = False,
         again: Callable[[], None] = lambda: None,
         relist: float = RELIST,
+        mode: str = "process",  # where the lowering runs (`stockade.control.worker`)
     ) -> None:
         self._upstream_cnp = upstream_cnp
         self._services = services
         self._store = store
         self._api = api
         self._is_leader = is_leader
-        self.lowerer = Lowerer(shape, inline_entries, services)
+        self.lowering: Lowering = lowering(mode, Settings(shape, inline_entries, services))
+        self.parts: dict[str, NodeParts] = {}  # every node's encoded parts, as last lowered
+        # policy subject -> node -> its endpoints there, as last lowered (for the statuses)
+        self.selected: dict[PodSet, Mapping[str, int]] = {}
         self.publisher = Publisher(api, is_leader=is_leader)
         self.reporter = StatusReporter(api, is_leader)
         self._synced = False
@@ -79,6 +90,10 @@ class Reconciler:
         self._relist = relist
         self._listed_at = 0.0
         self.stats = Stats()
+
+    def close(self) -> None:
+        """Stop the lowering's worker (after the runner stopped: no pass is under way)."""
+        self.lowering.close()
 
     def became_leader(self) -> None:
         """Forget what we believe is published: the next pass lists it again."""
@@ -114,13 +129,16 @@ class Reconciler:
             self.publisher.resync()
             self._listed_at = time.monotonic()
             self._synced, tables = True, True
-        snap = self._store.snapshot(take_changes=tables)
+        began = time.monotonic()
+        snap = self._store.take(changes=tables)
+        took = time.monotonic() - began
         stages = {"lower": 0.0, "publish": 0.0}
         failure: Exception | None = None
         if tables:
             stages, failure = self._publish(snap)
+        stages["take"] = took
         began = time.monotonic()
-        self.reporter.report(snap, self.publisher.generations)
+        self.reporter.report(snap, self.publisher.generations, self.selected)
         stages["status"] = time.monotonic() - began
         self.stats.passes += 1
         self.stats.last_seconds = time.monotonic() - started
@@ -136,14 +154,38 @@ class Reconciler:
         if failure is not None:
             raise failure  # the runner runs the pass again: what failed is written then
 
-    def _publish(self, snap: Snapshot) -> tuple[dict[str, float], Exception | None]:
+    def lower(self, changes: Changes) -> Result:
+        """Hand the changes to the lowering and keep what it answers."""
+        result = self.lowering.lower(changes, self._whole_store)
+        if result.full:
+            self.parts.clear()
+            self.selected.clear()
+        self.parts.update(result.parts)
+        for node in result.gone:
+            self.parts.pop(node, None)
+        self.selected.update(result.selected)
+        for subject in result.unselected:
+            self.selected.pop(subject, None)
+        self.stats.nodes_lowered = result.nodes_lowered
+        return result
+
+    def _whole_store(self) -> Changes:
+        """The whole store as one journal, for a lowering that starts from nothing."""
+        changes = self._store.take(changes=True, full=True).changes
+        assert changes is not None
+        return changes
+
+    def _publish(self, snap: View) -> tuple[dict[str, float], Exception | None]:
         """Lower, plan and write; the seconds each took, and a write's failure, raised by `run`
         once the statuses are written: one object the server refuses holds back its own node,
         not the other nodes or the policy statuses."""
+        assert snap.changes is not None
         began = time.monotonic()
-        planned = self.publisher.plan(self.lowerer.desired(snap), snap.changed_at)
+        result = self.lower(snap.changes)
+        planned = self.publisher.plan(self.parts, snap.changed_at)
         lowered = time.monotonic()
         stages = {"lower": lowered - began, "publish": 0.0}
+        stages.update({f"lower_{k}": v for k, v in result.seconds.items()})
         if not self._is_leader():
             return stages, None
         failure: Exception | None = None

@@ -1,7 +1,9 @@
 """Policy status and Events, from what the agents report: the operator's status reporter.
 
 After every pass the reconciler tells the reporter which node generations carry each policy's
-current version (`carried()`, after a publish) and asks it to `report()`: the reporter computes
+current version (`carried()`, after a publish) and asks it to `report()`, with the endpoints per
+node of every policy subject as the last lowering found them (`stockade.control.worker`, from
+the lowering's pod-set membership, so that no pass scans the cluster here): the reporter computes
 every policy's status (`stockade.control.status`, pure), writes only the statuses that change,
 several at once, and posts an Event once per (policy version, reason, message): a Warning when a
 policy is invalid (before its status, so that whoever sees the status finds it), and for the
@@ -22,10 +24,10 @@ from kubernetes.client.exceptions import ApiException
 from stockade.control.events import post_event
 from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.control.publish import MERGE_PATCH, NOT_FOUND, run_all
-from stockade.control.selection import selected_endpoints
 from stockade.control.status import desired_status, progress, status_differs
-from stockade.control.store import Snapshot
+from stockade.control.store import View
 from stockade.model.kinds import RESOURCE_OF
+from stockade.model.policy import PodSet
 
 
 def _now() -> str:
@@ -47,7 +49,7 @@ class StatusReporter:
         self.events = 0
         self.last_status_write = 0.0  # Unix s of the last status write
 
-    def carried(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+    def carried(self, snap: View, generations: Mapping[str, int]) -> None:
         """After a publish: each accepted policy whose version is new is carried from
         `generations` on (its Programmed condition waits for those)."""
         for key, record in snap.policies.items():
@@ -57,17 +59,25 @@ class StatusReporter:
         for key in set(self._required) - set(snap.policies):
             del self._required[key]
 
-    def report(self, snap: Snapshot, generations: Mapping[str, int]) -> None:
+    def report(
+        self,
+        snap: View,
+        generations: Mapping[str, int],
+        selected: Mapping[PodSet, Mapping[str, int]],
+    ) -> None:
         """Write every policy status that changed and post the Events that are due;
-        `generations` are the nodes' current program generations."""
+        `generations` are the nodes' current program generations, `selected` the endpoints
+        per node of each subject. A policy whose subject no lowering has seen yet (a status
+        pass before the pass that lowers it) waits for that pass."""
         now = _now()
         writes: list[tuple[PolicyRecord, dict[str, Any]]] = []
         for key, record in sorted(snap.policies.items()):
             done = None
             if record.policy is not None:
-                selected = selected_endpoints(snap, record.policy.subject)
+                if (endpoints := selected.get(record.policy.subject)) is None:
+                    continue
                 required = self._required.get(key, ((), generations))[1]
-                done = progress(selected, required, snap.reports)
+                done = progress(endpoints, required, snap.reports)
             status = desired_status(record, done, now)
             if record.has_status:
                 if status_differs(record.status, status) and status_differs(

@@ -34,16 +34,16 @@ class Progress:
 
 
 def progress(
-    selected: Mapping[str, set[str]],
+    selected: Mapping[str, int],
     required: Mapping[str, int],
     reports: Mapping[str, Mapping[str, Any]],
 ) -> Progress:
-    """`selected`: node -> endpoint keys; `required`: node -> the program generation that
-    carries the policy; `reports`: node -> its agent's report."""
-    total = sum(len(keys) for keys in selected.values())
+    """`selected`: node -> the policy's endpoints there; `required`: node -> the program
+    generation that carries the policy; `reports`: node -> its agent's report."""
+    total = sum(selected.values())
     done = sum(
-        len(keys)
-        for node, keys in selected.items()
+        count
+        for node, count in selected.items()
         if node in required and applied_generation(reports.get(node)) >= required[node]
     )
     return Progress(done, total)

@@ -1,9 +1,17 @@
 """The operator's in-memory picture of the cluster, with the indexes that selector lookups use.
 
 The kopf handlers write into one `Store` (from kopf's event loop); the reconciler
-(`stockade.control.reconciler`) takes a `Snapshot` from another thread. Every write says whether
-the model value changed, so that a status-only update (for example the operator's own status
-write coming back through the watch) never triggers a new lowering.
+(`stockade.control.reconciler`) takes from another thread what changed since its last pass. Every
+write says whether the model value changed, so that a status-only update (for example the
+operator's own status write coming back through the watch) never triggers a new lowering.
+
+The journal: every write that changes a lowering input also records `(table, key) -> new value`
+(None: deleted), the last write of a key winning. `take(changes=True)` hands the journal over
+(`Changes`) and starts a new one, so the reconciler's work under the lock is in proportion to the
+changes, never to the cluster: the handlers never wait for a pass. The lowering
+(`stockade.control.worker`) holds a `Mirror`, a Store that applies the journal, and builds its
+`Snapshot` there, off this lock. `take(changes=True, full=True)` journals the whole store, for a
+lowering that starts from nothing (a restarted worker process).
 
 The Store also remembers when it took in the earliest change to the lowering's inputs that no
 pass has taken yet (wall clock, Unix nanoseconds): `snapshot(take_changes=True)` hands it over
@@ -53,6 +61,34 @@ class Snapshot:
     latest_change: int | None = None
 
 
+# The tables the journal names (Store attributes without the underscore)
+TABLES = ("namespaces", "nodes", "pods", "policies", "services", "slices", "service_cidrs")
+
+
+@dataclass(frozen=True)
+class Changes:
+    """The lowering's inputs that changed since the last take: (table, key) -> the new value, or
+    None when it was deleted; with `full`, the whole store (a mirror drops what it held)."""
+
+    entries: Mapping[tuple[str, Any], Any]
+    full: bool
+    configured_cidrs: tuple[ir.IPNetwork, ...]
+    node_port_range: tuple[int, int]
+    latest_change: int | None  # Unix ns of the latest change to the inputs the store holds
+
+
+@dataclass(frozen=True)
+class View:
+    """What one pass takes under the Store's lock: the policies and agent reports (copies of
+    two small tables, for the status reporter) and, for a pass that lowers, the changes."""
+
+    policies: Mapping[PolicyKey, PolicyRecord]
+    reports: Mapping[str, Mapping[str, Any]]
+    changed_at: int | None = None  # the earliest change this view takes over (None: none)
+    latest_change: int | None = None
+    changes: Changes | None = None
+
+
 class Store:
     """Thread-safe; `on_change(tables: bool)` is called after every write that changed
     something (tables=True when the lowering's inputs changed, False for status only)."""
@@ -80,6 +116,8 @@ class Store:
         self._slices: dict[str, SliceInfo] = {}
         self.configured_cidrs: tuple[ir.IPNetwork, ...] = ()  # used while no ServiceCIDR exists
         self.node_port_range = DEFAULT_NODE_PORT_RANGE
+        self._journal: dict[tuple[str, Any], Any] = {}  # changes no take has handed over yet
+        self._tables: dict[str, dict[Any, Any]] = {t: getattr(self, f"_{t}") for t in TABLES}
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -93,7 +131,7 @@ class Store:
                 del self._pods[key]
             else:
                 self._pods[key] = pod
-            self._mark()
+            self._mark("pods", key, pod)
         self._on_change(True)
 
     def took_pod_event(self) -> None:
@@ -114,7 +152,7 @@ class Store:
                 del self._namespaces[name]
             else:
                 self._namespaces[name] = namespace
-            self._mark()
+            self._mark("namespaces", name, namespace)
         self._on_change(True)
 
     def put_node(self, name: str, node: Node | None) -> None:
@@ -125,19 +163,20 @@ class Store:
                 del self._nodes[name]
             else:
                 self._nodes[name] = node
-            self._mark()
+            self._mark("nodes", name, node)
         self._on_change(True)
 
     def put_service(self, key: str, info: ServiceInfo | None) -> None:
-        self._put(self._services, key, info)
+        self._put("services", key, info)
 
     def put_endpoint_slice(self, key: str, info: SliceInfo | None) -> None:
-        self._put(self._slices, key, info)
+        self._put("slices", key, info)
 
     def put_service_cidr(self, name: str, cidrs: tuple[ir.IPNetwork, ...] | None) -> None:
-        self._put(self._service_cidrs, name, cidrs)
+        self._put("service_cidrs", name, cidrs)
 
-    def _put(self, table: dict[str, Any], key: str, value: object | None) -> None:
+    def _put(self, name: str, key: str, value: object | None) -> None:
+        table = self._tables[name]
         with self._lock:
             if table.get(key) == value:
                 return
@@ -145,7 +184,7 @@ class Store:
                 table.pop(key, None)
             else:
                 table[key] = value
-            self._mark()
+            self._mark(name, key, value)
         self._on_change(True)
 
     def put_policy(self, key: PolicyKey, record: PolicyRecord | None) -> None:
@@ -158,12 +197,13 @@ class Store:
             else:
                 self._policies[key] = record
             content = old is None or record is None or not old.same_content(record)
-            if content:
-                self._mark()
+            if content:  # a status-only change is not journaled: the lowering never reads it
+                self._mark("policies", key, record)
         self._on_change(content)
 
-    def _mark(self) -> None:
+    def _mark(self, table: str, key: Any, value: object | None) -> None:
         """A change to the lowering's inputs was taken in now (called under the lock)."""
+        self._journal[(table, key)] = value
         self.latest_change = self._clock()
         if self._changed_at is None:
             self._changed_at = self.latest_change
@@ -185,9 +225,40 @@ class Store:
         with self._lock:
             return self._policies.get(key)
 
+    def take(self, changes: bool = False, full: bool = False) -> View:
+        """The policies and reports; with `changes`, also the journal, which starts anew, and
+        the earliest change not taken yet (`View.changed_at`), which the next take no longer
+        reports. With `full` the journal handed over holds the whole store. Without `full` the
+        time under the lock is two small copies and a swap: no pod is looked at."""
+        with self._lock:
+            taken = None
+            changed_at = self._changed_at if changes else None
+            if changes:
+                self._changed_at = None
+                entries = self._journal
+                self._journal = {}
+                if full:
+                    entries = {(t, k): v for t in TABLES for k, v in self._tables[t].items()}
+                taken = Changes(
+                    entries,
+                    full,
+                    self.configured_cidrs,
+                    self.node_port_range,
+                    self.latest_change,
+                )
+            return View(
+                policies=MappingProxyType(dict(self._policies)),
+                reports=MappingProxyType(dict(self._reports)),
+                changed_at=changed_at,
+                latest_change=self.latest_change,
+                changes=taken,
+            )
+
     def snapshot(self, take_changes: bool = False) -> Snapshot:
-        """A consistent view; with `take_changes`, it also takes over the earliest change not
-        taken yet (`Snapshot.changed_at`), which the next such snapshot no longer reports."""
+        """A consistent view, built under the lock (O(cluster): the `Mirror` builds the
+        lowering's, off the Store's lock); with `take_changes`, it also takes over the earliest
+        change not taken yet (`Snapshot.changed_at`), which the next such snapshot no longer
+        reports."""
         with self._lock:
             changed_at = self._changed_at if take_changes else None
             if take_changes:
@@ -228,3 +299,23 @@ def _unique_addresses(pods: Iterable[Pod]) -> list[Pod]:
             seen.update(pod.ips)
         out.append(pod)
     return out
+
+
+class Mirror(Store):
+    """The lowering's copy of a Store, kept current from its journal (`apply`); its
+    `snapshot()` is the Store's at the moment of the take."""
+
+    def apply(self, changes: Changes) -> None:
+        with self._lock:
+            if changes.full:
+                for table in self._tables.values():
+                    table.clear()
+            for (name, key), value in changes.entries.items():
+                table = self._tables[name]
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+            self.configured_cidrs = changes.configured_cidrs
+            self.node_port_range = changes.node_port_range
+            self.latest_change = changes.latest_change

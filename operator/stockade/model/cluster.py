@@ -33,6 +33,9 @@ class Namespace:
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
 
+    def __reduce__(self) -> tuple[object, ...]:  # a mapping proxy does not pickle
+        return (Namespace, (self.name, dict(self.labels)))
+
 
 @dataclass(frozen=True)
 class Pod:
@@ -54,6 +57,10 @@ class Pod:
         object.__setattr__(self, "labels", _frozen(self.labels))
         object.__setattr__(self, "named_ports", MappingProxyType(dict(self.named_ports)))
 
+    def __reduce__(self) -> tuple[object, ...]:  # the operator's lowering worker receives pods
+        fields = (self.namespace, self.name, dict(self.labels), self.ips, self.node)
+        return (Pod, (*fields, dict(self.named_ports), self.host_network))
+
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -67,6 +74,9 @@ class Node:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Node, (self.name, self.ips, dict(self.labels)))
 
 
 class ClusterState:
@@ -136,9 +146,10 @@ class ClusterIndex:
     Pods by namespace and by (namespace, label key, value); namespaces by (key, value). A
     selector's candidates come from the postings of its most selective `In` requirement (or, with
     none, every pod of the candidate namespaces); each candidate is then checked with
-    `ClusterState.holds`. The operator's status aggregation (`stockade.control.selection`) and the
-    compiler's subject and peer sets (`stockade.compiler.lower`, `stockade.compiler.classes`)
-    read it.
+    `ClusterState.holds`. The pod-set membership the operator carries from pass to pass
+    (`stockade.compiler.membership`, which also counts each policy's endpoints for its status)
+    and the compiler's subject and peer sets (`stockade.compiler.lower`,
+    `stockade.compiler.classes`) read it.
     """
 
     def __init__(self, state: ClusterState) -> None:

@@ -1,0 +1,228 @@
+"""The lowering fed the Store's journal (`stockade.control.worker`, #17) gives exactly what a
+cold lowering of the same Store gives, at every pass of a generated change sequence (the
+generators and steps of tests/unit/test_lower_incremental.py), and so does the worker process,
+also when it is killed between passes: its successor starts from the whole store. Every policy
+subject's endpoints per node, which the status reporter reads, equal the state's own index.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kubernetes.client import ApiClient
+
+from stockade.control.config import OperatorConfig
+from stockade.control.lowering import Lowerer
+from stockade.control.policies import PolicyRecord
+from stockade.control.reconciler import Reconciler
+from stockade.control.store import Mirror, Store
+from stockade.control.worker import InProcess, InThread
+from stockade.model.cluster import Namespace, Pod
+from stockade.model.policy import Policy
+from tests.fixtures.scenarios import NODES, PROFILE, examples, scenario
+from tests.unit.test_lower_incremental import step
+
+
+def record(policy: Policy) -> PolicyRecord:
+    return PolicyRecord(policy.kind, policy.namespace, policy.name, f"uid-{policy.name}", 1, policy)
+
+
+class Cluster:
+    """A generated cluster held in a Store, changed step by step as the handlers would."""
+
+    def __init__(self, data: st.DataObject) -> None:
+        case = data.draw(scenario())
+        self.data = data
+        self.namespaces = list(case.state.namespaces.values())
+        self.pods: dict[str, Pod] = {p.key: p for p in case.state.pods}
+        if data.draw(st.booleans()):  # no named ports: every change takes the proportional path
+            self.pods = {k: replace(p, named_ports={}) for k, p in self.pods.items()}
+        self.removed: dict[str, Pod] = {}
+        self.pool = list(case.policies)
+        self.active = list(self.pool)
+        self.store = Store()
+        for node in NODES:
+            self.store.put_node(node.name, node)
+        self.write()
+
+    def write(self) -> None:
+        """Put everything into the Store; an unchanged value is no change there."""
+        for namespace in self.namespaces:
+            self.store.put_namespace(namespace.name, namespace)
+        for key, pod in self.pods.items():
+            self.store.put_pod(key, pod)
+        for key in self.removed:
+            self.store.put_pod(key, None)
+        active = {record(p).key: p for p in self.active}
+        for policy in self.pool:
+            key = record(policy).key
+            if key not in active:
+                self.store.put_policy(key, None)
+        for key, policy in active.items():
+            old = self.store.policy(key)
+            if old is None or old.policy is not policy:
+                self.store.put_policy(key, record(policy))
+
+    def change(self) -> None:
+        step(self.data, self.namespaces, self.pods, self.removed, self.active, self.pool)
+        self.write()
+
+
+def subjects_per_node(store: Store) -> dict[Any, dict[str, int]]:
+    """Every policy subject's endpoints per node, from the state's own index."""
+    snap = store.snapshot()
+    out: dict[Any, dict[str, int]] = {}
+    for r in snap.policies.values():
+        if r.policy is not None:
+            counts: dict[str, int] = {}
+            for pod in snap.state.index.pods_in(r.policy.subject):
+                if pod.node is not None and pod.ips:
+                    counts[pod.node] = counts.get(pod.node, 0) + 1
+            out[r.policy.subject] = counts
+    return out
+
+
+def lower(reconciler: Reconciler, store: Store) -> None:
+    changes = store.take(changes=True).changes
+    assert changes is not None
+    reconciler.lower(changes)
+
+
+@pytest.fixture
+def reconcilers() -> Iterator[list[Reconciler]]:
+    """Reconcilers made by the test; their workers are stopped and reaped after it."""
+    made: list[Reconciler] = []
+    yield made
+    for reconciler in made:
+        reconciler.close()
+
+
+@settings(settings.get_profile(PROFILE), max_examples=examples(40))
+@given(data=st.data())
+def test_every_pass_fed_the_journal_equals_a_cold_lowering_of_the_store(
+    data: st.DataObject,
+) -> None:
+    cluster = Cluster(data)
+    reconciler = Reconciler(cluster.store, ApiClient(), mode="thread")
+    assert isinstance(reconciler.lowering, InThread)
+    for _ in range(data.draw(st.integers(1, 8))):
+        engine = reconciler.lowering.engine
+        before = dict(engine.lowerer.ids) if engine is not None else {}
+        lower(reconciler, cluster.store)
+        cold = Lowerer()
+        cold.ids = before  # ids depend on the history: a cold lowering carries them in
+        assert reconciler.parts == cold.desired(cluster.store.snapshot())
+        assert reconciler.selected == subjects_per_node(cluster.store)
+        cluster.change()
+
+
+@settings(settings.get_profile(PROFILE), max_examples=min(examples(4), 25))  # a worker each
+@given(data=st.data())
+def test_the_worker_process_answers_as_the_thread_does_and_a_killed_one_loses_nothing(
+    data: st.DataObject,
+) -> None:
+    cluster = Cluster(data)
+    thread = Reconciler(cluster.store, ApiClient(), mode="thread")
+    process = Reconciler(cluster.store, ApiClient(), mode="process")
+    worker = process.lowering
+    assert isinstance(worker, InProcess)
+    steps = data.draw(st.integers(2, 6))
+    kill = data.draw(st.integers(1, steps - 1))
+    try:
+        for index in range(steps):
+            if index == kill:
+                assert worker.pid is not None
+                os.kill(worker.pid, signal.SIGKILL)
+            changes = cluster.store.take(changes=True).changes
+            assert changes is not None
+            thread.lower(changes)
+            process.lower(changes)
+            assert process.parts == thread.parts
+            assert process.selected == thread.selected
+            cluster.change()
+    finally:
+        process.close()
+    assert worker.starts == 2
+
+
+def test_a_lowering_that_raised_starts_again_from_the_whole_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine that raised may hold half an update: the next pass has a new one, given the
+    whole store, so the change the failed pass took is not lost."""
+    store = Store()
+    store.put_node("n0", NODES[0])
+    reconciler = Reconciler(store, ApiClient(), mode="thread")
+    assert isinstance(reconciler.lowering, InThread)
+    lower(reconciler, store)
+    engine = reconciler.lowering.engine
+    assert engine is not None and set(reconciler.parts) == {"n0"}
+
+    def broken(changes: object) -> None:
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(engine, "lower", broken)
+    store.put_node("n1", NODES[1])
+    with pytest.raises(RuntimeError):
+        lower(reconciler, store)
+    lower(reconciler, store)
+    assert reconciler.lowering.engine is not engine
+    assert set(reconciler.parts) == {"n0", "n1"}
+
+
+def test_closing_the_lowering_ends_its_worker_at_the_end_of_its_input(
+    reconcilers: list[Reconciler],
+) -> None:
+    store = Store()
+    store.put_node("n0", NODES[0])
+    reconciler = Reconciler(store, ApiClient(), mode="process")
+    reconcilers.append(reconciler)
+    lower(reconciler, store)
+    worker = reconciler.lowering
+    assert isinstance(worker, InProcess)
+    child = worker._child
+    assert child is not None
+    reconciler.close()
+    assert child.returncode == 0  # it exited on its own (killed would be -9), and was reaped
+    assert worker.pid is None
+
+
+def test_the_lowering_setting_takes_process_or_thread_and_defaults_to_process() -> None:
+    assert OperatorConfig().lowering == "process"
+    assert OperatorConfig(lowering="thread").lowering == "thread"
+    with pytest.raises(ValueError, match="--lowering: 'fork' is not one of process, thread"):
+        OperatorConfig(lowering="fork")
+
+
+def test_a_take_hands_over_only_what_changed_since_the_last_and_a_full_take_everything() -> None:
+    store = Store()
+    ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
+    store.put_namespace("a", ns)
+    web = Pod("a", "web", {"app": "web"}, node="n0")
+    store.put_pod("a/web", web)
+    store.put_pod("a/db", Pod("a", "db"))
+    store.put_pod("a/db", None)  # the last write of a key wins
+    first = store.take(changes=True).changes
+    assert first is not None and not first.full
+    assert dict(first.entries) == {
+        ("namespaces", "a"): ns,
+        ("pods", "a/web"): web,
+        ("pods", "a/db"): None,
+    }
+    store.put_pod("a/web", web)  # the same value: no change
+    store.put_report("n0", {"appliedGeneration": 1})  # an agent's report: not the lowering's
+    assert store.take(changes=False).changes is None  # a status pass leaves the journal
+    assert dict(store.take(changes=True).changes.entries) == {}  # type: ignore[union-attr]
+    whole = store.take(changes=True, full=True).changes
+    assert whole is not None and whole.full
+    assert dict(whole.entries) == {("namespaces", "a"): ns, ("pods", "a/web"): web}
+    mirror = Mirror()
+    mirror.apply(first)
+    assert [p.key for p in mirror.snapshot().state.pods] == ["a/web"]
