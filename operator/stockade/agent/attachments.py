@@ -91,18 +91,19 @@ def _resolve_neighbour(address: IPAddress) -> None:
         sock.sendto(b"", (str(address), DISCARD_PORT))
 
 
-def find_interface(endpoint: Endpoint) -> HostInterface:
-    """The endpoint's host-side interface from the first address that resolves."""
+def find_interface(endpoint: Endpoint, attempts: int = RESOLVE_ATTEMPTS) -> HostInterface:
+    """The endpoint's host-side interface from the first address that resolves; an address
+    whose neighbour is not resolved yet is tried `attempts` times, RESOLVE_PAUSE apart."""
     problems = []
     for address in sorted(endpoint.addresses, key=lambda a: a.version):
-        for attempt in range(RESOLVE_ATTEMPTS):
+        for attempt in range(attempts):
             try:
                 return host_interface(address)
             except InterfaceNotFoundError as exc:
                 if "neighbours" not in str(exc) and "FDB" not in str(exc):
                     problems.append(str(exc))
                     break
-                if attempt == RESOLVE_ATTEMPTS - 1:
+                if attempt == attempts - 1:
                     problems.append(str(exc))
                     break
                 _resolve_neighbour(address)
@@ -152,6 +153,7 @@ class Attachments:
         # Looked up by `prefetch` before a sync's apply: an interface, or why it was not found.
         self._prefetched: dict[tuple[IPAddress, ...], HostInterface | str] = {}
         self._resolver: NetnsExecutor | None = None
+        self._looked_ahead = False  # a prefetch ran for the coming reconcile
         self.lookups = 0
 
     def _run(self, fn: Callable[[], T]) -> T:
@@ -192,8 +194,16 @@ class Attachments:
         takes its lock: on a bridge a lookup may wait up to a second for the node to resolve
         the pod's address, and a CNI ADD must not wait for that. It runs on a thread of its own
         in the node's namespace, so the one that attaches is free meanwhile. `reconcile` uses
-        what it found (and does not retry what it did not)."""
-        wanted = [e for e in endpoints if e.addresses not in self._found]
+        what it found (and does not retry what it did not). An interface found before whose
+        links are gone (the pod was deleted, its endpoint not yet) is looked up again here too:
+        left to `reconcile`, that lookup waited out its retries (two seconds on a bridge) under
+        the lock, and every CNI ADD meanwhile with it."""
+        self._looked_ahead = True
+        wanted = [
+            e
+            for e in endpoints
+            if e.addresses not in self._found or not self._alive(self._found[e.addresses])
+        ]
         if not wanted:
             self._prefetched = {}
             return
@@ -258,7 +268,10 @@ class Attachments:
             else:
                 try:
                     self.lookups += 1
-                    found = find_interface(endpoint)
+                    # After a prefetch, only an interface that went away since (its pod was
+                    # deleted while the sync waited for the lock) comes here: one look, no
+                    # waiting for a neighbour under the lock; the next sync looks again.
+                    found = find_interface(endpoint, 1 if self._looked_ahead else RESOLVE_ATTEMPTS)
                 except InterfaceNotFoundError as exc:
                     result.failures.append(Failure(endpoint, "InterfaceNotFound", str(exc)))
                     continue
@@ -281,6 +294,7 @@ class Attachments:
             result.ifindexes.add(found.ifindex)
         self._found = found_now
         self._prefetched = {}
+        self._looked_ahead = False
         for name in self.pinned_interfaces():
             if name in wanted or (pending and self._on_any(name, pending)):
                 continue
