@@ -12,6 +12,10 @@ as its baseline and reported as the difference and the ratio:
   same way), `established_ns` (its later packets on the veth);
 - `netfilter_pass_ns`: the netfilter program on a forwarded packet that was not deferred (what
   every packet through the node's POST_ROUTING pays), above an empty netfilter program;
+- `nat_pass_ns`: the program after SNAT (`stockade_service_nat`) on such a packet, above the
+  empty program; a test run's packet has no kernel conntrack entry, so this is its exit on a
+  packet the kernel does not track (one with an entry adds one read of the entry's status, and
+  one whose source the kernel translated four reads and a lookup);
 - `fallback`: Shape.service_fallback against the same Shape without it: `not_to_service`
   (`established`, `new_flow` as above; the new flow pays the `svc_space` lookup) and
   `to_service_first_packet_ns` (a first packet to a Service decided by its verdict: denied, so
@@ -101,10 +105,20 @@ def measure(bench: BenchLike) -> dict[str, Any]:
     ).load()
     try:
         nf = on.program(Hook.SERVICE).fd
+        nat = on.program(Hook.SERVICE_NAT).fd
         empty_fd = empty.program("empty_nf").fd
         translated = _frame(BACKEND)
         samples: dict[str, list[float]] = {
-            k: [] for k in [*veth, "nf/pass", "nf/empty", "nf/first", "nf/empty1", "established"]
+            k: []
+            for k in [
+                *veth,
+                "nf/pass",
+                "nf/nat",
+                "nf/empty",
+                "nf/first",
+                "nf/empty1",
+                "established",
+            ]
         }
         singles = 200 if bench.quick else 2000
         for _ in range(bench.rounds):
@@ -112,6 +126,9 @@ def measure(bench: BenchLike) -> dict[str, Any]:
                 samples[name].append(libbpf.prog_test_run(fd, frame, bench.repeat).duration_ns)
             samples["nf/pass"].append(
                 testrun.run_netfilter(nf, _frame(ELSEWHERE), repeat=bench.repeat).duration_ns
+            )
+            samples["nf/nat"].append(
+                testrun.run_netfilter(nat, _frame(ELSEWHERE), repeat=bench.repeat).duration_ns
             )
             samples["nf/empty"].append(
                 testrun.run_netfilter(empty_fd, translated, repeat=bench.repeat).duration_ns
@@ -170,6 +187,7 @@ def measure(bench: BenchLike) -> dict[str, Any]:
             "established_ns": med["established"],
         },
         "netfilter_pass_ns": round(med["nf/pass"] - med["nf/empty"], 1),
+        "nat_pass_ns": round(med["nf/nat"] - med["nf/empty"], 1),
         "netfilter_empty_ns": med["nf/empty"],
         "units": "veth figures are whole program runs (ns, medians); netfilter figures are "
         "above an empty netfilter program run the same way",

@@ -373,6 +373,18 @@ static __always_inline int ct_put(const struct ct_key *o, const struct ct_flow *
 	return 1;
 }
 
+/* Remove the flow with original tuple `o` (a ct_key as ct_key_set writes it), if recorded. */
+static __always_inline void ct_forget(const struct ct_key *o)
+{
+	struct ct_key k;
+	struct ct_entry *e;
+	int slot = ct_key_norm(&k, o->saddr, o->daddr, o->sport, o->dport, o->proto, o->dir);
+
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	if (e)
+		ct_clear(&k, e, slot);
+}
+
 /* Record an allowed new flow, against the budget of the endpoint that judged it (`d`). Echo
  * replies, ICMP errors and TCP resets start no flow. Returns -1 when the endpoint holds its
  * budget of entries already (the flow is then not recorded), else 0. */

@@ -77,13 +77,30 @@ struct svc_defer_value {
 	__u32 endpoint_id;	/* the client's endpoint */
 };
 
-/* svc_flows: the original tuple of an allowed Service flow (its conntrack key) -> the backend
- * it was judged on. */
+/* svc_flows: the original tuple of an allowed Service flow (its conntrack key) -> the other
+ * end it was judged against:
+ * - EGRESS key (client -> Service address): `peer` is the backend, `endpoint_id` the client;
+ * - INGRESS key (the masqueraded client -> a local backend, as the backend's veth sees it):
+ *   `peer` is the client as it really is, `endpoint_id` the backend. */
 struct svc_flow_value {
-	__u32 baddr[4];
+	__u32 peer[4];
 	__u16 port;		/* the backend's policy port (host order) */
 	__u16 pad;
-	__u32 endpoint_id;	/* the client's endpoint */
+	__u32 endpoint_id;	/* the endpoint whose policy judged the flow */
+};
+
+/* svc_masq: a flow that the netfilter program allowed into a local backend, by the key of its
+ * deferral (client address and port, protocol), until the program after SNAT has seen it: if
+ * kube-proxy masqueraded it (a hairpin, a NodePort), the backend's conntrack entry moves to the
+ * tuple the backend's veth sees. */
+struct svc_masq_value {
+	__u64 expires_ns;
+	__u32 baddr[4];		/* the backend, as DNAT left it */
+	__be16 bport;
+	__u16 port;		/* the backend's policy port (host order) */
+	__u32 rule_id;		/* the backend's ingress rule that allowed it */
+	__u32 endpoint_id;	/* the backend's endpoint */
+	__u32 pad;
 };
 
 #define SVC_DEFER_NS 2000000000ULL /* 2 s: the first packet reaches POST_ROUTING long before */
@@ -103,6 +120,14 @@ struct {
 	__type(value, struct svc_flow_value);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } svc_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, STOCKADE_CONNTRACK_MAX);
+	__type(key, struct svc_defer_key);
+	__type(value, struct svc_masq_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} svc_masq SEC(".maps");
 
 /* Veth side: defer a new flow from endpoint `endpoint_id` when its destination is Service
  * space. Returns 1 when deferred (the packet passes, unjudged here). */
@@ -155,19 +180,22 @@ static __always_inline void svc_decide(__u32 client_id, const __u32 *caddr, cons
 		policy_decide_endpoint(backend->id, caddr, proto, port, DIR_INGRESS, 0, ingress);
 }
 
-/* conntrack.h, revalidating an entry after a policy change: the entry of a Service flow is
- * judged again on its backend. Returns 1 when `k` is one (and `d` is set). */
+/* conntrack.h, revalidating an entry after a policy change: the client's entry of a Service
+ * flow is judged again on its backend, a masqueraded flow's entry at a local backend on the
+ * client it really came from. Returns 1 when `k` is one (and `d` is set). */
 static __always_inline int svc_revalidate(const struct ct_key *k, struct decision *d)
 {
 	struct svc_flow_value *v;
 	struct decision in;
 
-	if (k->dir != DIR_EGRESS)
-		return 0;
 	v = bpf_map_lookup_elem(&svc_flows, k);
 	if (!v)
 		return 0;
-	svc_decide(v->endpoint_id, k->saddr, v->baddr, k->proto, v->port, d, &in);
+	if (k->dir == DIR_INGRESS) {
+		policy_decide_endpoint(v->endpoint_id, v->peer, k->proto, v->port, DIR_INGRESS, 0, d);
+		return 1;
+	}
+	svc_decide(v->endpoint_id, k->saddr, v->peer, k->proto, v->port, d, &in);
 	if (d->action != ACTION_DENY && in.judged && in.action == ACTION_DENY)
 		*d = in;
 	return 1;

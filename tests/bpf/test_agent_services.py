@@ -1,8 +1,9 @@
 """The agent's Service mode against the kernel, without an API server: in netfilter mode a Shape
 with services gets its SERVICE program linked at the node namespace's netfilter hooks (both
-families, POST_ROUTING and LOCAL_IN), pinned under the pin root, adopted by the next sync and
-unlinked when the Shape drops services; in fallback mode the Shape runs the Service fallback
-in place of services (its verdicts written into `svc_verdict`) and nothing is linked."""
+families, POST_ROUTING and LOCAL_IN) and SERVICE_NAT at POST_ROUTING after SNAT, pinned under
+the pin root, adopted by the next sync and unlinked when the Shape drops services; in fallback
+mode the Shape runs the Service fallback in place of services (its verdicts written into
+`svc_verdict`) and nothing is linked."""
 
 from __future__ import annotations
 
@@ -69,14 +70,14 @@ def test_netfilter_mode_links_the_service_program_and_unlinks_it_without_service
             syncer = _syncer(root, executor, cluster, Shape(services=True), NETFILTER)
             syncer.sync()
             service = syncer.programs.programs[Hook.SERVICE]
+            nat = syncer.programs.programs[Hook.SERVICE_NAT]
             assert _links(root) == {
-                name: service.id
-                for name in (
-                    "nf-ip-local-in",
-                    "nf-ip-post-routing",
-                    "nf-ip6-local-in",
-                    "nf-ip6-post-routing",
-                )
+                "nf-ip-local-in": service.id,
+                "nf-ip-post-routing": service.id,
+                "nf-ip-post-routing-nat": nat.id,
+                "nf-ip6-local-in": service.id,
+                "nf-ip6-post-routing": service.id,
+                "nf-ip6-post-routing-nat": nat.id,
             }
             assert syncer.netfilter.attaches == 1
             syncer.sync()  # nothing changed: the links stay as they are
@@ -85,6 +86,7 @@ def test_netfilter_mode_links_the_service_program_and_unlinks_it_without_service
             syncer = _syncer(root, executor, cluster, Shape(), NETFILTER)
             syncer.sync()
             assert Hook.SERVICE not in syncer.programs.programs
+            assert Hook.SERVICE_NAT not in syncer.programs.programs
             assert _links(root) == {}
         finally:
             syncer.close()

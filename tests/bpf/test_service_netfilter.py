@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from stockade.agent import services
 from stockade.compiler import ir
 from stockade.compiler.ir import Action, Direction
 from stockade.compiler.render import Hook
@@ -229,7 +230,10 @@ def enforced(spaces: netns.Namespaces, fam: Family, egress: bool) -> Iterator[Da
                 pin = dp.pin_root / "links" / f"{host_if}-{point.name.lower()}"
                 node.run(at.attach_tcx, ifindex, point, dp.program(hook).fd, pin)
                 stack.callback(at.detach_tcx, pin)
-        pins = node.run(at.attach_netfilter, dp.program(Hook.SERVICE).fd, dp.pin_root / "links")
+        programs = {
+            point: dp.program(hook).fd for point, hook in services.HOOK_PROGRAMS.items()
+        }
+        pins = node.run(at.attach_netfilter, programs, dp.pin_root / "links")
         for pin in pins:
             stack.callback(at.detach_netfilter, pin)
         yield dp

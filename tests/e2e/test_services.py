@@ -13,7 +13,9 @@ families (dual-stack Services, the pods' and nodes' addresses of each family):
   ClusterIP from the other node, and itself through its own Service (a hairpin, which kube-proxy
   masquerades: netfilter judges it as the pod it is, before the masquerade; the fallback's
   backend veth judges it on the masqueraded node address, which the policy does not admit
-  either);
+  either); a database that admits itself reaches itself through its Service in netfilter mode
+  (the backend's entry moved to the masqueraded tuple after SNAT), not in fallback mode (the
+  masqueraded node address is judged: a documented divergence);
 - an egress ipBlock of one backend's address (/32, /128) opens its ClusterIP and no other;
 - two backends behind one ClusterIP, a peer label that is not part of the Service's selector
   allowing one of them: in netfilter mode each connection's outcome follows the backend
@@ -66,6 +68,8 @@ EXPECTED: dict[str, tuple[set[str], set[str]]] = {
     "egress to the allowed backend on its named port": ({CONNECTED}, {CONNECTED}),
     "ingress from a pod the backend does not admit": ({TIMED_OUT}, {TIMED_OUT}),
     "a hairpin the backend does not admit": ({TIMED_OUT}, {TIMED_OUT}),
+    # the fallback's backend veth sees the masqueraded node address (docs/services.md)
+    "a hairpin the backend admits": ({CONNECTED}, {TIMED_OUT}),
     "ingress from the admitted pod": ({CONNECTED}, {CONNECTED}),
     "ipBlock of one backend, another Service": ({TIMED_OUT}, {TIMED_OUT}),
     "ipBlock of one backend, its Service": ({CONNECTED}, {CONNECTED}),
@@ -282,6 +286,17 @@ spec:
       podSelector: {matchLabels: {app: client}}
     ports: [{port: 5432}]
 """
+ITSELF = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-itself, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: db}}}]
+    ports: [{port: 5432}]
+"""
 IPBLOCK = """
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -322,6 +337,14 @@ def test_connections_to_cluster_ips_are_judged_on_their_backends(sandbox: Sandbo
         sandbox.check("ingress from the admitted pod", "web", "client", db[family])
 
     kubectl(kubeconfig, "delete", "-f", "-", input=INGRESS)
+    kubectl(kubeconfig, "apply", "-f", "-", input=ITSELF)
+    # the client is admitted no more: ITSELF is in force
+    sandbox.until("ingress from a pod the backend does not admit", "web", "client", db[4])
+    for family in FAMILIES:
+        sandbox.check("a hairpin the backend admits", "shop", "db", db[family])
+        sandbox.check("ingress from a pod the backend does not admit", "web", "client", db[family])
+
+    kubectl(kubeconfig, "delete", "-f", "-", input=ITSELF)
     db_pod = _pod_ips(kubeconfig, "shop", "db")
     policy = IPBLOCK.replace("DB_V4", db_pod[4]).replace("DB_V6", db_pod[6])
     kubectl(kubeconfig, "apply", "-f", "-", input=policy)

@@ -5,9 +5,10 @@
   the node's namespace). `netfilter`: a new flow to Service space is judged on its backend by
   the netfilter program after DNAT. `fallback`: the Shape's services switch is turned off and
   the veth judges a flow to a Service address on that address (kernels before 6.4, or forced).
-- `NetfilterLinks`: the SERVICE program linked at POST_ROUTING and LOCAL_IN of both families in
-  the node's namespace, pinned under `<pin root>/netfilter/`; a link that runs another program
-  is replaced (new link first), the links go when the Shape has no SERVICE program.
+- `NetfilterLinks`: the SERVICE program linked at POST_ROUTING (priority 95) and LOCAL_IN, and
+  SERVICE_NAT at POST_ROUTING after SNAT (101), of both families in the node's namespace,
+  pinned under `<pin root>/netfilter/`; a link that runs another program is replaced (new link
+  first), the links go when the Shape has no SERVICE program.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from stockade.compiler.render import Hook
 from stockade.compiler.shape import Shape
 from stockade.datapath import attach, libbpf
 from stockade.datapath.netns import NetnsExecutor
@@ -58,8 +60,16 @@ def effective_shape(shape: Shape, mode: str) -> Shape:
     return shape
 
 
+# which program each netfilter hook runs
+HOOK_PROGRAMS = {
+    attach.NetfilterHook.POST_ROUTING: Hook.SERVICE,
+    attach.NetfilterHook.LOCAL_IN: Hook.SERVICE,
+    attach.NetfilterHook.POST_ROUTING_NAT: Hook.SERVICE_NAT,
+}
+
+
 class NetfilterLinks:
-    """The SERVICE program's links in the node's namespace."""
+    """The SERVICE and SERVICE_NAT programs' links in the node's namespace."""
 
     def __init__(self, pin_root: Path, executor: NetnsExecutor | None = None) -> None:
         self.root = pin_root / NETFILTER_DIR
@@ -70,35 +80,43 @@ class NetfilterLinks:
     def _run(self, fn: Callable[[], T]) -> T:
         return self._executor.run(fn) if self._executor is not None else fn()
 
-    def _linked_ids(self) -> set[int]:
-        ids = set()
+    def _linked(self) -> dict[str, int]:
+        """Pin name -> the program id its link runs."""
+        linked = {}
         if self.root.is_dir():
             for pin in self.root.iterdir():
                 fd = libbpf.obj_get(pin)
                 try:
-                    ids.add(libbpf.link_info(fd).prog_id)
+                    linked[pin.name] = libbpf.link_info(fd).prog_id
                 finally:
                     os.close(fd)
-        return ids
+        return linked
 
-    def ensure(self, prog_fd: int, prog_id: int, ipv6: bool) -> bool:
-        """Every link runs `prog_id`; True when links were created."""
-        wanted = len(attach.NETFILTER_POINTS) if ipv6 else len(attach.NETFILTER_POINTS) // 2
-        pins = list(self.root.iterdir()) if self.root.is_dir() else []
-        if self._linked_ids() == {prog_id} and len(pins) == wanted:
-            self.prog_id = prog_id
+    def ensure(self, programs: Mapping[Hook, tuple[int, int]], ipv6: bool) -> bool:
+        """Each hook of HOOK_PROGRAMS runs its program (`programs`: hook -> (fd, id)) in both
+        families (IPv4 only without `ipv6`) and no other link is left; True when links were
+        created."""
+        wanted = {
+            attach.netfilter_pin(self.root, pf, point).name: programs[hook][1]
+            for pf, point in attach.NETFILTER_POINTS
+            for hook in (HOOK_PROGRAMS[point],)
+            if ipv6 or pf == attach.NFPROTO_IPV4
+        }
+        linked = self._linked()
+        service_id = programs[Hook.SERVICE][1]
+        if linked == wanted:
+            self.prog_id = service_id
             return False
-        self._run(lambda: attach.attach_netfilter(prog_fd, self.root, ipv6))
-        for pin in pins:  # links of points no longer wanted (the Shape lost IPv6)
-            if pin.exists() and pin.name not in {
-                attach.netfilter_pin(self.root, pf, hook).name
-                for pf, hook in attach.NETFILTER_POINTS
-                if ipv6 or pf == attach.NFPROTO_IPV4
-            }:
-                attach.detach_netfilter(pin)
-        self.prog_id = prog_id
+        fds = {point: programs[hook][0] for point, hook in HOOK_PROGRAMS.items()}
+        self._run(lambda: attach.attach_netfilter(fds, self.root, ipv6))
+        for name in linked.keys() - wanted.keys():  # points no longer wanted (IPv6 gone)
+            attach.detach_netfilter(self.root / name)
+        self.prog_id = service_id
         self.attaches += 1
-        log.info("Service flows judged by program %d at the netfilter hooks", prog_id)
+        log.info(
+            "Service flows judged by programs %s at the netfilter hooks",
+            ", ".join(str(programs[h][1]) for h in (Hook.SERVICE, Hook.SERVICE_NAT)),
+        )
         return True
 
     def remove(self) -> int:

@@ -8,7 +8,8 @@ resync period; it is safe to call at any time and does only what differs:
    pinned ones: only a new Shape does any of this);
 3. write the tables into the pinned maps as a diff (`TableWriter`);
 4. attach both hooks to every local endpoint's host-side veth, detach from the gone ones; link
-   the SERVICE program at the node's netfilter hooks in netfilter mode (`agent.services`);
+   the SERVICE and SERVICE_NAT programs at the node's netfilter hooks in netfilter mode
+   (`agent.services`);
 5. report status on `<node>.program.0` and Events on Pods whose attach failed.
 
 When a new generation is in force, and its program object says when the operator took in the
@@ -223,10 +224,9 @@ class Syncer:
         result = self.attachments.reconcile(
             endpoints_of(wanted.tables), programs, Bindings(self.maps), keep
         )
-        service = self.programs.programs.get(Hook.SERVICE)
-        if service is not None:
+        if Hook.SERVICE in programs:
             assert self.programs.shape is not None
-            self.netfilter.ensure(service.fd, service.id, self.programs.shape.ipv6)
+            self.netfilter.ensure(programs, self.programs.shape.ipv6)
         else:
             self.netfilter.remove()
         self._release(pending, waiting, result)

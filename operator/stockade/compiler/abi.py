@@ -164,7 +164,17 @@ SVC_DEFER_VALUE = Layout(
     ("endpoint_id", "I"),
 )
 SVC_FLOW_VALUE = Layout(
-    "svc_flow_value", ("baddr", "16s"), ("port", "H"), ("pad", "2x"), ("endpoint_id", "I")
+    "svc_flow_value", ("peer", "16s"), ("port", "H"), ("pad", "2x"), ("endpoint_id", "I")
+)
+SVC_MASQ_VALUE = Layout(
+    "svc_masq_value",
+    ("expires_ns", "Q"),
+    ("baddr", "16s"),
+    ("bport", "2s"),  # be16
+    ("port", "H"),
+    ("rule_id", "I"),
+    ("endpoint_id", "I"),
+    ("pad", "4x"),
 )
 SVC_VERDICT_KEY = Layout(
     "svc_verdict_key",
@@ -278,6 +288,7 @@ MAPS = {
         ),
         MapSpec("svc_deferred", MapType.LRU_HASH, SVC_DEFER_KEY, SVC_DEFER_VALUE, "conntrack_max"),
         MapSpec("svc_flows", MapType.LRU_HASH, CT_KEY, SVC_FLOW_VALUE, "conntrack_max"),
+        MapSpec("svc_masq", MapType.LRU_HASH, SVC_DEFER_KEY, SVC_MASQ_VALUE, "conntrack_max"),
         # Only with STOCKADE_SERVICE_FALLBACK (bpf/service.h).
         MapSpec(
             "svc_verdict",

@@ -40,13 +40,20 @@ class Hook(Enum):
 
     FROM_POD = ("from_pod.c.j2", "stockade_from_pod", Direction.EGRESS)  # tc ingress
     TO_POD = ("to_pod.c.j2", "stockade_to_pod", Direction.INGRESS)  # tc egress
-    # the node namespace's netfilter hooks (Shape.services): Service flows after DNAT
+    # the node namespace's netfilter hooks (Shape.services): Service flows after DNAT, and
+    # after SNAT the masqueraded ones a local backend admitted (bpf/service.h)
     SERVICE = ("service.c.j2", "stockade_service", Direction.EGRESS)
+    SERVICE_NAT = ("service.c.j2", "stockade_service_nat", Direction.INGRESS)
 
     def __init__(self, template: str, program: str, direction: Direction) -> None:
         self.template = template
         self.program = program
         self.direction = direction
+
+    @property
+    def netfilter(self) -> bool:
+        """A program of the node namespace's netfilter hooks, not of a veth."""
+        return self in (Hook.SERVICE, Hook.SERVICE_NAT)
 
     @property
     def filename(self) -> str:
@@ -92,8 +99,8 @@ def _checked_defines(shape: Shape) -> tuple[tuple[str, int], ...]:
 
 def render(shape: Shape, hook: Hook, bpf_dir: Path = BPF_DIR) -> RenderedProgram:
     """The C of `hook`'s program for `shape`; byte-identical for equal shapes."""
-    if hook is Hook.SERVICE and not shape.services:
-        raise ValueError("the SERVICE program needs a shape with services on")
+    if hook.netfilter and not shape.services:
+        raise ValueError(f"the {hook.name} program needs a shape with services on")
     env = _environment(bpf_dir)
     defines = _checked_defines(shape)
     headers = tuple((name, (bpf_dir / name).read_text()) for name in HEADERS)
@@ -119,8 +126,9 @@ def render(shape: Shape, hook: Hook, bpf_dir: Path = BPF_DIR) -> RenderedProgram
 
 
 def hooks(shape: Shape) -> tuple[Hook, ...]:
-    """The programs a node runs for `shape`: the veth's two, plus SERVICE with services on."""
-    return tuple(h for h in Hook if h is not Hook.SERVICE or shape.services)
+    """The programs a node runs for `shape`: the veth's two, plus the netfilter ones (SERVICE,
+    SERVICE_NAT) with services on."""
+    return tuple(h for h in Hook if not h.netfilter or shape.services)
 
 
 def render_all(shape: Shape, bpf_dir: Path = BPF_DIR) -> tuple[RenderedProgram, ...]:

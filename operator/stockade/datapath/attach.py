@@ -21,6 +21,7 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -141,12 +142,14 @@ BPF_LINK_TYPE_NETFILTER = 10
 
 
 class NetfilterHook(Enum):
-    """Where the Service program runs in the node's namespace: (hooknum, priority)."""
+    """Where the Service programs run in the node's namespace: (hooknum, priority)."""
 
     # after kube-proxy's DNAT (NF_IP_PRI_NAT_DST, -100), before its SNAT (NF_IP_PRI_NAT_SRC, 100)
     POST_ROUTING = (4, 95)
     # backends in the node's own namespace (host network, IPVS), after LOCAL_IN's SNAT (100)
     LOCAL_IN = (1, 101)
+    # after kube-proxy's SNAT: where a masqueraded flow's tuple is known (bpf/service.c.j2)
+    POST_ROUTING_NAT = (4, 101)
 
     def __init__(self, hooknum: int, priority: int) -> None:
         self.hooknum = hooknum
@@ -173,18 +176,21 @@ def netfilter_pin(pin_dir: Path, pf: int, hook: NetfilterHook) -> Path:
     return pin_dir / f"nf-{family}-{hook.name.lower().replace('_', '-')}"
 
 
-def attach_netfilter(prog_fd: int, pin_dir: Path, ipv6: bool = True) -> list[Path]:
-    """Link the program at every NETFILTER_POINTS hook of the calling thread's namespace (IPv6
-    ones only with `ipv6`), pinned under `pin_dir`. Netfilter links cannot swap their program:
-    a pinned one is replaced by a new link created first, so no packet goes unjudged (a packet
-    the old and the new program both see is judged once: the first consumes its deferral)."""
+def attach_netfilter(
+    programs: Mapping[NetfilterHook, int], pin_dir: Path, ipv6: bool = True
+) -> list[Path]:
+    """Link each hook's program (`programs`: hook -> program fd) at that hook of both families
+    in the calling thread's namespace (IPv6 only with `ipv6`), pinned under `pin_dir`.
+    Netfilter links cannot swap their program: a pinned one is replaced by a new link created
+    first, so no packet goes unjudged (a packet the old and the new program both see is judged
+    once: the first consumes its deferral)."""
     pin_dir.mkdir(parents=True, exist_ok=True)
     pins = []
     for pf, hook in NETFILTER_POINTS:
-        if pf == NFPROTO_IPV6 and not ipv6:
+        if (pf == NFPROTO_IPV6 and not ipv6) or hook not in programs:
             continue
         pin = netfilter_pin(pin_dir, pf, hook)
-        fd = _nf_link_create(prog_fd, pf, hook)
+        fd = _nf_link_create(programs[hook], pf, hook)
         try:
             staged = pin.with_name(pin.name + "-new")  # bpffs refuses names with a dot
             if staged.exists():
