@@ -230,9 +230,7 @@ def enforced(spaces: netns.Namespaces, fam: Family, egress: bool) -> Iterator[Da
                 pin = dp.pin_root / "links" / f"{host_if}-{point.name.lower()}"
                 node.run(at.attach_tcx, ifindex, point, dp.program(hook).fd, pin)
                 stack.callback(at.detach_tcx, pin)
-        programs = {
-            point: dp.program(hook).fd for point, hook in services.HOOK_PROGRAMS.items()
-        }
+        programs = {point: dp.program(hook).fd for point, hook in services.HOOK_PROGRAMS.items()}
         pins = node.run(at.attach_netfilter, programs, dp.pin_root / "links")
         for pin in pins:
             stack.callback(at.detach_netfilter, pin)
