@@ -74,7 +74,7 @@ class NetfilterLinks:
     def __init__(self, pin_root: Path, executor: NetnsExecutor | None = None) -> None:
         self.root = pin_root / NETFILTER_DIR
         self._executor = executor
-        self.prog_id = 0  # the program the links run, 0 when none
+        self.prog_id = 0  # the SERVICE program the links run, 0 when none
         self.attaches = 0
 
     def _run(self, fn: Callable[[], T]) -> T:
@@ -97,21 +97,18 @@ class NetfilterLinks:
         families (IPv4 only without `ipv6`) and no other link is left; True when links were
         created."""
         wanted = {
-            attach.netfilter_pin(self.root, pf, point).name: programs[hook][1]
+            attach.netfilter_pin(self.root, pf, point).name: programs[HOOK_PROGRAMS[point]][1]
             for pf, point in attach.NETFILTER_POINTS
-            for hook in (HOOK_PROGRAMS[point],)
             if ipv6 or pf == attach.NFPROTO_IPV4
         }
         linked = self._linked()
-        service_id = programs[Hook.SERVICE][1]
+        self.prog_id = programs[Hook.SERVICE][1]
         if linked == wanted:
-            self.prog_id = service_id
             return False
         fds = {point: programs[hook][0] for point, hook in HOOK_PROGRAMS.items()}
         self._run(lambda: attach.attach_netfilter(fds, self.root, ipv6))
         for name in linked.keys() - wanted.keys():  # points no longer wanted (IPv6 gone)
             attach.detach_netfilter(self.root / name)
-        self.prog_id = service_id
         self.attaches += 1
         log.info(
             "Service flows judged by programs %s at the netfilter hooks",
