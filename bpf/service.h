@@ -17,12 +17,17 @@
  *   are established, the replies un-DNATed at its veth are replies) and, for a local backend,
  *   under the translated tuple (client -> backend, INGRESS). `svc_flows` keeps the backend of
  *   each original tuple so that a policy change judges the flow again on it (conntrack.h).
+ * - the second netfilter program (stockade_service_nat), at NF_INET_POST_ROUTING priority 101
+ *   (after SNAT), finds a flow allowed into a local backend (`svc_masq`) that kube-proxy
+ *   masqueraded to node address N and moves the INGRESS entry to N:ns -> B:bp, with the real
+ *   client in `svc_flows` for revalidation.
  *
  * Which tuple each hook sees, for client C, Service V:vp, backend B:bp:
  *   client veth, tc ingress:    C:cs -> V:vp       (deferred, then established)
  *   POST_ROUTING 95 / LOCAL_IN: C:cs -> B:bp       (judged here)
- *   backend veth, tc egress:    C:cs -> B:bp       (established: INGRESS entry)
- *   backend veth, tc ingress:   B:bp -> C:cs       (reply of the INGRESS entry)
+ *   POST_ROUTING 101:           N:ns -> B:bp       (if masqueraded: the INGRESS entry moved)
+ *   backend veth, tc egress:    C:cs -> B:bp       (established: INGRESS entry; or N:ns)
+ *   backend veth, tc ingress:   B:bp -> C:cs       (reply of the INGRESS entry; or -> N:ns)
  *   client veth, tc egress:     V:vp -> C:cs       (reply of the EGRESS entry, after un-DNAT)
  */
 #pragma once
