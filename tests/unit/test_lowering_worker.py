@@ -7,6 +7,7 @@ subject's endpoints per node, which the status reporter reads, equal the state's
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 from collections.abc import Iterator
@@ -226,3 +227,52 @@ def test_a_take_hands_over_only_what_changed_since_the_last_and_a_full_take_ever
     mirror = Mirror()
     mirror.apply(first)
     assert [p.key for p in mirror.snapshot().state.pods] == ["a/web"]
+
+
+ADDRESSES = ("10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::1")
+
+
+@st.composite
+def pod_writes(draw: st.DrawFn) -> list[tuple[str, Pod | None]]:
+    """Puts and removals of a few pods over a pool of addresses so small that addresses are
+    reused (held by two pods at once), host-network pods among them."""
+    writes: list[tuple[str, Pod | None]] = []
+    for _ in range(draw(st.integers(1, 30))):
+        name = draw(st.sampled_from(["a", "b", "c", "d", "e"]))
+        if draw(st.integers(0, 4)) == 0:
+            writes.append((f"ns/{name}", None))
+            continue
+        ips = draw(st.lists(st.sampled_from(ADDRESSES), max_size=2, unique=True))
+        pod = Pod(
+            "ns",
+            name,
+            {"v": str(draw(st.integers(0, 2)))},
+            tuple(ipaddress.ip_address(ip) for ip in ips),
+            node="n0",
+            host_network=draw(st.integers(0, 5)) == 0,
+        )
+        writes.append((f"ns/{name}", pod))
+    return writes
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(writes=pod_writes(), every=st.integers(1, 5))
+def test_the_mirror_keeps_the_state_the_store_builds(
+    writes: list[tuple[str, Pod | None]], every: int
+) -> None:
+    """The Mirror's state, kept from change to change, is the Store's built anew: the same pods
+    in the same order (a pod whose address another still holds left out), the same owner of
+    every address; taken every `every` writes, so a take carries several changes of one pod."""
+    store, mirror = Store(), Mirror()
+    for i, (key, pod) in enumerate(writes, start=1):
+        store.put_pod(key, pod)
+        if i % every and i != len(writes):
+            continue
+        changes = store.take(changes=True).changes
+        assert changes is not None
+        mirror.apply(changes)
+        want, got = store.snapshot().state, mirror.snapshot().state
+        assert got.pods == want.pods
+        for ip in ADDRESSES:
+            address = ipaddress.ip_address(ip)
+            assert got.pod_at(address) == want.pod_at(address), ip

@@ -24,6 +24,7 @@ Selector look-ups go through the label indexes of the snapshot's `ClusterState`
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -264,11 +265,7 @@ class Store:
             if take_changes:
                 self._changed_at = None
             return Snapshot(
-                state=ClusterState(
-                    self._namespaces.values(),
-                    _unique_addresses(self._pods.values()),
-                    self._nodes.values(),
-                ),
+                state=self._state(),
                 policies=MappingProxyType(dict(self._policies)),
                 reports=MappingProxyType(dict(self._reports)),
                 service_space=service_space(
@@ -285,6 +282,12 @@ class Store:
                     [ip for node in self._nodes.values() for ip in node.ips],
                 ),
             )
+
+    def _state(self) -> ClusterState:
+        """The cluster as policy sees it (under the lock): O(pods)."""
+        return ClusterState(
+            self._namespaces.values(), _unique_addresses(self._pods.values()), self._nodes.values()
+        )
 
 
 def _unique_addresses(pods: Iterable[Pod]) -> list[Pod]:
@@ -303,15 +306,77 @@ def _unique_addresses(pods: Iterable[Pod]) -> list[Pod]:
 
 class Mirror(Store):
     """The lowering's copy of a Store, kept current from its journal (`apply`); its
-    `snapshot()` is the Store's at the moment of the take."""
+    `snapshot()` is the Store's at the moment of the take.
+
+    A pass follows one change, so the Mirror keeps what the cluster state needs of every pod
+    from change to change instead of building it again: the pods in key order and the address
+    index. While no address has two holders (a reused address whose old pod's deletion has not
+    arrived yet) its state is the Store's without sorting or hashing every pod; with one, it is
+    built as the Store builds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._order: list[str] = []  # every pod's key, sorted
+        self._holders: dict[IPAddress, set[str]] = {}  # non-host-network pods' addresses
+        self._shared: set[IPAddress] = set()  # addresses with more than one holder
+        self._by_ip: dict[IPAddress, Pod] = {}  # each address's holder (its last, when shared)
+
+    def _forget(self, pod: Pod) -> None:
+        del self._order[bisect.bisect_left(self._order, pod.key)]
+        if pod.host_network:
+            return
+        for ip in pod.ips:
+            holders = self._holders[ip]
+            holders.discard(pod.key)
+            if not holders:
+                del self._holders[ip]
+                del self._by_ip[ip]
+            elif len(holders) == 1:
+                self._shared.discard(ip)
+                self._by_ip[ip] = self._pods[next(iter(holders))]
+
+    def _hold(self, pod: Pod) -> None:
+        bisect.insort(self._order, pod.key)
+        if pod.host_network:
+            return
+        for ip in pod.ips:
+            holders = self._holders.setdefault(ip, set())
+            holders.add(pod.key)
+            if len(holders) > 1:
+                self._shared.add(ip)
+            self._by_ip[ip] = pod
+
+    def _state(self) -> ClusterState:
+        if self._shared:
+            return super()._state()
+        pods = self._pods
+        return ClusterState.indexed(
+            self._namespaces.values(),
+            tuple(pods[k] for k in self._order),
+            self._nodes.values(),
+            dict(self._by_ip),
+        )
 
     def apply(self, changes: Changes) -> None:
         with self._lock:
             if changes.full:
                 for table in self._tables.values():
                     table.clear()
+                self._order.clear()
+                self._holders.clear()
+                self._shared.clear()
+                self._by_ip.clear()
             for (name, key), value in changes.entries.items():
                 table = self._tables[name]
+                if name == "pods":
+                    old = table.get(key)
+                    if old is not None:
+                        del table[key]
+                        self._forget(old)
+                    if value is not None:
+                        table[key] = value
+                        self._hold(value)
+                    continue
                 if value is None:
                     table.pop(key, None)
                 else:

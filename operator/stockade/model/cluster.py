@@ -104,6 +104,27 @@ class ClusterState:
             {ip: node for node in self.nodes.values() for ip in node.ips}
         )
 
+    @classmethod
+    def indexed(
+        cls,
+        namespaces: Iterable[Namespace],
+        pods: tuple[Pod, ...],
+        nodes: Iterable[Node],
+        pod_by_ip: dict[IPAddress, Pod],
+    ) -> ClusterState:
+        """A state whose address index the caller kept: `pod_by_ip` must be every
+        non-host-network pod's addresses, each held by one pod (the operator's lowering mirror
+        keeps it from change to change; the constructor checks and builds it in O(pods))."""
+        state = cls.__new__(cls)
+        state.namespaces = MappingProxyType({n.name: n for n in namespaces})
+        state.pods = pods
+        state.nodes = MappingProxyType({n.name: n for n in nodes})
+        state._pod_by_ip = MappingProxyType(pod_by_ip)
+        state._node_by_ip = MappingProxyType(
+            {ip: node for node in state.nodes.values() for ip in node.ips}
+        )
+        return state
+
     @functools.cached_property
     def index(self) -> ClusterIndex:
         """Label indexes for selector look-ups, built on first use."""
