@@ -17,7 +17,8 @@ import kopf
 import kubernetes.client
 
 from stockade.control.config import OperatorConfig
-from stockade.control.handlers import build_registry
+from stockade.control.discovery import CatchUp
+from stockade.control.handlers import build_registry, custom_resources
 from stockade.control.lease import LeaseElector
 from stockade.control.metrics import prometheus_text
 from stockade.control.reconciler import Reconciler
@@ -93,11 +94,14 @@ class Operator:
         )
         self.store.configured_cidrs = tuple(ipaddress.ip_network(c) for c in config.service_cidrs)
         self.store.node_port_range = config.node_port_range
+        self.catch_up = CatchUp(custom_resources(upstream_cnp=config.upstream_cnp))
         self.registry = build_registry(
             self.store,
             self._table_event,
             upstream_cnp=config.upstream_cnp,
             services=config.service_space,
+            # CRDs are watched only with the upstream kind (the chart grants that access then)
+            catch_up=self.catch_up if config.upstream_cnp else None,
         )
         self.ready = threading.Event()
 
@@ -175,10 +179,12 @@ class Operator:
 
     async def _kopf(self, stop: threading.Event) -> None:
         self._stop = stop
+        settings = self.settings()
         try:
             await kopf.operator(
                 registry=self.registry,
-                settings=self.settings(),
+                settings=settings,
+                insights=self.catch_up.started(self.registry, settings),
                 clusterwide=self.config.namespace is None,
                 namespaces=[self.config.namespace] if self.config.namespace else (),
                 standalone=True,

@@ -6,7 +6,8 @@ that costs more than the handler itself and, at 10,000 pods, let the event backl
 the reconciler lowered. The Store's lock is held only for dictionary updates. Only
 `@kopf.on.event` is used, so kopf writes nothing onto the watched objects (no finalizers, no
 progress annotations). The upstream policy.networking.k8s.io ClusterNetworkPolicy is watched
-when its CRD exists: kopf watches CustomResourceDefinitions and starts the watch when it appears.
+when its CRD exists: kopf watches CustomResourceDefinitions and starts the watch when discovery
+lists the resource, and `control.discovery.CatchUp` makes sure it does (discovery lags the CRD).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import kopf
 
 from stockade import handoff
+from stockade.control.discovery import CatchUp, CustomResource
 from stockade.control.objects import namespace_from_api, node_from_api, object_key, pod_from_api
 from stockade.control.policies import parse_record
 from stockade.control.services import (
@@ -44,11 +46,19 @@ def build_registry(
     *,
     upstream_cnp: bool = True,
     services: bool = False,
+    catch_up: CatchUp | None = None,
 ) -> kopf.OperatorRegistry:
     """A kopf registry whose handlers feed `store`; `on_table(obj, deleted)` is told of every
     DatapathTable event, so that the reconciler writes back what was deleted or changed by
-    someone else (it compares with what it published: no round trip)."""
+    someone else (it compares with what it published: no round trip). `catch_up` is told of
+    every CustomResourceDefinition event."""
     registry = kopf.OperatorRegistry()
+
+    if catch_up is not None:
+
+        @kopf.on.event("apiextensions.k8s.io", "v1", "customresourcedefinitions", registry=registry)
+        async def crd_event(event: Mapping[str, Any], **_: Any) -> None:
+            await catch_up.on_event(event)
 
     async def policy_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
@@ -112,3 +122,16 @@ def build_registry(
             store.put_report(node, None if deleted else report)
 
     return registry
+
+
+def custom_resources(*, upstream_cnp: bool = True) -> tuple[CustomResource, ...]:
+    """The custom resources the registry watches: the enforced kinds served by CRDs and the
+    DatapathTables."""
+    return (
+        *(
+            CustomResource(r.group, r.version, r.plural)
+            for r in enforced(upstream_cnp=upstream_cnp)
+            if r.custom
+        ),
+        CustomResource("stockade.io", "v1alpha1", "datapathtables"),
+    )

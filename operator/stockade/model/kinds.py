@@ -56,6 +56,11 @@ class PolicyResource:
         enforces it unless told not to."""
         return self.kind is PolicyKind.CLUSTER_NETWORK_POLICY
 
+    @property
+    def custom(self) -> bool:
+        """Served through a CustomResourceDefinition (stockade's or upstream's), not built in."""
+        return self.model is not None or self.upstream_crd
+
 
 POLICY_RESOURCES: tuple[PolicyResource, ...] = (
     PolicyResource(PolicyKind.NETWORK_POLICY, "v1", "networkpolicies", has_status=False),
