@@ -69,6 +69,18 @@ def test_a_flood_of_one_denied_flow_is_one_record_counting_every_packet() -> Non
     assert flows.by_policy == {("drop", "NetworkPolicy.networking.k8s.io", "x", "deny-all"): 10_000}
 
 
+def test_a_record_whose_first_event_came_before_its_rule_names_the_rule_later() -> None:
+    flows = Flows()
+    flows.add(event(), {})  # the rule was not known when the first event was read
+    assert flows.since(0)["flows"][0]["policy"] is None
+    flows.add(event(), RULES)
+    (record,) = flows.since(0)["flows"]
+    assert record["count"] == 2
+    assert record["policy"] is not None and record["policy"]["name"] == "deny-all"
+    flows.add(event(), {})  # once named, a later reading without the rule keeps the name
+    assert flows.since(0)["flows"][0]["policy"]["name"] == "deny-all"
+
+
 def test_records_are_bounded_and_the_evicted_events_are_counted() -> None:
     flows = Flows(capacity=3)
     for port in range(5):

@@ -141,7 +141,7 @@ class Agent:
             if self.flowlog is None and events is not None:
                 self.flowlog = FlowLog(
                     events,
-                    lambda: self.syncer.rules,
+                    lambda: self.syncer.event_rules,
                     self.flows,
                     sink=self.policy_events.add,
                 )

@@ -150,6 +150,8 @@ class Flows:
                     self.evicted += oldest.count
             else:
                 self._records.move_to_end(key)
+                if record.policy is None:  # its first event came before its rule was known
+                    record.policy = rule_identity(rules.get(event.rule_id))
             record.count += 1
             p = record.policy or {}
             self.by_policy[

@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import ChainMap, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +121,7 @@ class Syncer:
         self.maps: PinnedMaps | None = None
         self.writer: TableWriter | None = None
         self.current: HandoffSet | None = None
+        self._event_rules: Mapping[int, ir.RuleInfo] = {}
         self.stats = SyncStats()
         self.retired_fds: list[int] = []  # old maps' fds, closed on the next sync
         # Held while the datapath is changed (`_apply`: programs, maps, links, the pending
@@ -137,6 +138,14 @@ class Syncer:
     @property
     def rules(self) -> Mapping[int, ir.RuleInfo]:
         return self.current.tables.rules if self.current is not None else {}
+
+    @property
+    def event_rules(self) -> Mapping[int, ir.RuleInfo]:
+        """The rules a datapath event read now may name: the applied set's and the previous
+        set's. The programs decide with the new maps as soon as they are written, before
+        `current` moves, and an event decided under the old maps may be read after it moved;
+        an id that both sets hold names the new set's rule."""
+        return self._event_rules
 
     def sync(self) -> bool:
         """Apply the published set; False when it changed nothing: there was no complete set to
@@ -200,6 +209,8 @@ class Syncer:
         assert self.writer is not None
         began = time.monotonic()
         tables = with_node_stack(wanted.tables, self.attachments.node_addresses())
+        # read only: ChainMap wants mutable maps only for writes, which nothing makes
+        self._event_rules = ChainMap(wanted.tables.rules, self.rules)  # type: ignore[arg-type]
         written = self.writer.write(tables)
         self.stats.last_write_seconds = time.monotonic() - began
         self.stats.last_write = written
