@@ -72,14 +72,9 @@ def operator(plane: ControlPlane, admin: Any) -> Iterator[Operator]:
 
 def remove_upstream_crds(admin: Any) -> None:
     ext: Any = kubernetes.client.ApiextensionsV1Api(admin)
-    present = {c.metadata.name for c in ext.list_custom_resource_definition().items}
-    for name in CRD_NAMES:
-        if name in present:
-            ext.delete_custom_resource_definition(name)
-    wait_for(
-        "the upstream CRDs deleted",
-        lambda: not present_crds(ext) & set(CRD_NAMES),
-    )
+    for name in present_crds(ext) & set(CRD_NAMES):
+        ext.delete_custom_resource_definition(name)
+    wait_for("the upstream CRDs deleted", lambda: not present_crds(ext) & set(CRD_NAMES))
 
 
 def present_crds(ext: Any) -> set[str]:
