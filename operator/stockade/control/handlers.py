@@ -28,6 +28,8 @@ from stockade.control.services import (
     service_from_api,
 )
 from stockade.control.store import Store
+from stockade.model.crd import DATAPATH_TABLE
+from stockade.model.crd_schema import GROUP, VERSION
 from stockade.model.kinds import enforced
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def build_registry(
             deleted, obj = _object(event)
             store.put_service_cidr(object_key(obj), None if deleted else service_cidr_from_api(obj))
 
-    @kopf.on.event("stockade.io", "v1alpha1", "datapathtables", registry=registry)
+    @kopf.on.event(GROUP, VERSION, DATAPATH_TABLE.plural, registry=registry)
     async def table_event(event: Mapping[str, Any], **_: Any) -> None:
         deleted, obj = _object(event)
         on_table(obj, deleted)
@@ -133,5 +135,5 @@ def custom_resources(*, upstream_cnp: bool = True) -> tuple[CustomResource, ...]
             for r in enforced(upstream_cnp=upstream_cnp)
             if r.custom
         ),
-        CustomResource("stockade.io", "v1alpha1", "datapathtables"),
+        CustomResource(GROUP, VERSION, DATAPATH_TABLE.plural),
     )
