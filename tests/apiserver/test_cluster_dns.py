@@ -8,6 +8,7 @@ Deployment."""
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -91,8 +92,11 @@ def _answers(ns: str, name: str, **kw: Any) -> tuple[int, list[bytes]] | None:
 
 
 @pytest.fixture
-def dns_netns(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
-    """A namespace with the resolver's sockets in it (the resolver runs in the machine's own)."""
+def resolver(
+    control_plane: ControlPlane, tmp_path: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """(namespace with the resolver's sockets in it, the resolver's process); the resolver runs
+    in the machine's own namespace."""
     name = f"stk-dnstest{secrets.token_hex(3)}"
     netns.create(name)
     proc = None
@@ -104,12 +108,18 @@ def dns_netns(control_plane: ControlPlane, tmp_path: Path) -> Iterator[str]:
         wait_for(
             "the resolver answers", lambda: _answers(name, "kubernetes.default.svc.cluster.local")
         )
-        yield name
+        yield name, proc
     finally:
         if proc is not None:
+            proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
             proc.terminate()
             proc.wait(timeout=10)
         netns.remove(name)
+
+
+@pytest.fixture
+def dns_netns(resolver: tuple[str, subprocess.Popen[bytes]]) -> str:
+    return resolver[0]
 
 
 def test_a_service_resolves_to_its_cluster_ip_from_inside_the_namespace_over_udp_and_tcp(
@@ -180,17 +190,25 @@ def test_install_creates_kube_dns_at_the_tenth_service_address(api_client: Any) 
 
 
 def test_garbage_from_a_pod_neither_stops_the_resolver_nor_gets_more_than_a_header(
-    dns_netns: str,
+    resolver: tuple[str, subprocess.Popen[bytes]],
 ) -> None:
+    dns_netns, process = resolver
     name = "kubernetes.default.svc.cluster.local"
     with _socket_in(dns_netns, socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.setsockopt(socket.SOL_SOCKET, dns.SO_RCVBUFFORCE, 1 << 20)  # room for every reply
         udp.connect(("127.0.0.1", PORT))
         udp.settimeout(5.0)  # a loaded machine may take a while to answer 200 datagrams
-        for size in range(0, 600, 3):
-            udp.send(secrets.token_bytes(size))
-        # A pointer loop in the question: FORMERR, header only, with the query's id.
-        formerr = HEADER.pack(0xBEEF, 0x8101, 0, 0, 0, 0)
-        udp.send(HEADER.pack(0xBEEF, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c" + bytes(4))
+        # The whole burst arrives while the resolver is not running, as on a busy machine: all
+        # of it waits in the resolver's receive buffer, and nothing of it may be dropped there.
+        process.send_signal(signal.SIGSTOP)
+        try:
+            for size in range(0, 600, 3):
+                udp.send(secrets.token_bytes(size))
+            # A pointer loop in the question: FORMERR, header only, with the query's id.
+            formerr = HEADER.pack(0xBEEF, 0x8101, 0, 0, 0, 0)
+            udp.send(HEADER.pack(0xBEEF, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c" + bytes(4))
+        finally:
+            process.send_signal(signal.SIGCONT)
         replies = []
         while formerr not in replies:  # answered in order: the pointer loop's comes last
             try:
