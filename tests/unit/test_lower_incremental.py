@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from stockade.compiler.lower import lower_node
 from stockade.compiler.membership import Membership
+from stockade.compiler.selection import Selection, is_endpoint
 from stockade.control.lowering import Lowerer
 from stockade.control.policies import PolicyRecord
 from stockade.control.store import Snapshot
@@ -104,7 +105,54 @@ def test_a_lowering_carried_across_changes_equals_a_cold_lowering_at_every_step(
         for pod_set, members in lowerer.membership._sets.items():
             want = sorted(p.key for p in state.index.pods_in(pod_set))
             assert sorted(members) == want, pod_set
+        _check_selection(lowerer.selection, state, active)
         step(data, namespaces, pods, removed, active, pool)
+
+
+def _check_selection(selection: Selection, state: ClusterState, policies: list[Policy]) -> None:
+    """Each pod's policies and each node's endpoints as a cold look at `state` finds them."""
+    for pod in state.pods:
+        want = [p for p in policies if state.holds(p.subject, pod)]
+        assert [id(p) for p in selection.selecting(pod)] == [id(p) for p in want], pod.key
+    for node in NODES:
+        want_keys = sorted(p.key for p in state.pods if p.node == node.name and is_endpoint(p))
+        assert sorted(p.key for p in selection.endpoints(node.name)) == want_keys, node.name
+
+
+def test_a_relabelled_pod_is_placed_again_without_building_the_selection_anew() -> None:
+    """One pod relabelled: the selection follows it alone, and agrees with a cold look; a
+    policy changed builds it anew."""
+    from stockade.model.cluster import ip
+    from stockade.model.parse import parse_policy
+
+    ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
+    web = Pod("a", "web", {"app": "web"}, (ip("10.244.0.2"),), "n0")
+    api = Pod("a", "api", {"app": "api"}, (ip("10.244.1.2"),), "n1")
+    policies = [
+        parse_policy(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": "a"},
+                "spec": {"podSelector": {"matchLabels": {"app": app}}, "ingress": [{}]},
+            }
+        )
+        for name, app in (("p-api", "api"), ("p-web", "web"))
+    ]
+    lowerer = Lowerer()
+    lowerer.desired(_snapshot(ClusterState([ns], [api, web], NODES), policies))
+    assert lowerer.selection.rebuilt
+    moved = replace(web, labels={"app": "api"}, node="n1")
+    state = ClusterState([ns], [api, moved], NODES)
+    lowerer.desired(_snapshot(state, policies))
+    assert not lowerer.selection.rebuilt
+    assert lowerer.selection.selecting(moved) == [policies[0]]
+    assert sorted(p.name for p in lowerer.selection.endpoints("n1")) == ["api", "web"]
+    assert lowerer.selection.endpoints("n0") == []
+    _check_selection(lowerer.selection, state, policies)
+    lowerer.desired(_snapshot(state, policies[:1]))
+    assert lowerer.selection.rebuilt
+    _check_selection(lowerer.selection, state, policies[:1])
 
 
 def test_membership_moves_only_the_pods_that_changed() -> None:

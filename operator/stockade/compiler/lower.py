@@ -36,6 +36,7 @@ from stockade.compiler.classes import (
 )
 from stockade.compiler.ids import IdTable
 from stockade.compiler.membership import Membership
+from stockade.compiler.selection import Selection, is_endpoint
 from stockade.model.cluster import ClusterState, Pod
 from stockade.model.evaluator import DirectionJudgement, judge
 from stockade.model.flow import Flow
@@ -371,15 +372,21 @@ class Lowering:
         verdicts: Verdicts | None = None,
         previous: dict[str, tuple[object, Lowered]] | None = None,
         membership: Membership | None = None,
+        selection: Selection | None = None,
     ) -> None:
-        """`verdicts`, `previous` (node -> the inputs and result of its last lowering) and
-        `membership` (pod sets' members, `stockade.compiler.membership`) are carried from pass
-        to pass by the caller; all are updated in place."""
+        """`verdicts`, `previous` (node -> the inputs and result of its last lowering),
+        `membership` (pod sets' members, `stockade.compiler.membership`) and `selection` (the
+        policies of each pod and the endpoints of each node, `stockade.compiler.selection`,
+        given only with `membership`) are carried from pass to pass by the caller; all are
+        updated in place."""
         self.state = state
         self.policies = tuple(policies)
         self.membership = membership
+        self.selection = selection if membership is not None else None
         if membership is not None:
             membership.update(state)
+            if self.selection is not None:
+                self.selection.update(state, self.policies, membership)
         self.addresses = Addresses(state, membership)
         self.verdicts = verdicts if verdicts is not None else Verdicts()
         self.previous = previous if previous is not None else {}
@@ -388,6 +395,8 @@ class Lowering:
 
     def selecting(self, pod: Pod) -> list[Policy]:
         """The policies whose subject holds `pod`, in the order given."""
+        if self.selection is not None:
+            return self.selection.selecting(pod)
         if self._selecting is None:
             self._selecting = {}
             for policy in self.policies:
@@ -400,14 +409,17 @@ class Lowering:
             return self.membership.pods_in(self.state, pods)
         return self.state.index.pods_in(pods)
 
-    def _endpoints(self) -> dict[str, list[Pod]]:
-        """node -> its endpoints (scheduled, addressed, not host-network pods)."""
+    def _endpoints(self, node: str) -> list[Pod]:
+        """The endpoints on `node` (scheduled, addressed, not host-network pods)."""
+        if self.selection is not None:
+            return self.selection.endpoints(node)
         if self._by_node is None:
             self._by_node = {}
             for pod in self.state.pods:
-                if pod.node and not pod.host_network and pod.ips:
+                if is_endpoint(pod):
+                    assert pod.node is not None
                     self._by_node.setdefault(pod.node, []).append(pod)
-        return self._by_node
+        return self._by_node.get(node, [])
 
     def node(self, node: str, ids: Ids | None = None, unchanged: bool = False) -> Lowered:
         """The tables for the endpoints on `node`; `ids` from the previous lowering keeps ids
@@ -418,7 +430,7 @@ class Lowering:
         before = self.previous.get(node)
         if unchanged and before is not None and before[1].ids is ids:
             return before[1]
-        pods = sorted(self._endpoints().get(node, ()), key=lambda p: p.key)
+        pods = sorted(self._endpoints(node), key=lambda p: p.key)
         affecting = {
             (pod.key, d): [p for p in self.selecting(pod) if d in p.directions]
             for pod in pods

@@ -37,6 +37,7 @@ class Membership:
         # whether it could not place them (the first state, or a namespace changed)
         self.moved: list[tuple[Pod | None, Pod | None]] = []
         self.reset = True
+        self.updates = 0  # how many updates it has followed: what follows it checks it kept up
 
     def __len__(self) -> int:
         return len(self._sets)
@@ -44,6 +45,7 @@ class Membership:
     def update(self, state: ClusterState) -> None:
         """Follow `state`: the pods that differ from the last state's move in or out."""
         self.changed, self.moved = set(), []
+        self.updates += 1
         if state is self._state:
             self.reset = False
             return
@@ -91,6 +93,12 @@ class Membership:
             else:
                 self._selected.add(pods)
         return list(members.values())
+
+    def holding(self, pod: Pod) -> list[PodSet]:
+        """The pod sets it knows that hold `pod`, a pod of the last state: only those of the
+        pod's namespace and those chosen by namespace selector can."""
+        candidates = self._by_namespace.get(pod.namespace, set()) | self._selected
+        return [s for s in candidates if self._sets[s].get(pod.key) is pod]
 
     def retain(self, keep: set[PodSet]) -> None:
         """Forget the pod sets not in `keep` (no policy names them any more)."""

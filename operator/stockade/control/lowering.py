@@ -27,6 +27,7 @@ from stockade.compiler import ir
 from stockade.compiler.fallback import service_verdicts
 from stockade.compiler.lower import Ids, Lowered, Lowering, Verdicts
 from stockade.compiler.membership import Membership
+from stockade.compiler.selection import Selection
 from stockade.compiler.shape import Shape
 from stockade.control.plan import NodeParts
 from stockade.control.store import Snapshot
@@ -58,6 +59,7 @@ class Lowerer:
         ] = {}
         self._lowered: dict[str, tuple[object, Lowered]] = {}  # node -> its last inputs, result
         self.membership = Membership()  # pod sets' members, followed from pass to pass
+        self.selection = Selection()  # each pod's policies and each node's endpoints, likewise
         # the last pass's policies and nodes, and each node's pod peers (as its lowering read
         # them): what tells which nodes a change can reach
         self._last: tuple[tuple[Policy, ...], dict[str, Node]] | None = None
@@ -71,7 +73,9 @@ class Lowerer:
         """Every node's encoded parts (part -> shard -> Shard): nodes that exist or have pods."""
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
         nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
-        lowering = Lowering(snap.state, policies, self.verdicts, self._lowered, self.membership)
+        lowering = Lowering(
+            snap.state, policies, self.verdicts, self._lowered, self.membership, self.selection
+        )
         changed = self._changed_nodes(snap.state, policies)
         policies_changed = self._last is None or [id(p) for p in self._last[0]] != [
             id(p) for p in policies
