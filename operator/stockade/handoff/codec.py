@@ -130,8 +130,11 @@ def encode_endpoint(e: ir.EndpointEntry) -> str:
     return f"{e.address} {e.endpoint_id}"
 
 
-def encode_class(c: ir.ClassEntry) -> str:
-    return f"{c.network} {c.class_id} {c.flags}"
+def _class_keyed(c: ir.ClassEntry) -> tuple[str, str]:
+    """(shard key, entry) of a class entry: its prefix's text is made once (a node has an entry
+    per pod address its peers hold)."""
+    network = str(c.network)
+    return network, f"{network} {c.class_id} {c.flags}"
 
 
 def encode_policy(p: ir.PolicyEntry) -> str:
@@ -322,7 +325,7 @@ def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
     """The table parts of `tables`, sharded: part -> shard number -> sorted entries."""
     return {
         ENDPOINTS: _shard((str(e.endpoint_id), encode_endpoint(e)) for e in tables.endpoints),
-        CLASSES: _shard((str(c.network), encode_class(c)) for c in tables.classes),
+        CLASSES: _shard(map(_class_keyed, tables.classes)),
         POLICY: _shard(_policy_keyed(tables.policy)),
         RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
         SERVICES: _shard((str(e.network), encode_service(e)) for e in tables.services),
