@@ -125,6 +125,8 @@ class Addresses:
                 for address in self.members(peer):
                     found.setdefault(address, []).append(i)
         cidrs = CidrIndex(peers)
+        if not cidrs:  # each list is ascending already: one index per peer that holds it
+            return {address: tuple(indices) for address, indices in found.items()}
         for address, indices in found.items():
             indices.extend(cidrs.containing(_host_network(address), address))
         return {address: tuple(sorted(set(indices))) for address, indices in found.items()}
@@ -176,6 +178,10 @@ class CidrIndex:
         for version, length, _ in self._blocks:
             if length not in self._lengths[version]:
                 self._lengths[version].append(length)
+
+    def __bool__(self) -> bool:
+        """Whether any peer is a CIDR peer."""
+        return bool(self._blocks)
 
     def containing(self, network: IPNetwork, address: IPAddress | None = None) -> list[int]:
         """Indices (ascending) of the CIDR peers that contain `network` whole and none of whose
@@ -313,7 +319,8 @@ def build_regions(
     grouped: dict[tuple[int, ...], tuple[int, ...]] = {}
     regions: list[Region] = []
     kept: dict[_OrderKey, int] = {}  # trie prefix -> index in regions
-    lengths: dict[int, set[int]] = {4: set(), 6: set()}  # prefix lengths kept, per family
+    # prefix lengths kept, per family, longest first
+    lengths: dict[int, list[int]] = {4: [], 6: []}
     for key, net in ordered:
         address = net.network_address
         if net.prefixlen == net.max_prefixlen and address in hosts:
@@ -338,18 +345,23 @@ def build_regions(
                 regions[around] = replace(regions[around], representative=region.representative)
             continue
         kept[key] = len(regions)
-        lengths[net.version].add(net.prefixlen)
+        if net.prefixlen not in lengths[net.version]:
+            lengths[net.version].append(net.prefixlen)
+            lengths[net.version].sort(reverse=True)
         regions.append(region)
     return regions
 
 
 def _enclosing(
-    kept: dict[_OrderKey, int], lengths: set[int], key: _OrderKey, bits: int
+    kept: dict[_OrderKey, int], lengths: list[int], key: _OrderKey, bits: int
 ) -> int | None:
     """The index of the longest kept region strictly containing the prefix `key`: one dict
-    look-up per prefix length in use, so a node with many pod addresses stays linear."""
+    look-up per prefix length in use (`lengths`, longest first), so a node with many pod
+    addresses stays linear."""
     version, prefixlen, start = key
-    for length in sorted((n for n in lengths if n < prefixlen), reverse=True):
+    for length in lengths:
+        if length >= prefixlen:
+            continue
         mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
         found = kept.get((version, length, start & mask))
         if found is not None:
