@@ -7,6 +7,8 @@ subject's endpoints per node, which the status reporter reads, equal the state's
 
 from __future__ import annotations
 
+import collections
+import gc
 import ipaddress
 import os
 import signal
@@ -24,7 +26,7 @@ from stockade.control.lowering import Lowerer
 from stockade.control.policies import PolicyRecord
 from stockade.control.reconciler import Reconciler
 from stockade.control.store import Mirror, Store
-from stockade.control.worker import InProcess, InThread
+from stockade.control.worker import Collector, InProcess, InThread
 from stockade.model.cluster import Namespace, Pod
 from stockade.model.policy import Policy
 from tests.fixtures.scenarios import NODES, PROFILE, examples, scenario
@@ -122,6 +124,49 @@ def test_every_pass_fed_the_journal_equals_a_cold_lowering_of_the_store(
         assert reconciler.parts == cold.desired(cluster.store.snapshot())
         assert reconciler.selected == subjects_per_node(cluster.store)
         cluster.change()
+
+
+@settings(settings.get_profile(PROFILE), max_examples=examples(10))
+@given(data=st.data())
+def test_a_pass_leaves_no_garbage_in_reference_cycles(data: st.DataObject) -> None:
+    """The worker freezes what a pass leaves alive (`Collector`): what dies later must die by
+    its reference count, so no pass may make garbage that only a full collection frees."""
+    cluster = Cluster(data)
+    reconciler = Reconciler(cluster.store, ApiClient(), mode="thread")
+    for _ in range(data.draw(st.integers(2, 6))):
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            lower(reconciler, cluster.store)
+            gc.collect()
+            found = collections.Counter(type(o).__name__ for o in gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not found
+        cluster.change()
+
+
+def test_the_worker_collects_garbage_between_passes_and_everything_when_idle() -> None:
+    collector = Collector(full_every=3)
+    try:
+        collector.after_pass(idle=True)
+        assert gc.get_freeze_count() > 0  # what the pass left is no longer scanned
+        collector.after_pass(idle=True)
+        assert collector.full_collections == 0
+        for _ in range(9):  # the third pass is due, but a change waits: not before the 12th
+            collector.after_pass(idle=False)
+        assert collector.full_collections == 0
+        collector.after_pass(idle=False)
+        assert (collector.full_collections, collector.passes) == (1, 0)
+        collector.after_pass(idle=True)
+        collector.after_pass(idle=True)
+        collector.after_pass(idle=True)
+        assert collector.full_collections == 2
+    finally:
+        gc.unfreeze()
 
 
 @settings(settings.get_profile(PROFILE), max_examples=min(examples(4), 25))  # a worker each

@@ -135,9 +135,7 @@ class ClusterState:
     def holds(self, pods: PodSet, pod: Pod) -> bool:
         """Whether `pod` is in `pods`: host-network pods never are ("host-networked pods are not
         included")."""
-        if pod.host_network:
-            return False
-        return pods.contains(pod.namespace, pod.labels, self.namespace_labels(pod.namespace))
+        return _holds(self.namespaces, pods, pod)
 
     def pod_at(self, address: IPAddress) -> Pod | None:
         """The (non-host-network) pod that owns `address`."""
@@ -153,6 +151,13 @@ class ClusterState:
     def node_ips(self, node: str | None) -> tuple[IPAddress, ...]:
         found = self.nodes.get(node) if node is not None else None
         return found.ips if found is not None else ()
+
+
+def _holds(namespaces: Mapping[str, Namespace], pods: PodSet, pod: Pod) -> bool:
+    if pod.host_network:
+        return False
+    namespace = namespaces.get(pod.namespace)
+    return pods.contains(pod.namespace, pod.labels, namespace.labels if namespace else {})
 
 
 def _smallest_in(selector: LabelSelector) -> tuple[str, tuple[str, ...]] | None:
@@ -176,7 +181,10 @@ class ClusterIndex:
     """
 
     def __init__(self, state: ClusterState) -> None:
-        self._state = state
+        # the namespaces, not the state: the state holds its index, and a cycle between them
+        # would outlive the state until a full garbage collection (the lowering worker keeps
+        # automatic collections off its long-lived objects; stockade.control.worker)
+        self._namespaces_of = state.namespaces
         by_namespace: dict[str, list[Pod]] = defaultdict(list)
         by_label: dict[tuple[str, str, str], list[Pod]] = defaultdict(list)
         for pod in state.pods:
@@ -199,7 +207,7 @@ class ClusterIndex:
         assert pods.namespace_selector is not None
         found = _smallest_in(pods.namespace_selector)
         if found is None:
-            return self._state.namespaces.keys()
+            return self._namespaces_of.keys()
         key, values = found
         return sorted({ns for v in values for ns in self._ns_by_label.get((key, v), ())})
 
@@ -216,7 +224,7 @@ class ClusterIndex:
             pod
             for namespace in self._namespaces(pods)
             for pod in self._candidates(pods, namespace)
-            if self._state.holds(pods, pod)
+            if _holds(self._namespaces_of, pods, pod)
         ]
 
 
