@@ -4,7 +4,8 @@ After every pass the reconciler tells the reporter which node generations carry 
 current version (`carried()`, after a publish) and asks it to `report()`, with the endpoints per
 node of every policy subject as the last lowering found them (`stockade.control.worker`, from
 the lowering's pod-set membership, so that no pass scans the cluster here): the reporter computes
-every policy's status (`stockade.control.status`, pure), writes only the statuses that change,
+the status (`stockade.control.status`, pure) of every policy whose record, progress or the
+replica's leadership changed since it last needed nothing, writes only the statuses that change,
 several at once, and posts an Event once per (policy version, reason, message): a Warning when a
 policy is invalid (before its status, so that whoever sees the status finds it), and for the
 standard NetworkPolicy, which has no status of ours, a Normal Event when it is programmed.
@@ -24,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from stockade.control.events import post_event
 from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.control.publish import MERGE_PATCH, NOT_FOUND, run_all
-from stockade.control.status import desired_status, progress, status_differs
+from stockade.control.status import Progress, desired_status, progress, status_differs
 from stockade.control.store import View
 from stockade.model.kinds import RESOURCE_OF
 from stockade.model.policy import PodSet
@@ -45,6 +46,10 @@ class StatusReporter:
         self._required: dict[PolicyKey, tuple[tuple[str, int], dict[str, int]]] = {}
         self._reported: dict[PolicyKey, tuple[Any, ...]] = {}  # what Events already said
         self._written: dict[PolicyKey, dict[str, Any]] = {}  # statuses written, not yet seen
+        # policy -> the record, progress and leadership that last needed no write and no new
+        # Event: while they stay the same the policy is not looked at again (a pass that
+        # follows one change does not rebuild thousands of statuses to compare them)
+        self._settled: dict[PolicyKey, tuple[PolicyRecord, Progress | None, bool]] = {}
         self.status_writes = 0
         self.events = 0
         self.last_status_write = 0.0  # Unix s of the last status write
@@ -70,6 +75,7 @@ class StatusReporter:
         per node of each subject. A policy whose subject no lowering has seen yet (a status
         pass before the pass that lowers it) waits for that pass."""
         now = _now()
+        leader = self._is_leader()
         writes: list[tuple[PolicyRecord, dict[str, Any]]] = []
         for key, record in sorted(snap.policies.items()):
             done = None
@@ -78,14 +84,19 @@ class StatusReporter:
                     continue
                 required = self._required.get(key, ((), generations))[1]
                 done = progress(endpoints, required, snap.reports)
+            settled = self._settled.get(key)
+            if settled is not None and settled[0] is record and settled[1:] == (done, leader):
+                continue  # what its status and Events follow from is what needed nothing
             status = desired_status(record, done, now)
             if record.has_status:
                 if status_differs(record.status, status) and status_differs(
                     self._written.get(key, {}), status
                 ):
                     writes.append((record, status))
-            elif self._is_leader():
+                    continue  # settled once the write is seen to need nothing more
+            elif leader:
                 self._netpol_events(record, status)
+            self._settled[key] = (record, done, leader)
         if writes and self._is_leader():
             for record, status in writes:  # the Event first: whoever sees the status finds it
                 if not record.accepted:
@@ -95,6 +106,8 @@ class StatusReporter:
             del self._reported[key]
         for key in set(self._written) - set(snap.policies):
             del self._written[key]
+        for key in set(self._settled) - set(snap.policies):
+            del self._settled[key]
 
     def _write_statuses(self, writes: list[tuple[PolicyRecord, dict[str, Any]]]) -> None:
         """Write the statuses that changed, at most MAX_CONCURRENT_WRITES at once (each is a round

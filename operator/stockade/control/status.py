@@ -1,7 +1,8 @@
 """Policy status from what the agents report: `Accepted`, `Programmed` and observedGeneration.
 
-Pure. The status reporter (`stockade.control.reporter`) calls `desired_status()` for every policy
-after each pass and writes only the statuses that differ from what the object already carries
+Pure. The status reporter (`stockade.control.reporter`) calls `desired_status()` after each pass
+for every policy whose record or progress changed, and writes only the statuses that differ from
+what the object already carries
 (`status_differs`), so that agent reports are aggregated: one write per policy whose conditions
 actually change, never one per node. `Programmed` counts the endpoints the policy selects whose
 node agent reports a program generation at least the one that first carried the policy's current
