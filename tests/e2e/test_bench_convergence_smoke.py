@@ -45,6 +45,9 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
         scale["reconcile_pass_s"],
     ]
     assert all(isinstance(v, int | float) and v > 0 for v in values), values
+    for change in ("one_label_change_ms", "one_policy_change_ms"):  # every trial, in order
+        assert len(scale[change]["each"]) == scale[change]["trials"]
+        assert max(scale[change]["each"]) == scale[change]["max"]
     assert figures["recompiles_on_label_change"] == 0
     assert figures["program_loads_on_label_change"] == 0
     assert figures["stack_alive_at_end"] is True
