@@ -142,11 +142,18 @@ static __always_inline struct endpoint_value *bound_sender(struct __sk_buff *skb
 	return ep;
 }
 
-/* The state of a pending interface: 0 when it is not pending. */
+/* The state of a pending interface: 0 when it is not pending. Most interfaces are not, and
+ * their slot in `pending_hint` says so without a hash lookup (maps.h). */
 static __always_inline __u32 pending_state(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
-	__u32 *state = bpf_map_lookup_elem(&pending, &ifindex);
+	__u32 slot = ifindex % HINT_SLOTS;
+	__u32 *hint = bpf_map_lookup_elem(&pending_hint, &slot);
+	__u32 *state;
+
+	if (hint && *hint == 0)
+		return 0;
+	state = bpf_map_lookup_elem(&pending, &ifindex);
 
 	return state ? *state : 0;
 }

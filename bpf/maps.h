@@ -283,6 +283,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pending SEC(".maps");
 
+/* pending_hint: slot (ifindex % HINT_SLOTS) -> how many pending interfaces have an
+ * ifindex of that slot. An interface whose slot counts none is not pending, and its packets
+ * pay an array read (the verifier inlines it) instead of the `pending` lookup. The agent counts
+ * an interface in before it marks it pending and out after it cleared it
+ * (operator/stockade/datapath/maps.py, Pending), so a slot never counts fewer than its pending
+ * interfaces; a count too high costs only the lookup. */
+#define HINT_SLOTS 4096
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, HINT_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pending_hint SEC(".maps");
+
 static __always_inline struct config *config_get(void)
 {
 	__u32 zero = 0;

@@ -171,8 +171,7 @@ def test_every_map_has_the_type_key_value_size_and_flags_of_the_c(
 ) -> None:
     definition = compiled.btf.map_def(spec.name)
     assert definition["type"]["nr_elems"] == spec.type
-    size = 1 if spec.size is None else getattr(SHAPE, spec.size)
-    assert definition["max_entries"]["nr_elems"] == size
+    assert definition["max_entries"]["nr_elems"] == spec.entries(SHAPE)
     assert definition.get("map_flags", {}).get("nr_elems", 0) == spec.flags
     for member, layout in (("key", spec.key), ("value", spec.value)):
         if layout is None:

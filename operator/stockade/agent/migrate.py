@@ -67,7 +67,7 @@ def declared(shape: Shape) -> dict[str, MapDef]:
             continue
         if name == "fragments" and shape.fragments is not FragmentPolicy.TRACK:
             continue
-        size = int(getattr(shape, spec.size)) if spec.size is not None else 1
+        size = spec.entries(shape)
         key = spec.key.size if spec.key is not None else 0
         value = spec.value.size if spec.value is not None else 0
         out[name] = MapDef(int(spec.type), key, value, size)

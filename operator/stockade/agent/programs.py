@@ -23,7 +23,7 @@ from stockade.agent import migrate
 from stockade.agent.migrate import Migration
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf
+from stockade.datapath import libbpf, maps
 from stockade.datapath.clang import Compiler
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class Programs:
         migration: Migration | None = None
         load_root = self.pin_root
         try:
+            if maps.ensure_pending_hint(self.pin_root):
+                log.info("made %s, counting the pending interfaces", maps.PENDING_HINT)
             if not all((pin_dir / p.program).exists() for p, _ in objects.values()):
                 stale = migrate.plan(self.pin_root, shape)
                 if stale:

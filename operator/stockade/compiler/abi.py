@@ -250,8 +250,17 @@ class MapSpec:
     type: MapType
     key: Layout | None  # None for the ring buffer
     value: Layout | None
-    size: str | None  # the Shape field that gives max_entries; None: one entry
+    size: str | int | None  # the Shape field that gives max_entries, or a fixed count; None: 1
     flags: int = 0
+
+    def entries(self, shape: object) -> int:
+        """max_entries for the programs of `shape` (a compiler.shape.Shape)."""
+        if isinstance(self.size, str):
+            return int(getattr(shape, self.size))
+        return 1 if self.size is None else self.size
+
+
+HINT_SLOTS = 4096  # bpf/maps.h: the `pending_hint` array's slots (ifindex % slots)
 
 
 MAPS = {
@@ -299,6 +308,7 @@ MAPS = {
             NO_PREALLOC,
         ),
         MapSpec("pending", MapType.HASH, U32, U32, "endpoints_max"),
+        MapSpec("pending_hint", MapType.ARRAY, U32, U32, HINT_SLOTS),
     )
 }
 

@@ -125,6 +125,7 @@ _map_name = _sig("bpf_map__name", _cp, _vp)
 _map_fd = _sig("bpf_map__fd", _int, _vp)
 _obj_pin = _sig("bpf_obj_pin", _int, _int, _cp)
 _obj_get = _sig("bpf_obj_get", _int, _cp)
+_map_create = _sig("bpf_map_create", _int, _int, _cp, _u32, _u32, _u32, _vp)
 _get_info = _sig("bpf_obj_get_info_by_fd", _int, _int, _vp, _c.POINTER(_u32))
 _update = _sig("bpf_map_update_elem", _int, _int, _vp, _vp, _c.c_uint64)
 _lookup = _sig("bpf_map_lookup_elem", _int, _int, _vp, _vp)
@@ -178,6 +179,12 @@ def obj_get(path: Path) -> int:
 
 def obj_pin(fd: int, path: Path) -> None:
     _check(int(_obj_pin(fd, str(path).encode())), f"pin {path}")
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new map (no flags); the caller owns the returned fd."""
+    rc = _map_create(map_type, name.encode()[:15], key_size, value_size, max_entries, None)
+    return _check(int(rc), f"create map {name}")
 
 
 def _info(fd: int, size: int) -> bytes:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,20 +250,66 @@ class Bindings:
         }
 
 
+# Every change of `pending` and `pending_hint` in this process, so that a slot's count and the
+# interfaces of that slot change together (the agent is their only writer).
+_PENDING_LOCK = threading.Lock()
+PENDING_HINT = "pending_hint"
+
+
+def _hint_slot(ifindex: int) -> bytes:
+    return abi.U32.pack(ifindex % abi.HINT_SLOTS)
+
+
 class Pending:
     """The `pending` map (bpf/maps.h): a pod's host-side ifindex -> abi.PendingState. The agent
     marks an interface pending before it attaches the programs to a pod whose tables are not
     applied yet (CNI ADD, an unknown pod veth) and clears it once the pod's endpoint, binding
-    and policy entries are written; the programs judge a pending interface by its state alone."""
+    and policy entries are written; the programs judge a pending interface by its state alone.
+
+    Beside it, `pending_hint` counts the pending interfaces of each slot (ifindex %
+    HINT_SLOTS), and the programs skip the `pending` lookup for an interface whose slot
+    counts none. An interface is counted in before it is marked and counted out after it is
+    cleared, so that no slot ever counts fewer than its pending interfaces: a count too low
+    would let a pending pod's packets pass unjudged. An agent stopped between the two writes
+    leaves a count too high, which costs a lookup and nothing else, and `ensure_pending_hint`
+    counts again when the agent loads programs."""
 
     def __init__(self, maps: PinnedMaps) -> None:
+        self._maps = maps
         self._fd = maps.fd("pending")
 
+    def _hint_fd(self) -> int | None:
+        """The `pending_hint` map; None while no programs that read it were loaded (the
+        agent makes it, with its counts, before it loads them: `ensure_pending_hint`)."""
+        fd = self._maps.fds.get(PENDING_HINT)
+        if fd is None:
+            path = self._maps.pin_root / PENDING_HINT
+            if not path.exists():
+                return None
+            fd = self._maps.fds[PENDING_HINT] = libbpf.obj_get(path)
+        return fd
+
+    def _count(self, hint: int | None, ifindex: int, delta: int) -> None:
+        if hint is None:
+            return
+        slot = _hint_slot(ifindex)
+        raw = libbpf.map_lookup(hint, slot, abi.U32.size)
+        count = abi.U32.unpack(raw)[0] if raw else 0
+        libbpf.map_update(hint, slot, abi.U32.pack(max(count + delta, 0)))
+
     def mark(self, ifindex: int, state: abi.PendingState) -> None:
-        libbpf.map_update(self._fd, abi.U32.pack(ifindex), abi.U32.pack(int(state)))
+        key = abi.U32.pack(ifindex)
+        with _PENDING_LOCK:
+            if libbpf.map_lookup(self._fd, key, abi.U32.size) is None:
+                self._count(self._hint_fd(), ifindex, +1)
+            libbpf.map_update(self._fd, key, abi.U32.pack(int(state)))
 
     def clear(self, ifindex: int) -> bool:
-        return libbpf.map_delete(self._fd, abi.U32.pack(ifindex))
+        with _PENDING_LOCK:
+            cleared = libbpf.map_delete(self._fd, abi.U32.pack(ifindex))
+            if cleared:
+                self._count(self._hint_fd(), ifindex, -1)
+            return cleared
 
     def state(self, ifindex: int) -> abi.PendingState | None:
         """The state of one interface; None when it is not pending."""
@@ -273,6 +321,54 @@ class Pending:
             abi.U32.unpack(k)[0]: abi.PendingState(abi.U32.unpack(v)[0])
             for k, v in libbpf.map_dump(self._fd, abi.U32.size, abi.U32.size)
         }
+
+    def hints(self) -> dict[int, int]:
+        """The slots of `pending_hint` that count an interface: slot -> count."""
+        hint = self._hint_fd()
+        if hint is None:
+            return {}
+        counts = {
+            abi.U32.unpack(k)[0]: abi.U32.unpack(v)[0]
+            for k, v in libbpf.map_dump(hint, abi.U32.size, abi.U32.size)
+        }
+        return {slot: n for slot, n in counts.items() if n}
+
+
+def ensure_pending_hint(pin_root: Path) -> bool:
+    """Make sure `pending_hint` is pinned under `pin_root`, counting the interfaces `pending`
+    holds there, before programs that read it are loaded against these pins: programs of a
+    version before it left pending interfaces that no slot counts yet. True when it was made.
+    (Made here rather than by libbpf at the load, so that the pin is in place however the
+    programs are loaded, a migration's staging included.)"""
+    path = pin_root / PENDING_HINT
+    with _PENDING_LOCK:
+        if path.exists():
+            return False
+        pin_root.mkdir(parents=True, exist_ok=True)
+        spec = abi.MAPS[PENDING_HINT]
+        fd = libbpf.map_create(
+            int(spec.type), PENDING_HINT, abi.U32.size, abi.U32.size, abi.HINT_SLOTS
+        )
+        try:
+            pending = pin_root / "pending"
+            if pending.exists():
+                pfd = libbpf.obj_get(pending)
+                try:
+                    counts = Counter(
+                        _hint_slot(abi.U32.unpack(k)[0]) for k in libbpf.map_keys(pfd, abi.U32.size)
+                    )
+                finally:
+                    os.close(pfd)
+                for slot, n in counts.items():
+                    libbpf.map_update(fd, slot, abi.U32.pack(n))
+            partial = pin_root / f"partial-{PENDING_HINT}"  # bpffs reserves dots in names
+            if partial.exists():
+                partial.unlink()
+            libbpf.obj_pin(fd, partial)
+            partial.rename(path)
+        finally:
+            os.close(fd)
+        return True
 
 
 # --- the config map -----------------------------------------------------------------------------
