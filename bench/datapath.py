@@ -32,7 +32,7 @@ import datapath_services
 import datapath_tables as bt
 import datapath_veth
 
-from stockade.compiler import ir
+from stockade.compiler import abi, ir
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
 from stockade.datapath import libbpf, maps, packets
@@ -70,6 +70,49 @@ SEC("tc") int hash_lookup(struct __sk_buff *skb)
     if (!hit)
         bpf_map_update_elem(&table, &k, &v, BPF_ANY);
     return hit ? -1 : 0;
+}
+char _license[] SEC("license") = "GPL";
+"""
+# One read of the clock conntrack keeps its times in (bpf/hook.h).
+CLOCK_C = """#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("tc") int clock_read(struct __sk_buff *skb)
+{
+    (void)skb;
+    return bpf_ktime_get_coarse_ns() ? -1 : 0;
+}
+char _license[] SEC("license") = "GPL";
+"""
+# The floor of a new flow's first packet: one lookup that misses and one insertion, of a key
+# and value the size of a conntrack entry's, in an LRU hash; the key is the packet's addresses
+# and ports (an IPv4 frame without options).
+INSERT_FLOOR_C = """#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct key { __u32 saddr[4]; __u32 daddr[4]; __u16 sport; __u16 dport; __u8 proto; __u8 dir;
+             __u16 pad; };
+struct val { __u8 bytes[VALUE_SIZE]; };
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 1 << 17);
+    __type(key, struct key);
+    __type(value, struct val);
+} table SEC(".maps");
+SEC("tc") int insert_floor(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+    struct key k = {};
+    struct val v = {};
+
+    if (data + 38 > end)
+        return 0;
+    k.saddr[3] = *(__u32 *)(data + 26);
+    k.daddr[3] = *(__u32 *)(data + 30);
+    k.sport = *(__u16 *)(data + 34);
+    k.dport = *(__u16 *)(data + 36);
+    k.proto = 6;
+    if (bpf_map_lookup_elem(&table, &k))
+        return 0;
+    return bpf_map_update_elem(&table, &k, &v, BPF_NOEXIST) ? 0 : -1;
 }
 char _license[] SEC("license") = "GPL";
 """
@@ -120,31 +163,45 @@ def empty_program(bench: Bench) -> None:
     frame = packets.packet_frame(bt.packets(10)["match_first"])
     bench.runs["empty"] = (_load(bench, "empty", EMPTY_C), frame)
     bench.runs["hash_lookup"] = (_load(bench, "hash_lookup", HASH_LOOKUP_C), frame)
+    bench.runs["clock_read"] = (_load(bench, "clock_read", CLOCK_C), frame)
 
 
-def new_flows(bench: Bench, progs: loader.NodePrograms, packet: ir.Packet) -> float:
-    """The median cost of a new flow's first packet (ns above the empty program), conntrack
-    on: each run is one packet (repeat 1) of a flow not seen before, so it pays the misses, the
-    decision and the entry's creation; the empty program runs the same way, interleaved, and
-    the difference of the medians is the figure. The table is flushed between rounds, so
-    the endpoint's budget never binds."""
+def first_packets(bench: Bench, fd: int, packet: ir.Packet, flush: Any = None) -> float:
+    """The median cost of a flow's first packet through program `fd` (ns above the empty
+    program): each run is one packet (repeat 1) of a flow not seen before, a new source port;
+    the empty program runs the same way, interleaved, and the difference of the medians is the
+    figure. `flush`, when given, runs before each round."""
     empty_fd, _ = bench.runs["empty"]
-    fd = progs.program(Hook.TO_POD).fd
     count = 50 if bench.quick else NEW_FLOWS
     firsts: list[float] = []
     empties: list[float] = []
-    for _ in range(bench.rounds):
-        assert progs.maps is not None
-        if progs.shape.conntrack:
-            maps.flush_conntrack(progs.maps)
+    for r in range(bench.rounds):
+        if flush is not None:
+            flush()
         for i in range(count):
-            frame = packets.packet_frame(packet, sport=10_000 + i)
+            frame = packets.packet_frame(packet, sport=10_000 + r * count + i)
             empties.append(libbpf.prog_test_run(empty_fd, frame, 1).duration_ns)
             result = libbpf.prog_test_run(fd, frame, 1)
             if result.retval != -1:
                 raise AssertionError(f"the new flow was not allowed: {result.retval}")
             firsts.append(result.duration_ns)
     return statistics.median(firsts) - statistics.median(empties)
+
+
+def new_flows(bench: Bench, progs: loader.NodePrograms, packet: ir.Packet) -> float:
+    """A new flow's first packet, conntrack on: it pays the misses, the decision and the
+    entry's creation. The table is flushed between rounds, so the endpoint's budget never
+    binds."""
+    assert progs.maps is not None
+    pinned = progs.maps
+    flush = (lambda: maps.flush_conntrack(pinned)) if progs.shape.conntrack else None
+    return first_packets(bench, progs.program(Hook.TO_POD).fd, packet, flush)
+
+
+def insert_floor(bench: Bench, packet: ir.Packet) -> float:
+    """A first packet through INSERT_FLOOR_C, measured as `first_packets` measures one."""
+    source = INSERT_FLOOR_C.replace("VALUE_SIZE", str(abi.CT_ENTRY.size))
+    return first_packets(bench, _load(bench, "insert_floor", source), packet)
 
 
 def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
@@ -178,13 +235,23 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
     med = bench.run()
     empty = med.pop("empty")
     above = {name: round(value - empty, 1) for name, value in med.items()}
-    new_flow = round(new_flows(bench, big_ct, bt.packets(10_000)["match_last"]), 1)
+    first = bt.packets(10_000)["match_last"]
+    new_flow = round(new_flows(bench, big_ct, first), 1)
+    no_ct_first = bench.programs(no_ct, bt.tables(10_000))
+    new_flow_no_ct = round(new_flows(bench, no_ct_first, first), 1)
+    floor = round(insert_floor(bench, first), 1)
     return {
         "empty_ns": empty,
         "hash_lookup_ns": above["hash_lookup"],
         "established_ns": above["conntrack_hit"],
         "established_reply_ns": above["conntrack_reply"],
         "new_flow_ns": new_flow,
+        # what bounds the two above: the same first packet with conntrack off (the decision
+        # alone), one lookup and one insertion alone (measured as new_flow_ns is), and one
+        # read of the clock (measured as established_ns is)
+        "new_flow_no_conntrack_ns": new_flow_no_ct,
+        "new_flow_insert_floor_ns": floor,
+        "clock_read_ns": above["clock_read"],
         "rules": {
             str(n): {
                 "match_first_ns": above[f"{n}/match_first"],
