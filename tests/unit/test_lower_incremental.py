@@ -26,7 +26,7 @@ from stockade.model.policy import PodSet, Policy
 from stockade.model.selectors import LabelSelector
 from tests.fixtures.scenarios import NODES, PROFILE, examples, labels, scenario
 
-STEPS = ("relabel", "remove", "add", "move", "namespace", "drop", "restore", "change")
+STEPS = ("relabel", "remove", "add", "move", "namespace", "drop", "restore", "change", "reselect")
 
 
 def _snapshot(state: ClusterState, policies: list[Policy]) -> Snapshot:
@@ -48,7 +48,8 @@ def step(
     pool: list[Policy],
 ) -> None:
     """One generated change, in place: pods relabelled, removed and added back, moved to the
-    other node, a namespace relabelled, policies removed, added back and changed."""
+    other node, a namespace relabelled, policies removed, added back, changed and given
+    another policy's subject."""
     kind = data.draw(st.sampled_from(STEPS))
     keys = sorted(pods)
     if kind == "relabel" and keys:
@@ -74,6 +75,11 @@ def step(
     elif kind == "change" and active:
         old = data.draw(st.sampled_from(active))
         new = replace(old, ingress=old.ingress[1:], egress=old.egress[:-1])
+        active[active.index(old)] = new
+        pool[pool.index(old)] = new
+    elif kind == "reselect" and active:
+        old = data.draw(st.sampled_from(active))
+        new = replace(old, subject=data.draw(st.sampled_from([p.subject for p in pool])))
         active[active.index(old)] = new
         pool[pool.index(old)] = new
 
@@ -120,8 +126,8 @@ def _check_selection(selection: Selection, state: ClusterState, policies: list[P
 
 
 def test_a_relabelled_pod_is_placed_again_without_building_the_selection_anew() -> None:
-    """One pod relabelled: the selection follows it alone, and agrees with a cold look; a
-    policy changed builds it anew."""
+    """One pod relabelled: the selection follows it alone, and agrees with a cold look; so does
+    one policy changed in place; a policy removed builds it anew."""
     from stockade.model.cluster import ip
     from stockade.model.parse import parse_policy
 
@@ -150,9 +156,15 @@ def test_a_relabelled_pod_is_placed_again_without_building_the_selection_anew() 
     assert sorted(p.name for p in lowerer.selection.endpoints("n1")) == ["api", "web"]
     assert lowerer.selection.endpoints("n0") == []
     _check_selection(lowerer.selection, state, policies)
-    lowerer.desired(_snapshot(state, policies[:1]))
+    # One policy changed in place, here to select the other pod: no rebuild, only its members.
+    reselected = [policies[0], replace(policies[1], subject=policies[0].subject)]
+    lowerer.desired(_snapshot(state, reselected))
+    assert not lowerer.selection.rebuilt
+    assert lowerer.selection.selecting(moved) == reselected
+    _check_selection(lowerer.selection, state, reselected)
+    lowerer.desired(_snapshot(state, reselected[:1]))
     assert lowerer.selection.rebuilt
-    _check_selection(lowerer.selection, state, policies[:1])
+    _check_selection(lowerer.selection, state, reselected[:1])
 
 
 def test_membership_moves_only_the_pods_that_changed() -> None:

@@ -7,9 +7,11 @@ every pod: at 5,000 policies over 50,000 pods, most of a pass that follows one c
 `Selection` is carried by the operator from pass to pass (`stockade.control.lowering`) beside the
 `Membership` it reads: while the policies are the same objects in the same order and the
 membership could place every pod that changed, only the pods that changed are looked at again,
-each against the subjects that can hold it (`Membership.holding`). Anything else (the first
-pass, a policy added, removed or changed, a namespace changed, many pods at once) builds both
-again, exactly as a cold lowering does.
+each against the subjects that can hold it (`Membership.holding`). One policy changed in place
+(the same position in the policies' order, a new object) costs the members of its old and its
+new subject, and no more. Anything else (the first pass, a policy added or removed, several
+changed, a namespace changed, many pods at once) builds both again, exactly as a cold lowering
+does.
 
 Exact by construction: a pod's policies are those whose subject's members hold it, which is what
 the cold path asks (tests/unit/test_lower_incremental.py checks every step of generated change
@@ -18,6 +20,7 @@ sequences against a cold lowering).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from stockade.compiler.membership import Membership
@@ -38,7 +41,8 @@ class Selection:
     """pod key -> the policies that select it; node -> its endpoints. `update` first."""
 
     def __init__(self) -> None:
-        self._policies: tuple[int, ...] | None = None  # ids of the policies it was built for
+        self._policies: tuple[int, ...] | None = None  # ids of the policies it follows
+        self._current: Sequence[Policy] = ()  # those policies
         self._subjects: dict[PodSet, list[int]] = {}  # subject -> indices of its policies
         self._selecting: dict[str, list[Policy]] = {}
         self._endpoints: dict[str, dict[str, Pod]] = {}
@@ -48,18 +52,21 @@ class Selection:
     def update(self, state: ClusterState, policies: Sequence[Policy], members: Membership) -> None:
         """Follow `state` and `policies`; `members` has been updated to `state`."""
         ids = tuple(id(p) for p in policies)
+        replaced = None if ids == self._policies else self._replaced(ids)
         moved = members.moved
         self.rebuilt = (
-            ids != self._policies
+            (ids != self._policies and replaced is None)
             or members.reset
             or members.updates != self._followed + 1
             or len(moved) * max(1, len(policies)) > INCREMENTAL_LIMIT
         )
         self._followed = members.updates
+        self._policies, previous, self._current = ids, self._current, policies
         if self.rebuilt:
             self._build(state, policies, members)
-            self._policies = ids
             return
+        if replaced is not None:
+            self._replace(state, previous[replaced], policies, replaced, members)
         for before, after in moved:
             if before is not None:
                 self._selecting.pop(before.key, None)
@@ -75,6 +82,41 @@ class Selection:
                     self._endpoints.setdefault(after.node, {})[after.key] = after
         for node in [n for n, pods in self._endpoints.items() if not pods]:
             del self._endpoints[node]
+
+    def _replaced(self, ids: tuple[int, ...]) -> int | None:
+        """The position of the one policy replaced in place since the last update, if one."""
+        if self._policies is None or len(ids) != len(self._policies):
+            return None
+        changed = [i for i, (a, b) in enumerate(zip(self._policies, ids, strict=True)) if a != b]
+        return changed[0] if len(changed) == 1 else None
+
+    def _replace(
+        self,
+        state: ClusterState,
+        old: Policy,
+        policies: Sequence[Policy],
+        at: int,
+        members: Membership,
+    ) -> None:
+        """`old` at position `at` became `policies[at]`: the members of both subjects change
+        their lists (before the pods that changed are placed again, against the new subjects)."""
+        new = policies[at]
+        indices = self._subjects[old.subject]
+        indices.remove(at)
+        if not indices:
+            del self._subjects[old.subject]
+        bisect.insort(self._subjects.setdefault(new.subject, []), at)
+        for pod in members.pods_in(state, old.subject):
+            chosen = self._selecting.get(pod.key)
+            if chosen is None:
+                continue
+            chosen[:] = [p for p in chosen if p is not old]
+            if not chosen:
+                del self._selecting[pod.key]
+        order = {id(p): i for i, p in enumerate(policies)}
+        for pod in members.pods_in(state, new.subject):
+            chosen = self._selecting.setdefault(pod.key, [])
+            bisect.insort(chosen, new, key=lambda p: order[id(p)])
 
     def _build(self, state: ClusterState, policies: Sequence[Policy], members: Membership) -> None:
         self._subjects = {}
