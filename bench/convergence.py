@@ -91,6 +91,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
         "min": round(ordered[0], 1),
         "max": round(ordered[-1], 1),
         "trials": len(ordered),
+        "each": [round(v, 1) for v in values],  # in order: a slow trial tells more by its place
     }
 
 
@@ -107,6 +108,62 @@ def wait(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.0
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not true after {timeout:.0f}s (last: {value!r})")
         time.sleep(every)
+
+
+class PassLog:
+    """The operator's reconcile passes as its gauges show them, sampled every `every` s in a
+    thread: each sample where the pass count moved, with the wall time, the passes since the
+    last sample and the last pass's seconds by stage (several passes between two samples show
+    as one line whose stages are the last one's)."""
+
+    def __init__(self, port: int, every: float = 0.1) -> None:
+        self.port, self.every = port, every
+        self.lines: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pass-log", daemon=True)
+
+    def __enter__(self) -> PassLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        passes = metrics(self.port).get("stockade_operator_reconcile_passes_total", 0)
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(OSError):
+                m = metrics(self.port)
+                now = m.get("stockade_operator_reconcile_passes_total", 0)
+                if now == passes:
+                    continue
+                self.lines.append(
+                    {
+                        "wall": time.time(),
+                        "passes": now - passes,
+                        "pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
+                        **{
+                            stage: round(
+                                m.get(
+                                    f'stockade_operator_reconcile_stage_seconds{{stage="{stage}"}}',
+                                    0.0,
+                                ),
+                                3,
+                            )
+                            for stage in ("take", "lower", "publish", "status")
+                        },
+                    }
+                )
+                passes = now
+
+    def since(self, wall: float) -> list[dict[str, Any]]:
+        """The lines after `wall` (and the one before it), their time as seconds from it."""
+        first = max([i for i, line in enumerate(self.lines) if line["wall"] <= wall] or [0])
+        return [
+            {**{k: v for k, v in line.items() if k != "wall"}, "t": round(line["wall"] - wall, 2)}
+            for line in self.lines[first:]
+        ]
 
 
 class Bench:
@@ -466,6 +523,32 @@ class Bench:
                 last, since = now, time.monotonic()
         return last
 
+    def _initial(
+        self, op: int, apps: Any, made: list[dict[str, Any]]
+    ) -> tuple[float, float, list[dict[str, Any]]]:
+        """Wait for the operator to publish the policies `made` and settle: the wall times of
+        its last publish and its last status write, and the policies that select pods."""
+        # The last policy that selects pods (one that selects none publishes no rule).
+        selecting = [
+            p
+            for p in made
+            if (p["metadata"]["namespace"], p["spec"]["podSelector"]["matchLabels"]["app"]) in apps
+        ]
+        name = selecting[-1]["metadata"]["name"]
+        wait(
+            "the operator publishes the last policy",
+            lambda: name in self.published_rule_names(),
+            1800,
+            1.0,
+        )
+        self.settled(op)
+        m = metrics(op)
+        return (
+            m["stockade_operator_published_timestamp_seconds"],
+            m["stockade_operator_last_status_write_timestamp_seconds"],
+            selecting,
+        )
+
     def operator_at_scale(self, policies: int, pods: int, node_count: int) -> dict[str, Any]:
         """`policies` policies over `pods` pod objects on `node_count` nodes without an agent:
         the operator's intake, convergence, one-change latencies and memory."""
@@ -495,27 +578,12 @@ class Bench:
         intake_s = taken["stockade_operator_last_pod_event_timestamp_seconds"] - began_wall
         self.settled(op)
         began = time.monotonic()
-        made = self.many_policies(namespaces, policies)
-        created, created_wall = time.monotonic(), time.time()
-        say(f"{len(made)} policies in {created - began:.0f}s")
-        # The last policy that selects pods (one that selects none publishes no rule).
-        selecting = [
-            p
-            for p in made
-            if (p["metadata"]["namespace"], p["spec"]["podSelector"]["matchLabels"]["app"]) in apps
-        ]
-        last = selecting[-1]
-        name = last["metadata"]["name"]
-        wait(
-            "the operator publishes the last policy",
-            lambda: name in self.published_rule_names(),
-            1800,
-            1.0,
-        )
-        self.settled(op)
-        m = metrics(op)
-        initial = m["stockade_operator_published_timestamp_seconds"] - created_wall
-        statuses = m["stockade_operator_last_status_write_timestamp_seconds"] - created_wall
+        with PassLog(op) as passes:
+            made = self.many_policies(namespaces, policies)
+            created, created_wall = time.monotonic(), time.time()
+            say(f"{len(made)} policies in {created - began:.0f}s")
+            converged = self._initial(op, apps, made)
+        initial, statuses, selecting = converged
         core = kubernetes.client.CoreV1Api(self.api)
         labels = []
         for trial in range(CHANGE_TRIALS):
@@ -536,14 +604,13 @@ class Bench:
             "policies": len(made),
             "pods": pods,
             "nodes": node_count,
-            "initial_converged_s": round(initial, 2),
-            "statuses_settled_s": round(statuses, 2),
-            # each trial in order too: a slow one tells more by where it fell
-            "one_label_change_ms": {**percentiles(labels), "each": [round(v, 1) for v in labels]},
-            "one_policy_change_ms": {
-                **percentiles(changed),
-                "each": [round(v, 1) for v in changed],
-            },
+            "initial_converged_s": round(initial - created_wall, 2),
+            "statuses_settled_s": round(statuses - created_wall, 2),
+            # what the operator did from the last policy create on (t: s after it): where the
+            # two figures above went
+            "initial_passes": passes.since(created_wall),
+            "one_label_change_ms": percentiles(labels),
+            "one_policy_change_ms": percentiles(changed),
             "pod_events_per_s": round(events / intake_s, 1),
             # what the bench sent: when it is close to the figure above, the sender bounds it
             "pod_events_sent_per_s": round(2 * pods / sent_s, 1),
@@ -559,7 +626,7 @@ class Bench:
                 for stage in ("take", "lower", "publish", "status")
             },
             "policy_create_s": round(created - began, 1),
-            "last_policy_checked": name,
+            "last_policy_checked": selecting[-1]["metadata"]["name"],
         }
 
     def restart_intake(self, pods: int) -> float:

@@ -45,9 +45,15 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
         scale["reconcile_pass_s"],
     ]
     assert all(isinstance(v, int | float) and v > 0 for v in values), values
-    for change in ("one_label_change_ms", "one_policy_change_ms"):  # every trial, in order
-        assert len(scale[change]["each"]) == scale[change]["trials"]
-        assert max(scale[change]["each"]) == scale[change]["max"]
+    trials = [figures[k] for k in ("apply_to_enforced_ms", "label_change_ms")]
+    trials += [scale[k] for k in ("one_label_change_ms", "one_policy_change_ms")]
+    for figure in trials:  # every trial, in order
+        assert len(figure["each"]) == figure["trials"]
+        assert max(figure["each"]) == figure["max"]
+    # the operator's passes from the last policy create on: at least the one that published it
+    passes = scale["initial_passes"]
+    assert passes and all(p["passes"] >= 1 and p["pass_s"] >= 0 for p in passes), passes
+    assert passes[-1]["t"] > 0, passes
     assert figures["recompiles_on_label_change"] == 0
     assert figures["program_loads_on_label_change"] == 0
     assert figures["stack_alive_at_end"] is True
