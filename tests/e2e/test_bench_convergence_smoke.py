@@ -54,6 +54,7 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
     passes = scale["initial_passes"]
     assert passes and all(p["passes"] >= 1 and p["pass_s"] >= 0 for p in passes), passes
     assert passes[-1]["t"] > 0, passes
+    assert scale["first_label_change_passes"], scale
     assert figures["recompiles_on_label_change"] == 0
     assert figures["program_loads_on_label_change"] == 0
     assert figures["stack_alive_at_end"] is True
