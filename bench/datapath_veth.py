@@ -21,7 +21,9 @@ round), as median, quartiles and extremes: the spread to compare the effect with
 
 `attached`: with `kernel.bpf_stats_enabled=1` during the stockade runs, the programs' own
 run_time_ns / run_cnt on the veth (the kernel's per-program statistics), per hook, under the
-TCP load and under the 64-byte load: the attached cost beside the test-run figures.
+TCP load and under the 64-byte load: the attached cost beside the test-run figures; and
+`pps_ratio_<rules>_rules_ceiling`, the 64-byte rate ratio that attached cost allows a sender
+that spends one CPU on the frames.
 """
 
 from __future__ import annotations
@@ -351,7 +353,15 @@ def measure(
         time_ns, count = sum(t for t, _ in samples), sum(n for _, n in samples)
         return round(time_ns / count, 1) if count else 0.0
 
+    attached_ns = {
+        load: {hook: run_ns(s) for hook, s in by_hook.items()} for load, by_hook in attached.items()
+    }
+    udp_ns = attached_ns.get("udp", {}).get("to_pod", 0.0)
     return {
+        # The packet rate the attached cost allows: the sender's CPU spends 1 / none's rate
+        # on a frame without the program and `udp_ns` more with it (the program runs in the
+        # sender's context on the veth), so the rate falls to 1 / (1 + udp_ns * none's rate).
+        f"pps_ratio_{rules}_rules_ceiling": round(1.0 / (1.0 + udp_ns * 1e-9 * base["udp"]), 3),
         "spread": {
             f"tcp_ratio_{rules}_rules": per_round("stockade", "tcp"),
             f"pps_ratio_{rules}_rules": per_round("stockade", "udp"),
@@ -361,10 +371,7 @@ def measure(
         "pps_generator": (
             f"trafgen, {FRAME_BYTES}-byte frames" if use_trafgen else "iperf3 -u -l 64"
         ),
-        "attached_run_ns": {
-            load: {hook: run_ns(s) for hook, s in by_hook.items()}
-            for load, by_hook in attached.items()
-        },
+        "attached_run_ns": attached_ns,
         "attached_runs": {
             load: {hook: sum(n for _, n in s) for hook, s in by_hook.items()}
             for load, by_hook in attached.items()

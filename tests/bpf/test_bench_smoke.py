@@ -42,6 +42,7 @@ def test_the_quick_benchmark_writes_every_figure_and_each_is_positive(tmp_path: 
         figures["compile_ms"]["cached"],
         *(figures["rules"][n][k] for n in RULES for k in ("match_first_ns", "no_match_ns")),
         *(figures["veth"][k] for k in VETH),
+        figures["veth"]["pps_ratio_1000_rules_ceiling"],
         *(figures["veth"]["spread"][k]["median"] for k in VETH),
         *(figures["veth"]["attached_run_ns"][load]["to_pod"] for load in ("tcp", "udp")),
         *(figures["services"]["deferred"][k] for k in SERVICES_DEFERRED),
