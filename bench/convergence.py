@@ -511,7 +511,8 @@ class Bench:
     @staticmethod
     def settled(port: int, quiet: float = 5.0, timeout: float = 900.0) -> dict[str, float]:
         """The operator's metrics once it has run no reconcile pass (so no event changed what it
-        knows: its intake of watch events has caught up) and written nothing for `quiet` s."""
+        knows: its intake of watch events has caught up), written nothing for `quiet` s and has
+        no pass under way (a long one, at scale, moves no counter until it ends)."""
         keys = (
             "stockade_operator_generation",
             "stockade_operator_status_writes_total",
@@ -524,7 +525,8 @@ class Bench:
                 raise TimeoutError(f"the operator kept writing for {timeout:.0f}s: {last}")
             time.sleep(0.5)
             now = metrics(port)
-            if any(now.get(k) != last.get(k) for k in keys):
+            running = now.get("stockade_operator_reconcile_running", 0.0)
+            if running or any(now.get(k) != last.get(k) for k in keys):
                 last, since = now, time.monotonic()
         return last
 

@@ -100,3 +100,25 @@ def test_a_lowering_pass_hands_the_earliest_change_to_the_plan_and_a_status_pass
     reconciler.run(tables=True)
     reconciler.run(tables=True)
     assert publisher.changed == [100, None]
+
+
+def test_a_pass_is_shown_running_while_it_runs_and_not_after_it_ends_or_fails() -> None:
+    """A long pass moves no counter until it ends: `running` says one is under way."""
+    reconciler = Reconciler(Store(), ApiClient())
+    seen: list[bool] = []
+
+    class Watching(Reporter):
+        def report(self, snap: View, generations: Mapping[str, int], selected: object) -> None:
+            seen.append(reconciler.stats.running)
+
+    reconciler.reporter = Watching()  # type: ignore[assignment]
+    reconciler._synced, reconciler._listed_at = True, time.monotonic()
+    reconciler.lowering = Lowering()
+    reconciler.publisher = Planning()  # type: ignore[assignment]
+    assert not reconciler.stats.running
+    reconciler.run(tables=True)
+    assert (seen, reconciler.stats.running, reconciler.stats.passes) == ([True], False, 1)
+    reconciler.publisher = Publisher()  # type: ignore[assignment]
+    with pytest.raises(ApiException):
+        reconciler.run(tables=True)
+    assert (seen, reconciler.stats.running) == ([True, True], False)

@@ -145,6 +145,7 @@ class Operator:
             **stages,
             "stockade_operator_leader": float(self.is_leader()),
             "stockade_operator_reconcile_passes_total": stats.passes,
+            "stockade_operator_reconcile_running": float(stats.running),
             "stockade_operator_reconcile_failures_total": self.runner.failures,
             "stockade_operator_reconcile_seconds": stats.last_seconds,
             "stockade_operator_generation": self.reconciler.publisher.generation,

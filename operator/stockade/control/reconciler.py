@@ -46,6 +46,7 @@ class Stats:
 
     passes: int = 0
     table_passes: int = 0
+    running: bool = False  # a pass is under way (`passes` counts it once it ends)
     last_seconds: float = 0.0
     # the last pass that lowered, by stage: taking the changes (under the Store's lock),
     # lowering and encoding (the lowering's own stages as lower_*), writing tables, statuses
@@ -112,6 +113,13 @@ class Reconciler:
     def run(self, tables: bool) -> None:
         if not self._is_leader():
             return
+        self.stats.running = True
+        try:
+            self._run(tables)
+        finally:
+            self.stats.running = False
+
+    def _run(self, tables: bool) -> None:
         started = time.monotonic()
         if not self._synced:
             # Never publish from a partial picture.
