@@ -46,19 +46,25 @@ EMPTY_C = """#include <linux/bpf.h>
 SEC("tc") int empty(struct __sk_buff *skb) { (void)skb; return -1; }
 char _license[] SEC("license") = "GPL";
 """
-# One lookup of a present key in an LRU hash keyed like the conntrack map (bpf/maps.h,
-# struct ct_key: 40 bytes), the key built on the stack: the floor of any tracked packet.
-HASH_LOOKUP_C = """#include <linux/bpf.h>
+# An LRU hash keyed like the conntrack map (bpf/maps.h, struct ct_key: 40 bytes), with values of
+# VALUE_SIZE bytes.
+LRU_TABLE_C = """#include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 struct key { __u32 saddr[4]; __u32 daddr[4]; __u16 sport; __u16 dport; __u8 proto; __u8 dir;
              __u16 pad; };
-struct val { __u64 a; __u64 b; __u64 c; __u64 d; };
+struct val { __u8 bytes[VALUE_SIZE]; };
 struct {
     __uint(type, BPF_MAP_TYPE_LRU_HASH);
     __uint(max_entries, 1 << 17);
     __type(key, struct key);
     __type(value, struct val);
 } table SEC(".maps");
+"""
+# One lookup of a present key in that table (32-byte values), the key built on the stack: the
+# floor of any tracked packet.
+HASH_LOOKUP_C = (
+    LRU_TABLE_C.replace("VALUE_SIZE", "32")
+    + """
 SEC("tc") int hash_lookup(struct __sk_buff *skb)
 {
     struct key k = {};
@@ -73,6 +79,7 @@ SEC("tc") int hash_lookup(struct __sk_buff *skb)
 }
 char _license[] SEC("license") = "GPL";
 """
+)
 # One read of the clock conntrack keeps its times in (bpf/hook.h).
 CLOCK_C = """#include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -83,20 +90,12 @@ SEC("tc") int clock_read(struct __sk_buff *skb)
 }
 char _license[] SEC("license") = "GPL";
 """
-# The floor of a new flow's first packet: one lookup that misses and one insertion, of a key
-# and value the size of a conntrack entry's, in an LRU hash; the key is the packet's addresses
-# and ports (an IPv4 frame without options).
-INSERT_FLOOR_C = """#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-struct key { __u32 saddr[4]; __u32 daddr[4]; __u16 sport; __u16 dport; __u8 proto; __u8 dir;
-             __u16 pad; };
-struct val { __u8 bytes[VALUE_SIZE]; };
-struct {
-    __uint(type, BPF_MAP_TYPE_LRU_HASH);
-    __uint(max_entries, 1 << 17);
-    __type(key, struct key);
-    __type(value, struct val);
-} table SEC(".maps");
+# The floor of a new flow's first packet: one lookup that misses and one insertion in that
+# table (values the size of a conntrack entry's, filled in by `insert_floor`); the key is the
+# packet's addresses and ports (an IPv4 frame without options).
+INSERT_FLOOR_C = (
+    LRU_TABLE_C
+    + """
 SEC("tc") int insert_floor(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
@@ -116,6 +115,7 @@ SEC("tc") int insert_floor(struct __sk_buff *skb)
 }
 char _license[] SEC("license") = "GPL";
 """
+)
 NEW_FLOWS = 1000  # first packets per round for new_flow_ns, each a new source port
 
 
