@@ -146,11 +146,7 @@ class Programs:
     def _load_and_pin(self, data: bytes, name: str, pin: Path, maps_root: Path) -> None:
         pin.parent.mkdir(parents=True, exist_ok=True)
         with libbpf.BpfObject(data, name, maps_root).load() as obj:
-            partial = pin.with_name(f"partial-{pin.name}")  # bpffs reserves dots in names
-            if partial.exists():
-                partial.unlink()
-            libbpf.obj_pin(obj.program(name).fd, partial)
-            partial.rename(pin)  # bpffs renames atomically: the pin is whole or absent
+            libbpf.obj_pin_whole(obj.program(name).fd, pin)
 
     def retire(self) -> list[str]:
         """Unpin programs of other digests (after the links moved to the current ones)."""

@@ -32,6 +32,11 @@ from stockade.model.policy import PodSet, Policy
 INCREMENTAL_LIMIT = 2_000_000
 
 
+def _same(a: Sequence[Policy], b: Sequence[Policy]) -> bool:
+    """The same policy objects in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def is_endpoint(pod: Pod) -> bool:
     """A pod the node's programs enforce: scheduled, addressed, not on the host network."""
     return bool(pod.node) and not pod.host_network and bool(pod.ips)
@@ -41,8 +46,7 @@ class Selection:
     """pod key -> the policies that select it; node -> its endpoints. `update` first."""
 
     def __init__(self) -> None:
-        self._policies: tuple[int, ...] | None = None  # ids of the policies it follows
-        self._current: Sequence[Policy] = ()  # those policies
+        self._current: Sequence[Policy] | None = None  # the policies it follows
         self._subjects: dict[PodSet, list[int]] = {}  # subject -> indices of its policies
         self._selecting: dict[str, list[Policy]] = {}
         self._endpoints: dict[str, dict[str, Pod]] = {}
@@ -51,21 +55,23 @@ class Selection:
 
     def update(self, state: ClusterState, policies: Sequence[Policy], members: Membership) -> None:
         """Follow `state` and `policies`; `members` has been updated to `state`."""
-        ids = tuple(id(p) for p in policies)
-        replaced = None if ids == self._policies else self._replaced(ids)
+        previous = self._current
+        same = previous is not None and _same(previous, policies)
+        replaced = None if same else self._replaced(policies)
         moved = members.moved
         self.rebuilt = (
-            (ids != self._policies and replaced is None)
+            (not same and replaced is None)
             or members.reset
             or members.updates != self._followed + 1
             or len(moved) * max(1, len(policies)) > INCREMENTAL_LIMIT
         )
         self._followed = members.updates
-        self._policies, previous, self._current = ids, self._current, policies
+        self._current = policies
         if self.rebuilt:
             self._build(state, policies, members)
             return
         if replaced is not None:
+            assert previous is not None
             self._replace(state, previous[replaced], policies, replaced, members)
         for before, after in moved:
             if before is not None:
@@ -83,11 +89,13 @@ class Selection:
         for node in [n for n, pods in self._endpoints.items() if not pods]:
             del self._endpoints[node]
 
-    def _replaced(self, ids: tuple[int, ...]) -> int | None:
+    def _replaced(self, policies: Sequence[Policy]) -> int | None:
         """The position of the one policy replaced in place since the last update, if one."""
-        if self._policies is None or len(ids) != len(self._policies):
+        if self._current is None or len(policies) != len(self._current):
             return None
-        changed = [i for i, (a, b) in enumerate(zip(self._policies, ids, strict=True)) if a != b]
+        changed = [
+            i for i, (a, b) in enumerate(zip(self._current, policies, strict=True)) if a is not b
+        ]
         return changed[0] if len(changed) == 1 else None
 
     def _replace(

@@ -181,6 +181,17 @@ def obj_pin(fd: int, path: Path) -> None:
     _check(int(_obj_pin(fd, str(path).encode())), f"pin {path}")
 
 
+def obj_pin_whole(fd: int, path: Path) -> None:
+    """Pin under a temporary name, then rename: bpffs renames atomically, so the pin at `path`
+    is whole or absent, never half made (bpffs reserves dots in names: the temporary one is
+    `partial-<name>`)."""
+    partial = path.with_name(f"partial-{path.name}")
+    if partial.exists():
+        partial.unlink()
+    obj_pin(fd, partial)
+    partial.rename(path)
+
+
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
     """A new map (no flags); the caller owns the returned fd."""
     rc = _map_create(map_type, name.encode()[:15], key_size, value_size, max_entries, None)

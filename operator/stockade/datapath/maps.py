@@ -346,8 +346,9 @@ def ensure_pending_hint(pin_root: Path) -> bool:
             return False
         pin_root.mkdir(parents=True, exist_ok=True)
         spec = abi.MAPS[PENDING_HINT]
+        assert spec.key is not None and spec.value is not None
         fd = libbpf.map_create(
-            int(spec.type), PENDING_HINT, abi.U32.size, abi.U32.size, abi.HINT_SLOTS
+            int(spec.type), PENDING_HINT, spec.key.size, spec.value.size, abi.HINT_SLOTS
         )
         try:
             pending = pin_root / "pending"
@@ -361,11 +362,7 @@ def ensure_pending_hint(pin_root: Path) -> bool:
                     os.close(pfd)
                 for slot, n in counts.items():
                     libbpf.map_update(fd, slot, abi.U32.pack(n))
-            partial = pin_root / f"partial-{PENDING_HINT}"  # bpffs reserves dots in names
-            if partial.exists():
-                partial.unlink()
-            libbpf.obj_pin(fd, partial)
-            partial.rename(path)
+            libbpf.obj_pin_whole(fd, path)
         finally:
             os.close(fd)
         return True
