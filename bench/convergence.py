@@ -9,6 +9,10 @@ operator and one agent per node, restarted here with metrics ports) and measures
 - `apply_to_enforced_ms`: from the API create of a policy (as `kubectl apply` sends it) to the
   first probe of the final run of dropped probes, a TCP connection from the client pod every
   5 ms (the send time of that probe; resolution 5 ms).
+- `apply_to_enforced_by_stage_ms`: when each stage of those trials ended, from the stamps on
+  this machine's clock (`Bench.split`): the operator's Store took the create in (`taken`: the API
+  server, the watch, kopf), its publish ended (`published`), an agent wrote its map (`mapped`),
+  the probes saw it (`enforced`); `label_change_by_stage_ms` likewise for the label trials.
 - `label_change_ms`: from the API patch of a client pod's labels (into or out of the peer set a
   policy admits) to the peer set updated in the map: the wall-clock stamp of the last map write
   that changed entries, as the agents report it
@@ -180,6 +184,8 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
         self.last_sent = 0.0  # the wall time `published_after` sent its last change
+        self.splits: list[dict[str, float]] = []  # apply -> enforced trials by stage (`split`)
+        self.label_splits: list[dict[str, float]] = []  # label change trials, likewise
         self.sandbox: RunningSandbox
         self.workload: PodProcesses
 
@@ -310,8 +316,18 @@ class Bench:
         }
         out = []
         for trial in range(trials):
-            out.append(self.timed_change(lambda: self.sandbox.create_policy(policy), False))
-            say(f"apply -> enforced, trial {trial + 1}/{trials}: {out[-1]:.1f} ms")
+            sent: list[float] = []
+
+            def create(at: list[float] = sent) -> None:
+                at.append(time.time())
+                self.sandbox.create_policy(policy)
+
+            out.append(self.timed_change(create, False))
+            self.splits.append(self.split(sent[0], out[-1]))
+            say(
+                f"apply -> enforced, trial {trial + 1}/{trials}: {out[-1]:.1f} ms "
+                f"({', '.join(f'{k} {v:.1f}' for k, v in self.splits[-1].items())})"
+            )
             self.sandbox.delete_policy(policy)
             self.wait_open()
             self.wait_agents()
@@ -353,15 +369,47 @@ class Bench:
             out.append(self.timed_change(change, joined))
             self.wait_agents()
             to_map.append(self.map_changed_after(agents, sent[0]))
+            self.label_splits.append(self.split(sent[0], out[-1]))
             say(
                 f"label change ({'in' if joined else 'out'}), trial {trial + 1}: "
-                f"map {to_map[-1]:.1f} ms, probe {out[-1]:.1f} ms"
+                f"map {to_map[-1]:.1f} ms, probe {out[-1]:.1f} ms "
+                f"({', '.join(f'{k} {v:.1f}' for k, v in self.label_splits[-1].items())})"
             )
         after = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
         self.sandbox.delete_policy(policy)
         set_pod_labels(self.api, NS, "client", {"pod": "client"})
         self.wait_open()
         return to_map, out, {c: after[c] - before[c] for c in counters}
+
+    def split(self, sent: float, total_ms: float) -> dict[str, float]:
+        """When each stage of one trial ended, in ms after `sent` (the change), from the stamps
+        on this machine's clock: `taken` (the operator's Store took the change in: the API
+        write, the watch and kopf), `published` (the end of the publish that carries it, every
+        node's objects written), `mapped` (the last map write that changed entries, on any
+        agent) and `enforced` (`total_ms`, the first probe with the new outcome). An agent may
+        write its map before the publish ends (it watches its own node's objects, written in
+        parallel) and a probe sent just before the map write may still see the change (it
+        arrives after it), so only `taken` is bound to come first. Read right after the trial,
+        before anything else changes."""
+        op = metrics(self.ports["operator-0"])
+        taken = op.get("stockade_operator_input_change_timestamp_seconds", 0.0)
+        published = op.get("stockade_operator_published_timestamp_seconds", 0.0)
+        mapped = max(
+            metrics(self.ports[a]).get("stockade_agent_last_map_change_timestamp_seconds", 0.0)
+            for a in self.ports
+            if a.startswith("agent-")
+        )
+        if not sent <= taken <= min(published, mapped):
+            raise RuntimeError(
+                f"stamps out of order: sent {sent}, taken {taken}, published {published}, "
+                f"mapped {mapped}"
+            )
+        return {
+            "taken": (taken - sent) * 1000.0,
+            "published": (published - sent) * 1000.0,
+            "mapped": (mapped - sent) * 1000.0,
+            "enforced": total_ms,
+        }
 
     def map_changed_after(self, agents: list[str], sent: float) -> float:
         """Milliseconds from `sent` (wall clock, just before the PATCH) to the last map write that
@@ -743,7 +791,14 @@ def run(
             applied = b.apply_to_enforced(trials)
             to_map, to_probe, compiles = b.label_changes(trials)
             out["apply_to_enforced_ms"] = percentiles(applied)
+            out["apply_to_enforced_by_stage_ms"] = {
+                stage: percentiles([s[stage] for s in b.splits]) for stage in b.splits[0]
+            }
             out["label_change_ms"] = percentiles(to_map)
+            out["label_change_by_stage_ms"] = {
+                stage: percentiles([s[stage] for s in b.label_splits])
+                for stage in b.label_splits[0]
+            }
             out["label_change_to_probe_ms"] = percentiles(to_probe)
             out["recompiles_on_label_change"] = int(
                 compiles["stockade_agent_compile_cache_hits_total"]
