@@ -149,22 +149,44 @@ def test_a_pass_leaves_no_garbage_in_reference_cycles(data: st.DataObject) -> No
         cluster.change()
 
 
-def test_the_worker_collects_garbage_between_passes_and_everything_when_idle() -> None:
-    collector = Collector(full_every=3)
+def test_the_worker_collects_everything_only_when_the_heap_grew_by_a_quarter() -> None:
+    collector = Collector(growth=0.25)
+    kept: list[object] = []
+
+    def grow(fraction: float) -> None:
+        kept.extend([] for _ in range(int(fraction * collector.baseline) + 1))
+
     try:
-        collector.after_pass(idle=True)
-        assert gc.get_freeze_count() > 0  # what the pass left is no longer scanned
-        collector.after_pass(idle=True)
-        assert collector.full_collections == 0
-        for _ in range(9):  # the third pass is due, but a change waits: not before the 12th
-            collector.after_pass(idle=False)
-        assert collector.full_collections == 0
-        collector.after_pass(idle=False)
-        assert (collector.full_collections, collector.passes) == (1, 0)
-        collector.after_pass(idle=True)
-        collector.after_pass(idle=True)
+        collector.after_pass(idle=True)  # everything is new: collected once
+        assert collector.full_collections == 1
+        assert gc.get_freeze_count() == collector.baseline > 0  # no longer scanned
+        for _ in range(5):  # a heap that only churns is not scanned again
+            kept.append([])
+            kept.pop(0) if len(kept) > 1 else None
+            collector.after_pass(idle=True)
+        assert collector.full_collections == 1
+        grow(0.3)
+        collector.after_pass(idle=False)  # due, but a change waits
+        assert collector.full_collections == 1
         collector.after_pass(idle=True)
         assert collector.full_collections == 2
+        grow(1.1)  # four times the growth: collected even when a change waits
+        collector.after_pass(idle=False)
+        assert collector.full_collections == 3
+        # Cycles frozen while a cache held them, then dropped from it: garbage that only a full
+        # collection frees shows as growth, and the collection frees it.
+        alive = collector.baseline
+        cache: list[object] = []
+        for _ in range(int(0.3 * alive) // 2 + 1):
+            a: list[object] = []
+            a.append([a])
+            cache.append(a)
+        collector.after_pass(idle=False)
+        assert collector.full_collections == 3
+        cache.clear()
+        collector.after_pass(idle=True)
+        assert collector.full_collections == 4
+        assert collector.baseline < alive * 1.05
     finally:
         gc.unfreeze()
 
