@@ -114,3 +114,68 @@ def test_the_publisher_follows_status_writes_and_ignores_late_events() -> None:
 def test_tables_the_publisher_did_not_publish_are_not_its_concern() -> None:
     pub = Publisher(ApiClient())
     assert not pub.observe(watched(EDITED, generation=8))
+
+
+class EchoingObjects:
+    """A CustomObjectsApi whose watch delivers each write's event (and then whatever `after`
+    sends, such as the agent's status write) before the write's answer, as a server does."""
+
+    def __init__(self, pub: Publisher, after: list[dict[str, Any]]) -> None:
+        self.pub = pub
+        self.after = after
+        self.drift: list[bool] = []
+        self.version = 200
+
+    def patch_cluster_custom_object(self, *args: Any, **_: Any) -> dict[str, Any]:
+        body = args[-1]
+        stored = watched(TableObject.from_api(body), generation=8, version=str(self.version))
+        self.drift.append(self.pub.observe(stored))
+        for event in self.after:
+            self.drift.append(self.pub.observe(event))
+        return stored
+
+    def delete_cluster_custom_object(self, *args: Any, **_: Any) -> None:
+        self.drift.append(self.pub.observe_deleted(args[-1]))
+
+
+NEW = dataclasses.replace(
+    TABLE, generation=2, entries=ENTRIES[:1], digest=handoff.digest(ENTRIES[:1])
+)
+
+
+@pytest.mark.parametrize(
+    ("after", "drift"),
+    [
+        ([], [False]),
+        ([watched(NEW, generation=8, version="210")], [False, False]),  # the agent's status
+        ([watched(EDITED, generation=9, version="220")], [False, True]),  # someone else's
+    ],
+    ids=["echo", "echo-then-status", "echo-then-edit"],
+)
+def test_the_event_of_a_write_that_arrives_before_its_answer_is_not_drift(
+    after: list[dict[str, Any]], drift: list[bool]
+) -> None:
+    pub = publisher()
+    api = EchoingObjects(pub, after)
+    pub._objects = api  # type: ignore[assignment]
+    assert pub._write(NEW) is None
+    assert api.drift == drift
+    if True in drift:  # forgotten, at the version seen: the next plan writes it again
+        assert TABLE.name not in pub.published
+        assert pub.stamps[TABLE.name] == Stamp("uid-1", 9, "220")
+    else:
+        assert pub.published[TABLE.name] == NEW.head()  # recorded by the write's answer
+    assert pub._writing == {}
+    assert pub._spoiled == set()
+
+
+def test_the_event_of_a_delete_that_arrives_before_its_answer_is_not_drift() -> None:
+    pub = publisher()
+    api = EchoingObjects(pub, [])
+    pub._objects = api  # type: ignore[assignment]
+    assert pub._delete(TABLE.name) is None
+    assert api.drift == [False]
+    assert TABLE.name not in pub.published
+    assert pub.observe_deleted(TABLE.name) is False  # forgotten: not ours any more
+    pub.published[TABLE.name] = TABLE.head()
+    assert pub.observe_deleted(TABLE.name) is True  # someone else deleted it

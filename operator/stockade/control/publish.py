@@ -44,7 +44,7 @@ from kubernetes.client import ApiClient, CustomObjectsApi, V1DeleteOptions, V1Pr
 from kubernetes.client.exceptions import ApiException
 
 from stockade import handoff
-from stockade.control.drift import Stamp, drifted, labelled
+from stockade.control.drift import Stamp, drifted, holds, labelled
 from stockade.control.plan import NodeParts, Plan
 from stockade.control.plan import plan as plan_changes
 from stockade.handoff import HandoffError, TableHead, TableObject
@@ -118,6 +118,11 @@ class Publisher:
         self.deletes = 0
         self.conflicts = 0
         self.held: dict[str, int] = {}  # node -> change time of a program write that failed
+        # Writes and deletes under way: a watch event of one can arrive before its answer
+        # (`observe`, `observe_deleted`)
+        self._writing: dict[str, TableHead] = {}
+        self._deleting: set[str] = set()
+        self._spoiled: set[str] = set()  # written, but changed by someone else meanwhile
         self._lock = threading.Lock()  # writes run on several threads at once
 
     def resync(self) -> int:
@@ -188,17 +193,41 @@ class Publisher:
             have = self.published.get(name)
             if have is None:
                 return False
+            writing = self._writing.get(name)
+        # The server sends a write's watch event as soon as it stores it, often before this
+        # process has read the write's answer: the object then holds the head being written,
+        # which `published` does not know yet. Neither that event nor the agent's status
+        # write over it is drift; the write's answer records what was published.
+        if writing is not None and holds(writing, obj):
+            return False
+        with self._lock:
+            have = self.published.get(name)
+            if have is None:
+                return False
             stamp = self.stamps.get(name)
             if drifted(have, stamp, obj):
                 del self.published[name]
                 if seen is not None:
                     self.stamps[name] = seen
+                if name in self._writing:
+                    self._spoiled.add(name)  # changed after our write: its answer is stale
                 return True
             if seen is not None and (
                 stamp is None or not stamp.covers(seen) or seen.generation == stamp.generation
             ):
                 self.stamps[name] = seen  # what we published, at its latest version
             return False
+
+    def observe_deleted(self, name: str) -> bool:
+        """A watched DatapathTable was deleted: True when it was one we published and not one
+        we are deleting (its event can arrive before the delete's answer); it is forgotten, so
+        that the next plan writes it again."""
+        with self._lock:
+            if name in self._deleting:
+                return False
+            known = name in self.published
+        self.forget(name)
+        return known
 
     def apply(self, plan: Plan) -> None:
         """Write `plan`: every changed object at once (at most MAX_CONCURRENT_WRITES in flight),
@@ -265,6 +294,15 @@ class Publisher:
 
     def _delete(self, name: str) -> _Refused | None:
         """Delete `name` on the precondition that it is the version we know."""
+        with self._lock:
+            self._deleting.add(name)
+        try:
+            return self._delete_known(name)
+        finally:
+            with self._lock:
+                self._deleting.discard(name)
+
+    def _delete_known(self, name: str) -> _Refused | None:
         stamp = self.stamps.get(name)
         try:
             self._delete_at(name, stamp)
@@ -337,6 +375,16 @@ class Publisher:
     def _write(self, table: TableObject) -> _Refused | None:
         """Create `table`, or patch it over the version we know (one that exists but that we
         do not know is read first, and patched over what is there)."""
+        with self._lock:
+            self._writing[table.name] = table.head()
+        try:
+            return self._write_known(table)
+        finally:
+            with self._lock:
+                self._writing.pop(table.name, None)
+                self._spoiled.discard(table.name)
+
+    def _write_known(self, table: TableObject) -> _Refused | None:
         name = table.name
         stamp = self.stamps.get(name)
         if stamp is None:
@@ -369,6 +417,8 @@ class Publisher:
         written = Stamp.from_api(stored) if isinstance(stored, Mapping) else None
         with self._lock:
             self.writes += 1
+            if name in self._spoiled:
+                return None  # forgotten by `observe`: the next plan writes it again
             self.published[name] = table.head()
             if written is not None:
                 self.stamps[name] = written

@@ -104,10 +104,7 @@ class Reconciler:
         """A watched DatapathTable: True when it was one of ours and was deleted, or changed by
         someone else, so that the next pass writes it back."""
         if deleted:
-            name = str((obj.get("metadata") or {}).get("name", ""))
-            known = name in self.publisher.published
-            self.publisher.forget(name)
-            return known
+            return self.publisher.observe_deleted(str((obj.get("metadata") or {}).get("name", "")))
         return self.publisher.observe(obj)
 
     def run(self, tables: bool) -> None:
