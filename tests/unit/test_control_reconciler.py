@@ -29,7 +29,7 @@ class Publisher:
     def plan(self, desired: object, changed_at: int | None = None) -> Plan:
         return Plan((), (), {"fine": 2, "broken": 2})
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, partial: bool = False) -> None:
         raise ApiException(status=TOO_LARGE, reason="Request entity too large")
 
 
@@ -47,7 +47,7 @@ class Reporter:
 class Lowering:
     """Lowers nothing."""
 
-    def lower(self, changes: Changes, full: object) -> Result:
+    def lower(self, changes: Changes, full: object, stream: object = None) -> Result:
         return Result({}, (), {}, (), full=False)
 
     def close(self) -> None:
@@ -81,7 +81,7 @@ class Planning(Publisher):
         self.changed.append(changed_at)
         return Plan((), (), {})
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, partial: bool = False) -> None:
         pass
 
 

@@ -233,7 +233,7 @@ def test_a_lowering_that_raised_starts_again_from_the_whole_store(
     engine = reconciler.lowering.engine
     assert engine is not None and set(reconciler.parts) == {"n0"}
 
-    def broken(changes: object) -> None:
+    def broken(changes: object, stream: object = None) -> None:
         raise RuntimeError("broken")
 
     monkeypatch.setattr(engine, "lower", broken)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from stockade import handoff
@@ -69,8 +70,11 @@ class Lowerer:
         # node -> the tables and Service backends its fallback verdicts were computed from
         self._fallback: dict[str, tuple[object, object, tuple[ir.ServiceVerdictEntry, ...]]] = {}
 
-    def desired(self, snap: Snapshot) -> dict[str, NodeParts]:
-        """Every node's encoded parts (part -> shard -> Shard): nodes that exist or have pods."""
+    def desired(
+        self, snap: Snapshot, on_node: Callable[[str, NodeParts], None] | None = None
+    ) -> dict[str, NodeParts]:
+        """Every node's encoded parts (part -> shard -> Shard): nodes that exist or have pods.
+        `on_node(node, parts)` is told of each node as soon as its parts are final."""
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
         nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
         lowering = Lowering(
@@ -107,6 +111,8 @@ class Lowerer:
                 self._encoded[node] = ((tables, opened), parts)
                 out[node] = parts
             self.node_seconds[node] = time.monotonic() - began
+            if on_node is not None:
+                on_node(node, out[node])
         for node in set(self.ids) - nodes:
             del self.ids[node]
             self._encoded.pop(node, None)

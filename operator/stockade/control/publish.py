@@ -229,13 +229,15 @@ class Publisher:
         self.forget(name)
         return known
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, partial: bool = False) -> None:
         """Write `plan`: every changed object at once (at most MAX_CONCURRENT_WRITES in flight),
         then the deletes of the nodes all of whose writes succeeded, each wave only while
         `is_leader()` (else NotLeaderError). Raises the first failure once nothing is in flight;
         what failed is not recorded as published, so the next plan writes it again, and refused
         writes raise WriteConflictError. A failed object holds back only its own node: every
-        node whose writes succeeded takes the plan's generation, the others keep theirs."""
+        node whose writes succeeded takes the plan's generation, the others keep theirs. A
+        `partial` plan names some nodes only (a long pass's early writes): the nodes it does
+        not name keep their generations."""
         began = time.monotonic()
         if plan.writes:
             self._check_leader()
@@ -250,10 +252,14 @@ class Publisher:
                     self.held[table.node] = table.changed_at
                 else:
                     self.held.pop(table.node, None)
-        self.generations = {
+        generations = {
             node: self.generations.get(node, 0) if node in failed else generation
             for node, generation in plan.generations.items()
         }
+        if partial:  # some nodes only: the others keep theirs
+            self.generations = {**self.generations, **generations}
+        else:
+            self.generations = generations
         deletes = [n for n in plan.deletes if self._node_of(n) not in failed]
         if deletes:
             self._check_leader()

@@ -4,8 +4,9 @@ Level-triggered: whatever happened, a pass derives every node's tables from the 
 and writes only what differs from what is published. The pass takes the Store's journal of
 changes (O(changes) under the Store's lock, `Store.take`) and hands it to the lowering
 (`stockade.control.worker`: by default a worker process that mirrors the Store and lowers again
-only the nodes a change can reach), which answers with the nodes whose parts changed; the
-reconciler keeps every node's last parts for the plan
+only the nodes a change can reach), which answers with the nodes whose parts changed (a long
+pass hands on the nodes it has lowered as it goes, and they are written while it lowers the
+rest); the reconciler keeps every node's last parts for the plan
 (`stockade.control.plan`, `stockade.control.publish`), then has the status reporter
 (`stockade.control.reporter`) write the policy statuses that change. This module only sequences
 them: priming the Store before the first pass as leader (`stockade.control.prime`), the leader
@@ -20,7 +21,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -32,7 +34,7 @@ from stockade.control.prime import prime
 from stockade.control.publish import NotLeaderError, Publisher, WriteConflictError
 from stockade.control.reporter import StatusReporter
 from stockade.control.store import Changes, Store, View
-from stockade.control.worker import Lowering, Result, Settings, lowering
+from stockade.control.worker import STREAM_AFTER, Lowering, Result, Settings, Stream, lowering
 from stockade.model.policy import PodSet
 
 log = logging.getLogger(__name__)
@@ -74,13 +76,16 @@ class Reconciler:
         again: Callable[[], None] = lambda: None,
         relist: float = RELIST,
         mode: str = "process",  # where the lowering runs (`stockade.control.worker`)
+        stream_after: float = STREAM_AFTER,  # a pass's seconds before it hands nodes on early
     ) -> None:
         self._upstream_cnp = upstream_cnp
         self._services = services
         self._store = store
         self._api = api
         self._is_leader = is_leader
-        self.lowering: Lowering = lowering(mode, Settings(shape, inline_entries, services))
+        self.lowering: Lowering = lowering(
+            mode, Settings(shape, inline_entries, services, stream_after)
+        )
         self.parts: dict[str, NodeParts] = {}  # every node's encoded parts, as last lowered
         # policy subject -> node -> its endpoints there, as last lowered (for the statuses)
         self.selected: dict[PodSet, Mapping[str, int]] = {}
@@ -159,12 +164,23 @@ class Reconciler:
         if failure is not None:
             raise failure  # the runner runs the pass again: what failed is written then
 
-    def lower(self, changes: Changes) -> Result:
-        """Hand the changes to the lowering and keep what it answers."""
-        result = self.lowering.lower(changes, self._whole_store)
+    def lower(self, changes: Changes, early: Stream | None = None) -> Result:
+        """Hand the changes to the lowering and keep what it answers; the nodes a long pass
+        hands on before its answer go to `early` too, as they come."""
+        streamed: dict[str, NodeParts] = {}
+
+        def stream(parts: Mapping[str, NodeParts]) -> None:
+            streamed.update(parts)
+            if early is not None:
+                early(parts)
+
+        result = self.lowering.lower(changes, self._whole_store, stream)
         if result.full:
             self.parts.clear()
             self.selected.clear()
+        # Only what the engine that answered streamed: a worker that died in the middle of a
+        # pass may have streamed a node its successor no longer lowers.
+        self.parts.update({node: streamed[node] for node in result.streamed})
         self.parts.update(result.parts)
         for node in result.gone:
             self.parts.pop(node, None)
@@ -186,9 +202,14 @@ class Reconciler:
         not the other nodes or the policy statuses."""
         assert snap.changes is not None
         began = time.monotonic()
-        result = self.lower(snap.changes)
-        planned = self.publisher.plan(self.parts, snap.changed_at)
-        lowered = time.monotonic()
+        with ThreadPoolExecutor(1, thread_name_prefix="stockade-publish-early") as pool:
+
+            def early(parts: Mapping[str, NodeParts]) -> None:
+                pool.submit(self._publish_early, parts, snap.changed_at)
+
+            result = self.lower(snap.changes, early)
+            lowered = time.monotonic()
+        planned = self.publisher.plan(self.parts, snap.changed_at)  # what the early ones left
         stages = {"lower": lowered - began, "publish": 0.0}
         stages.update({f"lower_{k}": v for k, v in result.seconds.items()})
         if not self._is_leader():
@@ -215,3 +236,17 @@ class Reconciler:
         # has not applied: they stay Pending there until a later publish lands.
         self.reporter.carried(snap, planned.generations)
         return stages, failure
+
+    def _publish_early(self, parts: Mapping[str, NodeParts], changed_at: int | None) -> None:
+        """Write the nodes a long pass handed on before its answer, while it lowers the rest:
+        each node whole, at a generation of its own, so that its agent assembles it as it
+        would after the pass. Nothing is deleted here, and a failure is left to the pass's own
+        publish, which plans every node against what was written (and deletes what no node
+        wants any more)."""
+        if not self._is_leader():
+            return
+        try:
+            planned = self.publisher.plan(parts, changed_at)
+            self.publisher.apply(replace(planned, deletes=()), partial=True)
+        except Exception as exc:
+            log.debug("an early write failed; the pass's publish writes it again: %s", exc)

@@ -57,6 +57,11 @@ STOP_S = 2.0  # seconds a worker is given to exit at the end of its input before
 # operator's own process (kopf's intake) most of it; the lowering takes what intake leaves.
 # bench/intake.py measures the intake with the lowering running beside it (README).
 NICE = 10
+# A pass that has lowered for this long hands on what it has so far, and then again each time
+# this much more time has passed: one label change lowers a node or two in a few milliseconds
+# and streams nothing; the pass that follows a burst of policies lowers every node for seconds,
+# and its first nodes are written while it lowers the rest (#17)
+STREAM_AFTER = 0.1
 FULL_COLLECT_GROWTH = 0.25  # heap growth that calls for a full garbage collection (Collector)
 
 
@@ -67,6 +72,19 @@ class Settings:
     shape: Shape | None = None
     inline_entries: int = handoff.INLINE_ENTRIES
     services: bool = False
+    stream_after: float = STREAM_AFTER  # seconds of a pass before its nodes are streamed
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Nodes whose encoded parts changed, sent while a long pass goes on (`Engine.lower`), so
+    that the reconciler publishes them while the lowering works on the other nodes; the pass's
+    `Result` leaves them out."""
+
+    parts: Mapping[str, NodeParts]
+
+
+Stream = Callable[[Mapping[str, NodeParts]], None]  # told of each `Partial`'s parts
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ class Result:
     full: bool
     nodes_lowered: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # the engine's stages
+    streamed: tuple[str, ...] = ()  # nodes whose parts this pass handed on in `Partial`s
 
 
 class Engine:
@@ -90,11 +109,14 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.mirror = Mirror()
         self.lowerer = Lowerer(settings.shape, settings.inline_entries, settings.services)
+        self._stream_after = settings.stream_after
         self._parts: dict[str, NodeParts] = {}
         self._selected: dict[PodSet, dict[str, int]] = {}
         self._answered = False
 
-    def lower(self, changes: Changes) -> Result:
+    def lower(self, changes: Changes, stream: Stream | None = None) -> Result:
+        """Apply `changes` and lower; a pass that runs longer than `stream_after` hands the
+        nodes that changed to `stream` as it goes, and its `Result` holds the rest."""
         began = time.monotonic()
         same = (changes.configured_cidrs, changes.node_port_range) == (
             self.mirror.configured_cidrs,
@@ -105,10 +127,26 @@ class Engine:
         self.mirror.apply(changes)
         snap = self.mirror.snapshot()
         built = time.monotonic()
-        desired = self.lowerer.desired(snap)
+        streamed: set[str] = set()
+        waiting: dict[str, NodeParts] = {}
+        due = [began + self._stream_after]
+
+        def on_node(node: str, parts: NodeParts) -> None:
+            # The Lowerer hands back the same parts object for a node it did not encode again.
+            if stream is None or self._parts.get(node) is parts:
+                return
+            waiting[node] = parts
+            if (now := time.monotonic()) >= due[0]:
+                stream(dict(waiting))
+                streamed.update(waiting)
+                waiting.clear()
+                due[0] = now + self._stream_after
+
+        desired = self.lowerer.desired(snap, on_node)
         lowered = time.monotonic()
-        # The Lowerer hands back the same parts object for a node it did not encode again.
-        changed = {n: p for n, p in desired.items() if self._parts.get(n) is not p}
+        changed = {
+            n: p for n, p in desired.items() if self._parts.get(n) is not p and n not in streamed
+        }
         gone = tuple(sorted(set(self._parts) - set(desired)))
         self._parts = desired
         selected, unselected = self._selections(snap.state, snap.policies)
@@ -119,7 +157,14 @@ class Engine:
             "select": time.monotonic() - lowered,
         }
         return Result(
-            changed, gone, selected, unselected, full, self.lowerer.nodes_lowered, seconds
+            changed,
+            gone,
+            selected,
+            unselected,
+            full,
+            self.lowerer.nodes_lowered,
+            seconds,
+            tuple(sorted(streamed)),
         )
 
     def _selections(
@@ -154,9 +199,12 @@ class Engine:
 
 class Lowering(Protocol):
     """Where the reconciler's lowering runs. `full()` takes the whole store, for a lowering
-    that has to start from nothing."""
+    that has to start from nothing; `stream` is told of the nodes a long pass hands on before
+    its `Result` (`Engine.lower`)."""
 
-    def lower(self, changes: Changes, full: Callable[[], Changes]) -> Result: ...
+    def lower(
+        self, changes: Changes, full: Callable[[], Changes], stream: Stream | None = None
+    ) -> Result: ...
 
     def close(self) -> None: ...
 
@@ -169,12 +217,14 @@ class InThread:
         self._settings = settings
         self.engine: Engine | None = None
 
-    def lower(self, changes: Changes, full: Callable[[], Changes]) -> Result:
+    def lower(
+        self, changes: Changes, full: Callable[[], Changes], stream: Stream | None = None
+    ) -> Result:
         if self.engine is None:
             self.engine = Engine(self._settings)
             changes = _merged(changes, full())
         try:
-            return self.engine.lower(changes)
+            return self.engine.lower(changes, stream)
         except Exception:
             self.engine = None
             raise
@@ -202,14 +252,16 @@ class InProcess:
     def pid(self) -> int | None:
         return self._child.pid if self._child is not None else None
 
-    def lower(self, changes: Changes, full: Callable[[], Changes]) -> Result:
+    def lower(
+        self, changes: Changes, full: Callable[[], Changes], stream: Stream | None = None
+    ) -> Result:
         if self._child is None:
             if self.starts:
                 log.warning("lowering worker: starting a new worker with the whole store")
             self._start()
             changes = _merged(changes, full())
         try:
-            return self._call(changes)
+            return self._call(changes, stream)
         except WorkerError as exc:
             log.warning(
                 "lowering worker (pid %s) failed: %s; starting a new one with the whole store, "
@@ -220,16 +272,22 @@ class InProcess:
             self.close()
             self._start()
             try:
-                return self._call(_merged(changes, full()))
+                return self._call(_merged(changes, full()), stream)
             except WorkerError:
                 self.close()  # the runner's retry starts another, again from the whole store
                 raise
 
-    def _call(self, changes: Changes) -> Result:
+    def _call(self, changes: Changes, stream: Stream | None) -> Result:
+        """Send `changes` (asking for `Partial`s only when there is a `stream` to hand them
+        to) and read the answer, handing each `Partial` to `stream` as it comes."""
         assert self._send is not None and self._recv is not None
         try:
-            self._send.send(changes)
+            self._send.send((changes, stream is not None))
             answer = self._recv.recv()
+            while isinstance(answer, Partial):
+                assert stream is not None
+                stream(answer.parts)
+                answer = self._recv.recv()
         except Exception as exc:  # EOF, a broken pipe, an answer that does not unpickle
             code = self._child.poll() if self._child is not None else None
             why = f"exit status {code}" if code is not None else repr(exc)
@@ -342,17 +400,23 @@ class Collector:
 
 
 def serve(recv: Connection, send: Connection) -> None:
-    """The worker's loop: settings first, then one `Result` per `Changes` (or the exception
-    the engine raised), until the input ends; garbage is collected between passes
-    (`Collector`)."""
+    """The worker's loop: settings first, then for each `(Changes, streamed)` the `Partial`s
+    of a long pass (when `streamed`) and one `Result` (or the exception the engine raised),
+    until the input ends; garbage is collected between passes (`Collector`)."""
     collector = Collector()
+
+    def partial(parts: Mapping[str, NodeParts]) -> None:
+        send.send(Partial(parts))
+
     try:
         settings = recv.recv()
         engine = Engine(settings)
         while True:
-            changes = recv.recv()
+            changes, streamed = recv.recv()
             try:
-                answer: Result | BaseException = engine.lower(changes)
+                answer: Result | BaseException = engine.lower(
+                    changes, partial if streamed else None
+                )
             except Exception as exc:
                 log.exception("the lowering failed")
                 answer = exc
