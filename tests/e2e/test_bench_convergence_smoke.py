@@ -54,6 +54,16 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
     passes = scale["initial_passes"]
     assert passes and all(p["passes"] >= 1 and p["pass_s"] >= 0 for p in passes), passes
     assert passes[-1]["t"] > 0, passes
+    # what the initial convergence wrote, and its time from the first create on
+    assert scale["initial_from_first_create_s"] >= scale["initial_converged_s"]
+    assert scale["initial_tables_written"] > 0 and scale["initial_reconcile_passes"] >= 1
+    # every small-cluster trial split at the stamps: the store takes the change in first
+    for key in ("apply_to_enforced_by_stage_ms", "label_change_by_stage_ms"):
+        stages = figures[key]
+        assert set(stages) == {"taken", "published", "mapped", "enforced"}, stages
+        count = figures["apply_to_enforced_ms"]["trials"]
+        assert all(s["trials"] == count for s in stages.values())
+        assert stages["taken"]["min"] > 0 and stages["taken"]["p50"] <= stages["mapped"]["p50"]
     assert scale["first_label_change_passes"], scale
     assert figures["recompiles_on_label_change"] == 0
     assert figures["program_loads_on_label_change"] == 0
