@@ -101,6 +101,15 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
+def by_stage(splits: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """The percentiles of each stage of `Bench.split`'s trials."""
+    return {stage: percentiles([s[stage] for s in splits]) for stage in splits[0]}
+
+
+def stages(split: dict[str, float]) -> str:
+    return ", ".join(f"{stage} {ms:.1f}" for stage, ms in split.items())
+
+
 def metrics(port: int) -> dict[str, float]:
     return stack.read_metrics(port, timeout=5)
 
@@ -328,7 +337,7 @@ class Bench:
             self.splits.append(self.split(sent[0], out[-1]))
             say(
                 f"apply -> enforced, trial {trial + 1}/{trials}: {out[-1]:.1f} ms "
-                f"({', '.join(f'{k} {v:.1f}' for k, v in self.splits[-1].items())})"
+                f"({stages(self.splits[-1])})"
             )
             self.sandbox.delete_policy(policy)
             self.wait_open()
@@ -375,7 +384,7 @@ class Bench:
             say(
                 f"label change ({'in' if joined else 'out'}), trial {trial + 1}: "
                 f"map {to_map[-1]:.1f} ms, probe {out[-1]:.1f} ms "
-                f"({', '.join(f'{k} {v:.1f}' for k, v in self.label_splits[-1].items())})"
+                f"({stages(self.label_splits[-1])})"
             )
         after = {c: sum(metrics(self.ports[a]).get(c, 0.0) for a in agents) for c in counters}
         self.sandbox.delete_policy(policy)
@@ -396,11 +405,7 @@ class Bench:
         op = metrics(self.ports["operator-0"])
         taken = op.get("stockade_operator_input_change_timestamp_seconds", 0.0)
         published = op.get("stockade_operator_published_timestamp_seconds", 0.0)
-        mapped = max(
-            metrics(self.ports[a]).get("stockade_agent_last_map_change_timestamp_seconds", 0.0)
-            for a in self.ports
-            if a.startswith("agent-")
-        )
+        mapped = self.last_map_write([a for a in self.ports if a.startswith("agent-")])
         if not sent <= taken <= min(published, mapped):
             raise RuntimeError(
                 f"stamps out of order: sent {sent}, taken {taken}, published {published}, "
@@ -413,13 +418,17 @@ class Bench:
             "enforced": total_ms,
         }
 
-    def map_changed_after(self, agents: list[str], sent: float) -> float:
-        """Milliseconds from `sent` (wall clock, just before the PATCH) to the last map write that
-        changed entries on any agent: the peer set updated in the map on every node."""
-        stamp = max(
+    def last_map_write(self, agents: list[str]) -> float:
+        """The wall-clock stamp of the last map write that changed entries on any of `agents`."""
+        return max(
             metrics(self.ports[a]).get("stockade_agent_last_map_change_timestamp_seconds", 0.0)
             for a in agents
         )
+
+    def map_changed_after(self, agents: list[str], sent: float) -> float:
+        """Milliseconds from `sent` (wall clock, just before the PATCH) to the last map write that
+        changed entries on any agent: the peer set updated in the map on every node."""
+        stamp = self.last_map_write(agents)
         if stamp < sent:
             raise RuntimeError("no agent wrote a map entry after the label change")
         return (stamp - sent) * 1000.0
@@ -806,14 +815,9 @@ def run(
             applied = b.apply_to_enforced(trials)
             to_map, to_probe, compiles = b.label_changes(trials)
             out["apply_to_enforced_ms"] = percentiles(applied)
-            out["apply_to_enforced_by_stage_ms"] = {
-                stage: percentiles([s[stage] for s in b.splits]) for stage in b.splits[0]
-            }
+            out["apply_to_enforced_by_stage_ms"] = by_stage(b.splits)
             out["label_change_ms"] = percentiles(to_map)
-            out["label_change_by_stage_ms"] = {
-                stage: percentiles([s[stage] for s in b.label_splits])
-                for stage in b.label_splits[0]
-            }
+            out["label_change_by_stage_ms"] = by_stage(b.label_splits)
             out["label_change_to_probe_ms"] = percentiles(to_probe)
             out["recompiles_on_label_change"] = int(
                 compiles["stockade_agent_compile_cache_hits_total"]

@@ -190,9 +190,6 @@ class Publisher:
         name = str((obj.get("metadata") or {}).get("name", ""))
         seen = Stamp.from_api(obj)
         with self._lock:
-            have = self.published.get(name)
-            if have is None:
-                return False
             writing = self._writing.get(name)
         # The server sends a write's watch event as soon as it stores it, often before this
         # process has read the write's answer: the object then holds the head being written,

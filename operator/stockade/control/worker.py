@@ -129,18 +129,19 @@ class Engine:
         built = time.monotonic()
         streamed: set[str] = set()
         waiting: dict[str, NodeParts] = {}
-        due = [began + self._stream_after]
+        due = began + self._stream_after
 
         def on_node(node: str, parts: NodeParts) -> None:
+            nonlocal due
             # The Lowerer hands back the same parts object for a node it did not encode again.
             if stream is None or self._parts.get(node) is parts:
                 return
             waiting[node] = parts
-            if (now := time.monotonic()) >= due[0]:
+            if (now := time.monotonic()) >= due:
                 stream(dict(waiting))
                 streamed.update(waiting)
                 waiting.clear()
-                due[0] = now + self._stream_after
+                due = now + self._stream_after
 
         desired = self.lowerer.desired(snap, on_node)
         lowered = time.monotonic()
