@@ -80,10 +80,20 @@ SEC("tc") int hash_lookup(struct __sk_buff *skb)
 char _license[] SEC("license") = "GPL";
 """
 )
-# One read of the clock conntrack keeps its times in (bpf/hook.h).
+# One read of the clock conntrack keeps its times in (bpf/conntrack.h, ct_now: jiffies scaled
+# by the tick the config holds, here the packet's length), and one of the coarse clock, which
+# the programs read before (and still do when the agent could not measure the tick).
 CLOCK_C = """#include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 SEC("tc") int clock_read(struct __sk_buff *skb)
+{
+    return bpf_jiffies64() * skb->len - skb->mark ? -1 : 0;
+}
+char _license[] SEC("license") = "GPL";
+"""
+COARSE_CLOCK_C = """#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+SEC("tc") int coarse_clock_read(struct __sk_buff *skb)
 {
     (void)skb;
     return bpf_ktime_get_coarse_ns() ? -1 : 0;
@@ -164,6 +174,7 @@ def empty_program(bench: Bench) -> None:
     bench.runs["empty"] = (_load(bench, "empty", EMPTY_C), frame)
     bench.runs["hash_lookup"] = (_load(bench, "hash_lookup", HASH_LOOKUP_C), frame)
     bench.runs["clock_read"] = (_load(bench, "clock_read", CLOCK_C), frame)
+    bench.runs["coarse_clock_read"] = (_load(bench, "coarse_clock_read", COARSE_CLOCK_C), frame)
 
 
 def first_packets(bench: Bench, fd: int, packet: ir.Packet, flush: Any = None) -> float:
@@ -216,6 +227,12 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
     established = bt.packets(1000)["match_last"]
     ct.run(Hook.TO_POD, packets.packet_frame(established))  # the first packet: a new flow
     bench.add("conntrack_hit", ct, established)
+    # the same, its conntrack reading the coarse clock (no tick in the config: bpf/conntrack.h)
+    coarse = bench.programs(Shape(), bt.tables(1000))
+    assert coarse.maps is not None
+    maps.write_clock(coarse.maps, None)
+    coarse.run(Hook.TO_POD, packets.packet_frame(established))
+    bench.add("conntrack_hit_coarse_clock", coarse, established)
     # A reply: the pod (the server) opened a flow to a peer (its EGRESS, no egress policy);
     # the peer's answer arrives on the pod's INGRESS hook.
     opened = ir.Packet(bt.SERVER, bt.peer(7), ir.PROTO_TCP, 443)
@@ -245,6 +262,7 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
         "hash_lookup_ns": above["hash_lookup"],
         "established_ns": above["conntrack_hit"],
         "established_reply_ns": above["conntrack_reply"],
+        "established_coarse_clock_ns": above["conntrack_hit_coarse_clock"],
         "new_flow_ns": new_flow,
         # what bounds the two above: the same first packet with conntrack off (the decision
         # alone), one lookup and one insertion alone (measured as new_flow_ns is), and one
@@ -252,6 +270,7 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
         "new_flow_no_conntrack_ns": new_flow_no_ct,
         "new_flow_insert_floor_ns": floor,
         "clock_read_ns": above["clock_read"],
+        "coarse_clock_read_ns": above["coarse_clock_read"],
         "rules": {
             str(n): {
                 "match_first_ns": above[f"{n}/match_first"],

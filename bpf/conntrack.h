@@ -21,7 +21,8 @@
  *   those ICMP types from those sources. Without this check any address could reach a pod with an
  *   allowed flow by quoting that flow's tuple in front of an arbitrary payload.
  *   Redirects are no errors (parse.h) and never related.
- * - Entries expire after the timeout of their protocol (config map, 0 = built-in default).
+ * - Entries expire after the timeout of their protocol (config map, 0 = built-in default), on
+ *   the clock ct_now reads.
  * - TCP state, enough that one side's crafted segments cannot shape an entry:
  *   - A TCP entry has the long timeout only once the other side has replied (CT_TCP_REPLIED;
  *     an RST is no answer):
@@ -127,6 +128,16 @@ static __always_inline void ct_owned_add(__u32 owner, __s64 delta)
 	} else if (delta > 0) {
 		bpf_map_update_elem(&ct_owned, &owner, &delta, BPF_NOEXIST);
 	}
+}
+
+/* Now, in CLOCK_MONOTONIC nanoseconds at a tick's resolution. The jiffies count costs about a
+ * nanosecond to read, the coarse clock about 17; the config says how one is the other
+ * (maps.h, struct config). */
+static __always_inline __u64 ct_now(const struct config *cfg)
+{
+	if (cfg->tick_ns)
+		return bpf_jiffies64() * cfg->tick_ns - cfg->clock_base_ns;
+	return bpf_ktime_get_coarse_ns();
 }
 
 static __always_inline __u64 ct_timeout(const struct config *cfg, __u8 proto, __u8 closing)

@@ -180,9 +180,9 @@ static __always_inline int pending_verdict(struct __sk_buff *skb, const struct f
 
 /* Conntrack comes before the endpoint lookup: an established flow or a reply passes either
  * way, and most packets are one, so they pay one conntrack lookup and nothing else (from a pod,
- * the source check's two lookups come first). Time is the coarse monotonic clock (one scheduler
- * tick of resolution): entries live for seconds, and the precise clock costs about twice as
- * much per call. */
+ * the source check's two lookups come first). Time is the monotonic clock at one scheduler
+ * tick of resolution, read from the jiffies count (conntrack.h, ct_now): entries live for
+ * seconds, and the precise clock costs far more per call. */
 static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 {
 	struct flow f = {};
@@ -236,7 +236,7 @@ static __always_inline int stockade_hook(struct __sk_buff *skb, __u32 dir)
 	__u64 now = 0;
 
 	if (cfg && r == PARSE_IP) {
-		now = bpf_ktime_get_coarse_ns();
+		now = ct_now(cfg);
 		if (ct_lookup(&f, dir, cfg, now) != CT_NEW) {
 			frag_record(&f, dir, ACTION_ALLOW, 0);
 			return VERDICT_PASS;

@@ -89,6 +89,11 @@ struct config {
 	__u64 udp_timeout_ns;
 	__u64 icmp_timeout_ns;
 	__u64 other_timeout_ns;
+	/* The conntrack clock (conntrack.h, ct_now): jiffies * tick_ns - clock_base_ns is
+	 * CLOCK_MONOTONIC to within a tick (operator/stockade/datapath/clock.py); tick_ns 0: the
+	 * agent has not measured it, and the programs read the coarse clock. */
+	__u64 tick_ns;
+	__u64 clock_base_ns;
 };
 
 struct {
@@ -201,7 +206,7 @@ struct ct_key {
 
 /* One flow of an entry; expires_ns 0: the slot is empty. */
 struct ct_flow {
-	__u64 expires_ns;	/* bpf_ktime_get_coarse_ns() after which the flow is dead */
+	__u64 expires_ns;	/* CLOCK_MONOTONIC (ct_now) after which the flow is dead */
 	__u32 epoch;		/* config.epoch when the flow was last judged */
 	__u32 rule_id;		/* the rule that allowed it */
 	__u16 port;		/* the policy port of the flow, to judge it again */

@@ -28,8 +28,10 @@ from stockade.compiler.lower import Ids, lower_node
 from stockade.compiler.shape import Shape
 from stockade.datapath import attach
 from stockade.datapath.clang import Compiler
+from stockade.datapath.clock import TickClock
 from stockade.datapath.netns import NetnsExecutor
 from stockade.handoff import TableObject
+from stockade.harness.loader import conntrack_clock
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.fastopen import fast_open_namespaces
 from stockade.model.parse import parse_policy
@@ -175,21 +177,38 @@ def serving_scenario(
 
 
 def make_syncer(
-    root: Path, topo: Topology, objects: Mapping[str, TableObject], node: str = "node-1"
+    root: Path,
+    topo: Topology,
+    objects: Mapping[str, TableObject],
+    node: str = "node-1",
+    clock: TickClock | None = None,
 ) -> tuple[Syncer, NetnsExecutor]:
-    """The agent's Syncer for node-1 without an API server (no reporter)."""
+    """The agent's Syncer for node-1 without an API server (no reporter), its conntrack
+    reading `clock` (default: the jiffies clock, as the agent's)."""
     executor = NetnsExecutor.named(topo.node("node-1").netns)
     programs = Programs(Compiler(CACHE_DIR), root)
-    syncer = Syncer(node, lambda: objects, programs, Attachments(root, executor), None, root)
+    syncer = Syncer(
+        node,
+        lambda: objects,
+        programs,
+        Attachments(root, executor),
+        None,
+        root,
+        conntrack_clock=clock or conntrack_clock(),
+    )
     return syncer, executor
 
 
 @contextmanager
 def running_syncer(
-    root: Path, topo: Topology, objects: Mapping[str, TableObject], node: str = "node-1"
+    root: Path,
+    topo: Topology,
+    objects: Mapping[str, TableObject],
+    node: str = "node-1",
+    clock: TickClock | None = None,
 ) -> Iterator[tuple[Syncer, NetnsExecutor]]:
     """`make_syncer`'s syncer and executor, both closed when the block ends (also on failure)."""
-    syncer, executor = make_syncer(root, topo, objects, node)
+    syncer, executor = make_syncer(root, topo, objects, node, clock)
     try:
         yield syncer, executor
     finally:

@@ -19,7 +19,7 @@ from stockade.compiler.shape import Shape
 from stockade.datapath import events, libbpf, maps
 from stockade.datapath.clang import Compiler
 from stockade.harness import testrun
-from stockade.harness.loader import bind_sender
+from stockade.harness.loader import bind_sender, conntrack_clock
 
 CACHE_DIR = Path("/tmp/stockade-test-bpf-cache")
 BPFFS = Path("/sys/fs/bpf")
@@ -53,6 +53,7 @@ class Datapath:
             self.objects[program.hook] = load_object(program, pin_root)
         self.maps = maps.PinnedMaps.open(pin_root)
         self.writer = maps.TableWriter(self.maps)
+        maps.write_clock(self.maps, conntrack_clock())  # as the agent does
         if shape.drop_events or shape.audit_events:
             self.reader = events.EventReader(self.maps.fd("events"))
 

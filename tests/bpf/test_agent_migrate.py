@@ -17,6 +17,7 @@ from typing import Any
 from stockade.compiler.shape import Shape
 from stockade.datapath import libbpf, maps
 from stockade.datapath.events import read_counters
+from stockade.harness.loader import conntrack_clock
 from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import (
     pin_root,
@@ -85,6 +86,7 @@ def test_a_shape_with_other_map_sizes_migrates_the_pinned_maps_without_a_lapse(
         for name in ("conntrack", "policy_exact", "counters"):
             assert libbpf.map_info(syncer.maps.fd(name)).id != old_ids[name]
         assert libbpf.map_info(syncer.maps.fd("endpoints")).id == old_ids["endpoints"]
+        assert maps.read_clock(syncer.maps) == conntrack_clock()
         assert not (root / "migrate").exists()
 
         # What was tracked and counted carried over; enforcement is the same.

@@ -13,7 +13,9 @@ import pytest
 
 from stockade.compiler.render import Hook
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf
+from stockade.datapath import libbpf, maps
+from stockade.datapath.clock import TickClock
+from stockade.harness.loader import conntrack_clock
 from stockade.sandbox.workloads.traffic import Outcome
 from tests.bpf.agent_harness import (
     Cluster,
@@ -114,13 +116,18 @@ def test_a_second_agent_adopts_programs_maps_and_links_and_changes_nothing(
     topo, cluster, procs = serving_scenario(topology, pod_processes)
     objects = cluster.table_objects()
     web_if = topo.pods["demo/web"].host_ifname
+    tick = conntrack_clock()
+    # the first agent measured another base (by a few ns, as a restarted agent does)
+    earlier = TickClock(tick.tick_ns, tick.base_ns + 7)
     with pin_root() as root:
-        with running_syncer(root, topo, objects) as (first, ex1):
+        with running_syncer(root, topo, objects, clock=earlier) as (first, ex1):
             first.sync()
+            assert first.maps is not None and maps.read_clock(first.maps) == earlier
             chain = tcx_programs(ex1, web_if)
             links = {p.name: _link_id(p) for p in (root / "links" / web_if).iterdir()}
         with running_syncer(root, topo, objects) as (second, ex2):
             second.sync()
+            assert second.maps is not None and maps.read_clock(second.maps) == tick
             stats = second.programs.stats
             assert (stats.loads, stats.adoptions) == (0, 2)
             assert second.stats.last_write.total == 0

@@ -34,6 +34,7 @@ def test_the_quick_benchmark_writes_every_figure_and_each_is_positive(tmp_path: 
         figures["hash_lookup_ns"],
         figures["established_ns"],
         figures["established_reply_ns"],
+        figures["established_coarse_clock_ns"],
         figures["new_flow_ns"],
         figures["new_flow_no_conntrack_ns"],
         figures["new_flow_insert_floor_ns"],
@@ -52,6 +53,7 @@ def test_the_quick_benchmark_writes_every_figure_and_each_is_positive(tmp_path: 
     assert all(isinstance(v, int | float) and v > 0 for v in values), values
     # a few ns above the empty program: a smoke run's noise may take it to 0 or below
     assert isinstance(figures["clock_read_ns"], int | float)
+    assert isinstance(figures["coarse_clock_read_ns"], int | float)
     leftovers = subprocess.run(
         ["ip", "netns", "list"], check=False, capture_output=True, text=True
     ).stdout

@@ -23,6 +23,7 @@ from stockade.compiler.ir import Action, Direction
 from stockade.compiler.shape import Shape
 from stockade.datapath import events, libbpf, maps
 from stockade.datapath.maps import DatapathConfig
+from stockade.harness.loader import conntrack_clock
 from stockade.harness.testrun import TcVerdict
 from tests.bpf import packets as pk
 from tests.bpf.datapath_harness import Datapath, datapath
@@ -69,6 +70,7 @@ def dp(module_dp: Datapath) -> Datapath:
     assert module_dp.maps is not None
     module_dp.write(_tables())
     maps.write_config(module_dp.maps, DatapathConfig())
+    maps.write_clock(module_dp.maps, conntrack_clock())
     maps.flush_conntrack(module_dp.maps)
     module_dp.events()
     return module_dp
@@ -187,8 +189,38 @@ def test_a_pod_sending_a_redirect_is_dropped_with_its_reason(
     assert (event.kind, event.reason) == (events.EventKind.DROP, events.DropReason["NOT_A_ROUTER"])
 
 
-def test_entries_expire_after_the_configured_timeout(dp: Datapath) -> None:
+CLOCKS = pytest.mark.parametrize("jiffies", [True, False], ids=["jiffies", "coarse clock"])
+
+
+def _monotonic_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+@CLOCKS
+def test_entries_hold_monotonic_times_whichever_clock_the_programs_read(
+    dp: Datapath, jiffies: bool
+) -> None:
+    # The agent's recount deletes what expired by CLOCK_MONOTONIC; the programs' expiry times
+    # must be that clock, read from jiffies (the agent's default) or from the coarse clock.
     assert dp.maps is not None
+    tick = conntrack_clock()
+    maps.write_clock(dp.maps, tick if jiffies else None)
+    maps.write_config(dp.maps, DatapathConfig(udp_timeout_ns=60_000 * MS))
+    before = _monotonic_ns()
+    assert dp.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW
+    after = _monotonic_ns()
+    (entry,) = maps.conntrack_entries(dp.maps)
+    made = entry.expires_ns - 60_000 * MS
+    # The coarse clock lags the precise one by up to a tick; jiffies follow the coarse clock
+    # within a tick either way (tests/bpf/test_datapath_clock.py), and a microsecond of drift.
+    slack = tick.tick_ns + 1_000
+    assert before - tick.tick_ns - slack <= made <= after + slack, (before, made, after)
+
+
+@CLOCKS
+def test_entries_expire_after_the_configured_timeout(dp: Datapath, jiffies: bool) -> None:
+    assert dp.maps is not None
+    maps.write_clock(dp.maps, conntrack_clock() if jiffies else None)
     maps.write_config(dp.maps, DatapathConfig(udp_timeout_ns=5 * MS))
     assert dp.run(udp(A4, CLIENT4, 5000, 53), OUT) is ALLOW
     assert dp.run(udp(CLIENT4, A4, 53, 5000), IN) is ALLOW

@@ -38,6 +38,7 @@ from stockade.agent.report import Reporter
 from stockade.agent.services import NETFILTER, NetfilterLinks, effective_shape
 from stockade.compiler import ir
 from stockade.compiler.render import Hook
+from stockade.datapath.clock import TickClock
 from stockade.datapath.maps import (
     Bindings,
     DatapathConfig,
@@ -45,7 +46,9 @@ from stockade.datapath.maps import (
     PinnedMaps,
     TableWriter,
     WriteStats,
+    read_clock,
     read_config,
+    write_clock,
     write_config,
 )
 from stockade.handoff import (
@@ -101,8 +104,12 @@ class Syncer:
         netfilter: NetfilterLinks | None = None,
         released: Callable[[list[int]], None] | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
+        conntrack_clock: TickClock | None = None,
     ) -> None:
         self._wall_clock = wall_clock
+        # what the programs read for conntrack's "now" (stockade.datapath.clock); None: the
+        # coarse clock
+        self.conntrack_clock = conntrack_clock
         self.apply_seconds = Histogram(APPLY_SECONDS, APPLY_BUCKETS)
         self.service_mode = service_mode  # resolved: netfilter or fallback (agent.services)
         self.netfilter = netfilter or NetfilterLinks(pin_root)
@@ -191,6 +198,13 @@ class Syncer:
         unchanged = not (result.created or result.updated or result.detached or result.failures)
         return not (same and unchanged and not self.stats.last_write.total)
 
+    def _ensure_config(self, maps: PinnedMaps) -> None:
+        """The settings and the conntrack clock in the config map, written where they differ."""
+        if read_config(maps) != self.datapath_config:
+            write_config(maps, self.datapath_config)
+        if read_clock(maps) != self.conntrack_clock:
+            write_clock(maps, self.conntrack_clock)
+
     def _apply(self, wanted: HandoffSet) -> AttachResult:
         self._close_retired()
         changed = self.programs.ensure(effective_shape(wanted.program.shape, self.service_mode))
@@ -204,8 +218,9 @@ class Syncer:
         if self.maps is None:
             self.maps = PinnedMaps.open(self.pin_root)
             self.writer = TableWriter(self.maps)  # adopts what the maps hold
-            if read_config(self.maps) != self.datapath_config:
-                write_config(self.maps, self.datapath_config)
+            self._ensure_config(self.maps)
+        elif migration is not None:
+            self._ensure_config(self.maps)  # a config of another layout starts empty
         assert self.writer is not None
         began = time.monotonic()
         tables = with_node_stack(wanted.tables, self.attachments.node_addresses())

@@ -111,6 +111,8 @@ CONFIG = Layout(
     ("udp_timeout_ns", "Q"),
     ("icmp_timeout_ns", "Q"),
     ("other_timeout_ns", "Q"),
+    ("tick_ns", "Q"),
+    ("clock_base_ns", "Q"),
 )
 CT_KEY = Layout(
     "ct_key",

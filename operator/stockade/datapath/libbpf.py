@@ -126,6 +126,7 @@ _map_fd = _sig("bpf_map__fd", _int, _vp)
 _obj_pin = _sig("bpf_obj_pin", _int, _int, _cp)
 _obj_get = _sig("bpf_obj_get", _int, _cp)
 _map_create = _sig("bpf_map_create", _int, _int, _cp, _u32, _u32, _u32, _vp)
+_prog_load = _sig("bpf_prog_load", _int, _int, _cp, _cp, _vp, _sz, _vp)
 _get_info = _sig("bpf_obj_get_info_by_fd", _int, _int, _vp, _c.POINTER(_u32))
 _update = _sig("bpf_map_update_elem", _int, _int, _vp, _vp, _c.c_uint64)
 _lookup = _sig("bpf_map_lookup_elem", _int, _int, _vp, _vp)
@@ -196,6 +197,18 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     """A new map (no flags); the caller owns the returned fd."""
     rc = _map_create(map_type, name.encode()[:15], key_size, value_size, max_entries, None)
     return _check(int(rc), f"create map {name}")
+
+
+def prog_load_insns(prog_type: int, name: str, insns: bytes) -> int:
+    """Load a program given as raw instructions (8 bytes each, `struct bpf_insn`), GPL; the
+    caller owns the returned fd. For the few programs too small to compile (`stockade.datapath.
+    clock`)."""
+    if len(insns) % 8:
+        raise ValueError(f"program {name}: {len(insns)} bytes is no whole number of instructions")
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    count = len(insns) // 8
+    rc = _prog_load(prog_type, name.encode()[:15], b"GPL", ctypes.cast(buf, _vp), count, None)
+    return _check(int(rc), f"load program {name}")
 
 
 def _info(fd: int, size: int) -> bytes:

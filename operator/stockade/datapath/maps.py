@@ -26,6 +26,7 @@ from typing import Protocol
 
 from stockade.compiler import abi
 from stockade.datapath import layout, libbpf
+from stockade.datapath.clock import TickClock
 
 MAP_NAMES = tuple(abi.MAPS)
 TABLE_MAPS = ("endpoints", "peer_classes", "policy")  # the logical tables (ir.NodeTables)
@@ -371,6 +372,9 @@ def ensure_pending_hint(pin_root: Path) -> bool:
 # --- the config map -----------------------------------------------------------------------------
 
 
+_CLOCK_FIELDS = ("tick_ns", "clock_base_ns")  # the config's last fields
+
+
 def _read_config_raw(maps: PinnedMaps) -> tuple[int, ...]:
     raw = libbpf.map_lookup(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.size)
     return abi.CONFIG.unpack(raw) if raw else (0,) * len(abi.CONFIG.fields)
@@ -381,23 +385,37 @@ def read_epoch(maps: PinnedMaps) -> int:
 
 
 def read_config(maps: PinnedMaps) -> DatapathConfig:
-    _, mode, *timeouts = _read_config_raw(maps)
+    _, mode, *timeouts = _read_config_raw(maps)[: -len(_CLOCK_FIELDS)]
     return DatapathConfig(abi.ConntrackMode(mode), *timeouts)
 
 
 def write_config(maps: PinnedMaps, config: DatapathConfig, epoch: int | None = None) -> None:
-    """Write the settings; the epoch is kept unless given."""
-    current = read_epoch(maps) if epoch is None else epoch
+    """Write the settings; the epoch and the clock are kept (the epoch unless given)."""
+    values = _read_config_raw(maps)
     raw = abi.CONFIG.pack(
-        current & 0xFFFFFFFF,
+        (values[0] if epoch is None else epoch) & 0xFFFFFFFF,
         int(config.conntrack_mode),
         config.tcp_timeout_ns,
         config.tcp_closing_timeout_ns,
         config.udp_timeout_ns,
         config.icmp_timeout_ns,
         config.other_timeout_ns,
+        *values[-len(_CLOCK_FIELDS) :],
     )
     libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, raw)
+
+
+def read_clock(maps: PinnedMaps) -> TickClock | None:
+    """The conntrack clock the programs read (None: the coarse clock, nothing measured)."""
+    tick_ns, base_ns = _read_config_raw(maps)[-len(_CLOCK_FIELDS) :]
+    return TickClock(tick_ns, base_ns) if tick_ns else None
+
+
+def write_clock(maps: PinnedMaps, tick: TickClock | None) -> None:
+    """Set the conntrack clock (stockade.datapath.clock); None: the coarse clock."""
+    values = list(_read_config_raw(maps))
+    values[-len(_CLOCK_FIELDS) :] = (tick.tick_ns, tick.base_ns) if tick else (0, 0)
+    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.pack(*values))
 
 
 def bump_epoch(maps: PinnedMaps) -> int:

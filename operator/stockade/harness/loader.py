@@ -9,14 +9,21 @@ conformance engine and the benchmarks; the agent adds attaching on top of the sa
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from stockade.compiler import abi, ir
 from stockade.compiler.render import Hook, render_all
 from stockade.compiler.shape import Shape
-from stockade.datapath import libbpf, maps, packets
+from stockade.datapath import clock, libbpf, maps, packets
 from stockade.datapath.clang import Compiler
 from stockade.harness import testrun
+
+
+@functools.cache
+def conntrack_clock() -> clock.TickClock:
+    """The conntrack clock, measured once per process."""
+    return clock.measure()
 
 
 def bind_sender(pinned: maps.PinnedMaps | None, writer: maps.TableWriter, frame: bytes) -> None:
@@ -52,6 +59,7 @@ class NodePrograms:
                 self.objects[program.hook] = obj.load()
             self.maps = maps.PinnedMaps.open(pin_root)
             self.writer = maps.TableWriter(self.maps)
+            maps.write_clock(self.maps, conntrack_clock())  # as the agent does
             self._config = self._read_config()  # as loaded, for reset()
             self._rules_max = libbpf.map_info(self.maps.fd("counters")).max_entries
         except BaseException:
