@@ -181,6 +181,8 @@ def test_status_shows_each_nodes_agent(stack: Stack) -> None:
     for node in report["nodes"].values():
         assert node["applied"] == node["published"]
         assert node["agent"]["mode"]["conntrackOnPolicyChange"] == "revalidate"
+        # the agent measured the kernel's tick: conntrack reads jiffies (stockade.datapath.clock)
+        assert node["agent"]["mode"]["conntrackClock"].startswith("jiffies, "), node["agent"]
     assert report["nodes"]["node-1"]["agent"]["rules"] > 0
 
 

@@ -214,6 +214,7 @@ class Agent:
             "node": self.config.node,
             "mode": {
                 "conntrackOnPolicyChange": self.config.conntrack_on_policy_change,
+                "conntrackClock": _clock_name(self.syncer.conntrack_clock),
                 "programs": self.programs.digest[:12] or None,
                 "shape": self.programs.shape.digest()[:12] if self.programs.shape else None,
             },
@@ -294,3 +295,7 @@ def _conntrack_clock() -> TickClock | None:
         return None
     log.info("conntrack clock: jiffies, %d ns a tick", tick.tick_ns)
     return tick
+
+
+def _clock_name(tick: TickClock | None) -> str:
+    return f"jiffies, {tick.tick_ns} ns a tick" if tick else "coarse"
