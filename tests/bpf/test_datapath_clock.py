@@ -72,3 +72,14 @@ def test_a_measured_tick_is_taken_as_the_nearest_hz(tick_ns: float, hz: int) -> 
 @pytest.mark.parametrize("tick_ns", [2_000_000, 5_000_000, 7_000_000])
 def test_a_tick_of_no_hz_is_refused(tick_ns: float) -> None:
     assert clock.nearest_hz(tick_ns) is None
+
+
+def test_a_machine_too_busy_to_place_a_tick_edge_gets_an_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No pair of reads is ever close enough: the measurement gives up (the agent then keeps
+    # the coarse clock) instead of waiting for ever.
+    monkeypatch.setattr(clock, "EDGE_SLACK_NS", -1)
+    monkeypatch.setattr(clock, "EDGE_TIMEOUT_NS", 50_000_000)
+    with pytest.raises(clock.ClockError, match="no tick edge placed"):
+        clock.measure()

@@ -40,6 +40,7 @@ MEASURE_TICKS = 3  # and over how many ticks, at least
 BASE_SAMPLES = 5  # tick edges the base is the median of
 EDGE_SLACK_NS = 200_000  # how closely a tick edge is placed (two reads and an interrupt)
 ATTEMPTS = 5  # measurements of the tick before giving up
+EDGE_TIMEOUT_NS = 2 * 10**9  # how long an edge is waited for before giving up
 _FRAME = bytes(64)  # any frame: the program does not look at it
 CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; the time module does not name it
 
@@ -125,15 +126,21 @@ def measure() -> TickClock:
     apart (about 50 ms), each placed within EDGE_SLACK_NS, and taken as the nearest HZ's; the
     base is the median of BASE_SAMPLES taken in mid-tick, away from the edges where jiffies and
     the coarse clock may change in different interrupts. Raises ClockError when the kernel's
-    ticks match no HZ, ATTEMPTS times over."""
+    ticks match no HZ, ATTEMPTS times over, or no edge could be placed in EDGE_TIMEOUT_NS."""
     with Jiffies() as jiffies:
 
         def edge() -> tuple[int, int]:
             """(jiffies, CLOCK_MONOTONIC) at the next tick edge that two reads close together
             bracket: one before it saw the old count, the next the new one."""
             began, last = time.monotonic_ns(), jiffies.low()
+            deadline = began + EDGE_TIMEOUT_NS
             while True:
                 now = time.monotonic_ns()
+                if now > deadline:
+                    raise ClockError(
+                        f"no tick edge placed within {EDGE_SLACK_NS // 1000} us in "
+                        f"{EDGE_TIMEOUT_NS // 10**9} s (is the machine that busy?)"
+                    )
                 count = jiffies.low()
                 ended = time.monotonic_ns()
                 if count != last and ended - began <= EDGE_SLACK_NS:
