@@ -372,57 +372,66 @@ def ensure_pending_hint(pin_root: Path) -> bool:
 # --- the config map -----------------------------------------------------------------------------
 
 
-_CLOCK_FIELDS = ("tick_ns", "clock_base_ns")  # the config's last fields
-
-
-def _read_config_raw(maps: PinnedMaps) -> tuple[int, ...]:
+def _read_config_raw(maps: PinnedMaps) -> bytes:
     raw = libbpf.map_lookup(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.size)
-    return abi.CONFIG.unpack(raw) if raw else (0,) * len(abi.CONFIG.fields)
+    return raw if raw is not None else bytes(abi.CONFIG.size)
+
+
+def _set_config(maps: PinnedMaps, **fields: int) -> None:
+    """Set the named fields of the config, keeping the others as they are."""
+    raw = _read_config_raw(maps)
+    for name, value in fields.items():
+        raw = abi.CONFIG.replace(raw, name, value)
+    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, raw)
 
 
 def read_epoch(maps: PinnedMaps) -> int:
-    return _read_config_raw(maps)[0]
+    return int(abi.CONFIG.get(_read_config_raw(maps), "epoch"))
+
+
+_TIMEOUTS = (
+    "tcp_timeout_ns",
+    "tcp_closing_timeout_ns",
+    "udp_timeout_ns",
+    "icmp_timeout_ns",
+    "other_timeout_ns",
+)
 
 
 def read_config(maps: PinnedMaps) -> DatapathConfig:
-    _, mode, *timeouts = _read_config_raw(maps)[: -len(_CLOCK_FIELDS)]
-    return DatapathConfig(abi.ConntrackMode(mode), *timeouts)
+    raw = _read_config_raw(maps)
+    return DatapathConfig(
+        abi.ConntrackMode(abi.CONFIG.get(raw, "ct_mode")),
+        **{name: abi.CONFIG.get(raw, name) for name in _TIMEOUTS},
+    )
 
 
 def write_config(maps: PinnedMaps, config: DatapathConfig, epoch: int | None = None) -> None:
     """Write the settings; the epoch and the clock are kept (the epoch unless given)."""
-    values = _read_config_raw(maps)
-    raw = abi.CONFIG.pack(
-        (values[0] if epoch is None else epoch) & 0xFFFFFFFF,
-        int(config.conntrack_mode),
-        config.tcp_timeout_ns,
-        config.tcp_closing_timeout_ns,
-        config.udp_timeout_ns,
-        config.icmp_timeout_ns,
-        config.other_timeout_ns,
-        *values[-len(_CLOCK_FIELDS) :],
-    )
-    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, raw)
+    fields = {name: getattr(config, name) for name in _TIMEOUTS}
+    if epoch is not None:
+        fields["epoch"] = epoch & 0xFFFFFFFF
+    _set_config(maps, ct_mode=int(config.conntrack_mode), **fields)
 
 
 def read_clock(maps: PinnedMaps) -> TickClock | None:
     """The conntrack clock the programs read (None: the coarse clock, nothing measured)."""
-    tick_ns, base_ns = _read_config_raw(maps)[-len(_CLOCK_FIELDS) :]
-    return TickClock(tick_ns, base_ns) if tick_ns else None
+    raw = _read_config_raw(maps)
+    tick_ns = abi.CONFIG.get(raw, "tick_ns")
+    return TickClock(tick_ns, abi.CONFIG.get(raw, "clock_base_ns")) if tick_ns else None
 
 
 def write_clock(maps: PinnedMaps, tick: TickClock | None) -> None:
     """Set the conntrack clock (stockade.datapath.clock); None: the coarse clock."""
-    values = list(_read_config_raw(maps))
-    values[-len(_CLOCK_FIELDS) :] = (tick.tick_ns, tick.base_ns) if tick else (0, 0)
-    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.pack(*values))
+    _set_config(
+        maps, tick_ns=tick.tick_ns if tick else 0, clock_base_ns=tick.base_ns if tick else 0
+    )
 
 
 def bump_epoch(maps: PinnedMaps) -> int:
-    values = list(_read_config_raw(maps))
-    values[0] = (values[0] + 1) & 0xFFFFFFFF
-    libbpf.map_update(maps.fd("config"), abi.CONFIG_KEY, abi.CONFIG.pack(*values))
-    return values[0]
+    epoch = (read_epoch(maps) + 1) & 0xFFFFFFFF
+    _set_config(maps, epoch=epoch)
+    return epoch
 
 
 # --- conntrack ----------------------------------------------------------------------------------
