@@ -33,7 +33,7 @@ import datapath_tables as bt
 import datapath_veth
 
 from stockade.compiler import abi, ir
-from stockade.compiler.render import Hook, render_all
+from stockade.compiler.render import BPF_DIR, Hook, render_all
 from stockade.compiler.shape import Shape
 from stockade.datapath import libbpf, maps, packets
 from stockade.datapath.clang import Compiler
@@ -126,6 +126,20 @@ SEC("tc") int insert_floor(struct __sk_buff *skb)
 char _license[] SEC("license") = "GPL";
 """
 )
+# The parse alone (bpf/parse.h, with the shape's defines): what an established packet pays
+# before its conntrack lookup. The barrier keeps every field the parse writes.
+PARSE_C = """DEFINES
+#include "parse.h"
+SEC("tc") int parse_only(struct __sk_buff *skb)
+{
+    struct flow f = {};
+    enum parse_result r = parse_packet(skb, &f);
+
+    asm volatile("" : : "r"(&f) : "memory");
+    return r == PARSE_IP ? -1 : 0;
+}
+char _license[] SEC("license") = "GPL";
+"""
 NEW_FLOWS = 1000  # first packets per round for new_flow_ns, each a new source port
 
 
@@ -175,6 +189,18 @@ def empty_program(bench: Bench) -> None:
     bench.runs["hash_lookup"] = (_load(bench, "hash_lookup", HASH_LOOKUP_C), frame)
     bench.runs["clock_read"] = (_load(bench, "clock_read", CLOCK_C), frame)
     bench.runs["coarse_clock_read"] = (_load(bench, "coarse_clock_read", COARSE_CLOCK_C), frame)
+
+
+def parse_program(bench: Bench, shape: Shape) -> int:
+    """PARSE_C compiled with `shape`'s defines."""
+    defines = "\n".join(f"#define {name} {value}" for name, value in shape.defines())
+    files = {
+        "parse_only.c": PARSE_C.replace("DEFINES", defines),
+        "parse.h": (BPF_DIR / "parse.h").read_text(),
+    }
+    loaded = libbpf.BpfObject(bench.compiler.compile(files, "parse_only.c").read(), "parse").load()
+    bench.stack.callback(loaded.close)
+    return loaded.program("parse_only").fd
 
 
 def first_packets(bench: Bench, fd: int, packet: ir.Packet, flush: Any = None) -> float:
@@ -227,6 +253,7 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
     established = bt.packets(1000)["match_last"]
     ct.run(Hook.TO_POD, packets.packet_frame(established))  # the first packet: a new flow
     bench.add("conntrack_hit", ct, established)
+    bench.runs["parse"] = (parse_program(bench, Shape()), packets.packet_frame(established))
     # the same, its conntrack reading the coarse clock (no tick in the config: bpf/conntrack.h)
     coarse = bench.programs(Shape(), bt.tables(1000))
     assert coarse.maps is not None
@@ -263,6 +290,8 @@ def per_packet(bench: Bench, peer_entries: int) -> dict[str, Any]:
         "established_ns": above["conntrack_hit"],
         "established_reply_ns": above["conntrack_reply"],
         "established_coarse_clock_ns": above["conntrack_hit_coarse_clock"],
+        # what established_ns pays beside its lookup: the parse of the same packet alone
+        "established_parse_ns": above["parse"],
         "new_flow_ns": new_flow,
         # what bounds the two above: the same first packet with conntrack off (the decision
         # alone), one lookup and one insertion alone (measured as new_flow_ns is), and one

@@ -12,7 +12,9 @@
  *
  * Every read goes through pkt_load(): a direct packet read when the bytes are in the linear part
  * of the skb (the common case, nearly free), else bpf_skb_load_bytes (about 25 ns a call here),
- * so non-linear skbs parse the same as linear ones.
+ * so non-linear skbs parse the same as linear ones. Direct reads are word loads whatever the
+ * packet's alignment (pkt_load), and only the fields used are read (of the Ethernet header, its
+ * type): read byte by byte, the headers of an established packet cost a third of its parse.
  *
  * Addresses are stored as IPv6, IPv4 as IPv4-mapped (::ffff:a.b.c.d), as in the maps.
  * Policy "port": the destination port for TCP, UDP and SCTP; (type << 8 | code) for ICMP and
@@ -105,13 +107,18 @@ struct flow {
 /* Offsets past this are read through the helper only, which keeps the verifier's range small. */
 #define PKT_DIRECT_MAX 512
 
+/* Copy `len` bytes at `off` into `to`. Packet data has no alignment clang can know (a header
+ * sits wherever the link layer put it), so a plain copy is byte loads; the direct copy declares
+ * the source aligned, which makes it word loads. The verifier lets a program read packet data
+ * unaligned on kernels with efficient unaligned access (x86-64, arm64: no strict alignment for
+ * packet pointers), and the loads are correct at any address there. */
 static __always_inline int pkt_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 
 	if (off <= PKT_DIRECT_MAX && data + off + len <= end) {
-		__builtin_memcpy(to, data + off, len);
+		__builtin_memcpy(to, __builtin_assume_aligned(data + off, 8), len);
 		return 0;
 	}
 	return bpf_skb_load_bytes(skb, off, to, len);
@@ -376,15 +383,14 @@ static __always_inline int parse_icmp_inner(struct __sk_buff *skb, __u32 off, __
 /* Parse a whole frame. */
 static __always_inline enum parse_result parse_packet(struct __sk_buff *skb, struct flow *f)
 {
-	struct ethhdr eth;
-	__u32 off = sizeof(eth);
+	__u32 off = sizeof(struct ethhdr);
 	__u8 fragment = 0, icmp_type = 0;
 	__be16 proto;
 	int l4;
 
-	if (pkt_load(skb, 0, &eth, sizeof(eth)) < 0)
+	/* the type, the header's last two bytes: a frame shorter than the header is malformed */
+	if (pkt_load(skb, __builtin_offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) < 0)
 		return PARSE_MALFORMED;
-	proto = eth.h_proto;
 #if STOCKADE_VLAN
 	{
 		__be16 tag[2];

@@ -35,6 +35,7 @@ def test_the_quick_benchmark_writes_every_figure_and_each_is_positive(tmp_path: 
         figures["established_ns"],
         figures["established_reply_ns"],
         figures["established_coarse_clock_ns"],
+        figures["established_parse_ns"],
         figures["new_flow_ns"],
         figures["new_flow_no_conntrack_ns"],
         figures["new_flow_insert_floor_ns"],
