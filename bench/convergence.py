@@ -33,11 +33,14 @@ operator and one agent per node, restarted here with metrics ports) and measures
   `initial_converged_s` (from the last policy create to the end of the publish that carries every
   input, from the operator's gauges; `initial_from_first_create_s` from the first, with the
   DatapathTable writes and the passes until it settled in `initial_tables_written` and
-  `initial_reconcile_passes`), `statuses_settled_s` (to the last status write),
-  `one_label_change_ms` and `one_policy_change_ms` (20 trials each: from sending one pod's label
-  patch, or one policy's replacement, to the end of the publish that first carries it, every
-  node's tables written), `operator_rss_mb` at the end (the operator process and its lowering
-  worker together), and the last reconcile pass by stage.
+  `initial_reconcile_passes`), `statuses_settled_s` (to the last status write), with what bounds
+  them here: `initial_cpu_s` (the CPU time the operator, its lowering worker and the whole
+  machine used from the first policy create until the operator settled, beside the machine's
+  capacity in that time) and `cold_lowering_s` (the same cluster lowered once from nothing in
+  the bench's own process), `one_label_change_ms` and `one_policy_change_ms` (20 trials each:
+  from sending one pod's label patch, or one policy's replacement, to the end of the publish
+  that first carries it, every node's tables written), `operator_rss_mb` at the end (the
+  operator process and its lowering worker together), and the last reconcile pass by stage.
 
 `--quick` is a smoke run (few trials, small scale) for tests; its numbers mean nothing.
 Needs root (network namespaces, eBPF), clang and the sandbox toolchain.
@@ -61,11 +64,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import kubernetes.client
 
 from stockade import handoff
+from stockade.control.lowering import Lowerer
+from stockade.control.policies import PolicyRecord
+from stockade.control.store import Snapshot
+from stockade.model import cluster
+from stockade.model.cluster import ClusterState, Namespace, Node, Pod
+from stockade.model.parse import parse_policy
 from stockade.sandbox import session, stack
 from stockade.sandbox.controlplane.server import free_port
 from stockade.sandbox.node.registration import create_pod, register_node, set_pod_labels
@@ -436,39 +446,22 @@ class Bench:
     # -- scale ---------------------------------------------------------------------------------
 
     def virtual_nodes(self, count: int) -> list[str]:
-        names = []
-        for index in range(count):
-            name = f"virtual-{index}"
-            register_node(
-                self.api,
-                NodeNet(
-                    name=name,
-                    netns="none",
-                    index=100 + index,
-                    pod_cidr_v4=f"10.{128 + index}.0.0/16",
-                    pod_cidr_v6=f"fd00:10:{128 + index}::/64",
-                    ip_v4=f"172.18.1.{index + 1}",
-                    ip_v6=f"fc00:f853:ccd:e794::{index + 1}",
-                ),
-            )
-            names.append(name)
-        return names
+        nets = [virtual_node(index) for index in range(count)]
+        for net in nets:
+            register_node(self.api, net)
+        return [net.name for net in nets]
 
     def api_pods(self, namespaces: list[str], total: int, nodes: list[str]) -> set[tuple[str, str]]:
         """Pod objects (Running, with an address) with no network namespace behind them."""
         core = kubernetes.client.CoreV1Api(self.api)
         for ns in namespaces:
-            self.sandbox.ensure_namespace(ns, {"ns": ns, "tier": "t" + ns[-1]})
-        jobs = [(namespaces[j % len(namespaces)], j // len(namespaces)) for j in range(total)]
-        base = ipaddress.ip_address("10.128.0.10")
+            self.sandbox.ensure_namespace(ns, namespace_labels(ns))
+        jobs = list(enumerate(scale_pods(namespaces, total, nodes)))
 
-        def create(job: tuple[int, tuple[str, int]]) -> None:
-            seq, (ns, i) = job
-            node = nodes[seq % len(nodes)]
-            ip = str(base + seq)
-            name = f"p{i}"
+        def create(job: tuple[int, ScalePod]) -> None:
+            _, (ns, name, labels, ip, node) = job
             body: dict[str, Any] = {
-                "metadata": {"name": name, "labels": {"app": f"app{i % 10}", "pod": name}},
+                "metadata": {"name": name, "labels": labels},
                 "spec": {
                     "nodeName": node,
                     "automountServiceAccountToken": False,
@@ -483,8 +476,8 @@ class Bench:
             )
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(create, enumerate(jobs)))
-        return {(ns, f"app{i % 10}") for ns, i in jobs}
+            list(pool.map(create, jobs))
+        return {(ns, labels["app"]) for _, (ns, _, labels, _, _) in jobs}
 
     @staticmethod
     def policy(ns: str, index: int) -> dict[str, Any]:
@@ -645,12 +638,15 @@ class Bench:
         self.settled(op)
         began, began_wall = time.monotonic(), time.time()
         quiet = metrics(op)
+        cpu_before = cpu_seconds(self.pids["operator-0"])
         with PassLog(op) as passes:
             made = self.many_policies(namespaces, policies)
             created, created_wall = time.monotonic(), time.time()
             say(f"{len(made)} policies in {created - began:.0f}s")
             initial, statuses, selecting = self._initial(op, apps, made)
             settled = metrics(op)
+            cpu_after = cpu_seconds(self.pids["operator-0"])
+            settled_s = time.monotonic() - began
             core = kubernetes.client.CoreV1Api(self.api)
             labels, first_label = [], 0.0
             for trial in range(CHANGE_TRIALS):
@@ -668,6 +664,8 @@ class Bench:
         m = metrics(op)
         rss, hwm = memory(self.pids["operator-0"])
         restart = self.restart_intake(pods)
+        say("the same cluster lowered cold in this process")
+        cold = cold_lowering_s(namespaces, policies, pods, node_count)
         return {
             "policies": len(made),
             "pods": pods,
@@ -685,6 +683,17 @@ class Bench:
                 - quiet["stockade_operator_reconcile_passes_total"]
             ),
             "statuses_settled_s": round(statuses - created_wall, 2),
+            # What bounds the two above on this machine. The CPU time used from the first
+            # policy create until the operator settled (`wall_s`): by the operator's process
+            # (kopf's intake, the publisher), by its lowering worker, and by the whole machine
+            # (`capacity` is wall_s times the CPUs: the API server, etcd and the bench share
+            # them); and the same cluster's first lowering alone, in the bench's process.
+            "initial_cpu_s": {
+                "wall_s": round(settled_s, 2),
+                "capacity": round(settled_s * (os.cpu_count() or 1), 2),
+                **{k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after},
+            },
+            "cold_lowering_s": cold,
             # what the operator did from the last policy create on (t: s after it): where the
             # two figures above went
             "initial_passes": passes.since(created_wall, until=initial),
@@ -756,6 +765,94 @@ class Bench:
         return (m["stockade_operator_published_timestamp_seconds"] - sent) * 1000.0
 
 
+def virtual_node(index: int) -> NodeNet:
+    """A node of the scale phase: registered, with no network namespace or agent behind it."""
+    return NodeNet(
+        name=f"virtual-{index}",
+        netns="none",
+        index=100 + index,
+        pod_cidr_v4=f"10.{128 + index}.0.0/16",
+        pod_cidr_v6=f"fd00:10:{128 + index}::/64",
+        ip_v4=f"172.18.1.{index + 1}",
+        ip_v6=f"fc00:f853:ccd:e794::{index + 1}",
+    )
+
+
+def namespace_labels(ns: str) -> dict[str, str]:
+    return {"ns": ns, "tier": "t" + ns[-1]}
+
+
+# namespace, name, labels, address, node
+ScalePod = tuple[str, str, dict[str, str], str, str]
+
+
+def scale_pods(namespaces: list[str], total: int, nodes: list[str]) -> list[ScalePod]:
+    """The scale phase's pods: spread over the namespaces and the nodes in turn."""
+    base = ipaddress.ip_address("10.128.0.10")
+    out: list[ScalePod] = []
+    for seq in range(total):
+        ns, i = namespaces[seq % len(namespaces)], seq // len(namespaces)
+        name = f"p{i}"
+        labels = {"app": f"app{i % 10}", "pod": name}
+        out.append((ns, name, labels, str(base + seq), nodes[seq % len(nodes)]))
+    return out
+
+
+def cold_lowering_s(namespaces: list[str], policies: int, pods: int, node_count: int) -> float:
+    """The scale phase's cluster (the same namespaces, pods, nodes and policies, built here
+    instead of read from the API) lowered and encoded once from nothing, in this process: what
+    the operator's first pass costs on this machine with nothing else running."""
+    nets = [virtual_node(index) for index in range(node_count)]
+    state = ClusterState(
+        [
+            Namespace(ns, {**namespace_labels(ns), "kubernetes.io/metadata.name": ns})
+            for ns in namespaces
+        ],
+        [
+            Pod(ns, name, labels, (cluster.ip(address),), node)
+            for ns, name, labels, address, node in scale_pods(
+                namespaces, pods, [n.name for n in nets]
+            )
+        ],
+        [Node(n.name, (cluster.ip(n.ip_v4), cluster.ip(n.ip_v6))) for n in nets],
+    )
+    made = []
+    for index in range(policies):
+        obj = Bench.policy(namespaces[index % len(namespaces)], index)
+        made.append(parse_policy(obj))
+    records = {
+        (p.kind.value, p.namespace, p.name): PolicyRecord(p.kind, p.namespace, p.name, "", 1, p)
+        for p in made
+    }
+    snap = Snapshot(state, MappingProxyType(records), MappingProxyType({}))
+    began = time.perf_counter()
+    Lowerer().desired(snap)
+    return round(time.perf_counter() - began, 2)
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system, s) used so far by `pid` (`operator`), its children together
+    (`worker`: the lowering worker), and the machine's CPUs together (`machine`, every process:
+    the API server, etcd and the bench too)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(one: int | str) -> float:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    busy = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    # user nice system idle iowait irq softirq steal: all but idle and iowait
+    machine = sum(int(v) for i, v in enumerate(busy[:8]) if i not in (3, 4)) / tick
+    return {
+        "operator": of(pid),
+        "worker": sum(of(c) for c in _children(pid)),
+        "machine": machine,
+    }
+
+
 def memory(pid: int) -> tuple[float, float]:
     """RSS and peak RSS in MB of `pid` and its children together (the operator's lowering
     worker: they share the operator container's memory limit); the peak is the sum of each
@@ -774,10 +871,13 @@ def memory(pid: int) -> tuple[float, float]:
 
 
 def _children(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
+    """The child processes of `pid`, whichever of its threads started them (each thread lists
+    its own: the operator starts its lowering worker from a thread that is not the main one)."""
+    out: list[str] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += (task / "children").read_text().split()
+    return out
 
 
 @contextlib.contextmanager

@@ -57,6 +57,12 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
     # what the initial convergence wrote, and its time from the first create on
     assert scale["initial_from_first_create_s"] >= scale["initial_converged_s"]
     assert scale["initial_tables_written"] > 0 and scale["initial_reconcile_passes"] >= 1
+    # what bounds it: the CPU the operator and its worker used in that time, within what the
+    # machine used and could give, and the same cluster's first lowering alone
+    cpu = scale["initial_cpu_s"]
+    assert cpu["operator"] > 0 and cpu["worker"] > 0, cpu
+    assert cpu["operator"] + cpu["worker"] <= cpu["machine"] <= cpu["capacity"] * 1.05, cpu
+    assert scale["cold_lowering_s"] > 0
     # every small-cluster trial split at the stamps: the store takes the change in first
     for key in ("apply_to_enforced_by_stage_ms", "label_change_by_stage_ms"):
         stages = figures[key]
