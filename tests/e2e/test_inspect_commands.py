@@ -184,6 +184,9 @@ def test_status_shows_each_nodes_agent(stack: Stack) -> None:
         # the agent measured the kernel's tick: conntrack reads jiffies (stockade.datapath.clock)
         assert node["agent"]["mode"]["conntrackClock"].startswith("jiffies, "), node["agent"]
     assert report["nodes"]["node-1"]["agent"]["rules"] > 0
+    text = stockade(stack, "status")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.count(", conntrack clock jiffies, ") == 2, text.stdout
 
 
 def isolation_drops(stack: Stack) -> int:

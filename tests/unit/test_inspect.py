@@ -21,7 +21,7 @@ from stockade.agent.trace import Probe
 from stockade.cli import build_parser
 from stockade.compiler import ir
 from stockade.control.policies import parse_record
-from stockade.inspect import command, explain, observe
+from stockade.inspect import command, explain, observe, status
 from stockade.inspect.agents import AGENT_SELECTOR, AgentError, ProxyAgents, parse_agent_urls
 from stockade.inspect.live import Live
 from stockade.model.cluster import ClusterState, Namespace, Pod
@@ -217,6 +217,28 @@ def test_json_routes_answer_json_and_a_bad_parameter_is_a_400_naming_it() -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_status_text_shows_each_agents_mode_and_errors() -> None:
+    agent = {
+        "mode": {
+            "conntrackOnPolicyChange": "keep",
+            "conntrackClock": "jiffies, 4000000 ns a tick",
+            "shape": "abc",
+        },
+        "rules": 3,
+        "flowEvents": 5,
+        "eventsLost": 0,
+    }
+    node = {"applied": 2, "published": 3, "attached": 1, "digest": "d" * 64, "errors": ["late"]}
+    report = {"nodes": {"n1": {**node, "healthy": False, "agent": agent}}, "healthy": False}
+    lines = status.render(report)
+    assert lines[0].startswith("n1: NOT OK  generation 2/3 applied, 1 endpoint(s) attached")
+    assert lines[1] == (
+        "  mode: conntrack on policy change keep, conntrack clock jiffies, 4000000 ns a tick, "
+        "shape abc; 3 rule(s); 5 drop/audit event(s), 0 lost"
+    )
+    assert lines[2] == "  error: late"
 
 
 def test_agent_urls_are_node_equals_url() -> None:

@@ -1,8 +1,8 @@
 """`stockade status`: each node's agent as `cilium status` shows it: the generation the
 operator published for the node and the one its agent applied (from `<node>.program.0`, the
 agent's report), the endpoints attached, the programs in force, and its errors; with agents to
-ask (`stockade.inspect.agents`), also its mode (conntrack on policy change, the program and
-shape digests), its rules and the events the flow log lost.
+ask (`stockade.inspect.agents`), also its mode (conntrack on policy change, the clock conntrack
+reads, the program and shape digests), its rules and the events the flow log lost.
 
 Exits non-zero when a node is behind, reports errors, or its agent could not be asked.
 """
@@ -71,6 +71,7 @@ def render(report: Mapping[str, Any]) -> list[str]:
             mode = agent.get("mode") or {}
             lines.append(
                 f"  mode: conntrack on policy change {mode.get('conntrackOnPolicyChange')}, "
+                f"conntrack clock {mode.get('conntrackClock')}, "
                 f"shape {mode.get('shape')}; {agent.get('rules')} rule(s); "
                 f"{agent.get('flowEvents')} drop/audit event(s), {agent.get('eventsLost')} lost"
             )
