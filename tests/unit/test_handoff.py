@@ -191,6 +191,39 @@ def test_one_endpoint_changing_rewrites_only_the_policy_shard_that_holds_it() ->
     assert sum(old[i] != new[i] for i in old) == 1
 
 
+@pytest.mark.parametrize("inline_max", [0, handoff.INLINE_ENTRIES], ids=["sharded", "inline"])
+def test_encoding_with_the_last_encoding_reuses_only_the_parts_whose_tables_are_equal(
+    inline_max: int,
+) -> None:
+    """The operator hands each node's last tables and parts back to `encode`: what it gives is
+    what encoding from nothing gives, and a part whose table is unchanged is the same object."""
+    other = parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "allow", "namespace": "x"},
+            "spec": {
+                "podSelector": {"matchLabels": {"pod": "p0"}},
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
+                        "ports": [{"port": 81}],
+                    }
+                ],
+            },
+        }
+    )
+    first = lower_node(_state(), [POLICY], "n0")
+    second = lower_node(_state(), [other], "n0", first.ids).tables
+    assert second.classes == first.tables.classes and second.policy != first.tables.policy
+    last = handoff.encode(first.tables, None, inline_max)
+    reused = handoff.encode(second, None, inline_max, last=(first.tables, last))
+    assert reused == handoff.encode(second, None, inline_max)
+    if inline_max == 0:
+        assert reused[handoff.CLASSES] is last[handoff.CLASSES]
+        assert reused[handoff.POLICY] is not last[handoff.POLICY]
+
+
 def test_one_endpoint_with_many_entries_spreads_over_every_shard() -> None:
     """A pod under a large policy: its entries are not one shard past the object size limit."""
     big = tuple(

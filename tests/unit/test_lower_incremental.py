@@ -22,11 +22,23 @@ from stockade.control.lowering import Lowerer
 from stockade.control.policies import PolicyRecord
 from stockade.control.store import Snapshot
 from stockade.model.cluster import ClusterState, Namespace, Pod
-from stockade.model.policy import PodSet, Policy
+from stockade.model.policy import PodSet, Policy, PortRange, Protocol
 from stockade.model.selectors import LabelSelector
 from tests.fixtures.scenarios import NODES, PROFILE, examples, labels, scenario
 
-STEPS = ("relabel", "remove", "add", "move", "namespace", "drop", "restore", "change", "reselect")
+STEPS = (
+    "relabel",
+    "remove",
+    "add",
+    "move",
+    "namespace",
+    "drop",
+    "restore",
+    "change",
+    "reselect",
+    "ports",
+    "regroup",
+)
 
 
 def _snapshot(state: ClusterState, policies: list[Policy]) -> Snapshot:
@@ -48,8 +60,10 @@ def step(
     pool: list[Policy],
 ) -> None:
     """One generated change, in place: pods relabelled, removed and added back, moved to the
-    other node, a namespace relabelled, policies removed, added back, changed and given
-    another policy's subject."""
+    other node, a namespace relabelled, policies removed, added back, changed, given another
+    policy's subject, given other ports over the same peers (the node's regions stay, so its
+    lowering reuses its class entries), and given a rule whose peers are two rules' peers
+    together (the same peers in other groups: the regions change)."""
     kind = data.draw(st.sampled_from(STEPS))
     keys = sorted(pods)
     if kind == "relabel" and keys:
@@ -77,6 +91,26 @@ def step(
         new = replace(old, ingress=old.ingress[1:], egress=old.egress[:-1])
         active[active.index(old)] = new
         pool[pool.index(old)] = new
+    elif kind == "ports" and active:
+        old = data.draw(st.sampled_from(active))
+        port = data.draw(st.integers(1, 65535))
+        spec = PortRange(data.draw(st.sampled_from([Protocol.TCP, Protocol.UDP])), port)
+        new = replace(
+            old,
+            ingress=tuple(replace(r, ports=(*r.ports, spec)) for r in old.ingress),
+            egress=tuple(replace(r, ports=(spec,)) for r in old.egress),
+        )
+        active[active.index(old)] = new
+        pool[pool.index(old)] = new
+    elif kind == "regroup" and active:
+        old = data.draw(st.sampled_from(active))
+        rules = [r for p in active for r in (*p.ingress, *p.egress) if r.peers]
+        if old.ingress and len(rules) >= 2:
+            one, two = data.draw(st.lists(st.sampled_from(rules), min_size=2, max_size=2))
+            peers = tuple(dict.fromkeys((*one.peers, *two.peers)))
+            new = replace(old, ingress=(*old.ingress[:-1], replace(old.ingress[-1], peers=peers)))
+            active[active.index(old)] = new
+            pool[pool.index(old)] = new
     elif kind == "reselect" and active:
         old = data.draw(st.sampled_from(active))
         new = replace(old, subject=data.draw(st.sampled_from([p.subject for p in pool])))
@@ -221,3 +255,46 @@ def test_a_peer_relabelled_on_another_node_changes_the_tables_of_the_node_it_is_
     for node in ("n0", "n1"):
         cold = lower_node(state, [policy], node, before.get(node))
         assert lowerer._lowered[node][1].tables == cold.tables, node
+
+
+def test_a_policy_given_other_ports_keeps_the_class_entries_of_the_nodes_it_selects() -> None:
+    """A policy changed over the same peers: the node's regions would be built from the same
+    inputs, so its lowering takes its class entries from the last one (not built again) and
+    still equals a cold lowering."""
+    from stockade.model.cluster import ip
+    from stockade.model.parse import parse_policy
+
+    def policy(port: int) -> Policy:
+        return parse_policy(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": "web", "namespace": "a"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [
+                        {
+                            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                            "ports": [{"port": port}],
+                        }
+                    ],
+                },
+            }
+        )
+
+    ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
+    server = Pod("a", "server", {"app": "web"}, (ip("10.244.0.2"),), "n0")
+    clients = [
+        Pod("a", f"client{i}", {"app": "client"}, (ip(f"10.244.1.{i + 2}"),), "n1")
+        for i in range(3)
+    ]
+    state = ClusterState([ns], [server, *clients], NODES)
+    lowerer = Lowerer()
+    lowerer.desired(_snapshot(state, [policy(80)]))
+    first = lowerer._lowered["n0"][1]
+    before = dict(lowerer.ids)
+    lowerer.desired(_snapshot(state, [policy(81)]))
+    second = lowerer._lowered["n0"][1]
+    assert second.tables.policy != first.tables.policy
+    assert second.tables.classes is first.tables.classes
+    assert second.tables == lower_node(state, [policy(81)], "n0", before["n0"]).tables

@@ -74,9 +74,24 @@ class Ids:
 
 
 @dataclass(frozen=True)
+class RegionMemo:
+    """What a node's regions were built from (`key`: the peers, their groups, the egress port
+    names and what `build_regions` read of the state) and what the lowering took from them
+    besides the class entries: the signatures, and the first representative of each."""
+
+    key: object
+    signatures: tuple[Signature, ...]
+    representatives: tuple[tuple[Signature, IPAddress], ...]
+
+
+@dataclass(frozen=True)
 class Lowered:
     tables: ir.NodeTables
     ids: Ids
+    # The node's next lowering reuses its class entries when its regions would be built from
+    # the same inputs (policies added over peers the node has already): a node's trie holds a
+    # host region per peer member, the largest part of its lowering.
+    regions: RegionMemo | None = field(default=None, compare=False)
 
 
 Piece = tuple[int, int]  # [start, end] of the 16-bit port (or ICMP type/code) space
@@ -448,7 +463,8 @@ class Lowering:
         )
         if before is not None and before[1].ids is ids and before[0] == inputs:
             return before[1]
-        lowered = self._lower(node, ids, pods, affecting, peers, port_names)
+        last = before[1] if before is not None else None
+        lowered = self._lower(node, ids, pods, affecting, peers, port_names, inputs[2], last)
         self.previous[node] = (inputs, lowered)
         return lowered
 
@@ -460,17 +476,44 @@ class Lowering:
         affecting: dict[tuple[str, Direction], list[Policy]],
         peers: list[Peer],
         port_names: frozenset[str],
+        region_inputs: object,
+        last: Lowered | None,
     ) -> Lowered:
+        """`region_inputs`: what `build_regions` reads of the state for these peers
+        (`Addresses.region_inputs`); `last`: the node's previous lowering, whose regions (and
+        class entries, when their ids are the same) are reused when they were built from the
+        same inputs."""
         groups = peer_groups(
             _rule_peers(affecting_policies(affecting)), {peer: i for i, peer in enumerate(peers)}
         )
-        regions = build_regions(self.addresses, node, peers, port_names, groups)
+        region_key = (tuple(peers), tuple(groups), port_names, region_inputs)
+        class_entries: tuple[ir.ClassEntry, ...] | None = None
+        memo = last.regions if last is not None else None
+        if last is not None and memo is not None and memo.key == region_key:
+            # The same regions as the node's last lowering: with the same class ids, the same
+            # class entries
+            class_ids = ids.classes.assign(memo.signatures)
+            if dict(class_ids) == dict(last.ids.classes):
+                class_entries = last.tables.classes
+                representatives = dict(memo.representatives)
+        if class_entries is None:
+            regions = build_regions(self.addresses, node, peers, port_names, groups)
+            signatures = tuple(sorted({r.signature for r in regions}))
+            class_ids = ids.classes.assign(signatures)
+            representatives = {}
+            for region in regions:
+                if region.representative is not None:
+                    representatives.setdefault(region.signature, region.representative)
+            class_entries = tuple(
+                ir.ClassEntry(
+                    r.network,
+                    class_ids[r.signature],
+                    ir.ClassFlag.LOCAL_NODE if r.signature[3] else 0,
+                )
+                for r in regions
+            )
+            memo = RegionMemo(region_key, signatures, tuple(representatives.items()))
         endpoint_ids = ids.endpoints.assign(p.key for p in pods)
-        class_ids = ids.classes.assign(sorted({r.signature for r in regions}))
-        representatives: dict[Signature, IPAddress] = {}
-        for region in regions:
-            if region.representative is not None:
-                representatives.setdefault(region.signature, region.representative)
         classes = sorted(representatives.items(), key=lambda kv: class_ids[kv[0]])
         peer_index = {peer: i for i, peer in enumerate(peers)}
         group_index = {group: i for i, group in enumerate(groups)}
@@ -527,14 +570,7 @@ class Lowering:
             endpoints=tuple(
                 ir.EndpointEntry(ip, endpoint_ids[pod.key]) for pod in pods for ip in pod.ips
             ),
-            classes=tuple(
-                ir.ClassEntry(
-                    r.network,
-                    class_ids[r.signature],
-                    ir.ClassFlag.LOCAL_NODE if r.signature[3] else 0,
-                )
-                for r in regions
-            ),
+            classes=class_entries,
             policy=policy,
             rules={
                 rule_ids[ref]: ir.RuleInfo(
@@ -543,7 +579,7 @@ class Lowering:
                 for ref in rule_refs
             },
         )
-        return Lowered(tables, Ids(endpoint_ids, class_ids, rule_ids))
+        return Lowered(tables, Ids(endpoint_ids, class_ids, rule_ids), memo)
 
     def _profile_entries(
         self,

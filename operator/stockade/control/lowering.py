@@ -107,7 +107,8 @@ class Lowerer:
             if last is not None and last[0] == (tables, opened):
                 out[node] = last[1]  # unchanged: skip encoding it again
             else:
-                parts = handoff.encode(tables, self._shape, self._inline, opened)
+                reuse = (last[0][0], last[1]) if last is not None else None
+                parts = handoff.encode(tables, self._shape, self._inline, opened, reuse)
                 self._encoded[node] = ((tables, opened), parts)
                 out[node] = parts
             self.node_seconds[node] = time.monotonic() - began

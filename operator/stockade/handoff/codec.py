@@ -44,7 +44,7 @@ import hashlib
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stockade.compiler import abi, ir
@@ -321,16 +321,43 @@ def _policy_keyed(policy: Sequence[ir.PolicyEntry]) -> Iterable[tuple[str, str]]
         )
 
 
-def encode_tables(tables: ir.NodeTables) -> dict[str, Shards]:
-    """The table parts of `tables`, sharded: part -> shard number -> sorted entries."""
-    return {
-        ENDPOINTS: _shard((str(e.endpoint_id), encode_endpoint(e)) for e in tables.endpoints),
-        CLASSES: _shard(map(_class_keyed, tables.classes)),
-        POLICY: _shard(_policy_keyed(tables.policy)),
-        RULES: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
-        SERVICES: _shard((str(e.network), encode_service(e)) for e in tables.services),
-        FALLBACK: _shard((str(e.endpoint_id), encode_fallback(e)) for e in tables.service_verdicts),
+# each table part and the field of `ir.NodeTables` it encodes
+_PART_FIELDS = {
+    ENDPOINTS: "endpoints",
+    CLASSES: "classes",
+    POLICY: "policy",
+    RULES: "rules",
+    SERVICES: "services",
+    FALLBACK: "service_verdicts",
+}
+
+
+def encode_tables(
+    tables: ir.NodeTables, last: tuple[ir.NodeTables, Mapping[str, Shards]] | None = None
+) -> dict[str, Shards]:
+    """The table parts of `tables`, sharded: part -> shard number -> sorted entries. With
+    `last` (earlier tables and their encoded parts), a part whose table is equal to the one it
+    was encoded from is taken from there instead of being encoded again."""
+    encoders: dict[str, Callable[[], Shards]] = {
+        ENDPOINTS: lambda: _shard(
+            (str(e.endpoint_id), encode_endpoint(e)) for e in tables.endpoints
+        ),
+        CLASSES: lambda: _shard(map(_class_keyed, tables.classes)),
+        POLICY: lambda: _shard(_policy_keyed(tables.policy)),
+        RULES: lambda: _shard((str(i), encode_rule(i, info)) for i, info in tables.rules.items()),
+        SERVICES: lambda: _shard((str(e.network), encode_service(e)) for e in tables.services),
+        FALLBACK: lambda: _shard(
+            (str(e.endpoint_id), encode_fallback(e)) for e in tables.service_verdicts
+        ),
     }
+    out: dict[str, Shards] = {}
+    for part, encoder in encoders.items():
+        name = _PART_FIELDS[part]
+        if last is not None and part in last[1] and getattr(last[0], name) == getattr(tables, name):
+            out[part] = last[1][part]
+        else:
+            out[part] = encoder()
+    return out
 
 
 PartShards = Mapping[int, Shard | Sequence[str]] | Iterable[Shard | Sequence[str]]
@@ -473,11 +500,13 @@ def encode(
     shape: Shape | None = None,
     inline_max: int = INLINE_ENTRIES,
     open_namespaces: Iterable[str] = (),
+    last: tuple[ir.NodeTables, Mapping[str, Shards]] | None = None,
 ) -> dict[str, Shards]:
     """Every part of one node's hand-off: the `program` part (shard 0) and the table parts, or
     only the `program` part with the tables inline when they have at most `inline_max`
-    entries."""
-    parts = encode_tables(tables)
+    entries. `last`: earlier tables and what `encode` gave for them, whose table parts are
+    reused where the tables are equal (`encode_tables`)."""
+    parts = encode_tables(tables, last)
     if sum(len(s.entries) for shards in parts.values() for s in shards.values()) <= inline_max:
         inline = tuple(
             f"{part} {entry}"
