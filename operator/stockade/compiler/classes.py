@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from stockade.compiler.membership import Membership
 from stockade.model.cluster import ClusterState
@@ -44,6 +44,7 @@ DEFAULT_ROUTES: tuple[IPNetwork, ...] = (
 )
 
 _OrderKey = tuple[int, int, int]
+_BITS = {4: 32, 6: 128}  # address bits per family
 
 
 def _order(net: IPNetwork) -> _OrderKey:
@@ -51,28 +52,30 @@ def _order(net: IPNetwork) -> _OrderKey:
     return (net.version, net.prefixlen, int(net.network_address))
 
 
-# address -> its host prefix. Building an ipaddress network takes microseconds, and every node's
-# regions hold each address its peers' sets hold: at 10,000 pods and 100 nodes, two million
-# times per whole lowering. Cleared when full, so it never holds more than HOST_NETWORKS.
+# (family, address as an integer) -> its host prefix. Building an ipaddress network takes
+# microseconds, and every node's regions hold each address its peers' sets hold: at 10,000 pods
+# and 100 nodes, a million times per whole lowering. Keyed by integers, not by the address
+# object, whose hash formats it in hex. Cleared when full, so it never holds more than
+# HOST_NETWORKS.
 HOST_NETWORKS = 1 << 17
-_host_networks: dict[IPAddress, IPNetwork] = {}
+_host_networks: dict[tuple[int, int], IPNetwork] = {}
 
 
-def _host_network(address: IPAddress) -> IPNetwork:
-    found = _host_networks.get(address)
+def _host_network(version: int, value: int) -> IPNetwork:
+    key = (version, value)
+    found = _host_networks.get(key)
     if found is None:
         if len(_host_networks) >= HOST_NETWORKS:
             _host_networks.clear()
-        if address.version == 4:
-            found = ipaddress.IPv4Network((int(address), 32))
+        if version == 4:
+            found = ipaddress.IPv4Network((value, 32))
         else:
-            found = ipaddress.IPv6Network((int(address), 128))
-        _host_networks[address] = found
+            found = ipaddress.IPv6Network((value, 128))
+        _host_networks[key] = found
     return found
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     """One trie prefix, its signature, and an address that the prefix decides (or None)."""
 
     network: IPNetwork
@@ -128,7 +131,8 @@ class Addresses:
         if not cidrs:  # each list is ascending already: one index per peer that holds it
             return {address: tuple(indices) for address, indices in found.items()}
         for address, indices in found.items():
-            indices.extend(cidrs.containing(_host_network(address), address))
+            net = _host_network(address.version, int(address))
+            indices.extend(cidrs.containing(net, address))
         return {address: tuple(sorted(set(indices))) for address, indices in found.items()}
 
     def region_inputs(
@@ -249,17 +253,17 @@ class _Prefixes:
     """The trie prefixes by (family, length) -> their starts, to find the first address of a
     prefix outside every longer one without scanning the whole list per prefix."""
 
-    def __init__(self, ordered: list[tuple[_OrderKey, IPNetwork]]) -> None:
+    def __init__(self, ordered: list[_OrderKey]) -> None:
         self._starts: dict[tuple[int, int], set[int]] = {}
-        for (version, length, start), _ in ordered:
+        for version, length, start in ordered:
             self._starts.setdefault((version, length), set()).add(start)
 
-    def representative(self, key: _OrderKey, network: IPNetwork) -> IPAddress | None:
-        """The first address of `network` (at `key`) outside every longer prefix, if any: walk
+    def representative(self, key: _OrderKey) -> IPAddress | None:
+        """The first address of the prefix `key` outside every longer prefix, if any: walk
         from the first address, past the longest prefix that holds the candidate, until none
         does; each step passes one prefix."""
         version, prefixlen, first = key
-        bits = network.max_prefixlen
+        bits = _BITS[version]
         last = first + (1 << (bits - prefixlen)) - 1
         lengths = sorted(n for (v, n) in self._starts if v == version and n > prefixlen)
         candidate = first
@@ -289,76 +293,83 @@ def build_regions(
 ) -> list[Region]:
     """Every trie prefix for one node with its signature (see the module docstring); with
     `groups` (`peer_groups`), a signature holds the indices of the groups that contain the
-    region, else those of the peers."""
+    region, else those of the peers.
+
+    A node's trie holds a host prefix for every member of its pod peers (thousands), so the
+    hosts go through by their integer keys (family, length, address): the address objects are
+    not hashed again, and a host prefix is built only when it is kept."""
     state = addresses.state
     local_ips = set(state.node_ips(node))
+    local = {(a.version, int(a)) for a in local_ips}
     # Only a host in a pod or node peer, with a named port that egress rules name, or of the
     # local node can differ from the region around it; any other host falls to that region.
     hits = addresses.hits(peers, addresses.named(egress_port_names) | local_ips)
-    hosts = set(hits)
+    # (key, network: None for a host, the host address or None, its peers' indices)
+    hosts: list[tuple[_OrderKey, IPNetwork | None, IPAddress | None, tuple[int, ...]]] = sorted(
+        ((a.version, a.max_prefixlen, int(a)), None, a, indices) for a, indices in hits.items()
+    )
     extra: set[IPNetwork] = set(DEFAULT_ROUTES)
     for peer in peers:
         if isinstance(peer, CidrPeer):
             extra.add(peer.cidr)
             extra.update(peer.excepts)
-    extra_ordered = sorted(
-        (_order(n), n)
-        for n in extra
-        if not (n.prefixlen == n.max_prefixlen and n.network_address in hosts)
-    )
+    host_keys = {h[0] for h in hosts} if any(n.prefixlen == n.max_prefixlen for n in extra) else ()
+    # Keys are unique across both lists (a CIDR that is a host's prefix is the host's), so the
+    # merge never compares past them.
     ordered = list(
         heapq.merge(
-            extra_ordered,
-            sorted((_order(n), n) for n in map(_host_network, hosts)),
+            sorted((_order(n), n, None, ()) for n in extra if _order(n) not in host_keys),
+            hosts,
         )
     )
 
     cidrs = CidrIndex(peers)
-    prefixes = _Prefixes(ordered)
+    prefixes = _Prefixes([entry[0] for entry in ordered])
+    names = egress_port_names
     # the peers' indices -> the groups' (the hosts of one workload share one: asked once)
     grouped: dict[tuple[int, ...], tuple[int, ...]] = {}
     regions: list[Region] = []
     kept: dict[_OrderKey, int] = {}  # trie prefix -> index in regions
     # prefix lengths kept, per family, longest first
     lengths: dict[int, list[int]] = {4: [], 6: []}
-    for key, net in ordered:
-        address = net.network_address
-        if net.prefixlen == net.max_prefixlen and address in hosts:
-            indices = hits[address]
+    for key, cidr, address, indices in ordered:
+        version, prefixlen, start = key
+        if address is not None:  # a host
             in_groups = grouped.get(indices)
             if in_groups is None:
                 in_groups = grouped[indices] = _grouped(indices, groups)
             signature: Signature = (
-                address.version,
+                version,
                 in_groups,
-                _named_ports(state, address, egress_port_names),
-                address in local_ips,
+                _named_ports(state, address, names) if names else (),
+                (version, start) in local,
             )
-            region = Region(net, signature, address)
+            representative: IPAddress | None = address
         else:
-            signature = (net.version, _grouped(_region_signature(net, cidrs), groups), (), False)
-            region = Region(net, signature, prefixes.representative(key, net))
-        around = _enclosing(kept, lengths[net.version], key, net.max_prefixlen)
+            assert cidr is not None
+            signature = (version, _grouped(_region_signature(cidr, cidrs), groups), (), False)
+            representative = prefixes.representative(key)
+        around = _enclosing(kept, lengths[version], key)
         if around is not None and regions[around].signature == signature:
             # The prefix around it already says the same; its addresses fall to that prefix.
-            if regions[around].representative is None and region.representative is not None:
-                regions[around] = replace(regions[around], representative=region.representative)
+            if regions[around].representative is None and representative is not None:
+                regions[around] = regions[around]._replace(representative=representative)
             continue
         kept[key] = len(regions)
-        if net.prefixlen not in lengths[net.version]:
-            lengths[net.version].append(net.prefixlen)
-            lengths[net.version].sort(reverse=True)
-        regions.append(region)
+        if prefixlen not in lengths[version]:
+            lengths[version].append(prefixlen)
+            lengths[version].sort(reverse=True)
+        network = cidr if cidr is not None else _host_network(version, start)
+        regions.append(Region(network, signature, representative))
     return regions
 
 
-def _enclosing(
-    kept: dict[_OrderKey, int], lengths: list[int], key: _OrderKey, bits: int
-) -> int | None:
+def _enclosing(kept: dict[_OrderKey, int], lengths: list[int], key: _OrderKey) -> int | None:
     """The index of the longest kept region strictly containing the prefix `key`: one dict
     look-up per prefix length in use (`lengths`, longest first), so a node with many pod
     addresses stays linear."""
     version, prefixlen, start = key
+    bits = _BITS[version]
     for length in lengths:
         if length >= prefixlen:
             continue
