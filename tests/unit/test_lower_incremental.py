@@ -298,3 +298,49 @@ def test_a_policy_given_other_ports_keeps_the_class_entries_of_the_nodes_it_sele
     assert second.tables.policy != first.tables.policy
     assert second.tables.classes is first.tables.classes
     assert second.tables == lower_node(state, [policy(81)], "n0", before["n0"]).tables
+
+
+def test_replaced_policies_are_let_go_after_a_share_of_the_policies_changed() -> None:
+    """One policy replaced again and again: the verdicts keep the policies their keys name
+    only until the changes since the last retain are 1/RETAIN_SHARE of the policies, so what
+    a long run of policy changes holds stays bounded, and each pass stays exact."""
+    from stockade.control.lowering import RETAIN_SHARE
+    from stockade.model.cluster import ip
+    from stockade.model.parse import parse_policy
+
+    def policy(index: int, port: int) -> Policy:
+        return parse_policy(
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": f"p{index:03}", "namespace": "a"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [
+                        {
+                            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                            "ports": [{"port": port}],
+                        }
+                    ],
+                },
+            }
+        )
+
+    ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
+    server = Pod("a", "server", {"app": "web"}, (ip("10.244.0.2"),), "n0")
+    client = Pod("a", "client", {"app": "client"}, (ip("10.244.1.2"),), "n1")
+    state = ClusterState([ns], [server, client], NODES)
+    policies = [policy(i, 1000 + i) for i in range(4 * RETAIN_SHARE)]
+    lowerer = Lowerer()
+    lowerer.desired(_snapshot(state, policies))
+    held = []
+    for trial in range(40):
+        policies[0] = policy(0, 2000 + trial)
+        before = dict(lowerer.ids)
+        lowerer.desired(_snapshot(state, policies))
+        held.append(len(lowerer.verdicts._alive))
+        cold = lower_node(state, policies, "n0", before.get("n0"))
+        assert lowerer._lowered["n0"][1].tables == cold.tables
+    # 2 ids change per replacement (one gone, one new): a retain every 2 passes at 64 policies
+    assert max(held) <= len(policies) + 2
+    assert held.count(len(policies)) >= 20  # the retains happened

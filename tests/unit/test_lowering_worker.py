@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes.client import ApiClient
 
+from stockade.compiler.membership import Membership
 from stockade.control.config import OperatorConfig
 from stockade.control.lowering import Lowerer
 from stockade.control.policies import PolicyRecord
@@ -28,7 +29,8 @@ from stockade.control.reconciler import Reconciler
 from stockade.control.store import Mirror, Store
 from stockade.control.worker import Collector, InProcess, InThread
 from stockade.model.cluster import Namespace, Pod
-from stockade.model.policy import Policy
+from stockade.model.policy import PodSet, Policy
+from stockade.model.selectors import LabelSelector
 from tests.fixtures.scenarios import NODES, PROFILE, examples, scenario
 from tests.unit.test_lower_incremental import step
 
@@ -315,7 +317,7 @@ def pod_writes(draw: st.DrawFn) -> list[tuple[str, Pod | None]]:
             name,
             {"v": str(draw(st.integers(0, 2)))},
             tuple(ipaddress.ip_address(ip) for ip in ips),
-            node="n0",
+            node=draw(st.sampled_from(["n0", "n1"])),
             host_network=draw(st.integers(0, 5)) == 0,
         )
         writes.append((f"ns/{name}", pod))
@@ -329,8 +331,11 @@ def test_the_mirror_keeps_the_state_the_store_builds(
 ) -> None:
     """The Mirror's state, kept from change to change, is the Store's built anew: the same pods
     in the same order (a pod whose address another still holds left out), the same owner of
-    every address; taken every `every` writes, so a take carries several changes of one pod."""
-    store, mirror = Store(), Mirror()
+    every address; taken every `every` writes, so a take carries several changes of one pod.
+    A Membership that follows the Mirror's snapshots with the pods they say changed (none said
+    while an address is shared) holds what the state's own index holds."""
+    store, mirror, membership = Store(), Mirror(), Membership()
+    pod_sets = [PodSet(LabelSelector.of({"v": v}), namespace="ns") for v in ("0", "1", "2")]
     for i, (key, pod) in enumerate(writes, start=1):
         store.put_pod(key, pod)
         if i % every and i != len(writes):
@@ -338,8 +343,14 @@ def test_the_mirror_keeps_the_state_the_store_builds(
         changes = store.take(changes=True).changes
         assert changes is not None
         mirror.apply(changes)
-        want, got = store.snapshot().state, mirror.snapshot().state
+        snap = mirror.snapshot()
+        want, got = store.snapshot().state, snap.state
         assert got.pods == want.pods
         for ip in ADDRESSES:
             address = ipaddress.ip_address(ip)
             assert got.pod_at(address) == want.pod_at(address), ip
+        membership.update(got, snap.pods_changed)
+        for pod_set in pod_sets:
+            members = sorted(p.key for p in membership.pods_in(got, pod_set))
+            assert members == sorted(p.key for p in got.index.pods_in(pod_set)), pod_set
+        assert membership.nodes() == {p.node for p in got.pods if p.node}

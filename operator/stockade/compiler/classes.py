@@ -152,6 +152,8 @@ class Addresses:
 
     def named(self, names: frozenset[str]) -> set[IPAddress]:
         """The addresses of the pods with a named port called one of `names`."""
+        if not names:
+            return set()  # no egress rule names a port: no pod is looked at
         if self._named is None:
             self._named = {}
             for pod in self.state.pods:

@@ -35,7 +35,7 @@ from stockade.compiler.classes import (
     protocols_for,
 )
 from stockade.compiler.ids import IdTable
-from stockade.compiler.membership import Membership
+from stockade.compiler.membership import Membership, PodsChanged
 from stockade.compiler.selection import Selection, is_endpoint
 from stockade.model.cluster import ClusterState, Pod
 from stockade.model.evaluator import DirectionJudgement, judge
@@ -388,18 +388,20 @@ class Lowering:
         previous: dict[str, tuple[object, Lowered]] | None = None,
         membership: Membership | None = None,
         selection: Selection | None = None,
+        pods_changed: PodsChanged | None = None,
     ) -> None:
         """`verdicts`, `previous` (node -> the inputs and result of its last lowering),
         `membership` (pod sets' members, `stockade.compiler.membership`) and `selection` (the
         policies of each pod and the endpoints of each node, `stockade.compiler.selection`,
         given only with `membership`) are carried from pass to pass by the caller; all are
-        updated in place."""
+        updated in place. `pods_changed`: the pods changed since the membership's last state,
+        when the caller knows them (`Membership.update`)."""
         self.state = state
         self.policies = tuple(policies)
         self.membership = membership
         self.selection = selection if membership is not None else None
         if membership is not None:
-            membership.update(state)
+            membership.update(state, pods_changed)
             if self.selection is not None:
                 self.selection.update(state, self.policies, membership)
         self.addresses = Addresses(state, membership)

@@ -36,6 +36,10 @@ from stockade.model.cluster import ClusterState, Node
 from stockade.model.fastopen import fast_open_namespaces
 from stockade.model.policy import PodPeer, PodSet, Policy
 
+# Verdicts and pod sets that name replaced policies are dropped once the policies added or
+# removed since the last time are 1/RETAIN_SHARE of the policies
+RETAIN_SHARE = 16
+
 
 class Lowerer:
     """Lowers and encodes every node; attributes are public for metrics and tests."""
@@ -65,6 +69,7 @@ class Lowerer:
         # them): what tells which nodes a change can reach
         self._last: tuple[tuple[Policy, ...], dict[str, Node]] | None = None
         self._peer_sets: dict[str, tuple[object, frozenset[PodSet]]] = {}
+        self._unretained = 0  # policies added or removed since the last retain
         self.nodes_lowered = 0  # nodes whose lowering was looked at again in the last pass
         self.node_seconds: dict[str, float] = {}
         # node -> the tables and Service backends its fallback verdicts were computed from
@@ -76,14 +81,23 @@ class Lowerer:
         """Every node's encoded parts (part -> shard -> Shard): nodes that exist or have pods.
         `on_node(node, parts)` is told of each node as soon as its parts are final."""
         policies = [r.policy for _, r in sorted(snap.policies.items()) if r.policy is not None]
-        nodes = set(snap.state.nodes) | {p.node for p in snap.state.pods if p.node}
         lowering = Lowering(
-            snap.state, policies, self.verdicts, self._lowered, self.membership, self.selection
+            snap.state,
+            policies,
+            self.verdicts,
+            self._lowered,
+            self.membership,
+            self.selection,
+            snap.pods_changed,
         )
+        nodes = set(snap.state.nodes) | self.membership.nodes()
         changed = self._changed_nodes(snap.state, policies)
         policies_changed = self._last is None or [id(p) for p in self._last[0]] != [
             id(p) for p in policies
         ]
+        if policies_changed and self._last is not None:
+            before, after = {id(p) for p in self._last[0]}, {id(p) for p in policies}
+            self._unretained += len(before ^ after)
         self._last = (tuple(policies), dict(snap.state.nodes))
         self.nodes_lowered = 0
         # Where a new pod may open before its tables arrive (every node gets the same list)
@@ -120,9 +134,15 @@ class Lowerer:
             self._lowered.pop(node, None)
             self._fallback.pop(node, None)
             self._peer_sets.pop(node, None)
-        if changed is None or policies_changed:
+        # What names a policy that is gone is dropped once the policies that came since the
+        # last time are a share of them: a scan of every policy's pod sets per policy change
+        # would make one change at 50,000 pods cost in proportion to the policies. Until then
+        # the verdicts and the pod sets of the policies replaced stay (exact all the same:
+        # verdicts hold the policies their keys name, and pod sets stay followed).
+        if changed is None or self._unretained * RETAIN_SHARE >= len(policies):
             self.verdicts.retain(policies)
             self.membership.retain(_pod_sets(policies))
+            self._unretained = 0
         return out
 
     def _changed_nodes(self, state: ClusterState, policies: list[Policy]) -> set[str] | None:

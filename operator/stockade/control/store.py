@@ -28,11 +28,12 @@ import bisect
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
 from stockade.compiler import ir
+from stockade.compiler.membership import PodsChanged
 from stockade.control.policies import PolicyKey, PolicyRecord
 from stockade.control.services import (
     DEFAULT_NODE_PORT_RANGE,
@@ -60,6 +61,9 @@ class Snapshot:
     service_backends: tuple[ir.ServiceBackends, ...] = ()
     # Unix ns of the latest change to the lowering's inputs this snapshot holds (None: none yet)
     latest_change: int | None = None
+    # The state of the previous snapshot and the pods changed since, when the `Mirror` knows
+    # them: the lowering's membership then looks at those pods only
+    pods_changed: PodsChanged | None = None
 
 
 # The tables the journal names (Store attributes without the underscore)
@@ -320,6 +324,10 @@ class Mirror(Store):
         self._holders: dict[IPAddress, set[str]] = {}  # non-host-network pods' addresses
         self._shared: set[IPAddress] = set()  # addresses with more than one holder
         self._by_ip: dict[IPAddress, Pod] = {}  # each address's holder (its last, when shared)
+        # The last snapshot's state, when it held every pod (no address shared), and the pods
+        # changed since (key -> the pod now, None: gone)
+        self._previous: ClusterState | None = None
+        self._since: dict[str, Pod | None] = {}
 
     def _forget(self, pod: Pod) -> None:
         del self._order[bisect.bisect_left(self._order, pod.key)]
@@ -357,9 +365,22 @@ class Mirror(Store):
             dict(self._by_ip),
         )
 
+    def snapshot(self, take_changes: bool = False) -> Snapshot:
+        """The Store's snapshot, with the pods changed since the previous one when both states
+        hold every pod (built without leaving out a pod whose address another still holds)."""
+        snap = super().snapshot(take_changes)
+        with self._lock:  # the Mirror's owner applies and snapshots in one thread
+            whole = not self._shared
+            since = self._previous, self._since
+            self._previous, self._since = (snap.state if whole else None), {}
+        if whole and since[0] is not None:
+            return replace(snap, pods_changed=(since[0], since[1]))
+        return snap
+
     def apply(self, changes: Changes) -> None:
         with self._lock:
             if changes.full:
+                self._previous, self._since = None, {}
                 for table in self._tables.values():
                     table.clear()
                 self._order.clear()
@@ -369,6 +390,7 @@ class Mirror(Store):
             for (name, key), value in changes.entries.items():
                 table = self._tables[name]
                 if name == "pods":
+                    self._since[key] = value
                     old = table.get(key)
                     if old is not None:
                         del table[key]

@@ -112,6 +112,7 @@ class Engine:
         self._stream_after = settings.stream_after
         self._parts: dict[str, NodeParts] = {}
         self._selected: dict[PodSet, dict[str, int]] = {}
+        self._subjects: set[PodSet] | None = None  # every policy's subject (None: to find again)
         self._answered = False
 
     def lower(self, changes: Changes, stream: Stream | None = None) -> Result:
@@ -125,6 +126,8 @@ class Engine:
         if self._answered and not changes.full and not changes.entries and same:
             return Result({}, (), {}, (), full=False)  # nothing changed: the last answer holds
         self.mirror.apply(changes)
+        if changes.full or any(name == "policies" for name, _ in changes.entries):
+            self._subjects = None
         snap = self.mirror.snapshot()
         built = time.monotonic()
         streamed: set[str] = set()
@@ -175,10 +178,15 @@ class Engine:
         the lowering's membership (which followed `state`) saw change, new subjects, all of
         them after a reset.
         Counted as the status wants them: scheduled, addressed, not host-network pods."""
-        subjects = {r.policy.subject for r in policies.values() if r.policy is not None}
         membership = self.lowerer.membership
+        if self._subjects is None or membership.reset:  # a policy changed, or every pod set
+            self._subjects = {r.policy.subject for r in policies.values() if r.policy is not None}
+            looked = self._subjects
+        else:  # the same subjects: only those whose members moved can count otherwise
+            looked = self._subjects & membership.changed
+        subjects = self._subjects
         out: dict[PodSet, dict[str, int]] = {}
-        for subject in subjects:
+        for subject in looked:
             if (
                 subject in self._selected
                 and not membership.reset
@@ -192,7 +200,7 @@ class Engine:
             if self._selected.get(subject) != counts:
                 out[subject] = counts
                 self._selected[subject] = counts
-        gone = tuple(s for s in self._selected if s not in subjects)
+        gone = tuple(s for s in self._selected if s not in subjects) if looked is subjects else ()
         for subject in gone:
             del self._selected[subject]
         return out, gone
