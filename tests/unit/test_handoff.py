@@ -4,6 +4,7 @@ and malformed entries are refused with a message naming the entry."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -14,6 +15,7 @@ from stockade.compiler.shape import FragmentPolicy, Shape
 from stockade.handoff import codec
 from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
+from stockade.model.policy import PortRange, Protocol
 
 
 def _state(pods: int = 6) -> ClusterState:
@@ -197,21 +199,8 @@ def test_encoding_with_the_last_encoding_reuses_only_the_parts_whose_tables_are_
 ) -> None:
     """The operator hands each node's last tables and parts back to `encode`: what it gives is
     what encoding from nothing gives, and a part whose table is unchanged is the same object."""
-    other = parse_policy(
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "allow", "namespace": "x"},
-            "spec": {
-                "podSelector": {"matchLabels": {"pod": "p0"}},
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": {"pod": "p1"}}}],
-                        "ports": [{"port": 81}],
-                    }
-                ],
-            },
-        }
+    other = replace(
+        POLICY, ingress=(replace(POLICY.ingress[0], ports=(PortRange(Protocol.TCP, 81),)),)
     )
     first = lower_node(_state(), [POLICY], "n0")
     second = lower_node(_state(), [other], "n0", first.ids).tables

@@ -257,30 +257,33 @@ def test_a_peer_relabelled_on_another_node_changes_the_tables_of_the_node_it_is_
         assert lowerer._lowered[node][1].tables == cold.tables, node
 
 
+def web_policy(port: int, name: str = "web") -> Policy:
+    """A policy over the `app: web` pods of namespace a, admitting `app: client` on `port`."""
+    from stockade.model.parse import parse_policy
+
+    return parse_policy(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "a"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [
+                    {
+                        "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                        "ports": [{"port": port}],
+                    }
+                ],
+            },
+        }
+    )
+
+
 def test_a_policy_given_other_ports_keeps_the_class_entries_of_the_nodes_it_selects() -> None:
     """A policy changed over the same peers: the node's regions would be built from the same
     inputs, so its lowering takes its class entries from the last one (not built again) and
     still equals a cold lowering."""
     from stockade.model.cluster import ip
-    from stockade.model.parse import parse_policy
-
-    def policy(port: int) -> Policy:
-        return parse_policy(
-            {
-                "apiVersion": "networking.k8s.io/v1",
-                "kind": "NetworkPolicy",
-                "metadata": {"name": "web", "namespace": "a"},
-                "spec": {
-                    "podSelector": {"matchLabels": {"app": "web"}},
-                    "ingress": [
-                        {
-                            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                            "ports": [{"port": port}],
-                        }
-                    ],
-                },
-            }
-        )
 
     ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
     server = Pod("a", "server", {"app": "web"}, (ip("10.244.0.2"),), "n0")
@@ -290,14 +293,14 @@ def test_a_policy_given_other_ports_keeps_the_class_entries_of_the_nodes_it_sele
     ]
     state = ClusterState([ns], [server, *clients], NODES)
     lowerer = Lowerer()
-    lowerer.desired(_snapshot(state, [policy(80)]))
+    lowerer.desired(_snapshot(state, [web_policy(80)]))
     first = lowerer._lowered["n0"][1]
     before = dict(lowerer.ids)
-    lowerer.desired(_snapshot(state, [policy(81)]))
+    lowerer.desired(_snapshot(state, [web_policy(81)]))
     second = lowerer._lowered["n0"][1]
     assert second.tables.policy != first.tables.policy
     assert second.tables.classes is first.tables.classes
-    assert second.tables == lower_node(state, [policy(81)], "n0", before["n0"]).tables
+    assert second.tables == lower_node(state, [web_policy(81)], "n0", before["n0"]).tables
 
 
 def test_replaced_policies_are_let_go_after_a_share_of_the_policies_changed() -> None:
@@ -306,36 +309,17 @@ def test_replaced_policies_are_let_go_after_a_share_of_the_policies_changed() ->
     a long run of policy changes holds stays bounded, and each pass stays exact."""
     from stockade.control.lowering import RETAIN_SHARE
     from stockade.model.cluster import ip
-    from stockade.model.parse import parse_policy
-
-    def policy(index: int, port: int) -> Policy:
-        return parse_policy(
-            {
-                "apiVersion": "networking.k8s.io/v1",
-                "kind": "NetworkPolicy",
-                "metadata": {"name": f"p{index:03}", "namespace": "a"},
-                "spec": {
-                    "podSelector": {"matchLabels": {"app": "web"}},
-                    "ingress": [
-                        {
-                            "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                            "ports": [{"port": port}],
-                        }
-                    ],
-                },
-            }
-        )
 
     ns = Namespace("a", {"kubernetes.io/metadata.name": "a"})
     server = Pod("a", "server", {"app": "web"}, (ip("10.244.0.2"),), "n0")
     client = Pod("a", "client", {"app": "client"}, (ip("10.244.1.2"),), "n1")
     state = ClusterState([ns], [server, client], NODES)
-    policies = [policy(i, 1000 + i) for i in range(4 * RETAIN_SHARE)]
+    policies = [web_policy(1000 + i, f"p{i:03}") for i in range(4 * RETAIN_SHARE)]
     lowerer = Lowerer()
     lowerer.desired(_snapshot(state, policies))
     held = []
     for trial in range(40):
-        policies[0] = policy(0, 2000 + trial)
+        policies[0] = web_policy(2000 + trial, "p000")
         before = dict(lowerer.ids)
         lowerer.desired(_snapshot(state, policies))
         held.append(len(lowerer.verdicts._alive))
