@@ -265,27 +265,31 @@ class Store:
         change not taken yet (`Snapshot.changed_at`), which the next such snapshot no longer
         reports."""
         with self._lock:
-            changed_at = self._changed_at if take_changes else None
-            if take_changes:
-                self._changed_at = None
-            return Snapshot(
-                state=self._state(),
-                policies=MappingProxyType(dict(self._policies)),
-                reports=MappingProxyType(dict(self._reports)),
-                service_space=service_space(
-                    [c for cs in self._service_cidrs.values() for c in cs] or self.configured_cidrs,
-                    self._services.values(),
-                    [ip for node in self._nodes.values() for ip in node.ips],
-                    self.node_port_range,
-                ),
-                changed_at=changed_at,
-                latest_change=self.latest_change,
-                service_backends=service_backends(
-                    self._services,
-                    self._slices.values(),
-                    [ip for node in self._nodes.values() for ip in node.ips],
-                ),
-            )
+            return self._snapshot(take_changes)
+
+    def _snapshot(self, take_changes: bool) -> Snapshot:
+        """`snapshot()`'s work, under the lock."""
+        changed_at = self._changed_at if take_changes else None
+        if take_changes:
+            self._changed_at = None
+        return Snapshot(
+            state=self._state(),
+            policies=MappingProxyType(dict(self._policies)),
+            reports=MappingProxyType(dict(self._reports)),
+            service_space=service_space(
+                [c for cs in self._service_cidrs.values() for c in cs] or self.configured_cidrs,
+                self._services.values(),
+                [ip for node in self._nodes.values() for ip in node.ips],
+                self.node_port_range,
+            ),
+            changed_at=changed_at,
+            latest_change=self.latest_change,
+            service_backends=service_backends(
+                self._services,
+                self._slices.values(),
+                [ip for node in self._nodes.values() for ip in node.ips],
+            ),
+        )
 
     def _state(self) -> ClusterState:
         """The cluster as policy sees it (under the lock): O(pods)."""
@@ -368,13 +372,13 @@ class Mirror(Store):
     def snapshot(self, take_changes: bool = False) -> Snapshot:
         """The Store's snapshot, with the pods changed since the previous one when both states
         hold every pod (built without leaving out a pod whose address another still holds)."""
-        snap = super().snapshot(take_changes)
-        with self._lock:  # the Mirror's owner applies and snapshots in one thread
+        with self._lock:
+            snap = self._snapshot(take_changes)
             whole = not self._shared
-            since = self._previous, self._since
+            previous, since = self._previous, self._since
             self._previous, self._since = (snap.state if whole else None), {}
-        if whole and since[0] is not None:
-            return replace(snap, pods_changed=(since[0], since[1]))
+        if whole and previous is not None:
+            return replace(snap, pods_changed=(previous, since))
         return snap
 
     def apply(self, changes: Changes) -> None:
