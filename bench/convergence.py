@@ -28,8 +28,11 @@ operator and one agent per node, restarted here with metrics ports) and measures
   holds the last policy holds all of them.
 - `scale` (at `--scales`, one scale per run; default 1,000 policies over 10,000 pod objects on
   20 nodes without an agent): `pod_events_per_s` (pod events the operator took in per second,
-  from the first create to the last event taken in; `pod_events_sent_per_s` is what the bench
-  sent, and `restart_pod_events_per_s` a restarted operator's watch taking in every pod at once),
+  from the bench's first pod create to the last event taken in; `pod_events_sent_per_s` is what
+  the bench sent, the pods and their statuses as raw JSON from several processes (`podsender`),
+  `pod_events_sent_without_operator_per_s` what the same sender reaches with the operator
+  stopped (the ceiling of the API server and the sender on this machine), and
+  `restart_pod_events_per_s` a restarted operator's watch taking in every pod at once),
   `initial_converged_s` (from the last policy create to the end of the publish that carries every
   input, from the operator's gauges; `initial_from_first_create_s` from the first, with the
   DatapathTable writes and the passes until it settled in `initial_tables_written` and
@@ -62,12 +65,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import kubernetes.client
+from podsender import send_pods
 
 from stockade import handoff
 from stockade.control.lowering import Lowerer
@@ -78,7 +82,7 @@ from stockade.model.cluster import ClusterState, Namespace, Node, Pod
 from stockade.model.parse import parse_policy
 from stockade.sandbox import session, stack
 from stockade.sandbox.controlplane.server import free_port
-from stockade.sandbox.node.registration import create_pod, register_node, set_pod_labels
+from stockade.sandbox.node.registration import register_node, set_pod_labels
 from stockade.sandbox.processes import Child, is_alive, stop_record
 from stockade.sandbox.topology import NodeNet
 from stockade.sandbox.workloads.running import RunningSandbox
@@ -205,6 +209,8 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
         self.last_sent = 0.0  # the wall time `published_after` sent its last change
+        # the wall times of `api_pods`' first request and last answer
+        self.pods_sent = (0.0, 0.0)
         self.splits: list[dict[str, float]] = []  # apply -> enforced trials by stage (`split`)
         self.label_splits: list[dict[str, float]] = []  # label change trials, likewise
         self.sandbox: RunningSandbox
@@ -451,33 +457,35 @@ class Bench:
             register_node(self.api, net)
         return [net.name for net in nets]
 
-    def api_pods(self, namespaces: list[str], total: int, nodes: list[str]) -> set[tuple[str, str]]:
-        """Pod objects (Running, with an address) with no network namespace behind them."""
-        core = kubernetes.client.CoreV1Api(self.api)
+    def api_pods(
+        self, namespaces: list[str], total: int, nodes: list[str], base: str = "10.128.0.10"
+    ) -> set[tuple[str, str]]:
+        """Pod objects (Running, with an address) with no network namespace behind them, sent
+        by `podsender` (several processes, raw JSON) so that the bench is not the bound."""
         for ns in namespaces:
             self.sandbox.ensure_namespace(ns, namespace_labels(ns))
-        jobs = list(enumerate(scale_pods(namespaces, total, nodes)))
-
-        def create(job: tuple[int, ScalePod]) -> None:
-            _, (ns, name, labels, ip, node) = job
-            body: dict[str, Any] = {
-                "metadata": {"name": name, "labels": labels},
-                "spec": {
-                    "nodeName": node,
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "containers": [{"name": "main", "image": "stockade.invalid/none"}],
+        pods = scale_pods(namespaces, total, nodes, base)
+        jobs = [
+            (
+                ns,
+                name,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": name, "labels": labels},
+                    "spec": {
+                        "nodeName": node,
+                        "automountServiceAccountToken": False,
+                        "enableServiceLinks": False,
+                        "containers": [{"name": "main", "image": "stockade.invalid/none"}],
+                    },
                 },
-            }
-            create_pod(self.api, ns, body)
-            status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
-            core.patch_namespaced_pod_status(
-                name, ns, status, _content_type="application/merge-patch+json"
+                {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
             )
-
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(create, jobs))
-        return {(ns, labels["app"]) for _, (ns, _, labels, _, _) in jobs}
+            for ns, name, labels, ip, node in pods
+        ]
+        self.pods_sent = send_pods(str(self.sandbox.kubeconfig), jobs)
+        return {(ns, labels["app"]) for ns, _, labels, _, _ in pods}
 
     @staticmethod
     def policy(ns: str, index: int) -> dict[str, Any]:
@@ -615,9 +623,9 @@ class Bench:
         nodes = self.virtual_nodes(node_count)
         namespaces = [f"big-{i}" for i in range(100)]
         before = metrics(op)
-        began, began_wall = time.monotonic(), time.time()
         apps = self.api_pods(namespaces, pods, nodes)
-        sent_s = time.monotonic() - began
+        first_sent, last_sent = self.pods_sent
+        sent_s = last_sent - first_sent
         say(f"{pods} pod objects in {sent_s:.0f}s")
         # Every pod is two events (created, then its status with the address).
         wait(
@@ -634,7 +642,7 @@ class Bench:
         events = taken["stockade_operator_pod_events_total"] - before.get(
             "stockade_operator_pod_events_total", 0
         )
-        intake_s = taken["stockade_operator_last_pod_event_timestamp_seconds"] - began_wall
+        intake_s = taken["stockade_operator_last_pod_event_timestamp_seconds"] - first_sent
         self.settled(op)
         began, began_wall = time.monotonic(), time.time()
         quiet = metrics(op)
@@ -663,7 +671,7 @@ class Bench:
             changed.append(self.published_after(op, lambda o=obj: self.sandbox.replace_policy(o)))
         m = metrics(op)
         rss, hwm = memory(self.pids["operator-0"])
-        restart = self.restart_intake(pods)
+        restart, unwatched = self.restart_intake(pods, nodes)
         say("the same cluster lowered cold in this process")
         cold = cold_lowering_s(namespaces, policies, pods, node_count)
         return {
@@ -708,6 +716,9 @@ class Bench:
             "pod_events_sent_per_s": round(2 * pods / sent_s, 1),
             # a new operator's watch taking in every pod at once while it lowers
             "restart_pod_events_per_s": restart,
+            # what the sender and the API server reach with no operator running: the ceiling
+            # of `pod_events_sent_per_s` on this machine
+            "pod_events_sent_without_operator_per_s": unwatched,
             "operator_rss_mb": rss,
             "operator_peak_rss_mb": hwm,
             "reconcile_pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
@@ -721,12 +732,19 @@ class Bench:
             "last_policy_checked": selecting[-1]["metadata"]["name"],
         }
 
-    def restart_intake(self, pods: int) -> float:
-        """Restart the operator and measure how fast its pod watch takes in the `pods` pods
-        (from its first pod event to its `pods`-th), while its first passes lower."""
+    def restart_intake(self, pods: int, nodes: list[str]) -> tuple[float, float]:
+        """Stop the operator; send half as many pods again (at most 5,000) with no operator
+        watching, what the API server and the sender reach alone on this machine (events a
+        second); then restart it and measure how fast its pod watch takes in every pod (from
+        its first pod event to the last), while its first passes lower."""
         child = next(c for c in self.children if c.record.name == "operator-0")
         child.stop()
         self.children.remove(child)
+        extra = max(1, min(pods // 2, 5000))
+        self.api_pods([f"unwatched-{i}" for i in range(10)], extra, nodes, base="10.250.0.10")
+        first_sent, last_sent = self.pods_sent
+        unwatched = round(2 * extra / max(last_sent - first_sent, 1e-3), 1)
+        pods += extra
         argv = [*stack.operator_argv(self.sandbox.kubeconfig, 0, 1)]
         self.ports["operator-0"] = port = free_port()
         log = self.state_dir / stack.STACK_DIR / "operator-0-restarted.log"
@@ -745,7 +763,8 @@ class Bench:
         first = m["stockade_operator_first_pod_event_timestamp_seconds"]
         last = m["stockade_operator_last_pod_event_timestamp_seconds"]
         self.settled(port)
-        return round(m["stockade_operator_pod_events_total"] / max(last - first, 1e-3), 1)
+        taken = m["stockade_operator_pod_events_total"]
+        return round(taken / max(last - first, 1e-3), 1), unwatched
 
     def published_after(self, port: int, change: Callable[[], Any]) -> float:
         """Milliseconds from sending `change` to the end of the publish that first carries it
@@ -786,15 +805,18 @@ def namespace_labels(ns: str) -> dict[str, str]:
 ScalePod = tuple[str, str, dict[str, str], str, str]
 
 
-def scale_pods(namespaces: list[str], total: int, nodes: list[str]) -> list[ScalePod]:
-    """The scale phase's pods: spread over the namespaces and the nodes in turn."""
-    base = ipaddress.ip_address("10.128.0.10")
+def scale_pods(
+    namespaces: list[str], total: int, nodes: list[str], base: str = "10.128.0.10"
+) -> list[ScalePod]:
+    """The scale phase's pods: spread over the namespaces and the nodes in turn, their
+    addresses from `base` on."""
+    first = ipaddress.ip_address(base)
     out: list[ScalePod] = []
     for seq in range(total):
         ns, i = namespaces[seq % len(namespaces)], seq // len(namespaces)
         name = f"p{i}"
         labels = {"app": f"app{i % 10}", "pod": name}
-        out.append((ns, name, labels, str(base + seq), nodes[seq % len(nodes)]))
+        out.append((ns, name, labels, str(first + seq), nodes[seq % len(nodes)]))
     return out
 
 

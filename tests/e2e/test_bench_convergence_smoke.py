@@ -41,6 +41,7 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
         scale["one_label_change_ms"]["p99"],
         scale["one_policy_change_ms"]["p99"],
         scale["pod_events_per_s"],
+        scale["pod_events_sent_without_operator_per_s"],
         scale["operator_rss_mb"],
         scale["reconcile_pass_s"],
     ]
