@@ -11,7 +11,8 @@ operator and one agent per node, restarted here with metrics ports) and measures
   5 ms (the send time of that probe; resolution 5 ms).
 - `apply_to_enforced_by_stage_ms`: when each stage of those trials ended, from the stamps on
   this machine's clock (`Bench.split`): the operator's Store took the create in (`taken`: the API
-  server, the watch, kopf), its publish ended (`published`), an agent wrote its map (`mapped`),
+  server, the watch, kopf), the reconcile pass that carries it began (`started`), its publish
+  ended (`published`), an agent wrote its map (`mapped`),
   the probes saw it (`enforced`); `label_change_by_stage_ms` likewise for the label trials.
 - `label_change_ms`: from the API patch of a client pod's labels (into or out of the peer set a
   policy admits) to the peer set updated in the map: the wall-clock stamp of the last map write
@@ -411,16 +412,19 @@ class Bench:
     def split(self, sent: float, total_ms: float) -> dict[str, float]:
         """When each stage of one trial ended, in ms after `sent` (the change), from the stamps
         on this machine's clock: `taken` (the operator's Store took the change in: the API
-        write, the watch and kopf), `published` (the end of the publish that carries it, every
-        node's objects written), `mapped` (the last map write that changed entries, on any
-        agent) and `enforced` (`total_ms`, the first probe with the new outcome). An agent may
-        write its map before the publish ends (it watches its own node's objects, written in
-        parallel) and a probe sent just before the map write may still see the change (it
-        arrives after it), so only `taken` is bound to come first. Read right after the trial,
-        before anything else changes."""
+        write, the watch and kopf), `started` (the start of the reconcile pass that carries it:
+        after `taken`, the change waited for a pass under way or the rate limit; a pass that
+        began before it and took it in shows before `taken`), `published` (the end of the
+        publish that carries it, every node's objects written), `mapped` (the last map write
+        that changed entries, on any agent) and `enforced` (`total_ms`, the first probe with
+        the new outcome). An agent may write its map before the publish ends (it watches its
+        own node's objects, written in parallel) and a probe sent just before the map write may
+        still see the change (it arrives after it), so only `taken` is bound to come first.
+        Read right after the trial, before anything else changes."""
         op = metrics(self.ports["operator-0"])
         taken = op.get("stockade_operator_input_change_timestamp_seconds", 0.0)
         published = op.get("stockade_operator_published_timestamp_seconds", 0.0)
+        started = op.get("stockade_operator_published_pass_started_timestamp_seconds", 0.0)
         mapped = self.last_map_write([a for a in self.ports if a.startswith("agent-")])
         if not sent <= taken <= min(published, mapped):
             raise RuntimeError(
@@ -429,6 +433,7 @@ class Bench:
             )
         return {
             "taken": (taken - sent) * 1000.0,
+            "started": (started - sent) * 1000.0,
             "published": (published - sent) * 1000.0,
             "mapped": (mapped - sent) * 1000.0,
             "enforced": total_ms,

@@ -122,3 +122,24 @@ def test_a_pass_is_shown_running_while_it_runs_and_not_after_it_ends_or_fails() 
     with pytest.raises(ApiException):
         reconciler.run(tables=True)
     assert (seen, reconciler.stats.running) == ([True, True], False)
+
+
+def test_the_pass_that_first_publishes_a_change_records_when_it_began_and_ended() -> None:
+    """`published_pass_began` and `published_at` bracket the pass that first carried the
+    latest change; a pass with nothing new leaves both as they were."""
+    store = Store()
+    reconciler = Reconciler(store, ApiClient())
+    reconciler.publisher = Planning()  # type: ignore[assignment]
+    reconciler.reporter = Reporter()  # type: ignore[assignment]
+    reconciler._synced, reconciler._listed_at = True, time.monotonic()
+    reconciler.lowering = Lowering()
+    store.put_namespace("a", Namespace("a"))
+    before = time.time()
+    reconciler.run(tables=True)
+    stats = reconciler.stats
+    assert before <= stats.published_pass_began <= stats.published_at <= time.time()
+    assert stats.published_inputs == store.latest_change
+    first = (stats.published_pass_began, stats.published_at)
+    reconciler.run(tables=True)  # nothing changed since
+    assert stats.began_at > first[0]
+    assert (stats.published_pass_began, stats.published_at) == first

@@ -162,6 +162,11 @@ class Operator:
                 stats.published_inputs
             ),
             "stockade_operator_published_timestamp_seconds": stats.published_at,
+            # when that pass began: from the change to it, the runner's wait (a pass under way,
+            # the rate limit); from it to the publish, the pass's own work
+            "stockade_operator_published_pass_started_timestamp_seconds": (
+                stats.published_pass_began
+            ),
             "stockade_operator_pod_events_total": self.store.pod_events,
             "stockade_operator_first_pod_event_timestamp_seconds": _seconds(
                 self.store.first_pod_event

@@ -55,9 +55,11 @@ class Stats:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     nodes_lowered: int = 0  # nodes the last lowering looked at again
     # The latest change to the lowering's inputs (Unix ns) that every node's tables carry, and
-    # when (Unix s) the pass that first carried it finished writing them
+    # when (Unix s) the pass that first carried it began and finished writing them
     published_inputs: int | None = None
+    published_pass_began: float = 0.0
     published_at: float = 0.0
+    began_at: float = 0.0  # when (Unix s) the last pass began
 
 
 class Reconciler:
@@ -123,6 +125,7 @@ class Reconciler:
 
     def _run(self, tables: bool) -> None:
         started = time.monotonic()
+        self.stats.began_at = time.time()
         if not self._synced:
             # Never publish from a partial picture.
             prime(
@@ -231,6 +234,7 @@ class Reconciler:
         self.stats.table_passes += 1
         if failure is None and snap.latest_change != self.stats.published_inputs:
             self.stats.published_inputs = snap.latest_change
+            self.stats.published_pass_began = self.stats.began_at
             self.stats.published_at = time.time()
         # A node that failed carries the policies at the plan's generation, which its agent
         # has not applied: they stay Pending there until a later publish lands.
