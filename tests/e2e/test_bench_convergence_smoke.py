@@ -64,13 +64,21 @@ def test_the_quick_convergence_benchmark_writes_every_figure_and_each_is_positiv
     assert cpu["operator"] > 0 and cpu["worker"] > 0, cpu
     assert cpu["operator"] + cpu["worker"] <= cpu["machine"] <= cpu["capacity"] * 1.05, cpu
     assert scale["cold_lowering_s"] > 0
+    # the pods' intake, likewise: the operator took them in within what the machine used
+    intake = scale["intake_cpu_s"]
+    assert intake["operator"] > 0, intake
+    assert intake["operator"] + intake["worker"] <= intake["machine"], intake
+    assert intake["machine"] <= intake["capacity"] * 1.05, intake
     # every small-cluster trial split at the stamps: the store takes the change in first
     for key in ("apply_to_enforced_by_stage_ms", "label_change_by_stage_ms"):
         stages = figures[key]
-        assert set(stages) == {"taken", "published", "mapped", "enforced"}, stages
+        assert set(stages) == {"taken", "started", "published", "mapped", "enforced"}, stages
         count = figures["apply_to_enforced_ms"]["trials"]
         assert all(s["trials"] == count for s in stages.values())
         assert stages["taken"]["min"] > 0 and stages["taken"]["p50"] <= stages["mapped"]["p50"]
+        # the pass that published a change began before it ended
+        began, ended = stages["started"]["each"], stages["published"]["each"]
+        assert all(b <= e for b, e in zip(began, ended, strict=True)), (began, ended)
     assert scale["first_label_change_passes"], scale
     assert figures["recompiles_on_label_change"] == 0
     assert figures["program_loads_on_label_change"] == 0
