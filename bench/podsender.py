@@ -19,15 +19,15 @@ from typing import Any
 import urllib3
 from kubernetes import config
 
+# A create is retried while its namespace's ServiceAccount is missing (the controller manager
+# has not caught up with a new namespace yet), as the sandbox's own `create_pod` does.
+from stockade.sandbox.node.registration import HTTP_FORBIDDEN, SERVICE_ACCOUNT_WAIT
+
 # namespace, name, body of the create, body of the status patch
 PodJob = tuple[str, str, dict[str, Any], dict[str, Any]]
 
-# How long a create is retried while its namespace's ServiceAccount is missing (the controller
-# manager has not caught up with a new namespace yet): the ServiceAccount admission refuses it.
-SERVICE_ACCOUNT_WAIT = 30.0
 HTTP_CREATED = 201
 HTTP_OK = 200
-HTTP_FORBIDDEN = 403
 
 
 class SendError(RuntimeError):
