@@ -707,11 +707,7 @@ class Bench:
             # (kopf's intake, the publisher), by its lowering worker, and by the whole machine
             # (`capacity` is wall_s times the CPUs: the API server, etcd and the bench share
             # them); and the same cluster's first lowering alone, in the bench's process.
-            "initial_cpu_s": {
-                "wall_s": round(settled_s, 2),
-                "capacity": round(settled_s * (os.cpu_count() or 1), 2),
-                **{k: round(cpu_after[k] - cpu_before[k], 2) for k in cpu_after},
-            },
+            "initial_cpu_s": cpu_used(cpu_before, cpu_after, settled_s),
             "cold_lowering_s": cold,
             # what the operator did from the last policy create on (t: s after it): where the
             # two figures above went
@@ -733,11 +729,7 @@ class Bench:
             # the CPU time used from the start of the pods' send until the operator had taken
             # every event in, as `initial_cpu_s` counts it (the rest of `machine`: the API
             # server, etcd, the sender's processes, the agents)
-            "intake_cpu_s": {
-                "wall_s": round(intake_wall, 2),
-                "capacity": round(intake_wall * (os.cpu_count() or 1), 2),
-                **{k: round(intake_cpu_after[k] - intake_cpu[k], 2) for k in intake_cpu},
-            },
+            "intake_cpu_s": cpu_used(intake_cpu, intake_cpu_after, intake_wall),
             "operator_rss_mb": rss,
             "operator_peak_rss_mb": hwm,
             "reconcile_pass_s": round(m.get("stockade_operator_reconcile_seconds", 0.0), 3),
@@ -891,6 +883,16 @@ def cpu_seconds(pid: int) -> dict[str, float]:
         "operator": of(pid),
         "worker": sum(of(c) for c in _children(pid)),
         "machine": machine,
+    }
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """The CPU time used between two `cpu_seconds` readings `wall` s apart, beside the
+    machine's capacity in that time."""
+    return {
+        "wall_s": round(wall, 2),
+        "capacity": round(wall * (os.cpu_count() or 1), 2),
+        **{k: round(after[k] - before[k], 2) for k in after},
     }
 
 

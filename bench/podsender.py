@@ -21,7 +21,7 @@ from kubernetes import config
 
 # A create is retried while its namespace's ServiceAccount is missing (the controller manager
 # has not caught up with a new namespace yet), as the sandbox's own `create_pod` does.
-from stockade.sandbox.node.registration import HTTP_FORBIDDEN, SERVICE_ACCOUNT_WAIT
+from stockade.sandbox.node.registration import SERVICE_ACCOUNT_WAIT, missing_service_account
 
 # namespace, name, body of the create, body of the status patch
 PodJob = tuple[str, str, dict[str, Any], dict[str, Any]]
@@ -77,8 +77,7 @@ def _send_chunk(kubeconfig: str, jobs: list[PodJob], threads: int) -> tuple[str,
             if got.status == HTTP_CREATED:
                 break
             text = got.data.decode(errors="replace")
-            waiting = got.status == HTTP_FORBIDDEN and "error looking up service account" in text
-            if not waiting or time.monotonic() > deadline:
+            if not missing_service_account(got.status, text) or time.monotonic() > deadline:
                 return f"create pod {ns}/{name}: HTTP {got.status}: {text[:300]}"
             time.sleep(0.1)
         got = http.request(

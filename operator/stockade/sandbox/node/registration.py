@@ -108,11 +108,10 @@ def node_internal_ips(api: ApiClient, node_name: str) -> list[str]:
     return [a.address for a in addresses if a.type == "InternalIP"]
 
 
-def _missing_service_account(exc: ApiException) -> bool:
-    """Whether the ServiceAccount admission plugin refused a Pod because its ServiceAccount does
-    not exist (yet)."""
-    body = str(exc.body or "")
-    return exc.status == HTTP_FORBIDDEN and "error looking up service account" in body
+def missing_service_account(status: int | None, body: str) -> bool:
+    """Whether the ServiceAccount admission plugin refused a Pod (the answer's HTTP `status` and
+    `body`) because its ServiceAccount does not exist (yet)."""
+    return status == HTTP_FORBIDDEN and "error looking up service account" in body
 
 
 def create_pod(api: ApiClient, namespace: str, body: dict[str, Any] | V1Pod) -> Any:
@@ -125,7 +124,8 @@ def create_pod(api: ApiClient, namespace: str, body: dict[str, Any] | V1Pod) -> 
         try:
             return core.create_namespaced_pod(namespace, pod)
         except ApiException as exc:
-            if not _missing_service_account(exc) or time.monotonic() > deadline:
+            waiting = missing_service_account(exc.status, str(exc.body or ""))
+            if not waiting or time.monotonic() > deadline:
                 raise
         time.sleep(0.1)
 
