@@ -211,8 +211,6 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
         self.last_sent = 0.0  # the wall time `published_after` sent its last change
-        # the wall times of `api_pods`' first request and last answer
-        self.pods_sent = (0.0, 0.0)
         self.splits: list[dict[str, float]] = []  # apply -> enforced trials by stage (`split`)
         self.label_splits: list[dict[str, float]] = []  # label change trials, likewise
         self.sandbox: RunningSandbox
@@ -465,9 +463,11 @@ class Bench:
 
     def api_pods(
         self, namespaces: list[str], total: int, nodes: list[str], base: str = "10.128.0.10"
-    ) -> set[tuple[str, str]]:
+    ) -> tuple[set[tuple[str, str]], tuple[float, float]]:
         """Pod objects (Running, with an address) with no network namespace behind them, sent
-        by `podsender` (several processes, raw JSON) so that the bench is not the bound."""
+        by `podsender` (several processes, raw JSON) so that the bench is not the bound: the
+        (namespace, app) pairs made, and the wall times of the first request and the last
+        answer."""
         for ns in namespaces:
             self.sandbox.ensure_namespace(ns, namespace_labels(ns))
         pods = scale_pods(namespaces, total, nodes, base)
@@ -490,8 +490,8 @@ class Bench:
             )
             for ns, name, labels, ip, node in pods
         ]
-        self.pods_sent = send_pods(str(self.sandbox.kubeconfig), jobs)
-        return {(ns, labels["app"]) for ns, _, labels, _, _ in pods}
+        sent = send_pods(str(self.sandbox.kubeconfig), jobs)
+        return {(ns, labels["app"]) for ns, _, labels, _, _ in pods}, sent
 
     @staticmethod
     def policy(ns: str, index: int) -> dict[str, Any]:
@@ -630,8 +630,7 @@ class Bench:
         namespaces = [f"big-{i}" for i in range(100)]
         before = metrics(op)
         intake_began, intake_cpu = time.monotonic(), cpu_seconds(self.pids["operator-0"])
-        apps = self.api_pods(namespaces, pods, nodes)
-        first_sent, last_sent = self.pods_sent
+        apps, (first_sent, last_sent) = self.api_pods(namespaces, pods, nodes)
         sent_s = last_sent - first_sent
         say(f"{pods} pod objects in {sent_s:.0f}s")
         # Every pod is two events (created, then its status with the address).
@@ -752,8 +751,9 @@ class Bench:
         child.stop()
         self.children.remove(child)
         extra = max(1, min(pods // 2, 5000))
-        self.api_pods([f"unwatched-{i}" for i in range(10)], extra, nodes, base="10.250.0.10")
-        first_sent, last_sent = self.pods_sent
+        _, (first_sent, last_sent) = self.api_pods(
+            [f"unwatched-{i}" for i in range(10)], extra, nodes, base="10.250.0.10"
+        )
         unwatched = round(2 * extra / max(last_sent - first_sent, 1e-3), 1)
         pods += extra
         argv = [*stack.operator_argv(self.sandbox.kubeconfig, 0, 1)]
